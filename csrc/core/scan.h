@@ -1,0 +1,47 @@
+/*
+ * scan.h - the leaf kernels that stream over a whole input vector, compiled
+ * once per instruction set (scan_scalar.c, scan_avx2.c, scan_avx512.c, all
+ * from the template scan_impl.h) and chosen at run time by lb_scan().
+ *
+ * "Key" below is the magnitude bit pattern of an element: the raw bits with
+ * the sign bit cleared.  For finite IEEE values keys order exactly like |x|;
+ * keys >= the key of +Inf are non-finite (Inf, then NaNs above it).
+ */
+#ifndef LB_SCAN_H
+#define LB_SCAN_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#define LB_KEY32_MASK 0x7FFFFFFFu
+#define LB_KEY32_INF 0x7F800000u
+#define LB_KEY64_MASK 0x7FFFFFFFFFFFFFFFull
+#define LB_KEY64_INF 0x7FF0000000000000ull
+
+typedef struct {
+    /* Scans bits[begin, end); for every element whose key is >= lo, in index
+     * order, stores (index, raw bits widened to 64) while fewer than `cap`
+     * are stored.
+     * Returns how many elements qualified (may exceed cap).  Sets
+     * *nonfinite to 1 when any scanned key is non-finite.                  */
+    uint64_t (*collect32)(const uint32_t *bits, uint64_t begin, uint64_t end,
+                          uint32_t lo, uint64_t *idx, uint64_t *raw,
+                          uint64_t cap, int *nonfinite);
+    uint64_t (*collect64)(const uint64_t *bits, uint64_t begin, uint64_t end,
+                          uint64_t lo, uint64_t *idx, uint64_t *raw,
+                          uint64_t cap, int *nonfinite);
+    /* Adds to hist[(key >> shift)] for every element of bits[begin, end). */
+    void (*hist32)(const uint32_t *bits, uint64_t begin, uint64_t end,
+                   int shift, uint64_t *hist);
+    void (*hist64)(const uint64_t *bits, uint64_t begin, uint64_t end,
+                   int shift, uint64_t *hist);
+} lb_scan_fns;
+
+/* The table for the active instruction set (lb_active_isa()). */
+const lb_scan_fns *lb_scan(void);
+
+extern const lb_scan_fns lb_scan_scalar;
+extern const lb_scan_fns lb_scan_avx2;
+extern const lb_scan_fns lb_scan_avx512;
+
+#endif /* LB_SCAN_H */

@@ -1,0 +1,84 @@
+/*
+ * scan_impl.h - template of the streaming leaf kernels declared in scan.h.
+ * Included once per instruction set with LB_SCAN_SUFFIX defined; the
+ * including file sets the target with #pragma GCC target and the compiler
+ * vectorises the block-wise "any element qualifies?" tests.  No OpenMP here:
+ * callers run these on per-thread ranges.
+ */
+#include "scan.h"
+
+#define LB_CAT2(a, b) a##b
+#define LB_CAT(a, b) LB_CAT2(a, b)
+#define LB_SFX(name) LB_CAT(name, LB_SCAN_SUFFIX)
+
+#define LB_SCAN_BLOCK 32
+
+#define LB_DEFINE_COLLECT(BITS_T, MASK, INF, NAME)                              \
+    static uint64_t NAME(const BITS_T *bits, uint64_t begin, uint64_t end,     \
+                         BITS_T lo, uint64_t *idx, uint64_t *raw, uint64_t cap,\
+                         int *nonfinite)                                       \
+    {                                                                          \
+        uint64_t found = 0;                                                    \
+        BITS_T bad = 0;                                                        \
+        uint64_t i = begin;                                                    \
+        for (; i + LB_SCAN_BLOCK <= end; i += LB_SCAN_BLOCK) {                 \
+            BITS_T any = 0;                                                    \
+            const BITS_T *b = bits + i;                                        \
+            for (int j = 0; j < LB_SCAN_BLOCK; j++) {                          \
+                BITS_T key = b[j] & MASK;                                      \
+                any |= (BITS_T)(key >= lo);                                    \
+                bad |= (BITS_T)(key >= INF);                                   \
+            }                                                                  \
+            if (!any)                                                          \
+                continue;                                                      \
+            for (int j = 0; j < LB_SCAN_BLOCK; j++) {                          \
+                if ((b[j] & MASK) >= lo) {                                     \
+                    if (found < cap) {                                         \
+                        idx[found] = i + (uint64_t)j;                          \
+                        raw[found] = b[j];                                     \
+                    }                                                          \
+                    found++;                                                   \
+                }                                                              \
+            }                                                                  \
+        }                                                                      \
+        for (; i < end; i++) {                                                 \
+            BITS_T key = bits[i] & MASK;                                       \
+            bad |= (BITS_T)(key >= INF);                                       \
+            if (key >= lo) {                                                   \
+                if (found < cap) {                                             \
+                    idx[found] = i;                                            \
+                    raw[found] = bits[i];                                      \
+                }                                                              \
+                found++;                                                       \
+            }                                                                  \
+        }                                                                      \
+        if (bad)                                                               \
+            *nonfinite = 1;                                                    \
+        return found;                                                          \
+    }
+
+#define LB_DEFINE_HIST(BITS_T, MASK, NAME)                                     \
+    static void NAME(const BITS_T *bits, uint64_t begin, uint64_t end,         \
+                     int shift, uint64_t *hist)                                \
+    {                                                                          \
+        uint64_t i = begin;                                                    \
+        for (; i + 2 <= end; i += 2) {                                         \
+            hist[(size_t)((bits[i] & MASK) >> shift)]++;                       \
+            hist[(size_t)((bits[i + 1] & MASK) >> shift)]++;                   \
+        }                                                                      \
+        if (i < end)                                                           \
+            hist[(size_t)((bits[i] & MASK) >> shift)]++;                       \
+    }
+
+/* An including file may supply its own (intrinsics) collect kernels by
+ * defining LB_SCAN_OWN_COLLECT before including this template.            */
+#ifndef LB_SCAN_OWN_COLLECT
+LB_DEFINE_COLLECT(uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(collect32_))
+LB_DEFINE_COLLECT(uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(collect64_))
+#endif
+LB_DEFINE_HIST(uint32_t, LB_KEY32_MASK, LB_SFX(hist32_))
+LB_DEFINE_HIST(uint64_t, LB_KEY64_MASK, LB_SFX(hist64_))
+
+const lb_scan_fns LB_SFX(lb_scan_) = {
+    LB_SFX(collect32_), LB_SFX(collect64_), LB_SFX(hist32_), LB_SFX(hist64_),
+};

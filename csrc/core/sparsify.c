@@ -1,0 +1,1072 @@
+/*
+ * sparsify.c - sparse selection: exact top-k, threshold, chunked and tiled
+ * top-k (SparseLoCo), DGC's sampled top-k, random-k and gather.
+ *
+ * Everything works on magnitude keys (scan.h): the raw bits of an element with
+ * the sign bit cleared, which order like |x| for finite values.  Selections
+ * are sets defined by the data alone (k largest keys, ties to the lower
+ * index), so splitting the vector into per-thread parts never changes a
+ * result: each part collects its candidates in index order, parts are
+ * concatenated in order, and the final choice is made serially.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lowband.h"
+#include "rng.h"
+#include "scan.h"
+#include "threads.h"
+
+/* ------------------------------------------------------------------------ */
+/* Per-dtype key facts                                                       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    int width;          /* bytes per element: 4 or 8                         */
+    uint64_t mask;      /* clears the sign bit                               */
+    uint64_t inf;       /* key of +Inf: keys >= inf are non-finite           */
+    int hist_shift;     /* radix pass 1 bins are key >> hist_shift           */
+    uint64_t hist_bins; /* number of such bins                               */
+} keyinfo;
+
+static const keyinfo KEYS_F32 = {4, LB_KEY32_MASK, LB_KEY32_INF, 19, 4096};
+static const keyinfo KEYS_F64 = {8, LB_KEY64_MASK, LB_KEY64_INF, 48, 32768};
+
+static const keyinfo *keyinfo_of(lb_dtype dt)
+{
+    if (dt == LB_F32)
+        return &KEYS_F32;
+    if (dt == LB_F64)
+        return &KEYS_F64;
+    return NULL;
+}
+
+static inline uint64_t raw_at(const keyinfo *ki, const void *x, uint64_t i)
+{
+    return ki->width == 4 ? ((const uint32_t *)x)[i] : ((const uint64_t *)x)[i];
+}
+
+static inline void store_raw(const keyinfo *ki, void *values, uint64_t j,
+                             uint64_t raw)
+{
+    if (ki->width == 4)
+        ((uint32_t *)values)[j] = (uint32_t)raw;
+    else
+        ((uint64_t *)values)[j] = raw;
+}
+
+/* Index of the first non-finite element of x (error path only), or n. */
+static uint64_t first_nonfinite(const keyinfo *ki, const void *x, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if ((raw_at(ki, x, i) & ki->mask) >= ki->inf)
+            return i;
+    return n;
+}
+
+/* Largest key that is <= the magnitude threshold tau (tau >= 0, not NaN),
+ * rounded so that key >= result  <=>  |x| >= tau for every element.        */
+static uint64_t key_at_least(const keyinfo *ki, double tau)
+{
+    if (ki->width == 8) {
+        uint64_t b;
+        memcpy(&b, &tau, 8);
+        return b & ki->mask;
+    }
+    if (tau > 3.4028234663852886e38)
+        return LB_KEY32_INF;
+    float f = (float)tau;
+    if ((double)f < tau)
+        f = nextafterf(f, INFINITY);
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    return b & LB_KEY32_MASK;
+}
+
+static double value_of_key(const keyinfo *ki, uint64_t key)
+{
+    if (ki->width == 8) {
+        double d;
+        memcpy(&d, &key, 8);
+        return d;
+    }
+    uint32_t b = (uint32_t)key;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small-array selection                                                     */
+/* ------------------------------------------------------------------------ */
+
+/* The r-th largest (1 <= r <= m) of keys[0..m); scratch holds m entries.
+ * MSD radix select with 8-bit digits: each level histograms the surviving
+ * keys on one byte, keeps only the byte that holds the r-th largest, and
+ * stops when the survivors are all equal.  O(m) per level, no sort.        */
+static uint64_t kth_largest(const uint64_t *keys, uint64_t m, uint64_t r,
+                            uint64_t *scratch)
+{
+    uint64_t maxkey = 0;
+    for (uint64_t i = 0; i < m; i++)
+        if (keys[i] > maxkey)
+            maxkey = keys[i];
+    int shift = 0;
+    while (shift < 56 && (maxkey >> (shift + 8)) != 0)
+        shift += 8;
+    const uint64_t *cur = keys;
+    for (;; shift -= 8) {
+        uint64_t hist[256] = {0};
+        for (uint64_t i = 0; i < m; i++)
+            hist[(cur[i] >> shift) & 255]++;
+        int d = 255;
+        uint64_t above = 0;
+        while (above + hist[d] < r) {
+            above += hist[d];
+            d--;
+        }
+        r -= above;
+        if (hist[d] != m) {   /* keep the keys whose digit is d */
+            uint64_t w = 0;
+            for (uint64_t i = 0; i < m; i++)
+                if (((cur[i] >> shift) & 255) == (uint64_t)d)
+                    scratch[w++] = cur[i];
+            m = w;
+            cur = scratch;
+        }
+        if (shift == 0 || m == 1)
+            return cur[0];
+        /* all survivors share every digit down to `shift` */
+    }
+}
+
+/* ------------------------------------------------------------------------ */
+/* Candidate buffers: per-part output of the collect scan                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t *idx;     /* indices, ascending within the part */
+    uint64_t *raw;     /* raw bits of those elements          */
+    uint64_t cap;      /* entries allocated                   */
+    uint64_t found;    /* entries that qualified (may exceed cap) */
+} cand_part;
+
+static void cand_free(cand_part *parts, int nparts)
+{
+    if (!parts)
+        return;
+    for (int p = 0; p < nparts; p++) {
+        free(parts[p].idx);
+        free(parts[p].raw);
+    }
+    free(parts);
+}
+
+/* Allocates `nparts` buffers, part p holding min(its length, cap_total). */
+static cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
+{
+    cand_part *parts = calloc((size_t)nparts, sizeof(cand_part));
+    if (!parts)
+        return NULL;
+    for (int p = 0; p < nparts; p++) {
+        uint64_t b, e;
+        lb_split(n, nparts, p, &b, &e);
+        uint64_t cap = e - b < cap_total ? e - b : cap_total;
+        parts[p].cap = cap;
+        parts[p].idx = malloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
+        parts[p].raw = malloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
+        if (!parts[p].idx || !parts[p].raw) {
+            cand_free(parts, nparts);
+            return NULL;
+        }
+    }
+    return parts;
+}
+
+static uint64_t collect_range(const keyinfo *ki, const void *x, uint64_t b,
+                              uint64_t e, uint64_t lo, uint64_t *idx,
+                              uint64_t *raw, uint64_t cap, int *nonfinite)
+{
+    const lb_scan_fns *fns = lb_scan();
+    if (ki->width == 4) {
+        if (lo > LB_KEY32_MASK)
+            lo = (uint64_t)LB_KEY32_MASK + 1;   /* nothing qualifies */
+        return fns->collect32((const uint32_t *)x, b, e, (uint32_t)lo, idx,
+                              raw, cap, nonfinite);
+    }
+    return fns->collect64((const uint64_t *)x, b, e, lo, idx, raw, cap,
+                          nonfinite);
+}
+
+/* Collects, in parallel over `nparts` contiguous parts, every element whose
+ * key >= lo.  Returns the total that qualified; sets *nonfinite and
+ * *overflow (some part found more than its cap).  parts may be NULL to only
+ * count (then per-part counts land in counts[] when given).               */
+static uint64_t collect_parallel(const keyinfo *ki, const void *x, uint64_t n,
+                                 uint64_t lo, int nparts, cand_part *parts,
+                                 uint64_t *counts, int *nonfinite,
+                                 int *overflow)
+{
+    uint64_t total = 0;
+    int nf = 0, of = 0;
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1)
+           reduction(+:total) reduction(|:nf, of) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t b, e;
+        int part_nf = 0;
+        lb_split(n, nparts, p, &b, &e);
+        uint64_t found;
+        if (parts) {
+            found = collect_range(ki, x, b, e, lo, parts[p].idx, parts[p].raw,
+                                  parts[p].cap, &part_nf);
+            parts[p].found = found;
+            of |= found > parts[p].cap;
+        } else {
+            found = collect_range(ki, x, b, e, lo, NULL, NULL, 0, &part_nf);
+        }
+        if (counts)
+            counts[p] = found;
+        total += found;
+        nf |= part_nf;
+    }
+    *nonfinite = nf;
+    if (overflow)
+        *overflow = of;
+    return total;
+}
+
+/* Allocates an lb_sparse of `count` entries for dtype width `width`. */
+static lb_status sparse_alloc(lb_sparse *out, uint64_t count, int width)
+{
+    out->count = count;
+    out->indices = malloc((size_t)(count ? count : 1) * sizeof(uint64_t));
+    out->values = malloc((size_t)(count ? count : 1) * (size_t)width);
+    if (!out->indices || !out->values) {
+        lb_sparse_free(out);
+        return LB_ENOMEM;
+    }
+    return LB_OK;
+}
+
+void lb_sparse_free(lb_sparse *s)
+{
+    if (!s)
+        return;
+    free(s->indices);
+    free(s->values);
+    s->indices = NULL;
+    s->values = NULL;
+    s->count = 0;
+}
+
+/* From complete candidate buffers (every element with key >= some bound,
+ * at least k of them), writes the exact top-k: all keys above the k-th
+ * largest key T, then the lowest-index elements equal to T.  `hi` is a key
+ * believed to have fewer than k candidates above it (UINT64_MAX if none is
+ * known): only candidates with key <= hi then enter the selection of T.
+ * Parts are processed in parallel; T and the split of the ties between
+ * parts are decided serially, so the output never depends on the team.  */
+static lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
+                                      int nparts, uint64_t k, uint64_t hi,
+                                      lb_sparse *out)
+{
+    /* per part: [0] above hi, [1] key > T, [2] key == T, [3] output offset,
+     * [4] ties it takes, [5] offset of its band keys                       */
+    uint64_t (*cnt)[6] = calloc((size_t)nparts, sizeof(*cnt));
+    if (!cnt)
+        return LB_ENOMEM;
+    const uint64_t mask = ki->mask;
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t a = 0;
+        for (uint64_t j = 0; j < parts[p].found; j++)
+            a += (parts[p].raw[j] & mask) > hi;
+        cnt[p][0] = a;
+    }
+    uint64_t above_hi = 0, band = 0;
+    for (int p = 0; p < nparts; p++)
+        above_hi += cnt[p][0];
+    if (above_hi >= k) {   /* the bound was wrong: select among all */
+        hi = UINT64_MAX;
+        above_hi = 0;
+        for (int p = 0; p < nparts; p++)
+            cnt[p][0] = 0;
+    }
+    for (int p = 0; p < nparts; p++) {
+        cnt[p][5] = band;
+        band += parts[p].found - cnt[p][0];
+    }
+    uint64_t *keys = malloc((size_t)(band ? 2 * band : 1) * sizeof(uint64_t));
+    if (!keys) {
+        free(cnt);
+        return LB_ENOMEM;
+    }
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t w = cnt[p][5];
+        for (uint64_t j = 0; j < parts[p].found; j++) {
+            uint64_t key = parts[p].raw[j] & mask;
+            if (key <= hi)
+                keys[w++] = key;
+        }
+    }
+    uint64_t T = kth_largest(keys, band, k - above_hi, keys + band);
+    free(keys);
+
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t gt = 0, eq = 0;
+        for (uint64_t j = 0; j < parts[p].found; j++) {
+            uint64_t key = parts[p].raw[j] & mask;
+            gt += key > T;
+            eq += key == T;
+        }
+        cnt[p][1] = gt;
+        cnt[p][2] = eq;
+    }
+    uint64_t greater = 0;
+    for (int p = 0; p < nparts; p++)
+        greater += cnt[p][1];
+    uint64_t ties = k - greater, off = 0;
+    for (int p = 0; p < nparts; p++) {   /* lower parts take ties first */
+        cnt[p][4] = cnt[p][2] < ties ? cnt[p][2] : ties;
+        ties -= cnt[p][4];
+        cnt[p][3] = off;
+        off += cnt[p][1] + cnt[p][4];
+    }
+    lb_status st = sparse_alloc(out, k, ki->width);
+    if (st != LB_OK) {
+        free(cnt);
+        return st;
+    }
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        const uint64_t *raw = parts[p].raw, *idx = parts[p].idx;
+        uint64_t o = cnt[p][3], t = cnt[p][4];
+        for (uint64_t j = 0; j < parts[p].found; j++) {
+            uint64_t key = raw[j] & mask;
+            int take = key > T;
+            if (key == T && t > 0) {
+                take = 1;
+                t--;
+            }
+            if (take) {
+                out->indices[o] = idx[j];
+                store_raw(ki, out->values, o, raw[j]);
+                o++;
+            }
+        }
+    }
+    free(cnt);
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Exact top-k                                                               */
+/* ------------------------------------------------------------------------ */
+
+/* Radix path, pass 1: per-part histograms of key >> hist_shift, summed (in
+ * integers, so the order is irrelevant).  Finds the bin holding the k-th
+ * largest key and returns its lowest key.  *candidates = elements with a key
+ * at or above that bound.                                                  */
+static lb_status radix_bound(const keyinfo *ki, const void *x, uint64_t n,
+                             uint64_t k, int nparts, uint64_t *lo,
+                             uint64_t *candidates, int *nonfinite)
+{
+    uint64_t bins = ki->hist_bins;
+    uint64_t *hists = calloc((size_t)nparts * bins, sizeof(uint64_t));
+    if (!hists)
+        return LB_ENOMEM;
+    const lb_scan_fns *fns = lb_scan();
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t b, e;
+        lb_split(n, nparts, p, &b, &e);
+        if (ki->width == 4)
+            fns->hist32((const uint32_t *)x, b, e, ki->hist_shift,
+                        hists + (size_t)p * bins);
+        else
+            fns->hist64((const uint64_t *)x, b, e, ki->hist_shift,
+                        hists + (size_t)p * bins);
+    }
+    for (int p = 1; p < nparts; p++)
+        for (uint64_t i = 0; i < bins; i++)
+            hists[i] += hists[(size_t)p * bins + i];
+    *nonfinite = 0;
+    for (uint64_t i = ki->inf >> ki->hist_shift; i < bins; i++)
+        if (hists[i])
+            *nonfinite = 1;
+    uint64_t above = 0, b = bins - 1;
+    while (above + hists[b] < k) {
+        above += hists[b];
+        b--;
+    }
+    *lo = b << ki->hist_shift;
+    *candidates = above + hists[b];
+    free(hists);
+    return LB_OK;
+}
+
+/* Fast-path bounds from a stratified sample of TOPK_SAMPLE keys: `lo` very
+ * probably has at least k elements at or above it, `hi` fewer than k above
+ * it (UINT64_MAX when k is too small to bound), both 4 standard deviations
+ * of the sample rank away from the expected rank of the k-th largest.
+ * *expected estimates how many elements are >= lo.  Returns 0 when a
+ * sample cannot help (small n, or k a large fraction of n).              */
+#define TOPK_SAMPLE 65536
+static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
+                         uint64_t k, uint64_t *lo, uint64_t *hi,
+                         uint64_t *expected)
+{
+    if (n < 16 * (uint64_t)TOPK_SAMPLE)
+        return 0;
+    const uint64_t m = TOPK_SAMPLE;
+    double q = (double)k / (double)n;
+    double sd = sqrt((double)m * q * (1.0 - q));
+    double rank_lo = ceil(q * (double)m + 4.0 * sd + 2.0);
+    double rank_hi = floor(q * (double)m - 4.0 * sd - 2.0);
+    if (rank_lo >= (double)m / 4)
+        return 0;   /* k is too large a fraction for a narrow band */
+    uint64_t *keys = malloc(2 * m * sizeof(uint64_t));
+    if (!keys)
+        return 0;
+    uint64_t stride = n / m;
+    for (uint64_t j = 0; j < m; j++) {
+        /* one position per stride cell, jittered by a fixed hash */
+        uint64_t h = (j + 1) * 0x9E3779B97F4A7C15ull;
+        h ^= h >> 31;
+        h *= 0xBF58476D1CE4E5B9ull;
+        h ^= h >> 29;
+        keys[j] = raw_at(ki, x, j * stride + h % stride) & ki->mask;
+    }
+    *lo = kth_largest(keys, m, (uint64_t)rank_lo, keys + m);
+    *hi = rank_hi >= 1 ? kth_largest(keys, m, (uint64_t)rank_hi, keys + m)
+                       : UINT64_MAX;
+    free(keys);
+    *expected = (uint64_t)(rank_lo / (double)m * (double)n);
+    return 1;
+}
+
+static lb_status copy_all(const keyinfo *ki, const void *x, uint64_t n,
+                          int nthreads, lb_sparse *out)
+{
+    lb_status st = sparse_alloc(out, n, ki->width);
+    if (st != LB_OK)
+        return st;
+    int team = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t i = 0; i < n; i++)
+        out->indices[i] = i;
+    memcpy(out->values, x, (size_t)n * (size_t)ki->width);
+    return LB_OK;
+}
+
+lb_status lb_topk(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
+                  int check_finite, int nthreads, lb_sparse *out, lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || k > n || (!x && n))
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
+    int nonfinite = 0;
+
+    if (k == 0 || k == n) {
+        if (check_finite) {
+            collect_parallel(ki, x, n, UINT64_MAX, nparts, NULL, NULL,
+                             &nonfinite, NULL);
+            if (nonfinite) {
+                if (err)
+                    err->index = first_nonfinite(ki, x, n);
+                return LB_ENONFINITE;
+            }
+        }
+        return k == 0 ? sparse_alloc(out, 0, ki->width)
+                      : copy_all(ki, x, n, nthreads, out);
+    }
+
+    uint64_t lo = 0, hi = UINT64_MAX, expected = 0;
+    if (sample_bounds(ki, x, n, k, &lo, &hi, &expected)) {
+        /* One pass: collect everything at or above the sampled bound. */
+        uint64_t cap = expected + expected / 2 + 4096;
+        cand_part *parts = cand_alloc(n, nparts, cap);
+        if (!parts)
+            return LB_ENOMEM;
+        int overflow = 0;
+        uint64_t total = collect_parallel(ki, x, n, lo, nparts, parts, NULL,
+                                          &nonfinite, &overflow);
+        if (nonfinite && check_finite) {
+            cand_free(parts, nparts);
+            if (err)
+                err->index = first_nonfinite(ki, x, n);
+            return LB_ENONFINITE;
+        }
+        if (!overflow && total >= k) {
+            lb_status st = topk_from_candidates(ki, parts, nparts, k, hi, out);
+            cand_free(parts, nparts);
+            return st;
+        }
+        cand_free(parts, nparts);   /* the sample missed: radix path */
+    }
+
+    /* Radix path: pass 1 histograms the top key bits, pass 2 collects the
+     * elements at or above the bin that holds the k-th largest key.       */
+    uint64_t candidates = 0;
+    lb_status st = radix_bound(ki, x, n, k, nparts, &lo, &candidates,
+                               &nonfinite);
+    if (st != LB_OK)
+        return st;
+    if (nonfinite && check_finite) {
+        if (err)
+            err->index = first_nonfinite(ki, x, n);
+        return LB_ENONFINITE;
+    }
+    cand_part *parts = cand_alloc(n, nparts, candidates);
+    if (!parts)
+        return LB_ENOMEM;
+    collect_parallel(ki, x, n, lo, nparts, parts, NULL, &nonfinite, NULL);
+    st = topk_from_candidates(ki, parts, nparts, k, UINT64_MAX, out);
+    cand_free(parts, nparts);
+    return st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Threshold                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Writes every element with key >= lo: a counting pass fixes each part's
+ * output offset, a second pass writes in place.                           */
+static lb_status select_at_least(const keyinfo *ki, const void *x, uint64_t n,
+                                 uint64_t lo, int check_finite, int nthreads,
+                                 lb_sparse *out, lb_error *err)
+{
+    int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
+    uint64_t *counts = calloc((size_t)nparts + 1, sizeof(uint64_t));
+    if (!counts)
+        return LB_ENOMEM;
+    int nonfinite = 0;
+    uint64_t total = collect_parallel(ki, x, n, lo, nparts, NULL, counts,
+                                      &nonfinite, NULL);
+    if (nonfinite && check_finite) {
+        free(counts);
+        if (err)
+            err->index = first_nonfinite(ki, x, n);
+        return LB_ENONFINITE;
+    }
+    lb_status st = sparse_alloc(out, total, ki->width);
+    uint64_t *raw = malloc((size_t)(total ? total : 1) * sizeof(uint64_t));
+    if (st != LB_OK || !raw) {
+        free(counts);
+        free(raw);
+        lb_sparse_free(out);
+        return LB_ENOMEM;
+    }
+    uint64_t off = 0;
+    for (int p = 0; p < nparts; p++) {   /* exclusive prefix sum */
+        uint64_t c = counts[p];
+        counts[p] = off;
+        off += c;
+    }
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t b, e;
+        int nf = 0;
+        lb_split(n, nparts, p, &b, &e);
+        uint64_t o = counts[p];
+        uint64_t cap = (p + 1 < nparts ? counts[p + 1] : total) - o;
+        collect_range(ki, x, b, e, lo, out->indices + o, raw + o, cap, &nf);
+        for (uint64_t j = o; j < o + cap; j++)
+            store_raw(ki, out->values, j, raw[j]);
+    }
+    free(raw);
+    free(counts);
+    return LB_OK;
+}
+
+lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
+                       int check_finite, int nthreads, lb_sparse *out,
+                       lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || (!x && n) || !(tau >= 0.0))
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    return select_at_least(ki, x, n, key_at_least(ki, tau), check_finite,
+                           nthreads, out, err);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Chunked and tiled top-k                                                   */
+/* ------------------------------------------------------------------------ */
+
+/* Top-kk of the m keys gathered from positions pos[0..m) (ascending): writes
+ * the chosen positions and raw bits in ascending order.  keys and scratch
+ * hold m entries.  Returns the first non-finite position or UINT64_MAX.   */
+static uint64_t topk_small(const keyinfo *ki, const void *x,
+                           const uint64_t *pos, uint64_t m, uint64_t kk,
+                           uint64_t *keys, uint64_t *scratch,
+                           uint64_t *out_idx, void *out_values)
+{
+    uint64_t bad = UINT64_MAX;
+    for (uint64_t j = 0; j < m; j++) {
+        keys[j] = raw_at(ki, x, pos[j]) & ki->mask;
+        if (keys[j] >= ki->inf && bad == UINT64_MAX)
+            bad = pos[j];
+    }
+    if (kk == 0)
+        return bad;
+    uint64_t T = 0, ties = kk;
+    if (kk < m) {
+        T = kth_largest(keys, m, kk, scratch);
+        for (uint64_t j = 0; j < m; j++)
+            ties -= keys[j] > T;
+    }
+    uint64_t o = 0;
+    for (uint64_t j = 0; j < m && o < kk; j++) {
+        if (keys[j] > T || (keys[j] == T && ties > 0)) {
+            if (keys[j] == T)
+                ties--;
+            out_idx[o] = pos[j];
+            store_raw(ki, out_values, o, raw_at(ki, x, pos[j]));
+            o++;
+        }
+    }
+    return bad;
+}
+
+lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
+                          uint64_t chunk, uint64_t k_per_chunk,
+                          int check_finite, int nthreads, lb_sparse *out,
+                          lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || (!x && n) || chunk == 0 || k_per_chunk > chunk)
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    uint64_t nchunks = lb_num_chunks(n, chunk);
+    uint64_t last = n - (nchunks ? (nchunks - 1) * chunk : 0);
+    uint64_t total = nchunks ? (nchunks - 1) * k_per_chunk +
+                                   (last < k_per_chunk ? last : k_per_chunk)
+                             : 0;
+    lb_status st = sparse_alloc(out, total, ki->width);
+    if (st != LB_OK)
+        return st;
+    lb_status fail = LB_OK;
+    uint64_t fail_at = UINT64_MAX;
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    if (team > (int)nchunks)
+        team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint64_t *buf = malloc((size_t)3 * (size_t)chunk * sizeof(uint64_t));
+        if (!buf)
+            lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
+        LB_OMP(omp for schedule(static))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            if (!buf)
+                continue;
+            uint64_t b = c * chunk;
+            uint64_t m = (n - b) < chunk ? n - b : chunk;
+            uint64_t kk = m < k_per_chunk ? m : k_per_chunk;
+            for (uint64_t j = 0; j < m; j++)
+                buf[j] = b + j;
+            uint64_t bad = topk_small(ki, x, buf, m, kk, buf + chunk,
+                                      buf + 2 * chunk,
+                                      out->indices + c * k_per_chunk,
+                                      (char *)out->values +
+                                          c * k_per_chunk * (uint64_t)ki->width);
+            if (bad != UINT64_MAX && check_finite)
+                lb_record_error(&fail, &fail_at, LB_ENONFINITE, bad);
+        }
+        free(buf);
+    }
+    if (fail != LB_OK) {
+        lb_sparse_free(out);
+        if (err)
+            err->index = fail_at;
+        return fail;
+    }
+    return LB_OK;
+}
+
+lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
+                        lb_dtype dt, uint64_t tile_rows, uint64_t tile_cols,
+                        uint64_t k_per_tile, int check_finite, int nthreads,
+                        lb_sparse *out, lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || tile_rows == 0 || tile_cols == 0)
+        return LB_EINVAL;
+    if (rows && cols > UINT64_MAX / rows)
+        return LB_EOVERFLOW;
+    if (tile_rows > UINT64_MAX / tile_cols)
+        return LB_EOVERFLOW;
+    uint64_t n = rows * cols;
+    if (!x && n)
+        return LB_EINVAL;
+    if (k_per_tile > tile_rows * tile_cols)
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    uint64_t bands = lb_num_chunks(rows, tile_rows);
+    uint64_t tcols = lb_num_chunks(cols, tile_cols);
+    uint64_t tile_max = tile_rows * tile_cols;
+    /* output offset of each band: sum over its tiles of min(k, tile size) */
+    uint64_t *band_off = malloc((size_t)(bands + 1) * sizeof(uint64_t));
+    if (!band_off)
+        return LB_ENOMEM;
+    band_off[0] = 0;
+    for (uint64_t bd = 0; bd < bands; bd++) {
+        uint64_t h = rows - bd * tile_rows < tile_rows ? rows - bd * tile_rows
+                                                       : tile_rows;
+        uint64_t s = 0;
+        for (uint64_t tc = 0; tc < tcols; tc++) {
+            uint64_t w = cols - tc * tile_cols < tile_cols ? cols - tc * tile_cols
+                                                           : tile_cols;
+            s += h * w < k_per_tile ? h * w : k_per_tile;
+        }
+        band_off[bd + 1] = band_off[bd] + s;
+    }
+    lb_status st = sparse_alloc(out, band_off[bands], ki->width);
+    if (st != LB_OK) {
+        free(band_off);
+        return st;
+    }
+    lb_status fail = LB_OK;
+    uint64_t fail_at = UINT64_MAX;
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    if (team > (int)bands)
+        team = lb_team(nthreads, bands);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        /* pos/keys/scratch for one tile, then each tile's picks of a band */
+        size_t per_band = (size_t)(tcols * k_per_tile);
+        uint64_t *buf = malloc(((size_t)3 * tile_max + per_band) * sizeof(uint64_t));
+        char *vals = malloc(per_band * (size_t)ki->width + 1);
+        uint64_t *cnt = malloc((size_t)tcols * 2 * sizeof(uint64_t) + 1);
+        if (!buf || !vals || !cnt)
+            lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
+        LB_OMP(omp for schedule(static))
+        for (uint64_t bd = 0; bd < bands; bd++) {
+            if (!buf || !vals || !cnt)
+                continue;
+            uint64_t r0 = bd * tile_rows;
+            uint64_t h = rows - r0 < tile_rows ? rows - r0 : tile_rows;
+            uint64_t *picks = buf + 3 * tile_max;
+            uint64_t *cursor = cnt + tcols;
+            for (uint64_t tc = 0; tc < tcols; tc++) {
+                uint64_t c0 = tc * tile_cols;
+                uint64_t w = cols - c0 < tile_cols ? cols - c0 : tile_cols;
+                uint64_t m = h * w, kk = m < k_per_tile ? m : k_per_tile;
+                for (uint64_t r = 0; r < h; r++)
+                    for (uint64_t c = 0; c < w; c++)
+                        buf[r * w + c] = (r0 + r) * cols + c0 + c;
+                uint64_t bad = topk_small(ki, x, buf, m, kk, buf + tile_max,
+                                          buf + 2 * tile_max,
+                                          picks + tc * k_per_tile,
+                                          vals + tc * k_per_tile * (uint64_t)ki->width);
+                if (bad != UINT64_MAX && check_finite)
+                    lb_record_error(&fail, &fail_at, LB_ENONFINITE, bad);
+                cnt[tc] = kk;
+                cursor[tc] = 0;
+            }
+            /* merge: row by row, tiles left to right, each tile's picks are
+             * ascending so the band comes out in flat-index order          */
+            uint64_t o = band_off[bd];
+            for (uint64_t r = r0; r < r0 + h; r++) {
+                for (uint64_t tc = 0; tc < tcols; tc++) {
+                    const uint64_t *tp = picks + tc * k_per_tile;
+                    while (cursor[tc] < cnt[tc] && tp[cursor[tc]] / cols == r) {
+                        uint64_t j = tc * k_per_tile + cursor[tc];
+                        out->indices[o] = tp[cursor[tc]];
+                        memcpy((char *)out->values + o * (uint64_t)ki->width,
+                               vals + j * (uint64_t)ki->width, (size_t)ki->width);
+                        cursor[tc]++;
+                        o++;
+                    }
+                }
+            }
+        }
+        free(buf);
+        free(vals);
+        free(cnt);
+    }
+    free(band_off);
+    if (fail != LB_OK) {
+        lb_sparse_free(out);
+        if (err)
+            err->index = fail_at;
+        return fail;
+    }
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* DGC sampled top-k                                                         */
+/* ------------------------------------------------------------------------ */
+
+lb_status lb_topk_sampled(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
+                          double sample_ratio, uint64_t seed, uint64_t step,
+                          int check_finite, int nthreads, lb_sparse *out,
+                          lb_sampled_info *info, lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || k > n || (!x && n) || !(sample_ratio > 0.0) ||
+        sample_ratio > 1.0 || step >= LB_MAX_STEP)
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    lb_sampled_info local;
+    if (!info)
+        info = &local;
+    memset(info, 0, sizeof(*info));
+    if (k == 0 || k == n)
+        return lb_topk(x, n, dt, k, check_finite, nthreads, out, err);
+
+    /* Sample size and stride as in DGC's released code: at least
+     * sample_ratio*n samples and at least 2/ratio so the sample's top-k is
+     * >= 2; stride ceil(n/S/32)*32+1, shrunk by 8 until floor(n/stride)>=S. */
+    double ratio = (double)k / (double)n;
+    double want = fmax(ceil(sample_ratio * (double)n), ceil(2.0 / ratio));
+    if (want >= (double)n) {
+        info->num_samples = n;
+        info->exact_fallback = 1;
+        return lb_topk(x, n, dt, k, check_finite, nthreads, out, err);
+    }
+    uint64_t S = (uint64_t)want;
+    uint64_t stride = (uint64_t)ceil((double)n / (double)S / 32.0) * 32 + 1;
+    while (stride > 1 && n / stride < S)
+        stride = stride > 8 ? stride - 8 : 1;
+    lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_SAMPLED_TOPK);
+    uint64_t start = lb_philox_below(&key, 0, 1, stride);
+    uint64_t m = (n - start + stride - 1) / stride;
+    uint64_t *sk = malloc((size_t)2 * m * sizeof(uint64_t));
+    if (!sk)
+        return LB_ENOMEM;
+    for (uint64_t j = 0; j < m; j++)
+        sk[j] = raw_at(ki, x, start + j * stride) & ki->mask;
+    uint64_t ks = (uint64_t)ceil(ratio * (double)m);
+    if (ks < 1)
+        ks = 1;
+    uint64_t thr = kth_largest(sk, m, ks, sk + m);
+    free(sk);
+    info->num_samples = m;
+
+    uint64_t lo_bound = (uint64_t)ceil(0.8 * (double)k);
+    uint64_t hi_bound = (uint64_t)floor(1.3 * (double)k);
+    if (hi_bound < k)
+        hi_bound = k;
+    int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
+    cand_part *parts = cand_alloc(n, nparts, hi_bound + 1);
+    if (!parts)
+        return LB_ENOMEM;
+    lb_status st = LB_OK;
+    for (int iter = 0;; iter++) {
+        int nonfinite = 0, overflow = 0;
+        uint64_t total = collect_parallel(ki, x, n, thr, nparts, parts, NULL,
+                                          &nonfinite, &overflow);
+        if (nonfinite && check_finite) {
+            cand_free(parts, nparts);
+            if (err)
+                err->index = first_nonfinite(ki, x, n);
+            return LB_ENONFINITE;
+        }
+        info->iterations = (uint64_t)iter;
+        info->threshold = value_of_key(ki, thr);
+        if (total >= lo_bound && total <= hi_bound) {
+            st = sparse_alloc(out, total, ki->width);
+            if (st == LB_OK) {
+                uint64_t o = 0;
+                for (int p = 0; p < nparts; p++)
+                    for (uint64_t j = 0; j < parts[p].found; j++, o++) {
+                        out->indices[o] = parts[p].idx[j];
+                        store_raw(ki, out->values, o, parts[p].raw[j]);
+                    }
+            }
+            break;
+        }
+        if (total > hi_bound) {
+            /* exact top-k among the survivors (= the global top-k, as there
+             * are at least k of them); direct when all were stored        */
+            info->exact_fallback = 1;
+            st = overflow ? lb_topk(x, n, dt, k, check_finite, nthreads, out, err)
+                          : topk_from_candidates(ki, parts, nparts, k, UINT64_MAX, out);
+            break;
+        }
+        if (iter == 10 || thr == 0) {
+            info->exact_fallback = 1;
+            st = lb_topk(x, n, dt, k, check_finite, nthreads, out, err);
+            break;
+        }
+        /* too few: lower the threshold by 0.8 in the input precision */
+        if (ki->width == 4) {
+            float f = (float)value_of_key(ki, thr) * 0.8f;
+            uint32_t b;
+            memcpy(&b, &f, 4);
+            thr = b & LB_KEY32_MASK;
+        } else {
+            double d = value_of_key(ki, thr) * 0.8;
+            uint64_t b;
+            memcpy(&b, &d, 8);
+            thr = b & LB_KEY64_MASK;
+        }
+    }
+    cand_free(parts, nparts);
+    return st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Random-k                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* LSD radix sort of a[0..m) (values < limit) using tmp (m entries). */
+static void radix_sort_u64(uint64_t *a, uint64_t *tmp, uint64_t m,
+                           uint64_t limit)
+{
+    for (int shift = 0; shift < 64 && (limit - 1) >> shift; shift += 11) {
+        uint64_t count[2048] = {0};
+        for (uint64_t i = 0; i < m; i++)
+            count[(a[i] >> shift) & 2047]++;
+        uint64_t s = 0;
+        for (int d = 0; d < 2048; d++) {
+            uint64_t c = count[d];
+            count[d] = s;
+            s += c;
+        }
+        for (uint64_t i = 0; i < m; i++)
+            tmp[count[(a[i] >> shift) & 2047]++] = a[i];
+        memcpy(a, tmp, (size_t)m * sizeof(uint64_t));
+    }
+}
+
+/* Membership set over [0, n) for Floyd's algorithm: a bitmap when it is
+ * small relative to the sample, else an open-addressing hash table.       */
+typedef struct {
+    uint64_t *bits;     /* bitmap of n bits, or NULL                          */
+    uint64_t *slots;    /* hash table of (value + 1), 0 = empty, or NULL      */
+    uint64_t mask;      /* table size - 1                                      */
+} idxset;
+
+static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
+{
+    if (s->bits) {
+        uint64_t w = v >> 6, b = (uint64_t)1 << (v & 63);
+        if (s->bits[w] & b)
+            return 0;
+        s->bits[w] |= b;
+        return 1;
+    }
+    uint64_t h = (v + 1) * 0x9E3779B97F4A7C15ull;
+    for (uint64_t i = h >> 20;; i++) {
+        uint64_t *slot = &s->slots[i & s->mask];
+        if (*slot == v + 1)
+            return 0;
+        if (*slot == 0) {
+            *slot = v + 1;
+            return 1;
+        }
+    }
+}
+
+lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
+                             uint64_t step, uint64_t *indices)
+{
+    if (k > n || step >= LB_MAX_STEP || (!indices && k))
+        return LB_EINVAL;
+    if (k == 0)
+        return LB_OK;
+    /* Draw the smaller of the sample and its complement. */
+    int complement = k > n / 2;
+    uint64_t draws = complement ? n - k : k;
+    idxset set = {0};
+    int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= draws;
+    if (bitmap) {
+        set.bits = calloc((size_t)(n / 64 + 1), sizeof(uint64_t));
+        if (!set.bits)
+            return LB_ENOMEM;
+    } else {
+        uint64_t size = 1;
+        while (size < 2 * draws)
+            size <<= 1;
+        set.slots = calloc((size_t)size, sizeof(uint64_t));
+        if (!set.slots)
+            return LB_ENOMEM;
+        set.mask = size - 1;
+    }
+    /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
+     * when t is already in.  Draw i uses counters i, i+draws, i+2*draws...  */
+    lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
+    for (uint64_t i = 0; i < draws; i++) {
+        uint64_t j = n - draws + i;
+        uint64_t t = lb_philox_below(&key, i, draws, j + 1);
+        if (!idxset_add(&set, t))
+            idxset_add(&set, j);
+    }
+    if (bitmap) {
+        uint64_t o = 0;
+        for (uint64_t w = 0; w <= n / 64 && o < k; w++) {
+            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
+            while (word) {
+                uint64_t v = w * 64 + (uint64_t)__builtin_ctzll(word);
+                if (v >= n)
+                    break;
+                indices[o++] = v;
+                word &= word - 1;
+            }
+        }
+        free(set.bits);
+        return LB_OK;
+    }
+    uint64_t o = 0;
+    for (uint64_t i = 0; i <= set.mask; i++)
+        if (set.slots[i])
+            indices[o++] = set.slots[i] - 1;
+    free(set.slots);
+    uint64_t *tmp = malloc((size_t)k * sizeof(uint64_t));
+    if (!tmp)
+        return LB_ENOMEM;
+    radix_sort_u64(indices, tmp, k, n);
+    free(tmp);
+    return LB_OK;
+}
+
+lb_status lb_gather(const void *x, uint64_t n, lb_dtype dt,
+                    const uint64_t *indices, uint64_t k, double scale,
+                    int check_finite, int nthreads, void *values, lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || (k && (!x || !indices || !values)))
+        return LB_EINVAL;
+    for (uint64_t i = 0; i < k; i++)
+        if (indices[i] >= n)
+            return LB_ERANGE;
+    uint64_t bad = UINT64_MAX;
+    int team = lb_team(nthreads, k / LB_CHUNK);
+    if (ki->width == 4) {
+        const float *xs = x;
+        float *vs = values;
+        float s = (float)scale;
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
+        for (uint64_t i = 0; i < k; i++) {
+            float v = xs[indices[i]];
+            if (!isfinite(v) && indices[i] < bad)
+                bad = indices[i];
+            vs[i] = scale == 1.0 ? v : v * s;
+        }
+    } else {
+        const double *xs = x;
+        double *vs = values;
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
+        for (uint64_t i = 0; i < k; i++) {
+            double v = xs[indices[i]];
+            if (!isfinite(v) && indices[i] < bad)
+                bad = indices[i];
+            vs[i] = scale == 1.0 ? v : v * scale;
+        }
+    }
+    if (check_finite && bad != UINT64_MAX) {
+        if (err)
+            err->index = bad;
+        return LB_ENONFINITE;
+    }
+    return LB_OK;
+}

@@ -1,0 +1,264 @@
+/*
+ * lowband.h - the public C API of lowband's core.
+ *
+ * The core is plain C11 + OpenMP and never includes Python.h: a C program can
+ * link it directly (see tests/c/).  Conventions shared by every function:
+ *
+ *  - Every function returns an lb_status.  LB_OK is 0; anything else means the
+ *    outputs are unspecified (but no memory was leaked or written out of
+ *    bounds).  Functions that find a bad element report its index through an
+ *    lb_error out-parameter when one is given.
+ *  - `nthreads` is explicit: the number of OpenMP threads the call may use.
+ *    Values < 1 mean 1.  Results are byte-identical for every thread count:
+ *    work is split into fixed-size chunks (LB_CHUNK) and partial results are
+ *    combined in chunk order.
+ *  - Randomised kernels take (seed, step) and draw from Philox4x32-10 (rng.h)
+ *    with the counter made of (element or block index, step, kernel domain).
+ *  - Vectors are flat, C-contiguous arrays of `n` elements.  Indices of sparse
+ *    outputs are uint64_t inside the core; callers narrow them to uint32_t
+ *    when n < 2^32.
+ *  - Arrays whose ownership passes to the caller are allocated with malloc()
+ *    and must be released with free() (or lb_sparse_free()).
+ */
+#ifndef LOWBAND_H
+#define LOWBAND_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define LB_VERSION_MAJOR 0
+#define LB_VERSION_MINOR 1
+
+/* ------------------------------------------------------------------------ */
+/* Status codes and errors                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+    LB_OK = 0,
+    LB_EINVAL = 1,      /* an argument has an invalid value                 */
+    LB_ENOMEM = 2,      /* an allocation failed                             */
+    LB_ENONFINITE = 3,  /* NaN or +-Inf in an input that must be finite     */
+    LB_EFORMAT = 4,     /* malformed serialized bytes                       */
+    LB_ERANGE = 5,      /* an index or size is out of range                 */
+    LB_EOVERFLOW = 6    /* a size computation would overflow                */
+} lb_status;
+
+/* Where a failure happened: the first bad element (or byte offset). */
+typedef struct {
+    uint64_t index;
+} lb_error;
+
+/* Short, static, human-readable name of a status ("LB_EINVAL", ...). */
+const char *lb_status_name(lb_status s);
+
+/* ------------------------------------------------------------------------ */
+/* Element types                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+    LB_F32 = 1,
+    LB_F64 = 2,
+    LB_F16 = 3,   /* IEEE binary16 */
+    LB_BF16 = 4   /* bfloat16      */
+} lb_dtype;
+
+/* Size in bytes of one element of `dt`, or 0 for an unknown dtype. */
+size_t lb_dtype_size(lb_dtype dt);
+
+/* ------------------------------------------------------------------------ */
+/* Threads, instruction sets, randomness                                     */
+/* ------------------------------------------------------------------------ */
+
+/* Elements below which the glue runs kernels serially with the GIL held.   */
+#define LB_GRAIN ((uint64_t)65536)
+/* Fixed work-split unit: never depends on the thread count.               */
+#define LB_CHUNK ((uint64_t)65536)
+
+/* omp_get_max_threads() of the calling thread (1 in a serial build).      */
+int lb_max_threads(void);
+
+/* Instruction-set level used by dispatched kernels.                        */
+typedef enum { LB_ISA_SCALAR = 0, LB_ISA_AVX2 = 1, LB_ISA_AVX512 = 2 } lb_isa;
+
+/* The level in use: the best the CPU supports, unless LOWBAND_FORCE_ISA
+ * (scalar|avx2|avx512) forces a lower one.  Read once, then cached.        */
+lb_isa lb_active_isa(void);
+/* Forces a level for this process (tests); a level the CPU lacks is
+ * refused with LB_EINVAL.  Passing -1 re-reads the environment.            */
+lb_status lb_set_isa(int isa);
+const char *lb_isa_name(lb_isa isa);
+
+/* Random-stream domains: one per randomised kernel, so that the same user
+ * seed drives independent streams in different kernels.                   */
+typedef enum {
+    LB_DOMAIN_TEST = 0,
+    LB_DOMAIN_RANDOMK = 1,
+    LB_DOMAIN_SAMPLED_TOPK = 2,
+    LB_DOMAIN_STOCHASTIC_ROUND = 3,
+    LB_DOMAIN_QSGD = 4,
+    LB_DOMAIN_TERNGRAD = 5,
+    LB_DOMAIN_NATURAL = 6,
+    LB_DOMAIN_USER = 200        /* 200..255 are free for callers          */
+} lb_rng_domain;
+
+/* Largest step accepted by randomised kernels (the step shares the 64-bit
+ * stream word with the 8-bit domain).                                      */
+#define LB_MAX_STEP ((uint64_t)1 << 56)
+
+/* Fills out[0..n) with the raw Philox4x32-10 words for counters
+ * (first_block + i/4, stream) under key = seed, where stream =
+ * domain << 56 | step; word i is lane i%4 of block i/4.                   */
+lb_status lb_philox_fill(uint64_t seed, uint64_t step, int domain,
+                         uint64_t first_block, uint32_t *out, uint64_t n,
+                         int nthreads);
+
+/* ------------------------------------------------------------------------ */
+/* Sparse selection (core/sparsify.c)                                        */
+/* ------------------------------------------------------------------------ */
+
+/* A sparse result owned by the caller: ascending indices (uint64) and the
+ * selected values in the input dtype.  Release with lb_sparse_free().      */
+typedef struct {
+    uint64_t *indices;
+    void *values;
+    uint64_t count;
+} lb_sparse;
+
+void lb_sparse_free(lb_sparse *s);
+
+/* Exact top-k by magnitude of the n elements of x (float32 or float64).
+ * Ties go to the lower index; indices ascending.  k in [0, n].
+ * check_finite: NaN/Inf -> LB_ENONFINITE with err->index = first bad index;
+ * otherwise NaN counts as larger than +-Inf (which is larger than any
+ * finite value).  Radix selection over the magnitude bits; no sort.        */
+lb_status lb_topk(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
+                  int check_finite, int nthreads, lb_sparse *out,
+                  lb_error *err);
+
+/* All elements with |x| >= tau (tau >= 0, not NaN).                        */
+lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
+                       int check_finite, int nthreads, lb_sparse *out,
+                       lb_error *err);
+
+/* Top-k_per_chunk by magnitude inside each contiguous chunk of `chunk`
+ * elements; the last, shorter chunk keeps min(k_per_chunk, its length).   */
+lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
+                          uint64_t chunk, uint64_t k_per_chunk,
+                          int check_finite, int nthreads, lb_sparse *out,
+                          lb_error *err);
+
+/* Top-k inside each tile of a rows x cols matrix cut into tile_rows x
+ * tile_cols tiles (edge tiles may be smaller and keep min(k, their size)).
+ * Indices are flat row-major indices, ascending.                          */
+lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
+                        lb_dtype dt, uint64_t tile_rows, uint64_t tile_cols,
+                        uint64_t k_per_tile, int check_finite, int nthreads,
+                        lb_sparse *out, lb_error *err);
+
+/* Statistics of one sampled top-k call (DGC), for logging and tests.      */
+typedef struct {
+    uint64_t num_samples;   /* sample size used for the threshold          */
+    uint64_t iterations;    /* threshold corrections made (0..10)           */
+    int exact_fallback;     /* 1 when the result came from exact top-k      */
+    double threshold;       /* final magnitude threshold                     */
+} lb_sampled_info;
+
+/* DGC's approximate top-k: the threshold comes from a strided random sample
+ * (start drawn from (seed, step)); while fewer than 0.8k survive it is
+ * multiplied by 0.8 (at most 10 times); when more than 1.3k survive, exact
+ * top-k is taken among them.  The count always ends in [ceil(0.8k),
+ * floor(1.3k)] (exact top-k is the fallback).  sample_ratio in (0, 1].     */
+lb_status lb_topk_sampled(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
+                          double sample_ratio, uint64_t seed, uint64_t step,
+                          int check_finite, int nthreads, lb_sparse *out,
+                          lb_sampled_info *info, lb_error *err);
+
+/* k distinct indices of [0, n), uniform without replacement, a function of
+ * (seed, step, n, k) only (Floyd's algorithm on the Philox stream), sorted
+ * ascending.  `indices` must hold k entries.                               */
+lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
+                             uint64_t step, uint64_t *indices);
+
+/* values[i] = x[indices[i]] * scale for i < k (scale 1 copies exactly).
+ * Indices must be < n.                                                     */
+lb_status lb_gather(const void *x, uint64_t n, lb_dtype dt,
+                    const uint64_t *indices, uint64_t k, double scale,
+                    int check_finite, int nthreads, void *values,
+                    lb_error *err);
+
+/* ------------------------------------------------------------------------ */
+/* Scatter and aggregation (core/scatter.c)                                  */
+/* ------------------------------------------------------------------------ */
+
+typedef enum {
+    LB_AGG_SUM = 0,
+    LB_AGG_MEAN = 1,              /* sum / number of payloads              */
+    LB_AGG_CONTRIBUTOR_MEAN = 2   /* sum / number of payloads holding i    */
+} lb_agg_op;
+
+/* One sparse operand of an aggregation: ascending indices (< n) and values
+ * in the same dtype as the output.  Narrow (uint32) indices when
+ * index_width == 4, else uint64.                                           */
+typedef struct {
+    const void *indices;
+    const void *values;
+    uint64_t count;
+    int index_width;
+} lb_sparse_view;
+
+/* out[0..n) = op over the payloads (zero where nobody contributed).  For
+ * each coordinate the values are added in payload order, so the result is
+ * the same for any thread count.  Indices must be strictly ascending and
+ * < n (checked: LB_ERANGE / LB_EINVAL with err->index = the payload).     */
+lb_status lb_aggregate(const lb_sparse_view *payloads, uint64_t num_payloads,
+                       uint64_t n, lb_dtype dt, lb_agg_op op, void *out,
+                       int nthreads, lb_error *err);
+
+/* ------------------------------------------------------------------------ */
+/* Wire format helpers (core/wire.c); the format is docs/formats.md          */
+/* ------------------------------------------------------------------------ */
+
+/* CRC-32C (Castagnoli, reflected, as in iSCSI/ext4): crc of data appended
+ * to a running value `crc` (start with 0).                                 */
+uint32_t lb_crc32c(uint32_t crc, const void *data, size_t len);
+
+typedef enum {
+    LB_IDX_RAW = 0,      /* u32 (size < 2^32) or u64 per index               */
+    LB_IDX_VARINT = 1,   /* LEB128 of idx[0], then of each gap - 1           */
+    LB_IDX_BITMAP = 2,   /* ceil(size/8) bytes, LSB-first                     */
+    LB_IDX_SEEDED = 3    /* u64 seed, u64 step: random-k regenerates them     */
+} lb_index_encoding;
+
+/* Checks that indices (uint32 when width == 4, else uint64) are strictly
+ * ascending and < n.  LB_EINVAL / LB_ERANGE with err->index = position.   */
+lb_status lb_index_check(const void *indices, int width, uint64_t count,
+                         uint64_t n, lb_error *err);
+
+/* Encoded byte sizes of valid ascending indices under RAW, VARINT and
+ * BITMAP (sizes[0..2]).                                                    */
+lb_status lb_index_sizes(const void *indices, int width, uint64_t count,
+                         uint64_t n, uint64_t sizes[3]);
+
+/* Writes the encoding (RAW, VARINT or BITMAP) into out[0..out_len), which
+ * must be exactly the size lb_index_sizes() gave.                          */
+lb_status lb_index_encode(const void *indices, int width, uint64_t count,
+                          uint64_t n, int encoding, uint8_t *out,
+                          uint64_t out_len);
+
+/* Decodes untrusted bytes into count ascending indices < n (written as
+ * uint32 when width == 4, else uint64).  Every malformation (short or long
+ * buffer, overlong or overflowing varint, unsorted, out of range, wrong
+ * popcount, non-zero bitmap padding) gives LB_EFORMAT with err->index = the
+ * byte offset in buf.  Never reads outside buf[0..len).                   */
+lb_status lb_index_decode(const uint8_t *buf, uint64_t len, int encoding,
+                          uint64_t count, uint64_t n, int width, void *out,
+                          lb_error *err);
+
+#ifdef __cplusplus
+}
+#endif
+#endif /* LOWBAND_H */

@@ -1,0 +1,222 @@
+/* glue.c - shared argument conversion, thread resolution and errors. */
+#include "glue.h"
+
+#include <string.h>
+
+int lb_glue_default_threads = 0;
+int lb_glue_forked_child = 0;
+PyObject *lb_glue_FormatError = NULL;
+
+lb_dtype lb_py_dtype_of(PyArrayObject *a)
+{
+    switch (PyArray_TYPE(a)) {
+    case NPY_FLOAT32: return LB_F32;
+    case NPY_FLOAT64: return LB_F64;
+    case NPY_FLOAT16: return LB_F16;
+    default: return (lb_dtype)0;
+    }
+}
+
+int lb_py_typenum(lb_dtype dt)
+{
+    switch (dt) {
+    case LB_F32: return NPY_FLOAT32;
+    case LB_F64: return NPY_FLOAT64;
+    case LB_F16: return NPY_FLOAT16;
+    case LB_BF16: return NPY_UINT16;
+    }
+    return NPY_NOTYPE;
+}
+
+static const char *allowed_names(unsigned allowed)
+{
+    if (allowed == LB_ALLOW_F32_F64)
+        return "float32 or float64";
+    if (allowed == (1u << LB_F32))
+        return "float32";
+    if (allowed == (1u << LB_F64))
+        return "float64";
+    return "float16, float32 or float64";
+}
+
+PyArrayObject *lb_py_vector(PyObject *obj, const char *name, unsigned allowed)
+{
+    PyArrayObject *arr;
+    if (PyArray_Check(obj)) {
+        arr = (PyArrayObject *)obj;
+        Py_INCREF(arr);
+    } else {
+        arr = (PyArrayObject *)PyArray_FROM_OF(obj, 0);
+        if (!arr)
+            return NULL;
+    }
+    lb_dtype dt = lb_py_dtype_of(arr);
+    if (!dt || !(allowed & (1u << dt))) {
+        PyObject *d = PyObject_Str((PyObject *)PyArray_DESCR(arr));
+        PyErr_Format(PyExc_TypeError, "%s: expected a %s array, got dtype %S",
+                     name, allowed_names(allowed), d ? d : Py_None);
+        Py_XDECREF(d);
+        Py_DECREF(arr);
+        return NULL;
+    }
+    int flags = NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED;
+    if (PyArray_ISBYTESWAPPED(arr) || (PyArray_FLAGS(arr) & flags) != flags) {
+        PyArray_Descr *descr = PyArray_DescrFromType(PyArray_TYPE(arr));
+        PyArrayObject *c = (PyArrayObject *)PyArray_FromArray(
+            arr, descr, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED |
+                            NPY_ARRAY_FORCECAST);
+        Py_DECREF(arr);
+        arr = c;
+    }
+    return arr;
+}
+
+int lb_py_threads(PyObject *threads, uint64_t work, int *nthreads)
+{
+    long n = 0;
+    if (threads && threads != Py_None) {
+        if (PyBool_Check(threads) || !PyLong_Check(threads)) {
+            PyErr_Format(PyExc_TypeError,
+                         "threads: expected None or an int >= 1, got %.100s",
+                         Py_TYPE(threads)->tp_name);
+            return -1;
+        }
+        n = PyLong_AsLong(threads);
+        if (n == -1 && PyErr_Occurred())
+            return -1;
+        if (n < 1 || n > 4096) {
+            PyErr_Format(PyExc_ValueError,
+                         "threads: expected None or an int in [1, 4096], got %ld", n);
+            return -1;
+        }
+    } else if (lb_glue_default_threads > 0) {
+        n = lb_glue_default_threads;
+    } else {
+        n = lb_max_threads();
+    }
+    if (lb_glue_forked_child || work < LB_GRAIN || n < 1)
+        n = 1;
+    *nthreads = (int)n;
+    return 0;
+}
+
+int lb_py_u64(PyObject *obj, const char *name, uint64_t limit, uint64_t *out)
+{
+    if (PyBool_Check(obj) || !PyIndex_Check(obj)) {
+        PyErr_Format(PyExc_TypeError, "%s: expected an int, got %.100s", name,
+                     Py_TYPE(obj)->tp_name);
+        return -1;
+    }
+    PyObject *i = PyNumber_Index(obj);
+    if (!i)
+        return -1;
+    int overflow = 0;
+    long long sv = PyLong_AsLongLongAndOverflow(i, &overflow);
+    int neg = overflow < 0 || (overflow == 0 && sv < 0);
+    unsigned long long v = neg ? 0 : PyLong_AsUnsignedLongLong(i);
+    if (neg || (v == (unsigned long long)-1 && PyErr_Occurred()) ||
+        (limit && v >= limit)) {
+        PyErr_Clear();
+        if (limit)
+            PyErr_Format(PyExc_ValueError, "%s: expected an int in [0, %llu), got %S",
+                         name, (unsigned long long)limit, i);
+        else
+            PyErr_Format(PyExc_ValueError, "%s: expected an int in [0, 2**64), got %S",
+                         name, i);
+        Py_DECREF(i);
+        return -1;
+    }
+    Py_DECREF(i);
+    *out = (uint64_t)v;
+    return 0;
+}
+
+PyObject *lb_py_raise(lb_status st, const lb_error *err, const char *what,
+                      const char *argname, PyArrayObject *arr)
+{
+    uint64_t at = err ? err->index : 0;
+    switch (st) {
+    case LB_ENOMEM:
+        return PyErr_NoMemory();
+    case LB_ENONFINITE:
+        if (arr && at < (uint64_t)PyArray_SIZE(arr)) {
+            double v = 0;
+            const char *p = (const char *)PyArray_DATA(arr);
+            switch (PyArray_TYPE(arr)) {
+            case NPY_FLOAT32: v = ((const float *)p)[at]; break;
+            case NPY_FLOAT64: v = ((const double *)p)[at]; break;
+            default: break;
+            }
+            PyObject *vs = PyFloat_FromDouble(v);
+            PyErr_Format(PyExc_ValueError,
+                         "%s: %s has a non-finite value (%R) at flat index %llu; "
+                         "pass check_finite=False to skip this check",
+                         what, argname, vs, (unsigned long long)at);
+            Py_XDECREF(vs);
+            return NULL;
+        }
+        PyErr_Format(PyExc_ValueError,
+                     "%s: %s has a non-finite value at flat index %llu; pass "
+                     "check_finite=False to skip this check",
+                     what, argname, (unsigned long long)at);
+        return NULL;
+    case LB_EFORMAT:
+        PyErr_Format(lb_glue_FormatError, "%s: malformed input at byte %llu",
+                     what, (unsigned long long)at);
+        return NULL;
+    case LB_ERANGE:
+        PyErr_Format(PyExc_ValueError, "%s: index out of range (item %llu)",
+                     what, (unsigned long long)at);
+        return NULL;
+    case LB_EOVERFLOW:
+        PyErr_Format(PyExc_OverflowError, "%s: size overflow", what);
+        return NULL;
+    case LB_EINVAL:
+    default:
+        PyErr_Format(PyExc_ValueError, "%s: invalid argument (%s, item %llu)",
+                     what, lb_status_name(st), (unsigned long long)at);
+        return NULL;
+    }
+}
+
+static void free_capsule(PyObject *cap)
+{
+    free(PyCapsule_GetPointer(cap, "lowband.buffer"));
+}
+
+PyObject *lb_py_adopt(void *buf, uint64_t count, int typenum)
+{
+    npy_intp dims[1] = {(npy_intp)count};
+    PyObject *arr = PyArray_SimpleNewFromData(1, dims, typenum, buf);
+    if (!arr) {
+        free(buf);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New(buf, "lowband.buffer", free_capsule);
+    if (!cap) {
+        Py_DECREF(arr);
+        free(buf);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, cap) < 0) {
+        Py_DECREF(arr);   /* the capsule was stolen and frees buf */
+        return NULL;
+    }
+    return arr;
+}
+
+PyObject *lb_py_indices(uint64_t *idx, uint64_t count, uint64_t n)
+{
+    if (n > 0xFFFFFFFFull)
+        return lb_py_adopt(idx, count, NPY_UINT64);
+    /* Narrow in place: entry i moves to bytes [4i, 4i+4), which only
+     * overlaps entries already read.                                    */
+    unsigned char *bytes = (unsigned char *)idx;   /* memcpy: alias-safe */
+    for (uint64_t i = 0; i < count; i++) {
+        uint64_t wide;
+        memcpy(&wide, bytes + 8 * i, 8);
+        uint32_t narrow = (uint32_t)wide;
+        memcpy(bytes + 4 * i, &narrow, 4);
+    }
+    return lb_py_adopt(idx, count, NPY_UINT32);
+}

@@ -1,0 +1,83 @@
+/*
+ * glue.h - shared helpers of the CPython/NumPy glue (the only place that
+ * includes Python.h).  Every binding follows one pattern:
+ *
+ *   1. parse and check arguments (TypeError / ValueError naming them),
+ *      converting arrays to C-contiguous, aligned, native-endian copies when
+ *      needed (lb_py_vector);
+ *   2. resolve the thread count (lb_py_threads: threads= argument, else
+ *      lowband.set_num_threads(), else omp_get_max_threads() now; 1 in a
+ *      forked child and below LB_GRAIN elements);
+ *   3. run the core function with the GIL released when the input is large
+ *      (LB_NOGIL), never touching Python objects inside;
+ *   4. turn the lb_status into an exception (lb_py_raise) or wrap the
+ *      results into arrays that own their memory (lb_py_adopt).
+ */
+#ifndef LB_GLUE_H
+#define LB_GLUE_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#ifndef LB_GLUE_MAIN
+#define NO_IMPORT_ARRAY
+#endif
+#define PY_ARRAY_UNIQUE_SYMBOL lowband_ARRAY_API
+#include <numpy/arrayobject.h>
+
+#include "lowband.h"
+
+/* Runs `stmt` without the GIL when `work` (elements) reaches LB_GRAIN. */
+#define LB_NOGIL(work, stmt)                                                   \
+    do {                                                                       \
+        if ((uint64_t)(work) >= LB_GRAIN) {                                    \
+            Py_BEGIN_ALLOW_THREADS stmt;                                       \
+            Py_END_ALLOW_THREADS                                               \
+        } else {                                                               \
+            stmt;                                                              \
+        }                                                                      \
+    } while (0)
+
+/* Module-wide settings (process-wide by nature). */
+extern int lb_glue_default_threads;   /* 0: unset                          */
+extern int lb_glue_forked_child;      /* set in a child after os.fork()    */
+extern PyObject *lb_glue_FormatError; /* lowband.FormatError (a ValueError) */
+
+/* dtype of an ndarray as lb_dtype, or 0. */
+lb_dtype lb_py_dtype_of(PyArrayObject *a);
+int lb_py_typenum(lb_dtype dt);
+
+/* New reference to a C-contiguous, aligned, native-endian ndarray with the
+ * same values as `obj` (a copy only when needed); its dtype must be one of
+ * `allowed` (bit set of 1 << lb_dtype).  TypeError naming `name` otherwise. */
+PyArrayObject *lb_py_vector(PyObject *obj, const char *name, unsigned allowed);
+
+#define LB_ALLOW_F32_F64 ((1u << LB_F32) | (1u << LB_F64))
+
+/* threads= argument -> team size for `work` elements; -1 with an exception. */
+int lb_py_threads(PyObject *threads, uint64_t work, int *nthreads);
+
+/* Python int in [0, limit) -> *out; -1 with TypeError/ValueError naming
+ * `name` otherwise.  limit 0 means 2^64.                                   */
+int lb_py_u64(PyObject *obj, const char *name, uint64_t limit, uint64_t *out);
+
+/* Raises the exception for `st` (never LB_OK) and returns NULL.  `what`
+ * names the operation; `arr`, when given, is the input the error index
+ * points into (its value is quoted for LB_ENONFINITE).                     */
+PyObject *lb_py_raise(lb_status st, const lb_error *err, const char *what,
+                      const char *argname, PyArrayObject *arr);
+
+/* 1-D ndarray of `count` elements that takes ownership of malloc'd `buf`
+ * (freed with the array); frees buf and returns NULL on failure.          */
+PyObject *lb_py_adopt(void *buf, uint64_t count, int typenum);
+
+/* The index array of a sparse result: uint32 when n < 2^32 (converted from
+ * the core's uint64 and `idx` freed), else uint64 adopting `idx`.          */
+PyObject *lb_py_indices(uint64_t *idx, uint64_t count, uint64_t n);
+
+/* Method tables of the binding files, concatenated by module.c. */
+extern PyMethodDef lb_core_methods[];
+extern PyMethodDef lb_sparsify_methods[];
+extern PyMethodDef lb_wire_methods[];
+
+#endif /* LB_GLUE_H */

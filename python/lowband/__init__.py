@@ -1,0 +1,54 @@
+"""lowband: compression, error feedback and Mixture-of-Experts routing
+primitives for communication-efficient training, with a C11/OpenMP core.
+
+Quick start::
+
+    import numpy as np, lowband
+    g = np.random.default_rng(0).standard_normal(1 << 20).astype(np.float32)
+    p = lowband.topk(g, ratio=0.01)        # Sparse payload, 1% of entries
+    wire = lowband.encode(p)               # bytes; len(wire) == p.nbytes
+    back = lowband.decode(wire)
+    dense = lowband.aggregate([back, back], op="mean")
+
+Threads: every kernel takes ``threads=``; the default is
+``set_num_threads(n)``, else ``omp_get_max_threads()`` at call time.  Results
+are byte-identical for any thread count.  After ``os.fork()`` the child runs
+kernels serially (libgomp cannot survive a fork); use the "spawn" start
+method for parallel worker processes.
+"""
+import os as _os
+
+from . import _core
+from ._payload import Dense, FormatError, Quantized, Scheme, Sparse, register_scheme
+from ._validate import check_int as _check_int
+from ._version import __version__
+from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
+from .wire import decode, encode
+
+__all__ = [
+    "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
+    "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
+    "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa",
+]
+
+
+def set_num_threads(n):
+    """Default team size of the kernels (None: back to omp_get_max_threads()
+    read at each call).  A ``threads=`` argument overrides it per call."""
+    _core.set_num_threads(None if n is None else _check_int(n, "n", 1, 4096))
+
+
+def get_num_threads():
+    """The team size a large kernel would use now (1 in a forked child)."""
+    return _core.get_num_threads()
+
+
+def isa():
+    """The instruction set the dispatched kernels use: 'scalar', 'avx2' or
+    'avx512' (LOWBAND_FORCE_ISA can force a lower one)."""
+    return _core.isa()
+
+
+# Fork guard: a child must never enter an OpenMP region its parent used.
+if hasattr(_os, "register_at_fork"):
+    _os.register_at_fork(after_in_child=_core._after_fork_child)

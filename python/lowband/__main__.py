@@ -1,0 +1,33 @@
+"""Command line: ``python -m lowband bench [...]`` runs the benchmarks;
+``python -m lowband info`` prints the build facts."""
+import sys
+
+import lowband
+
+
+def _info():
+    print(f"lowband {lowband.__version__}")
+    print(f"isa: {lowband.isa()}  threads: {lowband.get_num_threads()}  "
+          f"sanitizer build: {bool(lowband._core.SANITIZE)}")
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print("usage: python -m lowband {bench,info} [options]\n"
+              "  bench   time the kernels against NumPy, torch and a copy (see bench --help)\n"
+              "  info    print version, instruction set and threads")
+        return 0
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "bench":
+        from lowband._bench import main as bench_main
+        return bench_main(rest)
+    if cmd == "info":
+        _info()
+        return 0
+    print(f"python -m lowband: unknown command {cmd!r} (expected bench or info)", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,166 @@
+"""Argument checks shared by every public function.
+
+Each helper raises TypeError for a wrong type and ValueError for a wrong
+value, with a message that names the argument and gives the expected and
+the actual value.  Kernels call these before handing anything to the C core.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+__all__ = [
+    "as_float_array", "check_int", "check_count", "check_ratio", "check_seed",
+    "check_step", "check_threads", "check_choice", "check_finite_number",
+    "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES",
+]
+
+FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+MAX_STEP = 1 << 56
+_U64 = 1 << 64
+
+
+def _dtype_names(dtypes):
+    names = [str(np.dtype(d)) for d in dtypes]
+    return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
+
+
+def as_float_array(x, name="x", dtypes=FLOAT_DTYPES):
+    """x as a C-contiguous, aligned, native-endian ndarray of an allowed dtype.
+
+    Arrays of an allowed dtype are used as they are when already contiguous
+    (no copy); anything else is copied.  Python lists of floats become
+    float64.  Other dtypes (ints, bools, complex, objects) raise TypeError.
+    """
+    if isinstance(x, np.ndarray):
+        arr = x
+    else:
+        try:
+            arr = np.asarray(x)
+        except Exception as exc:  # pragma: no cover - numpy's own message
+            raise TypeError(f"{name}: expected an array, got {type(x).__name__}") from exc
+    dt = arr.dtype
+    if dt.newbyteorder("=") not in dtypes:
+        raise TypeError(f"{name}: expected a {_dtype_names(dtypes)} array, got dtype {dt}")
+    if not dt.isnative:
+        arr = arr.astype(dt.newbyteorder("="))
+    if not (arr.flags.c_contiguous and arr.flags.aligned):
+        arr = np.ascontiguousarray(arr)
+    return arr
+
+
+def check_int(value, name, lo=None, hi=None):
+    """An int (numpy integers accepted, bool refused) within [lo, hi]."""
+    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
+    v = operator.index(value)
+    if (lo is not None and v < lo) or (hi is not None and v > hi):
+        if lo is not None and hi is not None:
+            raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
+        if lo is not None:
+            raise ValueError(f"{name}: expected an int >= {lo}, got {v}")
+        raise ValueError(f"{name}: expected an int <= {hi}, got {v}")
+    return v
+
+
+def check_count(k, n, name="k"):
+    """k as an int with 0 <= k <= n."""
+    if isinstance(k, (bool, np.bool_)) or not hasattr(k, "__index__"):
+        raise TypeError(f"{name}: expected an int, got {type(k).__name__}")
+    v = operator.index(k)
+    if v < 0 or v > n:
+        raise ValueError(f"{name}: expected 0 <= {name} <= n (n = {n}), got {v}")
+    return v
+
+
+def check_finite_number(value, name, lo=None, hi=None, lo_open=False, hi_open=False):
+    """A real number (not bool) that is finite and inside the given bounds."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.integer, np.floating)):
+        raise TypeError(f"{name}: expected a number, got {type(value).__name__}")
+    v = float(value)
+    lo_bad = lo is not None and (v <= lo if lo_open else v < lo)
+    hi_bad = hi is not None and (v >= hi if hi_open else v > hi)
+    if not math.isfinite(v) or lo_bad or hi_bad:
+        lb = "(" if lo_open else "["
+        rb = ")" if hi_open else "]"
+        lo_s = "-inf" if lo is None else repr(lo)
+        hi_s = "inf" if hi is None else repr(hi)
+        raise ValueError(f"{name}: expected a finite number in {lb}{lo_s}, {hi_s}{rb}, got {value!r}")
+    return v
+
+
+def check_ratio(ratio, name="ratio"):
+    """A fraction in [0, 1]."""
+    return check_finite_number(ratio, name, 0.0, 1.0)
+
+
+def k_from_ratio(n, ratio):
+    """k = round(ratio * n) (half up), at least 1 when ratio > 0 and n > 0."""
+    k = int(math.floor(ratio * n + 0.5))
+    if ratio > 0 and n > 0:
+        k = max(k, 1)
+    return min(k, n)
+
+
+def resolve_k(n, k, ratio, name="k"):
+    """Exactly one of k (a count) or ratio (a fraction) -> a count in [0, n]."""
+    if (k is None) == (ratio is None):
+        raise TypeError(f"give exactly one of {name}= or ratio= (got {name}={k!r}, ratio={ratio!r})")
+    if k is not None:
+        return check_count(k, n, name)
+    return k_from_ratio(n, check_ratio(ratio))
+
+
+def check_seed(seed, name="seed"):
+    """A seed: an int in [0, 2**64)."""
+    if seed is None:
+        raise TypeError(f"{name}: expected an int in [0, 2**64), got None (the seed is required)")
+    if isinstance(seed, (bool, np.bool_)) or not hasattr(seed, "__index__"):
+        raise TypeError(f"{name}: expected an int in [0, 2**64), got {type(seed).__name__}")
+    v = operator.index(seed)
+    if not 0 <= v < _U64:
+        raise ValueError(f"{name}: expected an int in [0, 2**64), got {v}")
+    return v
+
+
+def check_step(step, name="step"):
+    """A step counter: an int in [0, 2**56)."""
+    if isinstance(step, (bool, np.bool_)) or not hasattr(step, "__index__"):
+        raise TypeError(f"{name}: expected an int in [0, 2**56), got {type(step).__name__}")
+    v = operator.index(step)
+    if not 0 <= v < MAX_STEP:
+        raise ValueError(f"{name}: expected an int in [0, 2**56), got {v}")
+    return v
+
+
+def check_threads(threads):
+    """None or an int >= 1 (the C glue applies the same rule)."""
+    if threads is None:
+        return None
+    return check_int(threads, "threads", 1, 4096)
+
+
+def check_choice(value, name, choices):
+    if not isinstance(value, str):
+        raise TypeError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {type(value).__name__}")
+    if value not in choices:
+        raise ValueError(f"{name}: expected one of {', '.join(map(repr, choices))}, got {value!r}")
+    return value
+
+
+def check_out(out, shape, dtype, name="out"):
+    """A writeable C-contiguous ndarray of the given dtype and shape/size."""
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"{name}: expected an ndarray, got {type(out).__name__}")
+    if out.dtype != np.dtype(dtype):
+        raise TypeError(f"{name}: expected dtype {np.dtype(dtype)}, got {out.dtype}")
+    size = int(np.prod(shape, dtype=np.int64)) if len(shape) else 1
+    if out.shape != tuple(shape) and out.size != size:
+        raise ValueError(f"{name}: expected shape {tuple(shape)}, got {out.shape}")
+    if out.shape != tuple(shape) and out.ndim != 1:
+        raise ValueError(f"{name}: expected shape {tuple(shape)} or ({size},), got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned and out.dtype.isnative):
+        raise ValueError(f"{name}: expected a writeable, C-contiguous, aligned native-endian array")
+    return out

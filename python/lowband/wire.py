@@ -1,0 +1,320 @@
+"""The lowband wire format: ``encode(payload) -> bytes`` and back.
+
+The byte layout is specified in docs/formats.md (version 1).  In short:
+
+    magic "LBND" | version u8 | kind u8 | dtype u8 | ndim u8 | shape u64*ndim
+    | body (kind-specific, made of length-prefixed sections) | CRC-32C u32
+
+All integers are little-endian.  Encoding is canonical (one byte string per
+payload; the smallest index encoding is always chosen), and ``decode``
+accepts only canonical bytes, so ``encode(decode(b)) == b`` for every ``b``
+it accepts.  ``decode`` treats its input as hostile: every length, index,
+code and scale is validated and anything wrong raises ``FormatError``.
+"""
+from __future__ import annotations
+
+import struct
+
+import numpy as np
+
+from . import _core
+from ._payload import (CODE_DTYPES, DTYPE_CODES, Dense, FormatError, Quantized, Sparse,
+                       get_scheme, scheme_by_id, shape_size)
+
+__all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
+
+MAGIC = b"LBND"
+VERSION = 1
+KIND_SPARSE, KIND_QUANTIZED, KIND_DENSE = 1, 2, 3
+IDX_RAW, IDX_VARINT, IDX_BITMAP, IDX_SEEDED = 0, 1, 2, 3
+VALUES_RAW, VALUES_QUANTIZED = 0, 1
+MAX_NDIM = 32
+MAX_SIZE = 1 << 62
+PARAM_U64, PARAM_F64 = 0, 1
+
+_u8 = struct.Struct("<B")
+_u32 = struct.Struct("<I")
+_u64 = struct.Struct("<Q")
+_f64 = struct.Struct("<d")
+
+
+# --------------------------------------------------------------------------
+# Encoding: a payload becomes a list of pieces (bytes, or arrays written as
+# their little-endian bytes); encoded_size() sums them without copying.
+# --------------------------------------------------------------------------
+
+class _Lazy:
+    """A piece whose bytes are produced only when encoding."""
+
+    __slots__ = ("size", "make")
+
+    def __init__(self, size, make):
+        self.size = size
+        self.make = make
+
+
+def _piece_len(p):
+    if isinstance(p, (bytes, bytearray)):
+        return len(p)
+    if isinstance(p, np.ndarray):
+        return p.nbytes
+    return p.size
+
+
+def _piece_bytes(p):
+    if isinstance(p, (bytes, bytearray)):
+        return p
+    if isinstance(p, np.ndarray):
+        return np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes()
+    return p.make()
+
+
+def _section(pieces, body):
+    """Appends a u64 length then `body` (one piece)."""
+    pieces.append(_u64.pack(_piece_len(body)))
+    pieces.append(body)
+
+
+def _header(kind, dtype, shape):
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"payload: at most {MAX_NDIM} dimensions can be encoded, got {len(shape)}")
+    return (MAGIC + bytes([VERSION, kind, DTYPE_CODES[np.dtype(dtype)], len(shape)])
+            + b"".join(_u64.pack(s) for s in shape))
+
+
+def _quant_body(q, pieces):
+    sch = get_scheme(q.scheme)
+    pieces.append(bytes([sch.wire_id, DTYPE_CODES[q.dtype], len(sch.params)]))
+    for name, kind in sch.params:
+        v = q.params[name]
+        pieces.append(bytes([PARAM_U64]) + _u64.pack(v) if kind == "u"
+                      else bytes([PARAM_F64]) + _f64.pack(v))
+    pieces.append(bytes([len(sch.arrays)]))
+    for name in sch.arrays:
+        _section(pieces, q.arrays[name])
+
+
+def _index_choice(s):
+    """(encoding, size) the encoder uses for a Sparse's indices."""
+    if s.seed is not None:
+        return IDX_SEEDED, 16
+    sizes = _core.index_sizes(s.indices, s.size)
+    best = min(range(3), key=lambda e: (sizes[e], e))
+    return best, sizes[best]
+
+
+def _pieces(payload):
+    if isinstance(payload, Sparse):
+        pieces = [_header(KIND_SPARSE, payload.dtype, payload.shape), _u64.pack(payload.nnz)]
+        enc, size = _index_choice(payload)
+        pieces.append(bytes([enc]))
+        if enc == IDX_SEEDED:
+            _section(pieces, _u64.pack(payload.seed) + _u64.pack(payload.step))
+        else:
+            idx, n = payload.indices, payload.size
+            _section(pieces, _Lazy(size, lambda: _core.index_encode(idx, n, enc, size)))
+        if isinstance(payload.values, Quantized):
+            pieces.append(bytes([VALUES_QUANTIZED]))
+            _quant_body(payload.values, pieces)
+        else:
+            pieces.append(bytes([VALUES_RAW]))
+            _section(pieces, payload.values)
+        return pieces
+    if isinstance(payload, Quantized):
+        pieces = [_header(KIND_QUANTIZED, payload.dtype, payload.shape)]
+        _quant_body(payload, pieces)
+        return pieces
+    if isinstance(payload, Dense):
+        pieces = [_header(KIND_DENSE, payload.dtype, payload.shape)]
+        _section(pieces, payload.array.reshape(-1))
+        return pieces
+    raise TypeError(f"payload: expected a Sparse, Quantized or Dense, got {type(payload).__name__}")
+
+
+def encoded_size(payload):
+    """len(encode(payload)), computed without building the bytes."""
+    return sum(_piece_len(p) for p in _pieces(payload)) + 4
+
+
+def encode(payload):
+    """The canonical wire bytes of a payload (docs/formats.md)."""
+    body = b"".join(_piece_bytes(p) for p in _pieces(payload))
+    return body + _u32.pack(_core.crc32c(body))
+
+
+# --------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------
+
+class _Reader:
+    """Bounds-checked cursor over untrusted bytes; errors name the offset."""
+
+    __slots__ = ("buf", "pos", "end")
+
+    def __init__(self, buf, end):
+        self.buf = buf
+        self.pos = 0
+        self.end = end
+
+    def fail(self, what, at=None):
+        raise FormatError(f"decode: {what} (at byte {self.pos if at is None else at})")
+
+    def take(self, n, what):
+        if n < 0 or n > self.end - self.pos:
+            self.fail(f"truncated {what}: needs {n} bytes, {self.end - self.pos} left")
+        start = self.pos
+        self.pos += n
+        return self.buf[start:self.pos]
+
+    def u8(self, what):
+        return self.take(1, what)[0]
+
+    def u64(self, what):
+        return _u64.unpack(self.take(8, what))[0]
+
+    def section(self, what, expected=None):
+        at = self.pos
+        n = self.u64(f"{what} length")
+        if expected is not None and n != expected:
+            self.fail(f"{what} is {n} bytes, expected {expected}", at)
+        return self.take(n, what)
+
+
+def _array_from(raw, dtype, count):
+    """Little-endian bytes -> a fresh native array (never a view of input)."""
+    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"), count=count).astype(
+        np.dtype(dtype), copy=True)
+
+
+def _read_dtype(r, what):
+    at = r.pos
+    code = r.u8(what)
+    if code not in CODE_DTYPES:
+        r.fail(f"unknown {what} code {code}", at)
+    return CODE_DTYPES[code]
+
+
+def _read_quant(r, shape, dtype_expected=None):
+    at = r.pos
+    sch = scheme_by_id(r.u8("scheme id"))
+    if sch is None:
+        r.fail(f"unknown quantization scheme id {r.buf[at]}", at)
+    dtype = _read_dtype(r, "value dtype")
+    if dtype_expected is not None and dtype != dtype_expected:
+        r.fail(f"quantized dtype {dtype} differs from the payload dtype {dtype_expected}", at + 1)
+    at = r.pos
+    if r.u8("parameter count") != len(sch.params):
+        r.fail(f"scheme {sch.name!r} has {len(sch.params)} parameters", at)
+    params = {}
+    for name, kind in sch.params:
+        at = r.pos
+        tag = r.u8(f"parameter {name} type")
+        if tag != (PARAM_U64 if kind == "u" else PARAM_F64):
+            r.fail(f"parameter {name!r} has type tag {tag}", at)
+        raw = r.take(8, f"parameter {name}")
+        params[name] = _u64.unpack(raw)[0] if kind == "u" else _f64.unpack(raw)[0]
+    at = r.pos
+    if r.u8("array count") != len(sch.arrays):
+        r.fail(f"scheme {sch.name!r} has {len(sch.arrays)} arrays", at)
+    size = shape_size(shape)
+    try:
+        lay = sch.layout(params, size, dtype)
+    except (ValueError, TypeError, OverflowError, ZeroDivisionError) as exc:
+        r.fail(f"invalid {sch.name} parameters: {exc}", at)
+    arrays = {}
+    for name in sch.arrays:
+        adt, count = lay[name]
+        raw = r.section(f"{sch.name} {name}", expected=count * np.dtype(adt).itemsize)
+        arrays[name] = _array_from(raw, adt, count)
+    try:
+        return Quantized(sch.name, shape, dtype, params, arrays)
+    except (ValueError, TypeError) as exc:
+        r.fail(f"invalid {sch.name} payload: {exc}", at)
+
+
+def _read_sparse(r, shape, dtype):
+    size = shape_size(shape)
+    at = r.pos
+    nnz = r.u64("nnz")
+    if nnz > size:
+        r.fail(f"nnz {nnz} exceeds the size {size}", at)
+    at = r.pos
+    enc = r.u8("index encoding")
+    if enc > IDX_SEEDED:
+        r.fail(f"unknown index encoding {enc}", at)
+    seed = step = None
+    if enc == IDX_SEEDED:
+        raw = r.section("seeded indices", expected=16)
+        seed, step = _u64.unpack(raw[:8])[0], _u64.unpack(raw[8:])[0]
+        if step >= 1 << 56:
+            r.fail(f"random-k step {step} is >= 2**56", at)
+        index_bytes = None
+    else:
+        index_bytes = r.section("indices")
+    at_values = r.pos
+    vkind = r.u8("values kind")
+    if vkind == VALUES_RAW:
+        raw = r.section("values", expected=nnz * dtype.itemsize)
+        values = _array_from(raw, dtype, nnz)
+    elif vkind == VALUES_QUANTIZED:
+        values = _read_quant(r, (nnz,), dtype)
+    else:
+        r.fail(f"unknown values kind {vkind}", at_values)
+    # nnz is now bounded by real bytes (values) before any index work
+    if enc == IDX_SEEDED:
+        indices = _core.randomk_indices(size, nnz, seed, step)
+    else:
+        indices = _core.index_decode(index_bytes, enc, nnz, size)
+        sizes = _core.index_sizes(indices, size)
+        best = min(range(3), key=lambda e: (sizes[e], e))
+        if enc != best:
+            r.fail(f"non-canonical index encoding {enc} (the smallest is {best})", at)
+    return Sparse._make(indices, values, shape, dtype, seed, step)
+
+
+def decode(data):
+    """The payload encoded in `data` (bytes-like).  Raises FormatError for
+    anything that is not a canonical version-1 lowband payload."""
+    try:
+        buf = memoryview(data).cast("B")
+    except TypeError:
+        raise TypeError(f"data: expected a bytes-like object, got {type(data).__name__}") from None
+    n = len(buf)
+    if n < 12:
+        raise FormatError(f"decode: {n} bytes is shorter than the smallest payload (12)")
+    if bytes(buf[:4]) != MAGIC:
+        raise FormatError(f"decode: bad magic {bytes(buf[:4])!r}, expected {MAGIC!r} (at byte 0)")
+    crc = _u32.unpack(buf[n - 4:])[0]
+    if _core.crc32c(buf[:n - 4]) != crc:
+        raise FormatError(f"decode: CRC-32C mismatch (at byte {n - 4})")
+    r = _Reader(buf, n - 4)
+    r.take(4, "magic")
+    version = r.u8("version")
+    if version != VERSION:
+        r.fail(f"unsupported version {version}, expected {VERSION}", 4)
+    kind = r.u8("kind")
+    dtype = _read_dtype(r, "dtype")
+    ndim = r.u8("ndim")
+    if ndim > MAX_NDIM:
+        r.fail(f"ndim {ndim} exceeds {MAX_NDIM}", 7)
+    shape = tuple(r.u64("shape") for _ in range(ndim))
+    size = 1
+    for s in shape:
+        size *= s
+        if size >= MAX_SIZE:
+            r.fail(f"tensor size overflows 2**62 (shape {shape})", 8)
+    if kind == KIND_SPARSE:
+        payload = _read_sparse(r, shape, dtype)
+    elif kind == KIND_QUANTIZED:
+        payload = _read_quant(r, shape, dtype)
+    elif kind == KIND_DENSE:
+        raw = r.section("dense values", expected=size * dtype.itemsize)
+        payload = Dense(_array_from(raw, dtype, size).reshape(shape))
+    else:
+        r.fail(f"unknown payload kind {kind}", 5)
+    if r.pos != r.end:
+        r.fail(f"{r.end - r.pos} trailing bytes before the checksum")
+    if not isinstance(payload, Dense):
+        payload._nbytes = n
+    return payload
+
