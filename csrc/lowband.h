@@ -219,6 +219,30 @@ lb_status lb_aggregate(const lb_sparse_view *payloads, uint64_t num_payloads,
                        int nthreads, lb_error *err);
 
 /* ------------------------------------------------------------------------ */
+/* Quantization and bit packing (core/quant.c, core/pack.c)                  */
+/* ------------------------------------------------------------------------ */
+
+/* (quantization prototypes go here) */
+
+/* end of quantization */
+
+/* ------------------------------------------------------------------------ */
+/* Error feedback (core/feedback.c)                                          */
+/* ------------------------------------------------------------------------ */
+
+/* (error-feedback prototypes go here) */
+
+/* end of error feedback */
+
+/* ------------------------------------------------------------------------ */
+/* Mixture-of-Experts (core/moe.c)                                           */
+/* ------------------------------------------------------------------------ */
+
+/* (MoE prototypes go here) */
+
+/* end of Mixture-of-Experts */
+
+/* ------------------------------------------------------------------------ */
 /* Wire format helpers (core/wire.c); the format is docs/formats.md          */
 /* ------------------------------------------------------------------------ */
 

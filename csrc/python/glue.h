@@ -79,5 +79,8 @@ PyObject *lb_py_indices(uint64_t *idx, uint64_t count, uint64_t n);
 extern PyMethodDef lb_core_methods[];
 extern PyMethodDef lb_sparsify_methods[];
 extern PyMethodDef lb_wire_methods[];
+extern PyMethodDef lb_quant_methods[];
+extern PyMethodDef lb_feedback_methods[];
+extern PyMethodDef lb_moe_methods[];
 
 #endif /* LB_GLUE_H */

@@ -138,7 +138,7 @@ PyMethodDef lb_core_methods[] = {
 
 /* ---- module definition --------------------------------------------------- */
 
-static PyMethodDef all_methods[128];
+static PyMethodDef all_methods[256];
 
 static int core_exec(PyObject *m)
 {
@@ -195,8 +195,9 @@ PyMODINIT_FUNC PyInit__core(void)
 {
     static int filled = 0;
     if (!filled) {
-        const PyMethodDef *tables[] = {lb_core_methods, lb_sparsify_methods,
-                                        lb_wire_methods};
+        const PyMethodDef *tables[] = {lb_core_methods,     lb_sparsify_methods,
+                                        lb_wire_methods,     lb_quant_methods,
+                                        lb_feedback_methods, lb_moe_methods};
         int at = 0;
         for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
             at = append_methods(at, tables[t]);

@@ -1,0 +1,2 @@
+"""Error-feedback state objects (filled in by the error-feedback issue)."""
+__all__ = []

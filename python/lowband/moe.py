@@ -1,0 +1,2 @@
+"""Mixture-of-Experts routing, load balancing and layers (lowband.moe)."""
+__all__ = []
