@@ -16,15 +16,16 @@ import operator
 import numpy as np
 
 from . import _core
-from ._validate import check_out, check_threads
+from ._validate import BFLOAT16, check_out, check_threads
 
 FormatError = _core.FormatError
 
-# dtype codes shared with the wire format (docs/formats.md); code 4
-# (bfloat16) is reserved for tensors whose decoded dtype is bfloat16.
+# dtype codes shared with the wire format (docs/formats.md); bfloat16 (code
+# 4) needs ml_dtypes for its NumPy dtype.
 DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.float16): 3}
+if BFLOAT16 is not None:
+    DTYPE_CODES[BFLOAT16] = 4
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
-BF16_CODE = 4
 
 
 def normalize_shape(shape, name="shape"):
@@ -58,7 +59,7 @@ def index_dtype(size):
 def _float_dtype(dtype, name="dtype"):
     dt = np.dtype(dtype)
     if dt not in DTYPE_CODES:
-        raise TypeError(f"{name}: expected float16, float32 or float64, got {dt}")
+        raise TypeError(f"{name}: expected float16, bfloat16, float32 or float64, got {dt}")
     return dt
 
 
@@ -278,7 +279,7 @@ class Sparse:
             if values.ndim != 1 or values.size != idx.size:
                 raise ValueError(f"values: expected a 1-D array of {idx.size} elements, got shape {values.shape}")
             if values.dtype.newbyteorder("=") not in DTYPE_CODES:
-                raise TypeError(f"values: expected float16, float32 or float64, got {values.dtype}")
+                raise TypeError(f"values: expected float16, bfloat16, float32 or float64, got {values.dtype}")
             values = np.ascontiguousarray(values, dtype=values.dtype.newbyteorder("="))
             vdt = values.dtype
         self.dtype = _float_dtype(dtype if dtype is not None else vdt)
@@ -373,7 +374,7 @@ class Dense:
     def __init__(self, array):
         arr = np.asarray(array)
         if arr.dtype.newbyteorder("=") not in DTYPE_CODES:
-            raise TypeError(f"array: expected float16, float32 or float64, got {arr.dtype}")
+            raise TypeError(f"array: expected float16, bfloat16, float32 or float64, got {arr.dtype}")
         self.array = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
 
     shape = property(lambda self: self.array.shape)

@@ -12,12 +12,20 @@ import operator
 import numpy as np
 
 __all__ = [
-    "as_float_array", "check_int", "check_count", "check_ratio", "check_seed",
+    "as_float_array", "as_selectable", "HALF_DTYPES", "ANY_FLOAT_DTYPES", "BFLOAT16", "check_int", "check_count", "check_ratio", "check_seed",
     "check_step", "check_threads", "check_choice", "check_finite_number",
     "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+try:  # bfloat16 arrays come from ml_dtypes (what JAX uses); optional
+    import ml_dtypes as _ml_dtypes
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - depends on the environment
+    BFLOAT16 = None
+HALF_DTYPES = tuple(d for d in (np.dtype(np.float16), BFLOAT16) if d is not None)
+ANY_FLOAT_DTYPES = FLOAT_DTYPES + HALF_DTYPES
 MAX_STEP = 1 << 56
 _U64 = 1 << 64
 
@@ -49,6 +57,17 @@ def as_float_array(x, name="x", dtypes=FLOAT_DTYPES):
     if not (arr.flags.c_contiguous and arr.flags.aligned):
         arr = np.ascontiguousarray(arr)
     return arr
+
+
+def as_selectable(x, name="x"):
+    """(work, original) for the selection kernels: float32/float64 input is
+    used as is (original is None); float16/bfloat16 input is widened exactly
+    to float32 (magnitude order is preserved) and returned as `original` so
+    the kept values can be taken from it in their own dtype."""
+    arr = as_float_array(x, name, ANY_FLOAT_DTYPES)
+    if arr.dtype in FLOAT_DTYPES:
+        return arr, None
+    return arr.astype(np.float32), arr
 
 
 def check_int(value, name, lo=None, hi=None):

@@ -1,9 +1,10 @@
 """Sparsification: exact, random, threshold, chunked/tiled and sampled top-k,
 and the aggregation of many workers' sparse payloads.
 
-Every function takes any float32/float64 array (any shape, read as its
-flattened C-order vector; non-contiguous input is copied), leaves it
-unchanged, and returns a ``Sparse`` whose indices are ascending uint32
+Every function takes any float32/float64 array, or float16/bfloat16 (widened
+exactly to float32 for the selection; the kept values keep their dtype), of
+any shape (read as its flattened C-order vector; non-contiguous input is
+copied), leaves it unchanged, and returns a ``Sparse`` whose indices are ascending uint32
 (uint64 for 2**32 elements or more).  Results are byte-identical for every
 thread count.  Non-finite input raises ValueError naming the first bad flat
 index unless ``check_finite=False`` (then NaN ranks above +-Inf, which rank
@@ -15,15 +16,20 @@ import numpy as np
 
 from . import _core
 from ._payload import Quantized, Sparse, index_dtype
-from ._validate import (as_float_array, check_choice, check_count, check_finite_number,
-                        check_int, check_out, check_ratio, check_seed, check_step,
-                        check_threads, k_from_ratio, resolve_k)
+from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count,
+                        check_finite_number, check_int, check_out, check_ratio, check_seed,
+                        check_step, check_threads, k_from_ratio, resolve_k)
 
 __all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate"]
 
 
-def _sparse(x, pair, seed=None, step=None):
+def _sparse(x, half, pair, seed=None, step=None):
+    """The Sparse for kernel output on `x` (the float32 widening of `half`
+    when that is not None: values are then taken from `half`)."""
     indices, values = pair
+    if half is not None:
+        values = half.reshape(-1)[indices]
+        x = half
     return Sparse._make(indices, values, x.shape, x.dtype, seed, step)
 
 
@@ -36,9 +42,9 @@ def topk(x, k=None, *, ratio=None, check_finite=True, threads=None):
     pass collect the candidates, with a two-pass histogram select as the
     fallback.
     """
-    x = as_float_array(x)
+    x, half = as_selectable(x)
     k = resolve_k(x.size, k, ratio)
-    return _sparse(x, _core.topk(x, k, bool(check_finite), check_threads(threads)))
+    return _sparse(x, half, _core.topk(x, k, bool(check_finite), check_threads(threads)))
 
 
 def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=True,
@@ -51,21 +57,24 @@ def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=
     the values travel).  ``rescale=True`` multiplies the values by n/k, which
     makes the compressor unbiased.  ``check_finite`` checks the sent values.
     """
-    x = as_float_array(x)
+    x, half = as_selectable(x)
     k = resolve_k(x.size, k, ratio)
     seed, step = check_seed(seed), check_step(step)
     threads = check_threads(threads)
     indices = _core.randomk_indices(x.size, k, seed, step)
     scale = x.size / k if (rescale and k) else 1.0
     values = _core.gather(x, indices, scale, bool(check_finite), threads)
+    if half is not None:
+        values = values.astype(half.dtype)   # exact unless rescaled
+        x = half
     return Sparse._make(indices, values, x.shape, x.dtype, seed, step)
 
 
 def threshold(x, tau, *, check_finite=True, threads=None):
     """Every element with |x| >= tau (tau a finite number >= 0)."""
-    x = as_float_array(x)
+    x, half = as_selectable(x)
     tau = check_finite_number(tau, "tau", lo=0.0)
-    return _sparse(x, _core.threshold(x, tau, bool(check_finite), check_threads(threads)))
+    return _sparse(x, half, _core.threshold(x, tau, bool(check_finite), check_threads(threads)))
 
 
 def topk_chunked(x, chunk, k_per_chunk, *, check_finite=True, threads=None):
@@ -76,7 +85,7 @@ def topk_chunked(x, chunk, k_per_chunk, *, check_finite=True, threads=None):
     (tile_rows, tile_cols): 2-D tile mode over a 2-D x; edge tiles keep
     min(k_per_chunk, their size).  Indices are flat and ascending either way.
     """
-    x = as_float_array(x)
+    x, half = as_selectable(x)
     threads = check_threads(threads)
     if isinstance(chunk, tuple):
         if len(chunk) != 2:
@@ -87,10 +96,10 @@ def topk_chunked(x, chunk, k_per_chunk, *, check_finite=True, threads=None):
         tw = check_int(chunk[1], "chunk[1]", 1, 1 << 31)
         kpc = check_count(k_per_chunk, th * tw, "k_per_chunk")
         rows, cols = x.shape
-        return _sparse(x, _core.topk_tiled(x, rows, cols, th, tw, kpc, bool(check_finite), threads))
+        return _sparse(x, half, _core.topk_tiled(x, rows, cols, th, tw, kpc, bool(check_finite), threads))
     chunk = check_int(chunk, "chunk", 1, 1 << 40)
     kpc = check_count(k_per_chunk, chunk, "k_per_chunk")
-    return _sparse(x, _core.topk_chunked(x, chunk, kpc, bool(check_finite), threads))
+    return _sparse(x, half, _core.topk_chunked(x, chunk, kpc, bool(check_finite), threads))
 
 
 def topk_sampled(x, ratio, *, sample_ratio=0.01, seed, step=0, check_finite=True,
@@ -106,14 +115,14 @@ def topk_sampled(x, ratio, *, sample_ratio=0.01, seed, step=0, check_finite=True
     ``return_info=True`` also returns a dict (num_samples, iterations,
     exact_fallback, threshold).
     """
-    x = as_float_array(x)
+    x, half = as_selectable(x)
     ratio = check_ratio(ratio)
     sample_ratio = check_finite_number(sample_ratio, "sample_ratio", 0.0, 1.0, lo_open=True)
     seed, step = check_seed(seed), check_step(step)
     k = k_from_ratio(x.size, ratio)
     idx, vals, info = _core.topk_sampled(x, k, sample_ratio, seed, step, bool(check_finite),
                                          check_threads(threads))
-    out = Sparse._make(idx, vals, x.shape, x.dtype)
+    out = _sparse(x, half, (idx, vals))
     if return_info:
         info["k"] = k
         return out, info
@@ -132,6 +141,7 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
     shape and dtype.  For each coordinate the contributions are added in
     payload order, so the result does not depend on the thread count.  No
     per-worker dense vector is built.  Quantized values are decoded first.
+    float16/bfloat16 payloads are accumulated (and returned) in float32.
     """
     check_choice(op, "op", _AGG_OPS)
     threads = check_threads(threads)
@@ -148,8 +158,8 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
             raise ValueError(f"payloads[{i}]: shape {p.shape} / dtype {p.dtype} differs from "
                              f"payloads[0]: shape {first.shape} / dtype {first.dtype}")
     shape, dtype = first.shape, first.dtype
-    if dtype not in (np.float32, np.float64):
-        raise TypeError(f"payloads: aggregation needs float32 or float64 payloads, got {dtype}")
+    if dtype not in FLOAT_DTYPES:
+        dtype = np.dtype(np.float32)   # half-precision payloads sum in float32
     if out is None:
         result = np.empty(shape, dtype=dtype)
     else:
