@@ -277,7 +277,48 @@ def aggregate(pairs, n, dtype, op):
 # Error feedback
 # ==========================================================================
 
-# (error-feedback twins go here)
+# The twins take `compress(p, step) -> payload` and `decode(payload) ->
+# dense flat array` callables so that any compressor's reference can be used.
+
+def ef14_step(e, g, compress, decode, step, decay=1.0, scale=1.0):
+    """p = decay*e + scale*g; payload = C(p); returns (payload, p - D(C(p)))."""
+    dt = e.dtype.type
+    p = e * dt(decay) if decay != 1.0 else e.copy()
+    p = p + dt(scale) * g if scale != 1.0 else p + g
+    payload = compress(p, step)
+    return payload, p - decode(payload)
+
+
+def ef21_step(h, g, compress, decode, step, weight=1.0):
+    target = g / h.dtype.type(weight) if weight != 1.0 else g
+    c = compress(target - h, step)
+    return c, h + decode(c)
+
+
+def econtrol_step(h, e, g, eta, compress, decode, step):
+    diff = g - h
+    target = diff + h.dtype.type(eta) * e if eta else diff
+    c = compress(target, step)
+    d = decode(c)
+    return c, h + d, e + (diff - d)
+
+
+def dgc_step(u, v, g, mu, nesterov, masking, select):
+    """Momentum correction and masking; select(v) -> ascending indices."""
+    dt = u.dtype.type
+    u, v = u.copy(), v.copy()
+    if nesterov:
+        u = (u + g) * dt(mu)
+        v = v + u + g
+    else:
+        u = u * dt(mu) + g
+        v = v + u
+    idx = select(v)
+    sent = v[idx].copy()
+    v[idx] = 0
+    if masking:
+        u[idx] = 0
+    return idx, sent, u, v
 
 
 # ==========================================================================

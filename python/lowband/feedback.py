@@ -1,2 +1,379 @@
-"""Error-feedback state objects (filled in by the error-feedback issue)."""
-__all__ = []
+"""Error feedback: the state that makes biased compressors converge.
+
+One object per tensor (or flat buffer).  ``obj.step(grad) -> payload`` is
+what a worker sends; the state arrays are plain float32/float64 attributes
+you can read; ``state_dict()`` / ``load_state_dict()`` round-trip exactly
+and refuse a state of the wrong kind, shape or dtype.  Exact update rules
+(../shared/reference/algorithms.md):
+
+``ErrorFeedback``    EF14:      p = e + g;  send C(p);  e = p - D(C(p))
+``DecayedFeedback``  SparseLoCo: p = beta*e + g; send C(p); e = p - D(C(p))
+``EF21``             h += D(C(g - h)); send C(g - h)   (server: g = mean h)
+``EF21W``            send C(g/weight - h); h += D(.)   (server: sum w_i h_i)
+``EControl``         d = C(eta*e + g - h); e += g - h - D(d); h += D(d)
+``DGC``              u = mu*u + g; v += u; send top-k(v); zero v (and u) there
+
+For the common compressors (top-k, chunked top-k, random-k, sign,
+blockwise) ``ErrorFeedback`` and ``DecayedFeedback`` run compensate +
+compress + residual update as one fused C pass when available; the generic
+path gives identical bytes.  Each object holds a lock: ``step`` on one
+object from several Python threads is serialised.
+"""
+from __future__ import annotations
+
+import math
+import threading
+
+import numpy as np
+
+from ._payload import Dense, Quantized, Sparse
+from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_number, check_int,
+                        check_ratio, check_seed, check_threads)
+from .compressors import Compressor, SampledTopK, TopK, from_spec
+
+__all__ = ["ErrorFeedback", "DecayedFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
+           "DGC_WARMUP_DENSITIES"]
+
+
+def _like(like, name="like"):
+    """(shape, dtype) of the buffer the state mirrors: an array or (shape, dtype)."""
+    if isinstance(like, tuple) and len(like) == 2 and not isinstance(like[0], (int, np.integer)):
+        shape, dtype = tuple(like[0]), np.dtype(like[1])
+    else:
+        arr = np.asarray(like)
+        shape, dtype = arr.shape, arr.dtype
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name}: error-feedback state is float32 or float64, got {dtype}")
+    return shape, dtype
+
+
+def _subtract_decoded(e, payload, threads):
+    """e -= D(payload), in place (e is the flat state, payload of e's size)."""
+    if isinstance(payload, Sparse):
+        vals = payload.values_array() if isinstance(payload.values, Quantized) else payload.values
+        e[payload.indices] -= vals.astype(e.dtype, copy=False)
+    elif isinstance(payload, Quantized):
+        e -= payload.dequantize(threads=threads).reshape(-1).astype(e.dtype, copy=False)
+    elif isinstance(payload, Dense):
+        e -= payload.array.reshape(-1).astype(e.dtype, copy=False)
+    else:
+        raise TypeError(f"compressor returned {type(payload).__name__}, expected a payload")
+
+
+def _decoded(payload, n, dtype, threads):
+    """D(payload) as a flat array of n elements."""
+    out = np.zeros(n, dtype=dtype)
+    _subtract_decoded(out, payload, threads)
+    return np.negative(out, out=out)
+
+
+class _Stateful:
+    """Shared machinery: shape/dtype, named state arrays, lock, state_dict."""
+
+    _state_names = ()
+
+    def __init__(self, like, threads=None):
+        self.shape, self.dtype = _like(like)
+        self.size = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        self.threads = check_threads(threads)
+        self.t = 0
+        self._lock = threading.Lock()
+        for name in self._state_names:
+            setattr(self, name, np.zeros(self.size, dtype=self.dtype))
+
+    def _grad(self, grad, name="grad"):
+        g = as_float_array(grad, name)
+        if g.size != self.size or (g.shape != self.shape and g.ndim != 1):
+            raise ValueError(f"{name}: expected shape {self.shape}, got {g.shape}")
+        g = g.reshape(-1)
+        if g.dtype != self.dtype:
+            raise TypeError(f"{name}: expected dtype {self.dtype} (the state's), got {g.dtype}")
+        return g
+
+    def _hyper(self):
+        return {}
+
+    def state_dict(self):
+        """Copies of the state arrays plus the step and hyper-parameters."""
+        with self._lock:
+            return {"kind": type(self).__name__, "t": self.t, "hyper": self._hyper(),
+                    "arrays": {n: getattr(self, n).reshape(self.shape).copy() for n in self._state_names}}
+
+    def load_state_dict(self, state):
+        """Restore a state_dict of the same kind, shape and dtype (exactly)."""
+        if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
+            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected a {type(self).__name__} state_dict, got {got!r}")
+        arrays = state.get("arrays", {})
+        if set(arrays) != set(self._state_names):
+            raise ValueError(f"state: expected arrays {sorted(self._state_names)}, got {sorted(arrays)}")
+        for name in self._state_names:
+            a = arrays[name]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"state['arrays'][{name!r}]: expected an ndarray, got {type(a).__name__}")
+            if a.dtype != self.dtype:
+                raise TypeError(f"state['arrays'][{name!r}]: expected dtype {self.dtype}, got {a.dtype}")
+            if a.shape != self.shape:
+                raise ValueError(f"state['arrays'][{name!r}]: expected shape {self.shape}, got {a.shape}")
+        if state.get("hyper", {}) != self._hyper():
+            raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this object's {self._hyper()}")
+        with self._lock:
+            for name in self._state_names:
+                getattr(self, name)[:] = arrays[name].reshape(-1)
+            self.t = check_int(state.get("t", 0), "state['t']", 0)
+
+    def reset(self):
+        with self._lock:
+            for name in self._state_names:
+                getattr(self, name)[:] = 0
+            self.t = 0
+
+
+class _Residual(_Stateful):
+    """p = decay*e + scale*g; send C(p); e = p - D(C(p))."""
+
+    _state_names = ("error",)
+
+    def __init__(self, compressor, like, *, decay=1.0, threads=None):
+        super().__init__(like, threads)
+        self.compressor = from_spec(compressor)
+        self.decay = check_finite_number(decay, "decay", 0.0, 1.0)
+
+    def _hyper(self):
+        return {"compressor": self.compressor.spec, "decay": self.decay}
+
+    def _step(self, grad, scale):
+        g = self._grad(grad)
+        with self._lock:
+            e = self.error
+            from . import _fused
+            payload = _fused.residual_step(self, e, g, scale)
+            if payload is None:   # the generic path
+                if self.decay != 1.0:
+                    e *= self.dtype.type(self.decay)
+                if scale != 1.0:
+                    e += self.dtype.type(scale) * g
+                else:
+                    e += g
+                payload = self.compressor.compress(e.reshape(self.shape), step=self.t)
+                _subtract_decoded(e, payload, self.threads)
+            self.t += 1
+            return payload
+
+
+class ErrorFeedback(_Residual):
+    """EF14 (Seide et al. / Karimireddy et al.): p = e + g, send C(p),
+    e = p - D(C(p)).
+
+    ``step(grad, lr=None)``: with ``lr`` given at every step, the residual is
+    rescaled by lr_prev / lr when the learning rate changes (BytePS's
+    learning-rate-aware feedback), so that e keeps meaning "gradient units at
+    the current rate".
+    """
+
+    def __init__(self, compressor, like, *, threads=None):
+        super().__init__(compressor, like, decay=1.0, threads=threads)
+        self._lr = None
+
+    def step(self, grad, *, lr=None):
+        if lr is not None:
+            lr = check_finite_number(lr, "lr", 0.0, lo_open=True)
+            if self._lr is not None and lr != self._lr:
+                with self._lock:
+                    self.error *= self.dtype.type(self._lr / lr)
+            self._lr = lr
+        return self._step(grad, 1.0)
+
+
+class DecayedFeedback(_Residual):
+    """SparseLoCo's decayed error feedback: p = beta*e + delta (the outer
+    pseudo-gradient), send C(p), e = p - D(C(p))."""
+
+    def __init__(self, compressor, like, beta, *, threads=None):
+        super().__init__(compressor, like, decay=check_finite_number(beta, "beta", 0.0, 1.0),
+                         threads=threads)
+
+    @property
+    def beta(self):
+        return self.decay
+
+    def step(self, delta):
+        return self._step(delta, 1.0)
+
+
+class EF21(_Stateful):
+    """EF21 (Richtárik et al.): c = C(g - h); h += D(c); send c.  The server
+    keeps g = mean_i h_i by adding the mean of the decoded messages
+    (``EF21Server``)."""
+
+    _state_names = ("h",)
+
+    def __init__(self, compressor, like, *, threads=None):
+        super().__init__(like, threads)
+        self.compressor = from_spec(compressor)
+
+    def _hyper(self):
+        return {"compressor": self.compressor.spec}
+
+    def _message(self, target):
+        """c = C(target - h); h += D(c)."""
+        d = target - self.h
+        c = self.compressor.compress(d.reshape(self.shape), step=self.t)
+        self.h += _decoded(c, self.size, self.dtype, self.threads)
+        self.t += 1
+        return c
+
+    def step(self, grad):
+        g = self._grad(grad)
+        with self._lock:
+            return self._message(g)
+
+
+class EF21W(EF21):
+    """EF21-W: client i with ``weight`` = n·w_i (w_i = L_i / sum L_j) sends
+    c = C(g/weight - h), h += D(c); the server forms g = (1/n) sum weight_i h_i
+    (``EF21Server(..., weights=...)``).  For a positively homogeneous C (top-k)
+    this is EF21 on the rescaled state weight·h; weight 1 is EF21."""
+
+    def __init__(self, compressor, like, weight, *, threads=None):
+        super().__init__(compressor, like, threads=threads)
+        self.weight = check_finite_number(weight, "weight", 0.0, lo_open=True)
+
+    def _hyper(self):
+        return {"compressor": self.compressor.spec, "weight": self.weight}
+
+    def step(self, grad):
+        g = self._grad(grad)
+        with self._lock:
+            return self._message(g / self.dtype.type(self.weight))
+
+
+class EF21Server:
+    """The server side of EF21 / EF21-W / EControl: the running estimate
+    g = (1/n) sum_i weight_i h_i, updated from the workers' messages."""
+
+    def __init__(self, like, *, weights=None, threads=None):
+        self.shape, self.dtype = _like(like)
+        self.size = int(np.prod(self.shape, dtype=np.int64)) if self.shape else 1
+        self.weights = None if weights is None else [check_finite_number(w, "weights[i]", 0.0, lo_open=True)
+                                                      for w in weights]
+        self.threads = check_threads(threads)
+        self.g = np.zeros(self.size, dtype=self.dtype)
+
+    def update(self, payloads):
+        """Add the mean (weighted for EF21-W) of the decoded messages; returns g."""
+        payloads = list(payloads)
+        if self.weights is not None and len(self.weights) != len(payloads):
+            raise ValueError(f"payloads: expected {len(self.weights)} (one per weight), got {len(payloads)}")
+        n = len(payloads)
+        for i, p in enumerate(payloads):
+            d = _decoded(p, self.size, self.dtype, self.threads)
+            w = 1.0 if self.weights is None else self.weights[i]
+            self.g += d * self.dtype.type(w / n)
+        return self.g.reshape(self.shape)
+
+
+class EControl(EF21):
+    """EControl (Gao, Islamov, Stich): d = C(eta*e + g - h); e += g - h - D(d);
+    h += D(d); send d.  With eta = 0 it is EF21 exactly."""
+
+    _state_names = ("h", "e")
+
+    def __init__(self, compressor, like, eta, *, threads=None):
+        super().__init__(compressor, like, threads=threads)
+        self.eta = check_finite_number(eta, "eta", 0.0)
+
+    def _hyper(self):
+        return {"compressor": self.compressor.spec, "eta": self.eta}
+
+    def step(self, grad):
+        g = self._grad(grad)
+        with self._lock:
+            diff = g - self.h
+            target = diff + self.dtype.type(self.eta) * self.e if self.eta else diff
+            c = self.compressor.compress(target.reshape(self.shape), step=self.t)
+            dec = _decoded(c, self.size, self.dtype, self.threads)
+            self.e += diff - dec
+            self.h += dec
+            self.t += 1
+            return c
+
+
+# DGC's warm-up (Lin et al.): sparsity 75%, 93.75%, 98.4375%, 99.6%, then the target.
+DGC_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
+
+
+class DGC(_Stateful):
+    """Deep Gradient Compression's worker state (Lin et al., ICLR 2018).
+
+    step(grad): optional local clipping (L2 norm <= ``clip``), momentum
+    correction u = mu*u + g, v = v + u (Nesterov: u = mu*(u + g),
+    v = v + u + g), selection of the current density from v (DGC's sampled
+    top-k, or exact with ``exact=True``), then v = 0 (and u = 0 with
+    momentum-factor ``masking``) at the sent coordinates.  Returns the Sparse
+    of the sent values of v.
+
+    Warm-up: with ``warmup_steps=S`` the density follows the paper's schedule
+    ``DGC_WARMUP_DENSITIES`` (75% -> 93.75% -> 98.4375% -> 99.6% sparsity),
+    S steps each, then ``ratio`` (99.9% sparsity by default).  The paper
+    uses one stage per epoch: pass the steps per epoch.
+    """
+
+    _state_names = ("u", "v")
+
+    def __init__(self, like, ratio=0.001, *, momentum=0.9, nesterov=False, clip=None, masking=True,
+                 warmup_steps=None, warmup=DGC_WARMUP_DENSITIES, exact=False, sample_ratio=0.01,
+                 seed=0, threads=None):
+        super().__init__(like, threads)
+        self.ratio = check_ratio(ratio)
+        self.momentum = check_finite_number(momentum, "momentum", 0.0, 1.0)
+        self.nesterov = bool(nesterov)
+        self.clip = None if clip is None else check_finite_number(clip, "clip", 0.0, lo_open=True)
+        self.masking = bool(masking)
+        self.warmup_steps = None if warmup_steps is None else check_int(warmup_steps, "warmup_steps", 1)
+        self.warmup = tuple(check_ratio(d, "warmup[i]") for d in warmup)
+        self.exact = bool(exact)
+        self.sample_ratio = sample_ratio
+        self.seed = check_seed(seed)
+
+    def _hyper(self):
+        return {"ratio": self.ratio, "momentum": self.momentum, "nesterov": self.nesterov,
+                "clip": self.clip, "masking": self.masking, "warmup_steps": self.warmup_steps,
+                "warmup": self.warmup, "exact": self.exact, "seed": self.seed}
+
+    def density(self, t=None):
+        """The density used at step t (default: the next step)."""
+        t = self.t if t is None else t
+        if self.warmup_steps is not None:
+            stage = t // self.warmup_steps
+            if stage < len(self.warmup):
+                return max(self.warmup[stage], self.ratio)
+        return self.ratio
+
+    def step(self, grad):
+        g = self._grad(grad)
+        with self._lock:
+            if self.clip is not None:
+                norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))
+                if norm > self.clip:
+                    g = g * self.dtype.type(self.clip / norm)
+            mu = self.dtype.type(self.momentum)
+            u, v = self.u, self.v
+            if self.nesterov:
+                u += g
+                u *= mu
+                v += u
+                v += g
+            else:
+                u *= mu
+                u += g
+                v += u
+            density = self.density()
+            sel = (TopK(ratio=density, threads=self.threads) if self.exact else
+                   SampledTopK(density, sample_ratio=self.sample_ratio, seed=self.seed, threads=self.threads))
+            payload = sel.compress(v.reshape(self.shape), step=self.t)
+            v[payload.indices] = 0
+            if self.masking:
+                u[payload.indices] = 0
+            self.t += 1
+            return payload
