@@ -22,9 +22,9 @@ def _flag(name):
 
 
 sources = sorted(glob.glob("csrc/core/*.c")) + sorted(glob.glob("csrc/python/*.c"))
-compile_args = ["-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter",
+compile_args = ["-std=c11", "-ffp-contract=off", "-Wall", "-Wextra", "-Wno-unused-parameter",
                 "-Wno-missing-field-initializers", "-fvisibility=hidden"]
-link_args = []
+link_args = ["-pthread"]
 macros = [("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")]
 
 if not _flag("LOWBAND_NO_OPENMP"):

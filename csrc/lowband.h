@@ -230,7 +230,31 @@ lb_status lb_aggregate(const lb_sparse_view *payloads, uint64_t num_payloads,
 /* Error feedback (core/feedback.c)                                          */
 /* ------------------------------------------------------------------------ */
 
-/* (error-feedback prototypes go here) */
+/* Fused error-feedback steps on a state vector e and a gradient g of n
+ * elements (float32 or float64, same dtype).  Each computes
+ *     p = decay*e + scale*g        (a product and a sum per term, rounded,
+ *                                   no FMA: the same bytes as NumPy)
+ * into e, compresses p, and leaves e = p - D(C(p)) (zero where sent), in one
+ * pass over the data.  With check_finite, a non-finite g is reported
+ * (LB_ENONFINITE, err->index) before anything is written, so e is unchanged;
+ * a non-finite p from finite g (the state overflowed) gives LB_EOVERFLOW
+ * with err->index, and e then holds p.                                      */
+
+/* e = decay*e + scale*g (the compensation alone, e.g. for random-k). */
+lb_status lb_ef_axpby(void *e, const void *g, uint64_t n, lb_dtype dt,
+                      double decay, double scale, int check_finite,
+                      int nthreads, lb_error *err);
+
+/* Exact top-k of p (as lb_topk), sent values in `out`.                    */
+lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
+                     double decay, double scale, uint64_t k, int check_finite,
+                     int nthreads, lb_sparse *out, lb_error *err);
+
+/* Chunked top-k of p (as lb_topk_chunked).                                */
+lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
+                             double decay, double scale, uint64_t chunk,
+                             uint64_t k_per_chunk, int check_finite,
+                             int nthreads, lb_sparse *out, lb_error *err);
 
 /* end of error feedback */
 

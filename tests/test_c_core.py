@@ -19,7 +19,8 @@ def test_c_core_program(tmp_path):
     cc = (sysconfig.get_config_var("CC") or "cc").split()[0]
     if not shutil.which(cc):
         pytest.skip(f"no C compiler ({cc})")
-    flags = ["-std=c11", "-O2", "-fopenmp", "-Wall", "-Werror", "-Wno-unused-function"]
+    flags = ["-std=c11", "-O2", "-fopenmp", "-pthread", "-ffp-contract=off", "-Wall", "-Werror",
+             "-Wno-unused-function"]
     env = dict(os.environ)
     if os.environ.get("LOWBAND_SANITIZE", "") not in ("", "0"):
         flags += ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined", "-g"]

@@ -30,6 +30,17 @@ typedef struct {
     uint64_t (*collect64)(const uint64_t *bits, uint64_t begin, uint64_t end,
                           uint64_t lo, uint64_t *idx, uint64_t *raw,
                           uint64_t cap, int *nonfinite);
+    /* Error-feedback compensation fused with collect: for i in [begin, end)
+     * p = decay*e[i] + scale*g[i] (a product and a sum, each rounded: no
+     * FMA), stored back into e[i]; then as collect32/64 on the keys of p.  */
+    uint64_t (*ef_collect32)(float *e, const float *g, uint64_t begin,
+                             uint64_t end, float decay, float scale,
+                             uint32_t lo, uint64_t *idx, uint64_t *raw,
+                             uint64_t cap, int *nonfinite);
+    uint64_t (*ef_collect64)(double *e, const double *g, uint64_t begin,
+                             uint64_t end, double decay, double scale,
+                             uint64_t lo, uint64_t *idx, uint64_t *raw,
+                             uint64_t cap, int *nonfinite);
     /* Adds to hist[(key >> shift)] for every element of bits[begin, end). */
     void (*hist32)(const uint32_t *bits, uint64_t begin, uint64_t end,
                    int shift, uint64_t *hist);

@@ -5,6 +5,8 @@
  * vectorises the block-wise "any element qualifies?" tests.  No OpenMP here:
  * callers run these on per-thread ranges.
  */
+#include <string.h>
+
 #include "scan.h"
 
 #define LB_CAT2(a, b) a##b
@@ -70,15 +72,62 @@
             hist[(size_t)((bits[i] & MASK) >> shift)]++;                       \
     }
 
-/* An including file may supply its own (intrinsics) collect kernels by
- * defining LB_SCAN_OWN_COLLECT before including this template.            */
+/* An including file may supply its own (intrinsics) collect and ef_collect
+ * kernels by defining LB_SCAN_OWN_COLLECT before including this template. */
 #ifndef LB_SCAN_OWN_COLLECT
 LB_DEFINE_COLLECT(uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(collect32_))
 LB_DEFINE_COLLECT(uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(collect64_))
+#endif
+/* p = decay*e + scale*g into e, then collect on p's keys; the block's
+ * arithmetic and "any qualifies?" test vectorise, hits are rare.          */
+#define LB_DEFINE_EF_COLLECT(FT, BITS_T, MASK, INF, NAME)                       \
+    static uint64_t NAME(FT *e, const FT *g, uint64_t begin, uint64_t end,     \
+                         FT decay, FT scale, BITS_T lo, uint64_t *idx,         \
+                         uint64_t *raw, uint64_t cap, int *nonfinite)          \
+    {                                                                          \
+        uint64_t found = 0;                                                    \
+        BITS_T maxkey = 0;                                                     \
+        for (uint64_t i = begin; i < end; i += LB_SCAN_BLOCK) {                \
+            int len = end - i < LB_SCAN_BLOCK ? (int)(end - i) : LB_SCAN_BLOCK; \
+            BITS_T any = 0;                                                    \
+            for (int j = 0; j < len; j++) {                                    \
+                FT t1 = decay * e[i + j];                                      \
+                FT t2 = scale * g[i + j];                                      \
+                FT p = t1 + t2;                                                \
+                e[i + j] = p;                                                  \
+                BITS_T bitsv;                                                  \
+                memcpy(&bitsv, &p, sizeof bitsv);                              \
+                BITS_T key = bitsv & MASK;                                     \
+                any |= (BITS_T)(key >= lo);                                    \
+                maxkey = key > maxkey ? key : maxkey;                          \
+            }                                                                  \
+            if (!any)                                                          \
+                continue;                                                      \
+            for (int j = 0; j < len; j++) {                                    \
+                BITS_T bitsv;                                                  \
+                memcpy(&bitsv, &e[i + j], sizeof bitsv);                       \
+                if ((bitsv & MASK) >= lo) {                                    \
+                    if (found < cap) {                                         \
+                        idx[found] = i + (uint64_t)j;                          \
+                        raw[found] = bitsv;                                    \
+                    }                                                          \
+                    found++;                                                   \
+                }                                                              \
+            }                                                                  \
+        }                                                                      \
+        if (maxkey >= INF)                                                     \
+            *nonfinite = 1;                                                    \
+        return found;                                                          \
+    }
+
+#ifndef LB_SCAN_OWN_COLLECT
+LB_DEFINE_EF_COLLECT(float, uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(ef_collect32_))
+LB_DEFINE_EF_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(ef_collect64_))
 #endif
 LB_DEFINE_HIST(uint32_t, LB_KEY32_MASK, LB_SFX(hist32_))
 LB_DEFINE_HIST(uint64_t, LB_KEY64_MASK, LB_SFX(hist64_))
 
 const lb_scan_fns LB_SFX(lb_scan_) = {
-    LB_SFX(collect32_), LB_SFX(collect64_), LB_SFX(hist32_), LB_SFX(hist64_),
+    LB_SFX(collect32_),    LB_SFX(collect64_), LB_SFX(ef_collect32_),
+    LB_SFX(ef_collect64_), LB_SFX(hist32_),    LB_SFX(hist64_),
 };

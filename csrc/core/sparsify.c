@@ -16,24 +16,18 @@
 #include "lowband.h"
 #include "rng.h"
 #include "scan.h"
+#include "scratch.h"
+#include "select.h"
 #include "threads.h"
 
 /* ------------------------------------------------------------------------ */
 /* Per-dtype key facts                                                       */
 /* ------------------------------------------------------------------------ */
 
-typedef struct {
-    int width;          /* bytes per element: 4 or 8                         */
-    uint64_t mask;      /* clears the sign bit                               */
-    uint64_t inf;       /* key of +Inf: keys >= inf are non-finite           */
-    int hist_shift;     /* radix pass 1 bins are key >> hist_shift           */
-    uint64_t hist_bins; /* number of such bins                               */
-} keyinfo;
-
 static const keyinfo KEYS_F32 = {4, LB_KEY32_MASK, LB_KEY32_INF, 19, 4096};
 static const keyinfo KEYS_F64 = {8, LB_KEY64_MASK, LB_KEY64_INF, 48, 32768};
 
-static const keyinfo *keyinfo_of(lb_dtype dt)
+const keyinfo *keyinfo_of(lb_dtype dt)
 {
     if (dt == LB_F32)
         return &KEYS_F32;
@@ -42,22 +36,8 @@ static const keyinfo *keyinfo_of(lb_dtype dt)
     return NULL;
 }
 
-static inline uint64_t raw_at(const keyinfo *ki, const void *x, uint64_t i)
-{
-    return ki->width == 4 ? ((const uint32_t *)x)[i] : ((const uint64_t *)x)[i];
-}
-
-static inline void store_raw(const keyinfo *ki, void *values, uint64_t j,
-                             uint64_t raw)
-{
-    if (ki->width == 4)
-        ((uint32_t *)values)[j] = (uint32_t)raw;
-    else
-        ((uint64_t *)values)[j] = raw;
-}
-
 /* Index of the first non-finite element of x (error path only), or n. */
-static uint64_t first_nonfinite(const keyinfo *ki, const void *x, uint64_t n)
+uint64_t first_nonfinite(const keyinfo *ki, const void *x, uint64_t n)
 {
     for (uint64_t i = 0; i < n; i++)
         if ((raw_at(ki, x, i) & ki->mask) >= ki->inf)
@@ -105,7 +85,7 @@ static double value_of_key(const keyinfo *ki, uint64_t key)
  * MSD radix select with 8-bit digits: each level histograms the surviving
  * keys on one byte, keeps only the byte that holds the r-th largest, and
  * stops when the survivors are all equal.  O(m) per level, no sort.        */
-static uint64_t kth_largest(const uint64_t *keys, uint64_t m, uint64_t r,
+uint64_t kth_largest(const uint64_t *keys, uint64_t m, uint64_t r,
                             uint64_t *scratch)
 {
     uint64_t maxkey = 0;
@@ -145,26 +125,19 @@ static uint64_t kth_largest(const uint64_t *keys, uint64_t m, uint64_t r,
 /* Candidate buffers: per-part output of the collect scan                    */
 /* ------------------------------------------------------------------------ */
 
-typedef struct {
-    uint64_t *idx;     /* indices, ascending within the part */
-    uint64_t *raw;     /* raw bits of those elements          */
-    uint64_t cap;      /* entries allocated                   */
-    uint64_t found;    /* entries that qualified (may exceed cap) */
-} cand_part;
-
-static void cand_free(cand_part *parts, int nparts)
+void cand_free(cand_part *parts, int nparts)
 {
     if (!parts)
         return;
     for (int p = 0; p < nparts; p++) {
-        free(parts[p].idx);
-        free(parts[p].raw);
+        lb_scratch_free(parts[p].idx);
+        lb_scratch_free(parts[p].raw);
     }
     free(parts);
 }
 
 /* Allocates `nparts` buffers, part p holding min(its length, cap_total). */
-static cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
+cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
 {
     cand_part *parts = calloc((size_t)nparts, sizeof(cand_part));
     if (!parts)
@@ -174,8 +147,8 @@ static cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
         lb_split(n, nparts, p, &b, &e);
         uint64_t cap = e - b < cap_total ? e - b : cap_total;
         parts[p].cap = cap;
-        parts[p].idx = malloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
-        parts[p].raw = malloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
+        parts[p].idx = lb_scratch_alloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
+        parts[p].raw = lb_scratch_alloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
         if (!parts[p].idx || !parts[p].raw) {
             cand_free(parts, nparts);
             return NULL;
@@ -203,7 +176,7 @@ static uint64_t collect_range(const keyinfo *ki, const void *x, uint64_t b,
  * key >= lo.  Returns the total that qualified; sets *nonfinite and
  * *overflow (some part found more than its cap).  parts may be NULL to only
  * count (then per-part counts land in counts[] when given).               */
-static uint64_t collect_parallel(const keyinfo *ki, const void *x, uint64_t n,
+uint64_t collect_parallel(const keyinfo *ki, const void *x, uint64_t n,
                                  uint64_t lo, int nparts, cand_part *parts,
                                  uint64_t *counts, int *nonfinite,
                                  int *overflow)
@@ -237,7 +210,7 @@ static uint64_t collect_parallel(const keyinfo *ki, const void *x, uint64_t n,
 }
 
 /* Allocates an lb_sparse of `count` entries for dtype width `width`. */
-static lb_status sparse_alloc(lb_sparse *out, uint64_t count, int width)
+lb_status sparse_alloc(lb_sparse *out, uint64_t count, int width)
 {
     out->count = count;
     out->indices = malloc((size_t)(count ? count : 1) * sizeof(uint64_t));
@@ -267,7 +240,7 @@ void lb_sparse_free(lb_sparse *s)
  * known): only candidates with key <= hi then enter the selection of T.
  * Parts are processed in parallel; T and the split of the ties between
  * parts are decided serially, so the output never depends on the team.  */
-static lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
+lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
                                       int nparts, uint64_t k, uint64_t hi,
                                       lb_sparse *out)
 {
@@ -297,7 +270,7 @@ static lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
         cnt[p][5] = band;
         band += parts[p].found - cnt[p][0];
     }
-    uint64_t *keys = malloc((size_t)(band ? 2 * band : 1) * sizeof(uint64_t));
+    uint64_t *keys = lb_scratch_alloc((size_t)(band ? 2 * band : 1) * sizeof(uint64_t));
     if (!keys) {
         free(cnt);
         return LB_ENOMEM;
@@ -312,7 +285,7 @@ static lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
         }
     }
     uint64_t T = kth_largest(keys, band, k - above_hi, keys + band);
-    free(keys);
+    lb_scratch_free(keys);
 
     LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
     for (int p = 0; p < nparts; p++) {
@@ -408,19 +381,20 @@ static lb_status radix_bound(const keyinfo *ki, const void *x, uint64_t n,
     return LB_OK;
 }
 
-/* Fast-path bounds from a stratified sample of TOPK_SAMPLE keys: `lo` very
- * probably has at least k elements at or above it, `hi` fewer than k above
- * it (UINT64_MAX when k is too small to bound), both 4 standard deviations
- * of the sample rank away from the expected rank of the k-th largest.
- * *expected estimates how many elements are >= lo.  Returns 0 when a
- * sample cannot help (small n, or k a large fraction of n).              */
-#define TOPK_SAMPLE 65536
-static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
-                         uint64_t k, uint64_t *lo, uint64_t *hi,
-                         uint64_t *expected)
+uint64_t sample_position(uint64_t n, uint64_t j)
 {
-    if (n < 16 * (uint64_t)TOPK_SAMPLE)
-        return 0;
+    /* one position per stride cell, jittered by a fixed hash */
+    uint64_t stride = n / TOPK_SAMPLE;
+    uint64_t h = (j + 1) * 0x9E3779B97F4A7C15ull;
+    h ^= h >> 31;
+    h *= 0xBF58476D1CE4E5B9ull;
+    h ^= h >> 29;
+    return j * stride + h % stride;
+}
+
+int sample_bounds_from(uint64_t *keys, uint64_t n, uint64_t k, uint64_t *lo,
+                       uint64_t *hi, uint64_t *expected)
+{
     const uint64_t m = TOPK_SAMPLE;
     double q = (double)k / (double)n;
     double sd = sqrt((double)m * q * (1.0 - q));
@@ -428,24 +402,30 @@ static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
     double rank_hi = floor(q * (double)m - 4.0 * sd - 2.0);
     if (rank_lo >= (double)m / 4)
         return 0;   /* k is too large a fraction for a narrow band */
-    uint64_t *keys = malloc(2 * m * sizeof(uint64_t));
-    if (!keys)
-        return 0;
-    uint64_t stride = n / m;
-    for (uint64_t j = 0; j < m; j++) {
-        /* one position per stride cell, jittered by a fixed hash */
-        uint64_t h = (j + 1) * 0x9E3779B97F4A7C15ull;
-        h ^= h >> 31;
-        h *= 0xBF58476D1CE4E5B9ull;
-        h ^= h >> 29;
-        keys[j] = raw_at(ki, x, j * stride + h % stride) & ki->mask;
-    }
     *lo = kth_largest(keys, m, (uint64_t)rank_lo, keys + m);
     *hi = rank_hi >= 1 ? kth_largest(keys, m, (uint64_t)rank_hi, keys + m)
                        : UINT64_MAX;
-    free(keys);
     *expected = (uint64_t)(rank_lo / (double)m * (double)n);
     return 1;
+}
+
+/* sample_bounds_from() over the keys of x itself. */
+static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
+                         uint64_t k, int nthreads, uint64_t *lo, uint64_t *hi,
+                         uint64_t *expected)
+{
+    if (n < TOPK_SAMPLE_MIN_N)
+        return 0;
+    uint64_t *keys = lb_scratch_alloc(2 * TOPK_SAMPLE * sizeof(uint64_t));
+    if (!keys)
+        return 0;
+    int team = lb_team(nthreads, 2);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t j = 0; j < TOPK_SAMPLE; j++)
+        keys[j] = raw_at(ki, x, sample_position(n, j)) & ki->mask;
+    int ok = sample_bounds_from(keys, n, k, lo, hi, expected);
+    lb_scratch_free(keys);
+    return ok;
 }
 
 static lb_status copy_all(const keyinfo *ki, const void *x, uint64_t n,
@@ -487,7 +467,7 @@ lb_status lb_topk(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
     }
 
     uint64_t lo = 0, hi = UINT64_MAX, expected = 0;
-    if (sample_bounds(ki, x, n, k, &lo, &hi, &expected)) {
+    if (sample_bounds(ki, x, n, k, nthreads, &lo, &hi, &expected)) {
         /* One pass: collect everything at or above the sampled bound. */
         uint64_t cap = expected + expected / 2 + 4096;
         cand_part *parts = cand_alloc(n, nparts, cap);
@@ -603,7 +583,7 @@ lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
 /* Top-kk of the m keys gathered from positions pos[0..m) (ascending): writes
  * the chosen positions and raw bits in ascending order.  keys and scratch
  * hold m entries.  Returns the first non-finite position or UINT64_MAX.   */
-static uint64_t topk_small(const keyinfo *ki, const void *x,
+uint64_t topk_small(const keyinfo *ki, const void *x,
                            const uint64_t *pos, uint64_t m, uint64_t kk,
                            uint64_t *keys, uint64_t *scratch,
                            uint64_t *out_idx, void *out_values)

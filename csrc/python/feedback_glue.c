@@ -1,6 +1,177 @@
 /* feedback_glue.c - bindings of core/feedback.c (fused error feedback). */
 #include "glue.h"
 
+/* The state e: a writeable, C-contiguous, aligned, native float32/64 array
+ * (borrowed), and g converted to a vector of the same dtype and size.    */
+static int state_and_grad(PyObject *e_o, PyObject *g_o, PyArrayObject **g_out,
+                          lb_dtype *dt, uint64_t *n)
+{
+    if (!PyArray_Check(e_o)) {
+        PyErr_SetString(PyExc_TypeError, "e: expected an ndarray");
+        return -1;
+    }
+    PyArrayObject *e = (PyArrayObject *)e_o;
+    *dt = lb_py_dtype_of(e);
+    if ((*dt != LB_F32 && *dt != LB_F64) || !PyArray_IS_C_CONTIGUOUS(e) ||
+        !PyArray_ISWRITEABLE(e) || !PyArray_ISALIGNED(e) || PyArray_ISBYTESWAPPED(e)) {
+        PyErr_SetString(PyExc_TypeError,
+                        "e: expected a writeable C-contiguous float32 or float64 array");
+        return -1;
+    }
+    PyArrayObject *g = lb_py_vector(g_o, "g", 1u << *dt);
+    if (!g)
+        return -1;
+    if (PyArray_SIZE(g) != PyArray_SIZE(e)) {
+        PyErr_Format(PyExc_ValueError, "g: expected %zd elements (as e), got %zd",
+                     (Py_ssize_t)PyArray_SIZE(e), (Py_ssize_t)PyArray_SIZE(g));
+        Py_DECREF(g);
+        return -1;
+    }
+    *g_out = g;
+    *n = (uint64_t)PyArray_SIZE(e);
+    return 0;
+}
+
+static PyObject *ef_error(lb_status st, lb_error *err, PyArrayObject *g)
+{
+    if (st == LB_EOVERFLOW) {
+        PyErr_Format(PyExc_ValueError,
+                     "error feedback: the compensated vector is non-finite at flat index "
+                     "%llu (the state overflowed or held non-finite values; reset it)",
+                     (unsigned long long)err->index);
+        return NULL;
+    }
+    return lb_py_raise(st, err, "error feedback", "grad", g);
+}
+
+/* ef_topk(e, g, k, decay, scale, check_finite, threads) -> (indices, values) */
+static PyObject *py_ef_topk(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"e", "g", "k", "decay", "scale", "check_finite", "threads", NULL};
+    PyObject *e_o, *g_o, *k_o, *threads = Py_None;
+    double decay = 1.0, scale = 1.0;
+    int check = 1, nt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|ddpO:ef_topk", kwlist, &e_o, &g_o, &k_o,
+                                     &decay, &scale, &check, &threads))
+        return NULL;
+    PyArrayObject *g;
+    lb_dtype dt;
+    uint64_t n, k;
+    if (state_and_grad(e_o, g_o, &g, &dt, &n) < 0)
+        return NULL;
+    if (lb_py_u64(k_o, "k", n + 1, &k) < 0 || lb_py_threads(threads, n, &nt) < 0) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    lb_sparse out;
+    lb_error err = {0};
+    lb_status st;
+    void *ed = PyArray_DATA((PyArrayObject *)e_o);
+    const void *gd = PyArray_DATA(g);
+    LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
+    PyObject *res = NULL;
+    if (st != LB_OK) {
+        ef_error(st, &err, g);
+    } else {
+        PyObject *idx = lb_py_indices(out.indices, out.count, n);
+        PyObject *vals = idx ? lb_py_adopt(out.values, out.count, lb_py_typenum(dt)) : NULL;
+        if (!idx)
+            free(out.values);
+        res = vals ? Py_BuildValue("(NN)", idx, vals) : NULL;
+        if (idx && !vals)
+            Py_DECREF(idx);
+    }
+    Py_DECREF(g);
+    return res;
+}
+
+/* ef_topk_chunked(e, g, chunk, k_per_chunk, decay, scale, check_finite, threads) */
+static PyObject *py_ef_topk_chunked(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"e", "g", "chunk", "k_per_chunk", "decay", "scale",
+                             "check_finite", "threads", NULL};
+    PyObject *e_o, *g_o, *threads = Py_None;
+    unsigned long long chunk, kpc;
+    double decay = 1.0, scale = 1.0;
+    int check = 1, nt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOKK|ddpO:ef_topk_chunked", kwlist, &e_o,
+                                     &g_o, &chunk, &kpc, &decay, &scale, &check, &threads))
+        return NULL;
+    if (chunk == 0 || kpc > chunk || chunk > ((uint64_t)1 << 40)) {
+        PyErr_SetString(PyExc_ValueError, "chunk/k_per_chunk: expected 1 <= chunk, k_per_chunk <= chunk");
+        return NULL;
+    }
+    PyArrayObject *g;
+    lb_dtype dt;
+    uint64_t n;
+    if (state_and_grad(e_o, g_o, &g, &dt, &n) < 0)
+        return NULL;
+    if (lb_py_threads(threads, n, &nt) < 0) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    lb_sparse out;
+    lb_error err = {0};
+    lb_status st;
+    void *ed = PyArray_DATA((PyArrayObject *)e_o);
+    const void *gd = PyArray_DATA(g);
+    LB_NOGIL(n, st = lb_ef_topk_chunked(ed, gd, n, dt, decay, scale, chunk, kpc, check, nt,
+                                        &out, &err));
+    PyObject *res = NULL;
+    if (st != LB_OK) {
+        ef_error(st, &err, g);
+    } else {
+        PyObject *idx = lb_py_indices(out.indices, out.count, n);
+        PyObject *vals = idx ? lb_py_adopt(out.values, out.count, lb_py_typenum(dt)) : NULL;
+        if (!idx)
+            free(out.values);
+        res = vals ? Py_BuildValue("(NN)", idx, vals) : NULL;
+        if (idx && !vals)
+            Py_DECREF(idx);
+    }
+    Py_DECREF(g);
+    return res;
+}
+
+/* ef_axpby(e, g, decay, scale, check_finite, threads): e = decay*e + scale*g */
+static PyObject *py_ef_axpby(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"e", "g", "decay", "scale", "check_finite", "threads", NULL};
+    PyObject *e_o, *g_o, *threads = Py_None;
+    double decay = 1.0, scale = 1.0;
+    int check = 1, nt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|ddpO:ef_axpby", kwlist, &e_o, &g_o, &decay,
+                                     &scale, &check, &threads))
+        return NULL;
+    PyArrayObject *g;
+    lb_dtype dt;
+    uint64_t n;
+    if (state_and_grad(e_o, g_o, &g, &dt, &n) < 0)
+        return NULL;
+    if (lb_py_threads(threads, n, &nt) < 0) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    lb_error err = {0};
+    lb_status st;
+    void *ed = PyArray_DATA((PyArrayObject *)e_o);
+    const void *gd = PyArray_DATA(g);
+    LB_NOGIL(n, st = lb_ef_axpby(ed, gd, n, dt, decay, scale, check, nt, &err));
+    if (st != LB_OK) {
+        ef_error(st, &err, g);
+        Py_DECREF(g);
+        return NULL;
+    }
+    Py_DECREF(g);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef lb_feedback_methods[] = {
+    {"ef_topk", (PyCFunction)(void (*)(void))py_ef_topk, METH_VARARGS | METH_KEYWORDS,
+     "Fused EF step with exact top-k: e updated in place -> (indices, values)."},
+    {"ef_topk_chunked", (PyCFunction)(void (*)(void))py_ef_topk_chunked,
+     METH_VARARGS | METH_KEYWORDS, "Fused EF step with chunked top-k."},
+    {"ef_axpby", (PyCFunction)(void (*)(void))py_ef_axpby, METH_VARARGS | METH_KEYWORDS,
+     "e = decay*e + scale*g in place (the compensation alone)."},
     {NULL, NULL, 0, NULL},
 };

@@ -1,8 +1,37 @@
 """Dispatch of the fused error-feedback passes (C) for the common
 compressors.  ``residual_step`` returns the payload when a fused kernel
 handled the step (the state updated in place), or None for the generic
-path.  Every fused kernel produces exactly the bytes of the generic path."""
+path.  Every fused kernel produces exactly the bytes of the generic path
+(tests/test_feedback_fused.py checks this)."""
+
+from . import _core
+from ._payload import Sparse
+from ._validate import k_from_ratio
+from .compressors import ChunkedTopK, RandomK, TopK
 
 
 def residual_step(fb, e, g, scale):
+    """One ErrorFeedback/DecayedFeedback step of `fb` fused in C, or None."""
+    comp = fb.compressor
+    kind = type(comp)
+    threads = fb.threads if fb.threads is not None else comp.threads
+    if kind is TopK:
+        k = comp.k if comp.k is not None else k_from_ratio(e.size, comp.ratio)
+        idx, vals = _core.ef_topk(e, g, min(k, e.size), fb.decay, scale, True, threads)
+        return Sparse._make(idx, vals, fb.shape, fb.dtype)
+    if kind is ChunkedTopK and not isinstance(comp.chunk, tuple):
+        idx, vals = _core.ef_topk_chunked(e, g, comp.chunk, comp.k_per_chunk, fb.decay, scale,
+                                          True, threads)
+        return Sparse._make(idx, vals, fb.shape, fb.dtype)
+    if kind is RandomK:
+        _core.ef_axpby(e, g, fb.decay, scale, True, threads)
+        payload = comp.compress(e.reshape(fb.shape), step=fb.t)
+        vals = payload.values
+        if comp.rescale:
+            e[payload.indices] -= vals     # p - (n/k) p, as the generic path
+        else:
+            e[payload.indices] = 0         # p - p
+        return payload
     return None
+
+

@@ -47,6 +47,14 @@ def _like(like, name="like"):
     return shape, dtype
 
 
+def _check_grad_finite(g, name="grad"):
+    """ValueError naming the first non-finite element of g (before any state
+    is touched, so a failed step leaves the state unchanged)."""
+    if not np.isfinite(g).all():
+        bad = int(np.flatnonzero(~np.isfinite(g))[0])
+        raise ValueError(f"{name} has a non-finite value ({g[bad]!r}) at flat index {bad}")
+
+
 def _subtract_decoded(e, payload, threads):
     """e -= D(payload), in place (e is the flat state, payload of e's size)."""
     if isinstance(payload, Sparse):
@@ -149,6 +157,7 @@ class _Residual(_Stateful):
             from . import _fused
             payload = _fused.residual_step(self, e, g, scale)
             if payload is None:   # the generic path
+                _check_grad_finite(g)
                 if self.decay != 1.0:
                     e *= self.dtype.type(self.decay)
                 if scale != 1.0:
@@ -352,6 +361,7 @@ class DGC(_Stateful):
 
     def step(self, grad):
         g = self._grad(grad)
+        _check_grad_finite(g)
         with self._lock:
             if self.clip is not None:
                 norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))

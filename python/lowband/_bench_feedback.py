@@ -1,0 +1,59 @@
+"""Benchmark suite: error feedback fused with its compressor vs the unfused
+NumPy/torch sequence (p = e + g; compress p; e = p - D(C(p)))."""
+import numpy as np
+
+import lowband
+from lowband._bench import Case
+
+
+def cases(ctx):
+    n = ctx.size
+    g = ctx.normal()
+    torch = ctx.torch
+    copy = ctx.copier(g)
+    out = []
+    k = n // 100
+
+    fb = lowband.ErrorFeedback("topk:0.01", np.zeros(n, np.float32))
+    e_np = np.zeros(n, np.float32)
+
+    def numpy_ef_topk():
+        p = e_np + g
+        idx = np.argpartition(np.abs(p), n - k)[n - k:]
+        vals = p[idx]
+        e_np[:] = p
+        e_np[idx] = 0
+        return idx, vals
+
+    if torch:
+        tg = torch.from_numpy(g)
+        te = torch.zeros(n)
+
+        def torch_ef_topk():
+            te.add_(tg)
+            vals, idx = torch.topk(te.abs(), k, sorted=False)
+            sent = te[idx]
+            te[idx] = 0
+            return idx, sent
+
+    out.append(Case("EF + topk 1% (fused)", lambda: fb.step(g),
+                    {"numpy": numpy_ef_topk, "torch": torch_ef_topk if torch else None},
+                    g.nbytes, copy, {"numpy": 10, "copy": 4}))
+    fbc = lowband.ErrorFeedback("chunked:4096:128", np.zeros(n, np.float32))
+    rows = e_np.reshape(-1, 4096)
+
+    def numpy_ef_chunked():
+        p = rows + g.reshape(-1, 4096)
+        idx = np.argpartition(np.abs(p), 4096 - 128, axis=1)[:, -128:]
+        vals = np.take_along_axis(p, idx, axis=1)
+        np.put_along_axis(p, idx, 0, axis=1)
+        rows[:] = p
+        return idx, vals
+
+    out.append(Case("EF + chunked 128/4096 (fused)", lambda: fbc.step(g), {"numpy": numpy_ef_chunked},
+                    g.nbytes, copy))
+    if ctx.quick:
+        return out
+    fbr = lowband.ErrorFeedback("randomk:0.01", np.zeros(n, np.float32))
+    out.append(Case("EF + randomk 1%", lambda: fbr.step(g), {}, g.nbytes, copy))
+    return out

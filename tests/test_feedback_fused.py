@@ -1,0 +1,108 @@
+"""The fused C error-feedback passes give exactly the bytes of the generic
+path (compensate with NumPy, compress, subtract the decoded payload)."""
+import numpy as np
+import pytest
+
+import lowband
+from lowband import compressors as C
+from lowband import feedback as F
+from helpers import FLOATS, LARGE, THREADS, assert_same, make_vector
+
+
+class GenericTopK(C.TopK):
+    """Same compressor, but not recognised by the fused dispatch."""
+
+
+class GenericChunked(C.ChunkedTopK):
+    pass
+
+
+class GenericRandomK(C.RandomK):
+    pass
+
+
+PAIRS = [
+    (lambda: C.TopK(ratio=0.01), lambda: GenericTopK(ratio=0.01)),
+    (lambda: C.TopK(ratio=0.001), lambda: GenericTopK(ratio=0.001)),
+    (lambda: C.ChunkedTopK(4096, 128), lambda: GenericChunked(4096, 128)),
+    (lambda: C.RandomK(ratio=0.01, seed=3), lambda: GenericRandomK(ratio=0.01, seed=3)),
+    (lambda: C.RandomK(ratio=0.01, seed=3, rescale=True), lambda: GenericRandomK(ratio=0.01, seed=3, rescale=True)),
+]
+
+
+def run_pair(make_fused, make_generic, make_fb, n, dtype, steps=4, kind="heavy"):
+    a, b = make_fb(make_fused(), n, dtype), make_fb(make_generic(), n, dtype)
+    for t in range(steps):
+        g = make_vector(n, dtype, kind, seed=t)
+        pa, pb = a.step(g), b.step(g)
+        assert_same(pa.indices, pb.indices, "indices")
+        assert_same(pa.values, pb.values, "values")
+        assert_same(a.error, b.error, "error")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_fused_equals_generic_large(pair, dtype):
+    # LARGE takes top-k's sampled one-pass path
+    run_pair(*PAIRS[pair], lambda c, n, dt: F.ErrorFeedback(c, np.zeros(n, dt)), LARGE, dtype)
+
+
+@pytest.mark.parametrize("pair", range(len(PAIRS)))
+def test_fused_equals_generic_decayed_small(pair):
+    run_pair(*PAIRS[pair], lambda c, n, dt: F.DecayedFeedback(c, np.zeros(n, dt), beta=0.95), 70001,
+             np.float32, steps=5)
+
+
+@pytest.mark.parametrize("kind", ["ties", "zeros", "sparse", "equal"])
+def test_fused_topk_fallback_paths(kind):
+    run_pair(*PAIRS[0], lambda c, n, dt: F.DecayedFeedback(c, np.zeros(n, dt), beta=0.5), LARGE,
+             np.float32, steps=2, kind=kind)
+
+
+@pytest.mark.parametrize("t", THREADS)
+def test_fused_thread_independent(t):
+    ref = F.ErrorFeedback("topk:0.01", np.zeros(LARGE, np.float32), threads=1)
+    fb = F.ErrorFeedback("topk:0.01", np.zeros(LARGE, np.float32), threads=t)
+    for s in range(3):
+        g = make_vector(LARGE, np.float32, seed=s)
+        assert fb.step(g) == ref.step(g)
+        assert_same(fb.error, ref.error)
+
+
+def test_fused_every_isa(isa):
+    run_pair(*PAIRS[0], lambda c, n, dt: F.ErrorFeedback(c, np.zeros(n, dt)), LARGE, np.float32, steps=2)
+    run_pair(*PAIRS[2], lambda c, n, dt: F.ErrorFeedback(c, np.zeros(n, dt)), 100003, np.float64, steps=2)
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01", "chunked:4096:128", "randomk:0.01", "threshold:1.0"])
+def test_nonfinite_grad_leaves_state_unchanged(spec):
+    n = 200003
+    fb = F.ErrorFeedback(spec, np.zeros(n, np.float32))
+    fb.step(make_vector(n, np.float32))
+    before = fb.error.copy()
+    g = make_vector(n, np.float32, seed=1)
+    g[12345] = np.nan
+    with pytest.raises(ValueError, match="flat index 12345"):
+        fb.step(g)
+    assert_same(fb.error, before)
+    assert fb.t == 1
+
+
+def test_overflow_is_reported():
+    n = 100
+    fb = F.ErrorFeedback("topk:5", np.zeros(n, np.float32))
+    big = np.full(n, 3e38, np.float32)
+    fb.step(big)   # the residual keeps 95 entries of 3e38
+    with pytest.raises(ValueError, match="overflowed"):
+        fb.step(big)
+
+
+def test_core_rejects_bad_state():
+    with pytest.raises(TypeError, match="e: expected a writeable"):
+        lowband._core.ef_topk(np.zeros(10, np.float32)[::2], np.zeros(5, np.float32), 1)
+    with pytest.raises(TypeError, match="g: expected a float32"):
+        lowband._core.ef_topk(np.zeros(10, np.float32), np.zeros(10), 1)
+    with pytest.raises(ValueError, match="g: expected 10 elements"):
+        lowband._core.ef_topk(np.zeros(10, np.float32), np.zeros(9, np.float32), 1)
+    with pytest.raises(ValueError, match="k"):
+        lowband._core.ef_topk(np.zeros(10, np.float32), np.zeros(10, np.float32), 11)
