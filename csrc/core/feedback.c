@@ -227,7 +227,7 @@ lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
         uint64_t *buf = malloc((size_t)3 * (size_t)chunk * sizeof(uint64_t));
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
         for (uint64_t c = 0; c < nchunks; c++) {
             if (!buf)
                 continue;

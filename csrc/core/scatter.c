@@ -130,7 +130,7 @@ lb_status lb_aggregate(const lb_sparse_view *payloads, uint64_t num_payloads,
                 lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         }
         int ok = op != LB_AGG_CONTRIBUTOR_MEAN || contrib;
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
         for (uint64_t b = 0; b < blocks; b++) {
             if (!ok)
                 continue;

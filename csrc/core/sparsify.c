@@ -642,7 +642,7 @@ lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
         uint64_t *buf = malloc((size_t)3 * (size_t)chunk * sizeof(uint64_t));
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
         for (uint64_t c = 0; c < nchunks; c++) {
             if (!buf)
                 continue;
@@ -726,7 +726,7 @@ lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
         uint64_t *cnt = malloc((size_t)tcols * 2 * sizeof(uint64_t) + 1);
         if (!buf || !vals || !cnt)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
         for (uint64_t bd = 0; bd < bands; bd++) {
             if (!buf || !vals || !cnt)
                 continue;
