@@ -238,10 +238,8 @@ lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
             /* p into e for this chunk (cache resident), then select on e */
             ef_collect_range(ki, e, g, b, b + m, decay, scale, UINT64_MAX, NULL,
                              NULL, 0, &nf);
-            for (uint64_t j = 0; j < m; j++)
-                buf[j] = b + j;
             uint64_t *oi = out->indices + c * k_per_chunk;
-            uint64_t bad = topk_small(ki, e, buf, m, kk, buf + chunk, buf + 2 * chunk,
+            uint64_t bad = topk_small(ki, e, b, NULL, m, kk, buf + chunk, buf + 2 * chunk,
                                       oi, (char *)out->values +
                                               c * k_per_chunk * (uint64_t)ki->width);
             if (bad != UINT64_MAX && check_finite)

@@ -67,11 +67,14 @@ lb_status sparse_alloc(lb_sparse *out, uint64_t count, int width);
 lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
                                int nparts, uint64_t k, uint64_t hi,
                                lb_sparse *out);
-/* Top-kk of the m elements of x at ascending positions pos[] (see
- * sparsify.c); returns the first non-finite position or UINT64_MAX.       */
-uint64_t topk_small(const keyinfo *ki, const void *x, const uint64_t *pos,
-                    uint64_t m, uint64_t kk, uint64_t *keys, uint64_t *scratch,
-                    uint64_t *out_idx, void *out_values);
+/* Top-kk of the m elements of x at ascending positions pos[] (base + j
+ * when pos is NULL): positions and raw bits to out_idx/out_values in
+ * ascending order.  keys and scratch hold m entries each.  Returns the
+ * first non-finite position or UINT64_MAX.                                 */
+uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
+                    const uint64_t *pos, uint64_t m, uint64_t kk,
+                    uint64_t *keys, uint64_t *scratch, uint64_t *out_idx,
+                    void *out_values);
 /* Position of sample j (< TOPK_SAMPLE) in a vector of n >= TOPK_SAMPLE_MIN_N. */
 uint64_t sample_position(uint64_t n, uint64_t j);
 /* Bounds lo/hi and the expected candidate count from the keys of the

@@ -583,36 +583,84 @@ lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
 /* Top-kk of the m keys gathered from positions pos[0..m) (ascending): writes
  * the chosen positions and raw bits in ascending order.  keys and scratch
  * hold m entries.  Returns the first non-finite position or UINT64_MAX.   */
-uint64_t topk_small(const keyinfo *ki, const void *x,
-                           const uint64_t *pos, uint64_t m, uint64_t kk,
-                           uint64_t *keys, uint64_t *scratch,
-                           uint64_t *out_idx, void *out_values)
+uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
+                    const uint64_t *pos, uint64_t m, uint64_t kk,
+                    uint64_t *keys, uint64_t *scratch, uint64_t *out_idx,
+                    void *out_values)
 {
-    uint64_t bad = UINT64_MAX;
-    for (uint64_t j = 0; j < m; j++) {
-        keys[j] = raw_at(ki, x, pos[j]) & ki->mask;
-        if (keys[j] >= ki->inf && bad == UINT64_MAX)
-            bad = pos[j];
-    }
-    if (kk == 0)
-        return bad;
-    uint64_t T = 0, ties = kk;
-    if (kk < m) {
-        T = kth_largest(keys, m, kk, scratch);
-        for (uint64_t j = 0; j < m; j++)
-            ties -= keys[j] > T;
-    }
-    uint64_t o = 0;
-    for (uint64_t j = 0; j < m && o < kk; j++) {
-        if (keys[j] > T || (keys[j] == T && ties > 0)) {
-            if (keys[j] == T)
-                ties--;
-            out_idx[o] = pos[j];
-            store_raw(ki, out_values, o, raw_at(ki, x, pos[j]));
-            o++;
+#define POS(j) (pos ? pos[j] : base + (j))
+    uint64_t maxkey = 0;
+    if (!pos && ki->width == 4) {   /* contiguous float32: vectorises */
+        const uint32_t *xb = (const uint32_t *)x + base;
+        for (uint64_t j = 0; j < m; j++) {
+            keys[j] = xb[j] & LB_KEY32_MASK;
+            maxkey = keys[j] > maxkey ? keys[j] : maxkey;
+        }
+    } else if (!pos) {
+        const uint64_t *xb = (const uint64_t *)x + base;
+        for (uint64_t j = 0; j < m; j++) {
+            keys[j] = xb[j] & LB_KEY64_MASK;
+            maxkey = keys[j] > maxkey ? keys[j] : maxkey;
+        }
+    } else {
+        for (uint64_t j = 0; j < m; j++) {
+            keys[j] = raw_at(ki, x, pos[j]) & ki->mask;
+            maxkey = keys[j] > maxkey ? keys[j] : maxkey;
         }
     }
+    uint64_t bad = UINT64_MAX;
+    if (maxkey >= ki->inf)
+        for (uint64_t j = 0; j < m && bad == UINT64_MAX; j++)
+            if (keys[j] >= ki->inf)
+                bad = POS(j);
+    if (kk == 0)
+        return bad;
+    uint64_t T = 0, greater = 0;
+    if (kk < m) {
+        /* level 1: 2048 bins over the exponent (and, for float32, the top
+         * 3 mantissa bits); then the exact k-th key inside the bin alone */
+        int shift = ki->width == 4 ? 20 : 52;
+        uint32_t hist[2048];
+        memset(hist, 0, sizeof hist);
+        for (uint64_t j = 0; j < m; j++)
+            hist[keys[j] >> shift]++;
+        uint64_t above = 0, b = maxkey >> shift;
+        while (above + hist[b] < kk) {
+            above += hist[b];
+            b--;
+        }
+        uint64_t nc = hist[b];
+        if (2 * nc <= m) {
+            uint64_t w = 0;
+            for (uint64_t j = 0; j < m; j++)
+                if ((keys[j] >> shift) == b)
+                    scratch[w++] = keys[j];
+            T = kth_largest(scratch, nc, kk - above, scratch + nc);
+            greater = above;
+            for (uint64_t j = 0; j < nc; j++)
+                greater += scratch[j] > T;
+        } else {
+            T = kth_largest(keys, m, kk, scratch);
+            for (uint64_t j = 0; j < m; j++)
+                greater += keys[j] > T;
+        }
+    }
+    /* branch-free compaction of the chosen j into scratch (room for m) */
+    uint64_t ties = kk - greater, o = 0;
+    for (uint64_t j = 0; j < m; j++) {
+        uint64_t eq = keys[j] == T;
+        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
+        ties -= eq & take;
+        scratch[o] = j;
+        o += take;
+    }
+    for (o = 0; o < kk; o++) {
+        uint64_t at = POS(scratch[o]);
+        out_idx[o] = at;
+        store_raw(ki, out_values, o, raw_at(ki, x, at));
+    }
     return bad;
+#undef POS
 }
 
 lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
@@ -649,9 +697,7 @@ lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
             uint64_t b = c * chunk;
             uint64_t m = (n - b) < chunk ? n - b : chunk;
             uint64_t kk = m < k_per_chunk ? m : k_per_chunk;
-            for (uint64_t j = 0; j < m; j++)
-                buf[j] = b + j;
-            uint64_t bad = topk_small(ki, x, buf, m, kk, buf + chunk,
+            uint64_t bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk,
                                       buf + 2 * chunk,
                                       out->indices + c * k_per_chunk,
                                       (char *)out->values +
@@ -741,7 +787,7 @@ lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
                 for (uint64_t r = 0; r < h; r++)
                     for (uint64_t c = 0; c < w; c++)
                         buf[r * w + c] = (r0 + r) * cols + c0 + c;
-                uint64_t bad = topk_small(ki, x, buf, m, kk, buf + tile_max,
+                uint64_t bad = topk_small(ki, x, 0, buf, m, kk, buf + tile_max,
                                           buf + 2 * tile_max,
                                           picks + tc * k_per_tile,
                                           vals + tc * k_per_tile * (uint64_t)ki->width);
