@@ -10,7 +10,10 @@ The suites live in the package (lowband/_bench_*.py) so that
 import os
 import sys
 
-from lowband._bench import main
+# lowband uses no BLAS; NumPy's idle OpenBLAS pool would compete for cores.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from lowband._bench import main  # noqa: E402  (after the environment is set)
 
 if __name__ == "__main__":
     args = sys.argv[1:]

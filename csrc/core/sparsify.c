@@ -993,6 +993,23 @@ static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
     }
 }
 
+/* Draw i of Floyd's algorithm: uniform in [0, bound).  When bound <= 2^32
+ * it uses the 32-bit word i of the stream (lane i%4 of block i/4, passed as
+ * `word`) by Lemire's multiply-shift; a rejected word, or a larger bound,
+ * takes 64-bit words from blocks ceil(draws/4) + r*draws + i, r = 0, 1, ...
+ * (lanes 1:0).  Exactly uniform; see _reference.randomk_indices.          */
+static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
+                           uint64_t draws, uint64_t bound)
+{
+    if (bound <= ((uint64_t)1 << 32)) {
+        uint64_t m = (uint64_t)word * bound;
+        uint32_t threshold = (uint32_t)(((uint64_t)1 << 32) - bound) % (uint32_t)bound;
+        if (bound == ((uint64_t)1 << 32) || (uint32_t)m >= threshold)
+            return m >> 32;
+    }
+    return lb_philox_below(key, (draws + 3) / 4 + i, draws, bound);
+}
+
 lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                              uint64_t step, uint64_t *indices)
 {
@@ -1019,11 +1036,14 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         set.mask = size - 1;
     }
     /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
-     * when t is already in.  Draw i uses counters i, i+draws, i+2*draws...  */
+     * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
+    lb_u32x4 block = {{0, 0, 0, 0}};
     for (uint64_t i = 0; i < draws; i++) {
         uint64_t j = n - draws + i;
-        uint64_t t = lb_philox_below(&key, i, draws, j + 1);
+        if ((i & 3) == 0)
+            block = lb_philox_block(&key, i >> 2);
+        uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
         if (!idxset_add(&set, t))
             idxset_add(&set, j);
     }

@@ -169,7 +169,7 @@ def main(argv=None):
         ap.error(f"unknown suite(s) {sorted(unknown)}; known: {discover_suites()}")
     print(f"lowband {lowband.__version__} | isa {lowband.isa()} | threads {args.threads} | "
           f"size {args.size} | numpy {np.__version__} | python {platform.python_version()} | "
-          f"{os.cpu_count()} cpus")
+          f"{os.cpu_count()} cpus | OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
     rows = run(args.suites or None, args.size, args.threads, args.reps, args.quick)
     missed = [f"{r['suite']}: {r['case']} {t['target']}" for r in rows for t in r["targets"] if not t["met"]]
     print(f"\n{len(rows)} cases; targets missed: {', '.join(missed) if missed else 'none'}")

@@ -219,16 +219,27 @@ def _key_value(key, dtype):
 
 
 def randomk_indices(n, k, seed, step):
-    """Twin of lb_randomk_indices: Floyd's algorithm on the Philox stream
-    (drawing the complement when k > n/2), sorted."""
+    """Twin of lb_randomk_indices: Floyd's algorithm (drawing the complement
+    when k > n/2), sorted.  Draw i, uniform in [0, bound) with bound =
+    n - draws + i + 1, uses the 32-bit stream word i (lane i % 4 of block
+    i // 4) by Lemire's multiply-shift when bound <= 2**32; a rejected word or
+    a larger bound takes 64-bit words from blocks ceil(draws/4) + r*draws + i."""
     if k == 0:
         return np.zeros(0, dtype=index_dtype(n))
     complement = k > n // 2
     draws = n - k if complement else k
+    words = philox_words(seed, step, DOMAIN_RANDOMK, 0, draws).astype(np.uint64)
     chosen = set()
     for i in range(draws):
         j = n - draws + i
-        t = philox_below(seed, step, DOMAIN_RANDOMK, i, draws, j + 1)
+        bound = j + 1
+        t = None
+        if bound <= 1 << 32:
+            m = int(words[i]) * bound
+            if bound == 1 << 32 or (m & 0xFFFFFFFF) >= ((1 << 32) - bound) % bound:
+                t = m >> 32
+        if t is None:
+            t = philox_below(seed, step, DOMAIN_RANDOMK, (draws + 3) // 4 + i, draws, bound)
         chosen.add(j if t in chosen else t)
     if complement:
         mask = np.ones(n, dtype=bool)
