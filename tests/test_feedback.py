@@ -197,3 +197,20 @@ def test_bad_arguments():
         F.DGC(np.zeros(5), 2.0)
     with pytest.raises(ValueError, match="spec"):
         F.EF21("bogus", np.zeros(5))
+
+
+def test_concurrent_steps_on_one_object_are_serialised():
+    import threading
+    n = 300000
+    g = make_vector(n, np.float32, seed=3)
+    shared = F.ErrorFeedback("topk:0.01", np.zeros(n, np.float32))
+    seq = F.ErrorFeedback("topk:0.01", np.zeros(n, np.float32))
+    for _ in range(8):
+        seq.step(g)
+    ts = [threading.Thread(target=lambda: [shared.step(g) for _ in range(4)]) for _ in range(2)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    assert shared.t == 8
+    assert_same(shared.error, seq.error)
