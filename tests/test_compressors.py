@@ -126,3 +126,62 @@ def test_bad_spec_types():
         C.TopK()
     with pytest.raises(TypeError):
         C.TopK(10).decompress(np.zeros(3))
+
+
+@pytest.mark.parametrize("comp,direct", [
+    (C.Sign("l1"), lambda x, s: lowband.sign(x, scale="l1")),
+    (C.Sign("rms", block=256), lambda x, s: lowband.sign(x, scale="rms", block=256)),
+    (C.Blockwise(4), lambda x, s: lowband.quantize(x, 4, block=64)),
+    (C.Blockwise(8, block=128, rounding="stochastic", seed=3),
+     lambda x, s: lowband.quantize(x, 8, block=128, rounding="stochastic", seed=3, step=s)),
+    (C.QSGD(16, seed=2), lambda x, s: lowband.qsgd(x, 16, seed=2, step=s)),
+    (C.TernGrad(seed=4), lambda x, s: lowband.terngrad(x, seed=4, step=s)),
+    (C.Natural(seed=5), lambda x, s: lowband.natural(x, seed=5, step=s)),
+    (C.MiniFloat(3, 0), lambda x, s: lowband.minifloat(x, 3, 0, block=128)),
+    (C.Lut2Bit(), lambda x, s: lowband.lut2bit(x)),
+    (C.Cast("float16"), lambda x, s: lowband.cast(x, "float16")),
+    (C.Cast("bfloat16"), lambda x, s: lowband.cast(x, "bfloat16")),
+])
+def test_quantizers_equal_the_functions(comp, direct):
+    for step in range(2):
+        p = comp.compress(X)
+        assert p == direct(X, step)
+        assert np.array_equal(comp.decompress(p), p.dequantize())
+        assert lowband.decode(lowband.encode(p)) == p
+    assert C.from_spec(comp.spec) == comp
+
+
+def test_unbiased_flags():
+    assert C.QSGD(4).unbiased and C.Natural().unbiased and C.Blockwise(4, rounding="stochastic").unbiased
+    assert not C.Blockwise(4).unbiased and not C.Sign().unbiased and not C.Lut2Bit().unbiased
+    assert C.TernGrad(clip=None).unbiased and not C.TernGrad().unbiased
+    assert C.Cast().summable and not C.Sign().summable
+
+
+@pytest.mark.parametrize("spec", ["topk:0.01+lut2bit", "topk:0.01+fp16", "chunked:64x64:128+lut2bit",
+                                  "randomk:0.01:seed=3+bf16", "topk:50+blockwise:8:block=16",
+                                  "sampled:0.01+sign:none", "threshold:2.0+qsgd:8"])
+def test_chains_end_to_end(spec):
+    c = C.from_spec(spec)
+    x = X.reshape(100, 100) if "x" in spec.split(":")[1] else X
+    p = c.compress(x)
+    assert isinstance(p, lowband.Sparse) and isinstance(p.values, lowband.Quantized)
+    b = lowband.encode(p)
+    assert len(b) == p.nbytes
+    q = lowband.decode(b)
+    assert q == p
+    dense = c.decompress(q)
+    assert dense.shape == x.shape
+    expect = np.zeros(x.size, np.float32)
+    expect[p.indices] = p.values.dequantize()
+    assert np.array_equal(dense.reshape(-1), expect)
+    # fewer bytes than the raw sparse payload
+    assert p.nbytes < c.first.compress(x, step=0).nbytes or "fp16" in spec or "bf16" in spec
+
+
+def test_half_input_chain_keeps_dtype():
+    ml_dtypes = pytest.importorskip("ml_dtypes")
+    xb = X.astype(ml_dtypes.bfloat16)
+    p = C.from_spec("topk:0.01+lut2bit").compress(xb)
+    assert p.dtype == xb.dtype and p.values.dtype == xb.dtype
+    assert lowband.decode(lowband.encode(p)) == p

@@ -13,6 +13,7 @@ import numpy as np
 
 from . import _core
 from ._payload import Scheme, register_scheme
+from ._validate import BFLOAT16
 
 __all__ = ["SCHEMES", "packed_bytes", "nblocks", "emax_of", "work_dtype"]
 
@@ -63,11 +64,23 @@ def _check_scales(a, name):
         raise ValueError(f"{name}: expected finite, non-negative values")
 
 
+def _to_bfloat16(out, fill, threads):
+    """Runs fill(tmp) on a float32 temporary, then rounds it into the
+    bfloat16 array `out` (round to nearest even, as ml_dtypes does)."""
+    tmp = np.empty(out.shape, np.float32)
+    fill(tmp)
+    out[...] = tmp.astype(out.dtype)
+
+
 def _decode(q, out, threads, bits, table, mult, block):
     wd = work_dtype(q.dtype)
     table = np.ascontiguousarray(table, dtype=wd)
     if mult is not None:
         mult = np.ascontiguousarray(mult, dtype=wd)
+    if BFLOAT16 is not None and out.dtype == BFLOAT16:
+        _to_bfloat16(out, lambda tmp: _core.table_decode(q.arrays["codes"], q.size, bits, table,
+                                                         mult, block, tmp, threads), threads)
+        return
     _core.table_decode(q.arrays["codes"], q.size, bits, table, mult, block, out, threads)
 
 
@@ -297,6 +310,13 @@ class CastScheme(Scheme):
         return {"codes": (np.uint16, size)}
 
     def dequantize(self, q, out, threads):
+        if BFLOAT16 is not None and out.dtype == BFLOAT16:
+            if self.code == 4:   # bfloat16 bits into a bfloat16 tensor: a copy
+                out.view(np.uint16)[...] = q.arrays["codes"]
+            else:
+                _to_bfloat16(out, lambda tmp: _core.widen(q.arrays["codes"], self.code, tmp, threads),
+                             threads)
+            return
         _core.widen(q.arrays["codes"], self.code, out, threads)
 
 

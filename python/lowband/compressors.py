@@ -21,6 +21,8 @@ canonical string back (``from_spec(c.spec)`` rebuilds ``c``).
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
@@ -253,8 +255,8 @@ class Identity(Compressor):
 # --------------------------------------------------------------------------
 
 def _q():
-    from . import quantize
-    return quantize
+    # the module (the package attribute `lowband.quantize` is the function)
+    return importlib.import_module(".quantize", __package__)
 
 
 class Sign(Compressor):
@@ -329,22 +331,26 @@ class QSGD(Compressor):
 
 
 class TernGrad(Compressor):
-    """TernGrad (unbiased ternary)."""
+    """TernGrad: ternary codes after clipping at ``clip`` standard deviations
+    (2.5, the paper's; unbiased for the clipped gradient; ``clip=None``
+    gives an unbiased estimate of x itself)."""
 
     name = "terngrad"
-    _kwargs = ("seed",)
+    _kwargs = ("seed", "clip")
     randomized = True
-    unbiased = True
 
-    def __init__(self, *, seed=0, threads=None):
+    def __init__(self, *, seed=0, clip=2.5, threads=None):
         super().__init__(threads)
         self.seed = check_seed(seed)
+        self.clip = None if clip is None else check_finite_number(clip, "clip", 0.0, lo_open=True)
+
+    unbiased = property(lambda self: self.clip is None)
 
     def _defaults(self):
-        return {"seed": 0}
+        return {"seed": 0, "clip": 2.5}
 
     def _compress(self, x, step):
-        return _q().terngrad(x, seed=self.seed, step=step, threads=self.threads)
+        return _q().terngrad(x, seed=self.seed, step=step, clip=self.clip, threads=self.threads)
 
 
 class Natural(Compressor):
@@ -454,11 +460,13 @@ _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}
 
 
-def _parse_value(text):
+def _parse_value(text, keyword=False):
+    """A spec value: bool, int, float, or str; ``none``/``null`` is None for
+    keyword values only (``sign:none`` keeps the scale name "none")."""
     low = text.lower()
     if low in ("true", "false"):
         return low == "true"
-    if low == "none":
+    if keyword and low in ("none", "null"):
         return None
     try:
         return int(text)
@@ -524,7 +532,7 @@ def _from_string(text):
         for item in rest:
             if "=" in item:
                 k, v = item.split("=", 1)
-                kwargs[k.strip()] = _parse_value(v.strip())
+                kwargs[k.strip()] = _parse_value(v.strip(), keyword=True)
             else:
                 if kwargs:
                     raise ValueError(f"spec: positional argument {item!r} after keyword arguments in {stage!r}")

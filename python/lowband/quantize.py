@@ -4,7 +4,7 @@ Every quantizer takes a float32, float64, float16 or bfloat16 array (any
 shape, read as its flattened C-order vector; float16/bfloat16 are widened
 to float32 exactly), leaves it unchanged and returns a ``lowband.Quantized``
 whose ``dequantize()`` gives the decoded tensor back in the input dtype
-(float32 for bfloat16 input until the payload format carries bfloat16).
+(a float16 or bfloat16 input decodes to its own dtype).
 Codes are packed LSB first into one bit stream; scales are float32.
 Results are byte-identical for every thread count and instruction set;
 randomised quantizers draw from Philox4x32-10 keyed by ``seed`` with a
@@ -22,20 +22,14 @@ import numpy as np
 from . import _core
 from ._payload import DTYPE_CODES, Quantized
 from ._schemes import SCHEMES, MinifloatScheme, QSGDScheme, emax_of, nblocks, packed_bytes
-from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_number,
-                        check_int, check_seed, check_step, check_threads)
+from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, check_choice,
+                        check_finite_number, check_int, check_seed, check_step, check_threads)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
            "cast", "pack_bits", "unpack_bits"]
 
-try:  # bfloat16 arrays come from ml_dtypes (optional)
-    import ml_dtypes as _ml_dtypes
-    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover - ml_dtypes is optional
-    BFLOAT16 = None
-
 F16 = np.dtype(np.float16)
-INPUT_DTYPES = FLOAT_DTYPES + (F16,) + ((BFLOAT16,) if BFLOAT16 is not None else ())
+INPUT_DTYPES = ANY_FLOAT_DTYPES
 _NARROW_CODES = {"float16": 3, "bfloat16": 4}
 MAX_BLOCK = 1 << 40
 
@@ -248,7 +242,3 @@ def unpack_bits(buf, bits, n, *, threads=None):
                          f"got {arr.size}")
     return _core.unpack_bits(arr, bits, n, threads)
 
-
-# `from .quantize import *` in the package rebinds the name `quantize` to the
-# function above, and the package then reads `quantize.__all__`.
-quantize.__all__ = __all__
