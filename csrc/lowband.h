@@ -340,6 +340,13 @@ lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
                           const void *table, const void *mult, uint64_t block,
                           lb_dtype out_dt, void *out, int nthreads);
 
+/* e[i] = e[i] - D[i] with D exactly as lb_table_decode computes it, for a
+ * float32 or float64 e (the residual update of error feedback, without a
+ * decoded temporary).                                                      */
+lb_status lb_table_subtract(const uint8_t *codes, uint64_t n, int bits,
+                            const void *table, const void *mult, uint64_t block,
+                            lb_dtype dt, void *e, int nthreads);
+
 /* Conversions between float32/float64 and float16/bfloat16 bit patterns
  * (uint16), round to nearest even, directly from float64 (no double
  * rounding); NaN stays NaN.  With check_finite, a non-finite input or a

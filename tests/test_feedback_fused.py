@@ -106,3 +106,63 @@ def test_core_rejects_bad_state():
         lowband._core.ef_topk(np.zeros(10, np.float32), np.zeros(9, np.float32), 1)
     with pytest.raises(ValueError, match="k"):
         lowband._core.ef_topk(np.zeros(10, np.float32), np.zeros(10, np.float32), 11)
+
+
+class GenericSign(C.Sign):
+    pass
+
+
+class GenericBlockwise(C.Blockwise):
+    pass
+
+
+class GenericLut(C.Lut2Bit):
+    pass
+
+
+class GenericQSGD(C.QSGD):
+    pass
+
+
+class GenericMini(C.MiniFloat):
+    pass
+
+
+QUANT_PAIRS = [
+    (lambda: C.Sign("l1"), lambda: GenericSign("l1")),
+    (lambda: C.Sign("rms", block=4096), lambda: GenericSign("rms", block=4096)),
+    (lambda: C.Blockwise(4), lambda: GenericBlockwise(4)),
+    (lambda: C.Blockwise(8, rounding="stochastic", seed=2), lambda: GenericBlockwise(8, rounding="stochastic", seed=2)),
+    (lambda: C.Lut2Bit(), lambda: GenericLut()),
+    (lambda: C.QSGD(16, seed=1), lambda: GenericQSGD(16, seed=1)),
+    (lambda: C.MiniFloat(3, 0), lambda: GenericMini(3, 0)),
+]
+
+
+def run_quant_pair(make_fused, make_generic, make_fb, n, dtype, steps=3):
+    a, b = make_fb(make_fused(), n, dtype), make_fb(make_generic(), n, dtype)
+    for t in range(steps):
+        g = make_vector(n, dtype, "heavy", seed=t)
+        assert a.step(g) == b.step(g)
+        assert_same(a.error, b.error, "error")
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("pair", range(len(QUANT_PAIRS)))
+def test_fused_quantizer_feedback_equals_generic(pair, dtype):
+    run_quant_pair(*QUANT_PAIRS[pair], lambda c, n, dt: F.ErrorFeedback(c, np.zeros(n, dt)), 300007, dtype)
+    run_quant_pair(*QUANT_PAIRS[pair], lambda c, n, dt: F.DecayedFeedback(c, np.zeros(n, dt), beta=0.9),
+                   1001, dtype)
+
+
+def test_fused_sign_every_isa_and_thread_count(isa):
+    for t in THREADS:
+        run_quant_pair(*QUANT_PAIRS[0], lambda c, n, dt: F.ErrorFeedback(c, np.zeros(n, dt), threads=t),
+                       300007, np.float32, steps=2)
+
+
+def test_table_subtract_rejects_half_out():
+    from lowband import _schemes
+    q = lowband.sign(make_vector(100))
+    with pytest.raises(TypeError, match="subtracting"):
+        _schemes.SCHEMES["sign"].subtract_decoded(q, np.zeros(100, np.float16), None)

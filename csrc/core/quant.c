@@ -798,12 +798,17 @@ lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
 /* Decoding                                                                  */
 /* ------------------------------------------------------------------------ */
 
-lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
-                          const void *table, const void *mult, uint64_t block,
-                          lb_dtype out_dt, void *out, int nthreads)
+/* The decoding loop shared by lb_table_decode (out = D) and
+ * lb_table_subtract (out = out - D): D is computed by the lookup leaf in the
+ * output precision (float32 for float32/float16), then stored or
+ * subtracted (float16 outputs only store).                                 */
+static lb_status table_decode(const uint8_t *codes, uint64_t n, int bits,
+                              const void *table, const void *mult,
+                              uint64_t block, lb_dtype out_dt, void *out,
+                              int subtract, int nthreads)
 {
     if (bits < 1 || bits > 8 || !table ||
-        !(out_dt == LB_F32 || out_dt == LB_F64 || out_dt == LB_F16) ||
+        !(out_dt == LB_F32 || out_dt == LB_F64 || (out_dt == LB_F16 && !subtract)) ||
         (n && (!codes || !out)))
         return LB_EINVAL;
     uint64_t B = block ? block : (n ? n : 1);
@@ -814,6 +819,7 @@ lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
     {
         uint8_t c[LB_QTILE];
         float f[LB_QTILE];
+        double d[LB_QTILE];
         LB_OMP(omp for schedule(static))
         for (uint64_t k = 0; k < nchunks; k++) {
             uint64_t end = (k + 1) * LB_CHUNK < n ? (k + 1) * LB_CHUNK : n;
@@ -826,19 +832,43 @@ lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
                     if (out_dt == LB_F64)
                         fns->lookup64(c + (i - t), e - i, table,
                                       mult ? ((const double *)mult)[b] : 1.0,
-                                      (double *)out + i);
+                                      subtract ? d + (i - t) : (double *)out + i);
                     else
                         fns->lookup32(c + (i - t), e - i, table,
                                       mult ? ((const float *)mult)[b] : 1.0f,
-                                      out_dt == LB_F32 ? (float *)out + i : f + (i - t));
+                                      out_dt == LB_F32 && !subtract ? (float *)out + i
+                                                                    : f + (i - t));
                     i = e;
                 }
-                if (out_dt == LB_F16)
+                if (out_dt == LB_F16) {
                     fns->f32_to_f16(f, m, (uint16_t *)out + t);
+                } else if (subtract && out_dt == LB_F32) {
+                    float *o = (float *)out + t;
+                    for (uint64_t j = 0; j < m; j++)
+                        o[j] = o[j] - f[j];
+                } else if (subtract) {
+                    double *o = (double *)out + t;
+                    for (uint64_t j = 0; j < m; j++)
+                        o[j] = o[j] - d[j];
+                }
             }
         }
     }
     return LB_OK;
+}
+
+lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
+                          const void *table, const void *mult, uint64_t block,
+                          lb_dtype out_dt, void *out, int nthreads)
+{
+    return table_decode(codes, n, bits, table, mult, block, out_dt, out, 0, nthreads);
+}
+
+lb_status lb_table_subtract(const uint8_t *codes, uint64_t n, int bits,
+                            const void *table, const void *mult, uint64_t block,
+                            lb_dtype dt, void *e, int nthreads)
+{
+    return table_decode(codes, n, bits, table, mult, block, dt, e, 1, nthreads);
 }
 
 /* ------------------------------------------------------------------------ */

@@ -246,9 +246,9 @@ static PyObject *py_table_decode(PyObject *self, PyObject *args)
 {
     PyObject *codes, *table, *mult, *out, *threads;
     unsigned long long n, block;
-    int bits, nt;
-    if (!PyArg_ParseTuple(args, "OKiOOKOO:table_decode", &codes, &n, &bits, &table, &mult,
-                          &block, &out, &threads))
+    int bits, nt, subtract = 0;
+    if (!PyArg_ParseTuple(args, "OKiOOKOO|p:table_decode", &codes, &n, &bits, &table, &mult,
+                          &block, &out, &threads, &subtract))
         return NULL;
     if (bits < 1 || bits > 8) {
         PyErr_Format(PyExc_ValueError, "bits: expected 1..8, got %d", bits);
@@ -260,6 +260,10 @@ static PyObject *py_table_decode(PyObject *self, PyObject *args)
     }
     lb_dtype dt = lb_py_dtype_of((PyArrayObject *)out);
     int wide = dt == LB_F64, tt = wide ? NPY_FLOAT64 : NPY_FLOAT32;
+    if (subtract && dt != LB_F32 && dt != LB_F64) {
+        PyErr_SetString(PyExc_TypeError, "out: subtracting needs a float32 or float64 array");
+        return NULL;
+    }
     if (!dt || dt == LB_BF16 || want_array(out, "out", lb_py_typenum(dt), n, 1) < 0 ||
         want_array(codes, "codes", NPY_UINT8, lb_packed_bytes(n, bits), 0) < 0 ||
         want_array(table, "table", tt, (uint64_t)1 << bits, 0) < 0 ||
@@ -272,7 +276,8 @@ static PyObject *py_table_decode(PyObject *self, PyObject *args)
     const void *m = mult == Py_None ? NULL : PyArray_DATA((PyArrayObject *)mult);
     void *o = PyArray_DATA((PyArrayObject *)out);
     lb_status st;
-    LB_NOGIL(n, st = lb_table_decode(c, n, bits, t, m, block, dt, o, nt));
+    LB_NOGIL(n, st = subtract ? lb_table_subtract(c, n, bits, t, m, block, dt, o, nt)
+                              : lb_table_decode(c, n, bits, t, m, block, dt, o, nt));
     if (st != LB_OK)
         return lb_py_raise(st, NULL, "dequantize", "codes", NULL);
     Py_RETURN_NONE;
@@ -453,7 +458,8 @@ PyMethodDef lb_quant_methods[] = {
      "minifloat(x, exp_bits, man_bits, block, kmax, check_finite, threads)"},
     {"lut2bit", py_lut2bit, METH_VARARGS, "lut2bit(x, check_finite, threads)"},
     {"table_decode", py_table_decode, METH_VARARGS,
-     "table_decode(codes, n, bits, table, mult, block, out, threads)"},
+     "table_decode(codes, n, bits, table, mult, block, out, threads, subtract=False): "
+     "out = D, or out -= D"},
     {"narrow", py_narrow, METH_VARARGS, "narrow(x, to, check_finite, threads)"},
     {"widen", py_widen, METH_VARARGS, "widen(codes, from, out, threads)"},
     {"pack_bits", py_pack_bits, METH_VARARGS, "pack_bits(codes, bits, threads)"},

@@ -52,8 +52,33 @@ def cases(ctx):
 
     out.append(Case("EF + chunked 128/4096 (fused)", lambda: fbc.step(g), {"numpy": numpy_ef_chunked},
                     g.nbytes, copy))
+    fbs = lowband.ErrorFeedback("sign:l1", np.zeros(n, np.float32))
+    e_sign = np.zeros(n, np.float32)
+
+    def numpy_ef_sign():
+        p = e_sign + g
+        s = np.float32(np.abs(p).mean())
+        bits = np.packbits(p >= 0, bitorder="little")
+        e_sign[:] = p - np.where(p >= 0, s, -s)
+        return bits, s
+
+    if torch:
+        te_s = torch.zeros(n)
+
+        def torch_ef_sign():
+            te_s.add_(tg)
+            s = te_s.abs().mean()
+            sgn = te_s >= 0
+            te_s.sub_(torch.where(sgn, s, -s))
+            return sgn, s
+
+    out.append(Case("EF + sign l1 (fused)", lambda: fbs.step(g),
+                    {"numpy": numpy_ef_sign, "torch": torch_ef_sign if torch else None},
+                    g.nbytes, copy, {"copy": 2}))
     if ctx.quick:
         return out
+    fbq = lowband.ErrorFeedback("blockwise:4", np.zeros(n, np.float32))
+    out.append(Case("EF + blockwise 4-bit (fused)", lambda: fbq.step(g), {}, g.nbytes, copy))
     fbr = lowband.ErrorFeedback("randomk:0.01", np.zeros(n, np.float32))
     out.append(Case("EF + randomk 1%", lambda: fbr.step(g), {}, g.nbytes, copy))
     return out

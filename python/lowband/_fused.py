@@ -5,9 +5,14 @@ path.  Every fused kernel produces exactly the bytes of the generic path
 (tests/test_feedback_fused.py checks this)."""
 
 from . import _core
-from ._payload import Sparse
+from ._payload import Sparse, get_scheme
 from ._validate import k_from_ratio
-from .compressors import ChunkedTopK, RandomK, TopK
+from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natural, RandomK, Sign,
+                          TernGrad, TopK)
+
+# Quantizers decoded as table[code] * mult[block]: compensation in C, the
+# quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
+_TABLE_QUANTIZERS = (Sign, Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit)
 
 
 def residual_step(fb, e, g, scale):
@@ -31,6 +36,11 @@ def residual_step(fb, e, g, scale):
             e[payload.indices] -= vals     # p - (n/k) p, as the generic path
         else:
             e[payload.indices] = 0         # p - p
+        return payload
+    if kind in _TABLE_QUANTIZERS:
+        _core.ef_axpby(e, g, fb.decay, scale, True, threads)
+        payload = comp.compress(e.reshape(fb.shape), step=fb.t)
+        get_scheme(payload.scheme).subtract_decoded(payload, e, threads)
         return payload
     return None
 

@@ -89,7 +89,28 @@ def _linear_table(bits, offset, step=1):
     return step * np.arange(1 << bits, dtype=np.float64) - offset
 
 
-class _Linear(Scheme):
+class _Table(Scheme):
+    """A scheme decoded as table[code] * mult[block] (every scheme but the
+    casts): ``decode_args(q)`` gives (bits, table, mult, block) once, for
+    ``dequantize`` and for error feedback's in-place residual update."""
+
+    def decode_args(self, q):
+        raise NotImplementedError
+
+    def dequantize(self, q, out, threads):
+        _decode(q, out, threads, *self.decode_args(q))
+
+    def subtract_decoded(self, q, e, threads):
+        """e -= D(q) in place (e float32/float64 of q.size elements)."""
+        bits, table, mult, block = self.decode_args(q)
+        wd = work_dtype(q.dtype)
+        table = np.ascontiguousarray(table, dtype=wd)
+        if mult is not None:
+            mult = np.ascontiguousarray(mult, dtype=wd)
+        _core.table_decode(q.arrays["codes"], q.size, bits, table, mult, block, e, threads, True)
+
+
+class _Linear(_Table):
     """Codes c mean (step * c - offset) * scale[block]."""
 
     arrays = ("codes", "scales")
@@ -125,9 +146,9 @@ class SignScheme(_Linear):
         _check_scales(q.arrays["scales"], "scales")
         _check_codes(q, 1, 1)
 
-    def dequantize(self, q, out, threads):
+    def decode_args(self, q):
         mult = q.arrays["scales"] if q.params["scale"] else None
-        _decode(q, out, threads, 1, [-1.0, 1.0], mult, q.params["block"])
+        return 1, [-1.0, 1.0], mult, q.params["block"]
 
 
 class BlockwiseScheme(_Linear):
@@ -155,10 +176,10 @@ class BlockwiseScheme(_Linear):
         b = q.params["bits"]
         _check_codes(q, b, 1 if b == 1 else 2 * self.levels(b))
 
-    def dequantize(self, q, out, threads):
+    def decode_args(self, q):
         b = q.params["bits"]
         table = _linear_table(1, 1, 2) if b == 1 else _linear_table(b, self.levels(b))
-        _decode(q, out, threads, b, table, q.arrays["scales"], q.params["block"])
+        return b, table, q.arrays["scales"], q.params["block"]
 
 
 class BlockwiseSRScheme(BlockwiseScheme):
@@ -187,12 +208,11 @@ class QSGDScheme(_Linear):
         s = q.params["levels"]
         _check_codes(q, self.code_bits(s), 2 * s)
 
-    def dequantize(self, q, out, threads):
+    def decode_args(self, q):
         s = q.params["levels"]
         wd = work_dtype(q.dtype)
         unit = q.arrays["scales"].astype(wd) / wd.type(s)
-        _decode(q, out, threads, self.code_bits(s), _linear_table(self.code_bits(s), s),
-                unit, q.params["block"])
+        return self.code_bits(s), _linear_table(self.code_bits(s), s), unit, q.params["block"]
 
 
 class TernGradScheme(_Linear):
@@ -210,11 +230,11 @@ class TernGradScheme(_Linear):
         _check_scales(q.arrays["scales"], "scales")
         _check_codes(q, 2, 2)
 
-    def dequantize(self, q, out, threads):
-        _decode(q, out, threads, 2, _linear_table(2, 1), q.arrays["scales"], 0)
+    def decode_args(self, q):
+        return 2, _linear_table(2, 1), q.arrays["scales"], 0
 
 
-class NaturalScheme(Scheme):
+class NaturalScheme(_Table):
     """8-bit codes: bit 7 sign, field f = bits 0..6; value 2^(top - 127 + f), f = 0 zero."""
     name, wire_id, unbiased = "natural", 6, True
     arrays = ("codes", "top")
@@ -235,12 +255,11 @@ class NaturalScheme(Scheme):
         mag[0] = 0.0
         return np.concatenate([mag, -mag])
 
-    def dequantize(self, q, out, threads):
-        table = self.table(int(q.arrays["top"][0])).astype(work_dtype(q.dtype))
-        _decode(q, out, threads, 8, table, None, 0)
+    def decode_args(self, q):
+        return 8, self.table(int(q.arrays["top"][0])).astype(work_dtype(q.dtype)), None, 0
 
 
-class MinifloatScheme(Scheme):
+class MinifloatScheme(_Table):
     """Codes: sign bit, E exponent bits, M mantissa bits (IEEE-like, bias
     2^E - 1, subnormals, no Inf/NaN), times 2^k per block."""
     name, wire_id = "minifloat", 7
@@ -277,13 +296,13 @@ class MinifloatScheme(Scheme):
             raise ValueError(f"exponents: expected -127..{kmax}, got {k.min()}..{k.max()}")
         _check_codes(q, 1 + E + M, (2 << (E + M)) - 1, 1 << (E + M))
 
-    def dequantize(self, q, out, threads):
+    def decode_args(self, q):
         E, M = q.params["exp_bits"], q.params["man_bits"]
         mult = np.ldexp(1.0, q.arrays["exponents"].astype(np.int64))
-        _decode(q, out, threads, 1 + E + M, self.table(E, M), mult, q.params["block"])
+        return 1 + E + M, self.table(E, M), mult, q.params["block"]
 
 
-class Lut2bitScheme(Scheme):
+class Lut2bitScheme(_Table):
     """2-bit codes into a 4-entry float32 table of bin means (SparseLoCo)."""
     name, wire_id = "lut2bit", 8
     arrays = ("codes", "table")
@@ -296,8 +315,8 @@ class Lut2bitScheme(Scheme):
             raise ValueError("table: expected finite values")
         _check_codes(q, 2, 3)
 
-    def dequantize(self, q, out, threads):
-        _decode(q, out, threads, 2, q.arrays["table"], None, 0)
+    def decode_args(self, q):
+        return 2, q.arrays["table"], None, 0
 
 
 class CastScheme(Scheme):
