@@ -224,6 +224,134 @@ lb_status lb_aggregate(const lb_sparse_view *payloads, uint64_t num_payloads,
 
 /* (quantization prototypes go here) */
 
+/* Bit streams (docs/quantization.md): element i of a stream of `bits`-wide
+ * codes occupies stream bits [i*bits, (i+1)*bits), stream bit k being bit
+ * k % 8 of byte k / 8 (LSB first, codes little-endian); the last byte's
+ * unused high bits are zero.  A stream of n codes is lb_packed_bytes(n, bits)
+ * = ceil(n * bits / 8) bytes.  bits is 1..16 everywhere.                   */
+uint64_t lb_packed_bytes(uint64_t n, int bits);
+
+/* Packs n codes (unsigned integers of `width` bytes: 1, 2, 4 or 8; signed
+ * two's complement when is_signed) into out[0..lb_packed_bytes(n, bits)).
+ * A code outside [0, 2^bits) gives LB_ERANGE with err->index = the first
+ * such position (out is then unspecified).                                */
+lb_status lb_pack_bits(const void *codes, int width, int is_signed, uint64_t n,
+                       int bits, uint8_t *out, int nthreads, lb_error *err);
+
+/* Unpacks n codes from buf (len bytes, at least lb_packed_bytes(n, bits))
+ * into `codes` (uint8 when width == 1, needs bits <= 8; uint16 when
+ * width == 2).  Reads only buf[0..lb_packed_bytes(n, bits)).              */
+lb_status lb_unpack_bits(const uint8_t *buf, uint64_t len, uint64_t n, int bits,
+                         void *codes, int width, int nthreads);
+
+/* Validates an untrusted stream of exactly lb_packed_bytes(n, bits) bytes:
+ * every code <= maxcode and != forbidden (pass UINT32_MAX for none), the
+ * padding bits zero.  LB_EFORMAT with err->index = the first bad element
+ * (n for the padding).                                                     */
+lb_status lb_check_codes(const uint8_t *buf, uint64_t n, int bits,
+                         uint32_t maxcode, uint32_t forbidden, lb_error *err);
+
+/* Quantizers.  Shared rules: x holds n float32 or float64 values (callers
+ * widen float16/bfloat16 to float32 first, exactly); `codes` receives the
+ * packed stream; per-block arrays have one entry per block of `block`
+ * elements (block 0: one entry for the whole tensor); non-finite input is
+ * LB_ENONFINITE with err->index = the first bad element when check_finite
+ * (otherwise the result for such input is unspecified but memory-safe); a
+ * scale that does not fit float32 is LB_ERANGE (err->index = the block).
+ * Sums (l1, rms, norms, means) use the fixed 16-lane order of
+ * docs/quantization.md, so every result is byte-identical for any thread
+ * count and instruction set.  Random draws: Philox4x32-10 keyed by seed,
+ * stream (step, domain), element i using 32-bit word i % 4 of counter
+ * block i / 4, of which the top 24 bits are the uniform.                   */
+
+typedef enum { LB_SCALE_NONE = 0, LB_SCALE_L1 = 1, LB_SCALE_RMS = 2 } lb_scale_mode;
+
+/* 1-bit signs: code 1 when x >= 0 (so sign(+-0) = +1), 0 otherwise; scales
+ * (none when mode is LB_SCALE_NONE): mean |x| (L1) or sqrt(mean x^2) (RMS)
+ * per block, as float32.                                                   */
+lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
+                  uint64_t block, int check_finite, int nthreads,
+                  uint8_t *codes, float *scales, lb_error *err);
+
+/* Symmetric absmax quantization per block: bits in {1,2,3,4,8}.  bits >= 2:
+ * step d = absmax / Q with Q = 2^(bits-1) - 1, q = round(x / d) in
+ * [-Q, Q], code q + Q.  bits == 1: levels -d, +d with d = absmax, code 1
+ * for +d.  scales[b] = d (float32).  stochastic: round up with probability
+ * equal to the fraction (unbiased); else nearest, ties to even.           */
+lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
+                      uint64_t block, int stochastic, uint64_t seed,
+                      uint64_t step, int check_finite, int nthreads,
+                      uint8_t *codes, float *scales, lb_error *err);
+
+/* QSGD with `levels` = s in [1, 127]: norms[b] = ||x_block||_2 rounded up
+ * to float32, u = norm / s, l = floor(|x|/u) + Bernoulli(frac) (<= s),
+ * code sign(x) * l + s in a stream of lb_qsgd_bits(s) bits.                */
+int lb_qsgd_bits(uint64_t levels);
+lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, uint64_t levels,
+                  uint64_t block, uint64_t seed, uint64_t step,
+                  int check_finite, int nthreads, uint8_t *codes,
+                  float *norms, lb_error *err);
+
+/* TernGrad: g = clip(x, +-clip * sigma) (sigma the population standard
+ * deviation; clip <= 0 disables clipping), s = max |g| rounded up to
+ * float32, t in {-1, 0, 1} with P(t != 0) = |g| / s; 2-bit code t + 1.    */
+lb_status lb_terngrad(const void *x, uint64_t n, lb_dtype dt, double clip,
+                      uint64_t seed, uint64_t step, int check_finite,
+                      int nthreads, uint8_t *codes, float *scale,
+                      lb_error *err);
+
+/* Natural compression: |x| rounded to a power of two, up with probability
+ * |x| / 2^e - 1 (unbiased).  *top = min(floor(log2 max|x|) + 1, emax) (0
+ * for an all-zero x), clamped below to -896; 8-bit codes: bit 7 the sign,
+ * bits 0..6 the field f, value 2^(top - 127 + f), f = 0 is zero (its
+ * negative code 0x80 is never produced); magnitudes below 2^(top - 126)
+ * round to 0 or 2^(top - 126).                                             */
+lb_status lb_natural(const void *x, uint64_t n, lb_dtype dt, int emax,
+                     uint64_t seed, uint64_t step, int check_finite,
+                     int nthreads, uint8_t *codes, int16_t *top,
+                     lb_error *err);
+
+/* Minifloat E<exp_bits>M<man_bits> (exp_bits 1..5, man_bits 0..3, at most
+ * 7 together) with a power-of-two scale 2^k per block: element values are
+ * IEEE-like with bias 2^E - 1 (largest value 2 - 2^-M, subnormals, no
+ * Inf/NaN); k = the smallest exponent with absmax <= (2 - 2^-M) * 2^k,
+ * clamped to [-127, kmax] (0 for an all-zero block); codes are sign bit
+ * (bit E+M) + magnitude, round to nearest (ties to even significand),
+ * saturating; the negative-zero code is never produced.                    */
+lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
+                       int man_bits, uint64_t block, int kmax,
+                       int check_finite, int nthreads, uint8_t *codes,
+                       int8_t *exps, lb_error *err);
+
+/* SparseLoCo's 2-bit codes: mu = mean, sigma = sample standard deviation
+ * (n - 1), w = 1.5 sigma, code clamp(round((x - mu) / w + 2), 0, 3) (all 2
+ * when w == 0); table[j] = float32 of the mean of the x in bin j (of mu +
+ * (j - 2) w for an empty bin).                                             */
+lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
+                     int nthreads, uint8_t *codes, float table[4],
+                     lb_error *err);
+
+/* Decoding: out[i] = table[code_i] * mult[i / block] (block 0: one
+ * multiplier; mult NULL: 1) computed in float32 for float32 and float16
+ * outputs (float16 rounded from it) and in float64 for float64; `table`
+ * has 2^bits entries (bits <= 8), in the output precision (float for
+ * float32/float16, double for float64), as is mult.  Codes must be valid. */
+lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
+                          const void *table, const void *mult, uint64_t block,
+                          lb_dtype out_dt, void *out, int nthreads);
+
+/* Conversions between float32/float64 and float16/bfloat16 bit patterns
+ * (uint16), round to nearest even, directly from float64 (no double
+ * rounding); NaN stays NaN.  With check_finite, a non-finite input or a
+ * value that overflows the narrow type is LB_ENONFINITE / LB_ERANGE with
+ * err->index = its position.                                               */
+lb_status lb_narrow(const void *x, uint64_t n, lb_dtype dt, lb_dtype to,
+                    int check_finite, int nthreads, uint16_t *out,
+                    lb_error *err);
+/* uint16 float16/bfloat16 patterns -> float32, float64 or float16 (exact). */
+lb_status lb_widen(const uint16_t *x, uint64_t n, lb_dtype from,
+                   lb_dtype out_dt, void *out, int nthreads);
+
 /* end of quantization */
 
 /* ------------------------------------------------------------------------ */

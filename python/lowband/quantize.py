@@ -1,2 +1,254 @@
-"""Quantization and bit packing (filled in by the quantization issue)."""
-__all__ = []
+"""Quantization and bit packing.
+
+Every quantizer takes a float32, float64, float16 or bfloat16 array (any
+shape, read as its flattened C-order vector; float16/bfloat16 are widened
+to float32 exactly), leaves it unchanged and returns a ``lowband.Quantized``
+whose ``dequantize()`` gives the decoded tensor back in the input dtype
+(float32 for bfloat16 input until the payload format carries bfloat16).
+Codes are packed LSB first into one bit stream; scales are float32.
+Results are byte-identical for every thread count and instruction set;
+randomised quantizers draw from Philox4x32-10 keyed by ``seed`` with a
+fresh stream per ``step``.  Non-finite input raises ValueError naming the
+first bad flat index unless ``check_finite=False``.  Exact definitions, code
+mappings and bits per element: docs/quantization.md.
+"""
+from __future__ import annotations
+
+import math
+import operator
+
+import numpy as np
+
+from . import _core
+from ._payload import DTYPE_CODES, Quantized
+from ._schemes import SCHEMES, MinifloatScheme, QSGDScheme, emax_of, nblocks, packed_bytes
+from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_number,
+                        check_int, check_seed, check_step, check_threads)
+
+__all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
+           "cast", "pack_bits", "unpack_bits"]
+
+try:  # bfloat16 arrays come from ml_dtypes (optional)
+    import ml_dtypes as _ml_dtypes
+    BFLOAT16 = np.dtype(_ml_dtypes.bfloat16)
+except ImportError:  # pragma: no cover - ml_dtypes is optional
+    BFLOAT16 = None
+
+F16 = np.dtype(np.float16)
+INPUT_DTYPES = FLOAT_DTYPES + (F16,) + ((BFLOAT16,) if BFLOAT16 is not None else ())
+_NARROW_CODES = {"float16": 3, "bfloat16": 4}
+MAX_BLOCK = 1 << 40
+
+
+def _input(x, threads):
+    """(float32/float64 working array, decoded dtype, shape)."""
+    arr = as_float_array(x, "x", INPUT_DTYPES)
+    if arr.dtype in FLOAT_DTYPES:
+        return arr, arr.dtype, arr.shape
+    is_bf16 = arr.dtype == BFLOAT16
+    work = np.empty(arr.shape, np.float32)
+    _core.widen(arr.reshape(-1).view(np.uint16), 4 if is_bf16 else 3, work.reshape(-1), threads)
+    out_dtype = arr.dtype if arr.dtype in DTYPE_CODES else np.dtype(np.float32)
+    return work, out_dtype, arr.shape
+
+
+def _block(block, name="block"):
+    return 0 if block is None else check_int(block, name, 1, MAX_BLOCK)
+
+
+def _payload(scheme, shape, dtype, params, arrays):
+    return Quantized._make(scheme, shape, dtype, params, arrays)
+
+
+def sign(x, *, scale="l1", block=None, check_finite=True, threads=None):
+    """1-bit signs with an optional scale (EF-signSGD, 1-bit Adam).
+
+    Code 1 means x >= 0 (so sign(+-0) = +1), decoded as +scale, code 0 as
+    -scale.  ``scale``: "l1" (mean |x|), "rms" (||x||_2 / sqrt(n)) or
+    "none" (decodes to +-1); one float32 scale per ``block`` elements, or
+    for the whole tensor when ``block`` is None.  1 bit per element plus 32
+    bits per block.
+    """
+    mode = SCHEMES["sign"].MODES.index(check_choice(scale, "scale", ("l1", "rms", "none")))
+    block = _block(block)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, scales = _core.sign(work, mode, block, bool(check_finite), threads)
+    return _payload("sign", shape, dtype, {"scale": mode, "block": block},
+                    {"codes": codes, "scales": scales})
+
+
+def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_finite=True,
+             threads=None):
+    """Symmetric blockwise absmax quantization to ``bits`` in {1, 2, 3, 4, 8}.
+
+    Per block of ``block`` elements (None: the whole tensor) the float32 step
+    is d = absmax / Q rounded up, Q = 2^(bits-1) - 1; q = round(x / d) in
+    [-Q, Q] is stored as the code q + Q (the all-ones code is unused).  With
+    bits=1 the levels are -absmax and +absmax.  ``rounding``: "nearest"
+    (ties to even) or "stochastic" (up with probability equal to the
+    fraction, from 24 random bits per element keyed by (seed, step, index):
+    unbiased; needs ``seed``).
+    """
+    bits = check_int(bits, "bits")
+    if bits not in (1, 2, 3, 4, 8):
+        raise ValueError(f"bits: expected one of 1, 2, 3, 4, 8, got {bits}")
+    block = _block(block)
+    stochastic = check_choice(rounding, "rounding", ("nearest", "stochastic")) == "stochastic"
+    seed = check_seed(seed) if stochastic else 0
+    step = check_step(step)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, scales = _core.quantize(work, bits, block, stochastic, seed, step, bool(check_finite),
+                                   threads)
+    return _payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
+                    {"bits": bits, "block": block}, {"codes": codes, "scales": scales})
+
+
+def qsgd(x, levels, *, seed, step=0, block=None, check_finite=True, threads=None):
+    """QSGD (Alistarh et al.) with s = ``levels`` in [1, 127]: unbiased.
+
+    Per block (None: the whole tensor) the float32 norm ||x||_2 (rounded
+    up); l = floor(s |x| / norm) + Bernoulli(fraction), sent as the code
+    sign(x) * l + s in ceil(log2(2s + 1)) bits.
+    """
+    levels = check_int(levels, "levels", 1, QSGDScheme.MAX_LEVELS)
+    seed, step = check_seed(seed), check_step(step)
+    block = _block(block)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, norms = _core.qsgd(work, levels, block, seed, step, bool(check_finite), threads)
+    return _payload("qsgd", shape, dtype, {"levels": levels, "block": block},
+                    {"codes": codes, "scales": norms})
+
+
+def terngrad(x, *, seed, step=0, clip=2.5, check_finite=True, threads=None):
+    """TernGrad (Wen et al.): ternary {-s, 0, s} codes, 2 bits per element.
+
+    x is first clipped to +-clip * sigma (sigma its population standard
+    deviation; ``clip=None`` disables clipping), s = max |clipped| (float32,
+    rounded up), and each element becomes sign * s with probability
+    |clipped| / s, else 0: an unbiased estimate of the clipped x (of x itself
+    when clip=None).
+    """
+    seed, step = check_seed(seed), check_step(step)
+    clip = 0.0 if clip is None else check_finite_number(clip, "clip", 0.0, lo_open=True)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, scale = _core.terngrad(work, clip, seed, step, bool(check_finite), threads)
+    return _payload("terngrad", shape, dtype, {}, {"codes": codes, "scales": scale})
+
+
+def natural(x, *, seed, step=0, check_finite=True, threads=None):
+    """Natural compression (Horvath et al.): |x| randomly rounded to one of
+    its two neighbouring powers of two, unbiased; 8 bits per element (sign
+    and a 7-bit exponent relative to the tensor's top exponent, stored as
+    int16).  Magnitudes more than 126 binades below the largest round to 0
+    or the smallest representable power, still unbiased.
+    """
+    seed, step = check_seed(seed), check_step(step)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, top = _core.natural(work, emax_of(dtype), seed, step, bool(check_finite), threads)
+    return _payload("natural", shape, dtype, {}, {"codes": codes, "top": top})
+
+
+def minifloat(x, exp_bits, man_bits, *, block=128, check_finite=True, threads=None):
+    """Small floats (E3M0 = ``exp_bits=3, man_bits=0``: Streaming DiLoCo's
+    4-bit outer gradients) with a power-of-two scale 2^k per block.
+
+    Element format: sign, E exponent bits, M mantissa bits, IEEE-like with
+    bias 2^E - 1 and subnormals, no Inf/NaN (largest value 2 - 2^-M).  k is
+    the smallest exponent with absmax <= (2 - 2^-M) * 2^k, stored as int8
+    (clamped to [-127, 127], [-127, 15] for float16); rounding to nearest,
+    ties to even, saturating.  1 + E + M bits per element plus 8 per block.
+    """
+    E = check_int(exp_bits, "exp_bits", 1, 5)
+    M = check_int(man_bits, "man_bits", 0, 3)
+    if not MinifloatScheme.valid(E, M):
+        raise ValueError(f"exp_bits + man_bits: expected at most 7, got {E + M}")
+    block = _block(block)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    kmax = 15 if dtype == F16 else 127
+    codes, exps = _core.minifloat(work, E, M, block, kmax, bool(check_finite), threads)
+    return _payload("minifloat", shape, dtype, {"exp_bits": E, "man_bits": M, "block": block},
+                    {"codes": codes, "exponents": exps})
+
+
+def lut2bit(x, *, check_finite=True, threads=None):
+    """SparseLoCo's 2-bit values: centred on the mean mu, 4 bins of width
+    w = 6 sigma / 4 (sigma the sample standard deviation), code
+    clamp(round((x - mu) / w + 2), 0, 3), decoded through a 4-entry float32
+    table of the bin means.  2 bits per element plus 128 bits.
+    """
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, table = _core.lut2bit(work, bool(check_finite), threads)
+    return _payload("lut2bit", shape, dtype, {}, {"codes": codes, "table": table})
+
+
+def cast(x, dtype, *, check_finite=True, threads=None):
+    """x cast to float16 or bfloat16 (round to nearest even) as a payload
+    that decodes back to x's dtype; 16 bits per element, summable.  A value
+    that overflows the narrow type raises ValueError (unless
+    ``check_finite=False``, which gives Inf)."""
+    name = dtype if isinstance(dtype, str) else None
+    if name is None:
+        try:
+            d = np.dtype(dtype)
+        except TypeError:
+            raise TypeError(f"dtype: expected 'float16' or 'bfloat16', got {dtype!r}") from None
+        name = {F16: "float16", BFLOAT16: "bfloat16"}.get(d, str(d))
+    check_choice(name, "dtype", ("float16", "bfloat16"))
+    threads = check_threads(threads)
+    arr = as_float_array(x, "x", INPUT_DTYPES)
+    out_dtype = arr.dtype if arr.dtype in DTYPE_CODES else np.dtype(np.float32)
+    if arr.dtype == F16 and name == "float16":
+        codes = arr.reshape(-1).view(np.uint16).copy()
+    else:
+        work, _, _ = _input(arr, threads)
+        codes = _core.narrow(work, _NARROW_CODES[name], bool(check_finite), threads)
+    return _payload(name, arr.shape, out_dtype, {}, {"codes": codes})
+
+
+def pack_bits(codes, bits, *, threads=None):
+    """Packs non-negative integer codes (< 2^bits, bits in 1..16) into a uint8
+    bit stream of ceil(n * bits / 8) bytes: code i occupies stream bits
+    [i*bits, (i+1)*bits), stream bit k is bit k % 8 of byte k // 8 (LSB
+    first, like ``np.packbits(..., bitorder="little")`` for bits=1); spare
+    bits of the last byte are zero."""
+    bits = check_int(bits, "bits", 1, 16)
+    threads = check_threads(threads)
+    arr = np.asarray(codes)
+    if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 8:
+        raise TypeError(f"codes: expected an integer array, got dtype {arr.dtype}")
+    return _core.pack_bits(arr.reshape(-1), bits, threads)
+
+
+def unpack_bits(buf, bits, n, *, threads=None):
+    """The n codes of a stream made by ``pack_bits`` (uint8 for bits <= 8,
+    else uint16).  ``buf``: bytes-like or a uint8 array holding at least
+    ceil(n * bits / 8) bytes; nothing past those is read."""
+    bits = check_int(bits, "bits", 1, 16)
+    n = check_int(n, "n", 0, 1 << 60)
+    threads = check_threads(threads)
+    if isinstance(buf, np.ndarray):
+        if buf.dtype != np.uint8:
+            raise TypeError(f"buf: expected a uint8 array or bytes, got dtype {buf.dtype}")
+        arr = np.ascontiguousarray(buf.reshape(-1))
+    else:
+        try:
+            arr = np.frombuffer(memoryview(buf).cast("B"), dtype=np.uint8)
+        except TypeError:
+            raise TypeError(f"buf: expected bytes-like or a uint8 array, got {type(buf).__name__}") from None
+    need = packed_bytes(n, bits)
+    if arr.size < need:
+        raise ValueError(f"buf: expected at least {need} bytes for n={n} codes of {bits} bits, "
+                         f"got {arr.size}")
+    return _core.unpack_bits(arr, bits, n, threads)
+
+
+# `from .quantize import *` in the package rebinds the name `quantize` to the
+# function above, and the package then reads `quantize.__all__`.
+quantize.__all__ = __all__

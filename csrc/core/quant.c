@@ -1,0 +1,965 @@
+/*
+ * quant.c - quantizers (sign, blockwise absmax, QSGD, TernGrad, natural
+ * compression, minifloat, SparseLoCo's 2-bit table), their common decoder
+ * and the float16/bfloat16 conversions.
+ *
+ * Every quantizer has the same two phases: per-block statistics (max
+ * magnitude, or sums in the fixed 16-lane order of quant.h, split into
+ * LB_CHUNK pieces counted from the block start and added in piece order),
+ * then an element pass over LB_CHUNK chunks in tiles of LB_QTILE elements:
+ * random words for the tile (Philox, element i -> word i % 4 of block i/4),
+ * codes for each block segment of the tile, then the tile packed into the
+ * output stream (tiles start at multiples of 8 elements, so at whole bytes).
+ * Nothing depends on the thread count.
+ */
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "lowband.h"
+#include "quant.h"
+#include "threads.h"
+
+#define LB_QTILE 2048
+
+const lb_quant_fns *lb_quant(void)
+{
+    switch (lb_active_isa()) {
+    case LB_ISA_AVX512: return &lb_quant_avx512;
+    case LB_ISA_AVX2: return &lb_quant_avx2;
+    default: return &lb_quant_scalar;
+    }
+}
+
+uint64_t lb_packed_bytes(uint64_t n, int bits)
+{
+    return n / 8 * (uint64_t)bits + ((n % 8) * (uint64_t)bits + 7) / 8;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers                                                             */
+/* ------------------------------------------------------------------------ */
+
+static int is_float_dt(lb_dtype dt) { return dt == LB_F32 || dt == LB_F64; }
+
+static double value_at(const void *x, lb_dtype dt, uint64_t i)
+{
+    return dt == LB_F32 ? (double)((const float *)x)[i] : ((const double *)x)[i];
+}
+
+static uint64_t first_nonfinite(const void *x, lb_dtype dt, uint64_t n)
+{
+    for (uint64_t i = 0; i < n; i++)
+        if (!isfinite(value_at(x, dt, i)))
+            return i;
+    return n;
+}
+
+/* 2^k as a double for k in [-1022, 1023]. */
+static double pow2(int k)
+{
+    uint64_t b = (uint64_t)(k + 1023) << 52;
+    double d;
+    memcpy(&d, &b, 8);
+    return d;
+}
+
+/* y * 2^k, exact when the result is a normal double (k may exceed 1023). */
+static double scale2(double y, int k)
+{
+    while (k > 1000) {
+        y *= pow2(1000);
+        k -= 1000;
+    }
+    while (k < -1000) {
+        y *= pow2(-1000);
+        k += 1000;
+    }
+    return y * pow2(k);
+}
+
+/* The smallest float32 >= v (v >= 0, finite); +Inf if none. */
+static float f32_up(double v)
+{
+    float f = (float)v;
+    if ((double)f < v)
+        f = nextafterf(f, INFINITY);
+    return f;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Blocks and per-block statistics                                           */
+/* ------------------------------------------------------------------------ */
+
+typedef struct {
+    uint64_t n;        /* elements                                          */
+    uint64_t B;        /* block length (n for a per-tensor block)           */
+    uint64_t nblocks;  /* ceil(n / B)                                       */
+    uint64_t piece;    /* statistics piece: min(B, LB_CHUNK)                */
+    uint64_t ppb;      /* pieces per block                                  */
+} blocks;
+
+static blocks blocks_of(uint64_t n, uint64_t block)
+{
+    blocks L;
+    L.n = n;
+    L.B = block ? block : (n ? n : 1);
+    L.nblocks = lb_num_chunks(n, L.B);
+    L.piece = L.B < LB_CHUNK ? L.B : LB_CHUNK;
+    L.ppb = lb_num_chunks(L.B, L.piece);
+    return L;
+}
+
+static uint64_t block_len(const blocks *L, uint64_t b)
+{
+    uint64_t s = b * L->B;
+    return L->n - s < L->B ? L->n - s : L->B;
+}
+
+typedef union {
+    double sum;
+    uint64_t key;
+} lb_stat;
+
+#define STAT_MAXKEY (-1)
+
+/* out[b] = the statistic of block b: its largest magnitude key (as a value:
+ * float32 keys widened) when kind == STAT_MAXKEY, else the sum of mode
+ * `kind` (LB_SUM_*) with `mu`.  Pieces are computed in parallel; sums over
+ * the pieces of a block are added in order.                                */
+static lb_status block_stats(const void *x, lb_dtype dt, const blocks *L,
+                             int kind, double mu, int nthreads, lb_stat *out)
+{
+    uint64_t npieces = L->nblocks * L->ppb;
+    lb_stat *part = L->ppb > 1 ? malloc((size_t)npieces * sizeof(lb_stat)) : out;
+    if (!part)
+        return LB_ENOMEM;
+    const lb_quant_fns *fns = lb_quant();
+    int team = lb_team(nthreads, L->n / LB_CHUNK);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t p = 0; p < npieces; p++) {
+        uint64_t b = p / L->ppb, s = b * L->B + (p % L->ppb) * L->piece;
+        uint64_t e = b * L->B + block_len(L, b);
+        uint64_t m = s < e ? (e - s < L->piece ? e - s : L->piece) : 0;
+        lb_stat st;
+        if (kind == STAT_MAXKEY) {
+            if (dt == LB_F32) {
+                uint32_t k = m ? fns->maxkey32((const uint32_t *)x + s, m) : 0;
+                float f;
+                memcpy(&f, &k, 4);
+                double d = f;
+                memcpy(&st.key, &d, 8);   /* ordered like the key */
+            } else {
+                st.key = m ? fns->maxkey64((const uint64_t *)x + s, m) : 0;
+            }
+        } else {
+            st.sum = m == 0 ? 0.0
+                     : dt == LB_F32 ? fns->lanesum32((const float *)x + s, m, kind, mu)
+                                    : fns->lanesum64((const double *)x + s, m, kind, mu);
+        }
+        part[p] = st;
+    }
+    if (L->ppb > 1) {
+        for (uint64_t b = 0; b < L->nblocks; b++) {
+            lb_stat acc;
+            if (kind == STAT_MAXKEY) {
+                acc.key = 0;
+                for (uint64_t q = 0; q < L->ppb; q++)
+                    if (part[b * L->ppb + q].key > acc.key)
+                        acc.key = part[b * L->ppb + q].key;
+            } else {
+                acc.sum = 0.0;
+                for (uint64_t q = 0; q < L->ppb; q++)
+                    acc.sum += part[b * L->ppb + q].sum;
+            }
+            out[b] = acc;
+        }
+        free(part);
+    }
+    return LB_OK;
+}
+
+/* The absolute value held by a STAT_MAXKEY statistic (may be Inf/NaN). */
+static double stat_max(lb_stat s)
+{
+    double d;
+    memcpy(&d, &s.key, 8);
+    return d;
+}
+
+/* One statistic for the whole of x (a single block). */
+static lb_status tensor_stat(const void *x, lb_dtype dt, uint64_t n, int kind,
+                             double mu, int nthreads, lb_stat *out)
+{
+    blocks L = blocks_of(n, 0);
+    if (n == 0) {
+        memset(out, 0, sizeof(*out));
+        return LB_OK;
+    }
+    return block_stats(x, dt, &L, kind, mu, nthreads, out);
+}
+
+/* ------------------------------------------------------------------------ */
+/* The element pass                                                          */
+/* ------------------------------------------------------------------------ */
+
+typedef struct encode_job encode_job;
+/* Codes of x[i .. i + m), all in block b; rnd = their random words (or
+ * NULL when the scheme is deterministic).                                  */
+typedef void (*segment_fn)(const encode_job *J, uint64_t b, uint64_t i,
+                           uint64_t m, const uint32_t *rnd, uint8_t *codes);
+
+struct encode_job {
+    const void *x;
+    lb_dtype dt;
+    uint64_t n, B;
+    int bits;
+    int random;
+    lb_philox_key key;
+    segment_fn segment;
+    const void *params;   /* per-block parameters of the scheme */
+    double p0, p1;        /* scalar parameters of the scheme     */
+    int i0, i1, i2;
+    uint8_t *out;
+};
+
+static void encode_elements(const encode_job *J, int nthreads)
+{
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(J->n, LB_CHUNK);
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t codes[LB_QTILE];
+        uint32_t rnd[LB_QTILE];
+        LB_OMP(omp for schedule(static))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
+            for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                if (J->random)
+                    fns->philox(&J->key, t / 4, (m + 3) / 4, rnd);
+                for (uint64_t i = t; i < t + m;) {
+                    uint64_t b = i / J->B;
+                    uint64_t e = (b + 1) * J->B < t + m ? (b + 1) * J->B : t + m;
+                    J->segment(J, b, i, e - i, J->random ? rnd + (i - t) : NULL,
+                               codes + (i - t));
+                    i = e;
+                }
+                fns->pack(codes, m, J->bits, J->out + t / 8 * (uint64_t)J->bits);
+            }
+        }
+    }
+}
+
+/* Sign-magnitude segments: params = per-block units (float or double as
+ * the input), p0 = clip, i0 = L; a zero unit gives the zero code L.       */
+static void smq_segment(const encode_job *J, uint64_t b, uint64_t i, uint64_t m,
+                        const uint32_t *rnd, uint8_t *codes)
+{
+    const lb_quant_fns *fns = lb_quant();
+    if (J->dt == LB_F32) {
+        float unit = ((const float *)J->params)[b];
+        if (unit == 0.0f)
+            memset(codes, J->i0, (size_t)m);
+        else
+            fns->smq32((const float *)J->x + i, m, unit, (float)J->p0, J->i0, rnd, codes);
+    } else {
+        double unit = ((const double *)J->params)[b];
+        if (unit == 0.0)
+            memset(codes, J->i0, (size_t)m);
+        else
+            fns->smq64((const double *)J->x + i, m, unit, J->p0, J->i0, rnd, codes);
+    }
+}
+
+/* Two-level (1-bit absmax) segments: params = per-block units. */
+static void twolevel_segment(const encode_job *J, uint64_t b, uint64_t i,
+                             uint64_t m, const uint32_t *rnd, uint8_t *codes)
+{
+    const lb_quant_fns *fns = lb_quant();
+    if (J->dt == LB_F32) {
+        float unit = ((const float *)J->params)[b];
+        if (unit == 0.0f)
+            memset(codes, 1, (size_t)m);
+        else
+            fns->twolevel32((const float *)J->x + i, m, unit, rnd, codes);
+    } else {
+        double unit = ((const double *)J->params)[b];
+        if (unit == 0.0)
+            memset(codes, 1, (size_t)m);
+        else
+            fns->twolevel64((const double *)J->x + i, m, unit, rnd, codes);
+    }
+}
+
+/* Per-block units in the input precision from float32 scales / div. */
+static void *units_of(const float *scales, uint64_t nblocks, double div,
+                      lb_dtype dt)
+{
+    void *u = malloc((size_t)(nblocks ? nblocks : 1) * (dt == LB_F32 ? 4 : 8));
+    if (!u)
+        return NULL;
+    for (uint64_t b = 0; b < nblocks; b++) {
+        if (dt == LB_F32)
+            ((float *)u)[b] = scales[b] / (float)div;
+        else
+            ((double *)u)[b] = (double)scales[b] / div;
+    }
+    return u;
+}
+
+/* Runs a sign-magnitude (or two-level) element pass with float32 scales. */
+static lb_status encode_smq(const void *x, uint64_t n, lb_dtype dt, uint64_t B,
+                            int bits, const float *scales, uint64_t nblocks,
+                            double div, double clip, int L, int twolevel,
+                            int random, uint64_t seed, uint64_t step, int domain,
+                            int nthreads, uint8_t *codes)
+{
+    void *units = units_of(scales, nblocks, div, dt);
+    if (!units)
+        return LB_ENOMEM;
+    encode_job J = {0};
+    J.x = x;
+    J.dt = dt;
+    J.n = n;
+    J.B = B;
+    J.bits = bits;
+    J.random = random;
+    J.key = lb_philox_make(seed, step, domain);
+    J.segment = twolevel ? twolevel_segment : smq_segment;
+    J.params = units;
+    J.p0 = clip;
+    J.i0 = L;
+    J.out = codes;
+    encode_elements(&J, nthreads);
+    free(units);
+    return LB_OK;
+}
+
+/* LB_ENONFINITE at the first bad element, or LB_ERANGE at block `b` when
+ * every element is finite (a statistic overflowed).                        */
+static lb_status nonfinite_or_range(const void *x, lb_dtype dt, uint64_t n,
+                                    uint64_t b, lb_error *err)
+{
+    uint64_t bad = first_nonfinite(x, dt, n);
+    if (err)
+        err->index = bad < n ? bad : b;
+    return bad < n ? LB_ENONFINITE : LB_ERANGE;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Sign                                                                      */
+/* ------------------------------------------------------------------------ */
+
+lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
+                  uint64_t block, int check_finite, int nthreads,
+                  uint8_t *codes, float *scales, lb_error *err)
+{
+    if (!is_float_dt(dt) || mode < LB_SCALE_NONE || mode > LB_SCALE_RMS ||
+        (n && (!x || !codes)) || (mode != LB_SCALE_NONE && !scales))
+        return LB_EINVAL;
+    blocks L = blocks_of(n, block);
+    const lb_quant_fns *fns = lb_quant();
+    int need_sums = mode != LB_SCALE_NONE || check_finite;
+    int sum_mode = mode == LB_SCALE_RMS ? LB_SUM_SQ : LB_SUM_ABS;
+    lb_stat *sums = NULL;
+    if (need_sums) {
+        sums = malloc((size_t)(L.nblocks ? L.nblocks : 1) * sizeof(lb_stat));
+        if (!sums)
+            return LB_ENOMEM;
+    }
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    uint64_t npieces = L.nblocks * L.ppb;
+    if (need_sums && (L.B % 8 == 0 || L.nblocks == 1)) {
+        /* fused: every piece starts at a whole byte of the stream */
+        lb_stat *part = L.ppb > 1 ? malloc((size_t)npieces * sizeof(lb_stat)) : sums;
+        if (!part) {
+            free(sums);
+            return LB_ENOMEM;
+        }
+        LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+        for (uint64_t p = 0; p < npieces; p++) {
+            uint64_t b = p / L.ppb, s = b * L.B + (p % L.ppb) * L.piece;
+            uint64_t e = b * L.B + block_len(&L, b);
+            uint64_t m = s < e ? (e - s < L.piece ? e - s : L.piece) : 0;
+            if (!m) {
+                part[p].sum = 0.0;
+                continue;
+            }
+            if (dt == LB_F32) {
+                part[p].sum = fns->lanesum32((const float *)x + s, m, sum_mode, 0.0);
+                fns->signbits32((const float *)x + s, m, codes + s / 8);
+            } else {
+                part[p].sum = fns->lanesum64((const double *)x + s, m, sum_mode, 0.0);
+                fns->signbits64((const double *)x + s, m, codes + s / 8);
+            }
+        }
+        if (L.ppb > 1) {
+            for (uint64_t b = 0; b < L.nblocks; b++) {
+                double acc = 0.0;
+                for (uint64_t q = 0; q < L.ppb; q++)
+                    acc += part[b * L.ppb + q].sum;
+                sums[b].sum = acc;
+            }
+            free(part);
+        }
+    } else {
+        if (need_sums) {
+            lb_status st = block_stats(x, dt, &L, sum_mode, 0.0, nthreads, sums);
+            if (st != LB_OK) {
+                free(sums);
+                return st;
+            }
+        }
+        uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+        team = lb_team(nthreads, nchunks);
+        LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t s = c * LB_CHUNK, m = n - s < LB_CHUNK ? n - s : LB_CHUNK;
+            if (dt == LB_F32)
+                fns->signbits32((const float *)x + s, m, codes + s / 8);
+            else
+                fns->signbits64((const double *)x + s, m, codes + s / 8);
+        }
+    }
+    lb_status st = LB_OK;
+    for (uint64_t b = 0; b < L.nblocks && need_sums; b++) {
+        double len = (double)block_len(&L, b), v = sums[b].sum;
+        if (!isfinite(v) && check_finite) {
+            st = nonfinite_or_range(x, dt, n, b, err);
+            break;
+        }
+        if (mode == LB_SCALE_NONE)
+            continue;
+        scales[b] = (float)(mode == LB_SCALE_L1 ? v / len : sqrt(v / len));
+        if (!isfinite(scales[b]) && check_finite) {
+            if (err)
+                err->index = b;
+            st = LB_ERANGE;
+            break;
+        }
+    }
+    if (mode != LB_SCALE_NONE && block == 0 && n == 0)
+        scales[0] = 0.0f;
+    free(sums);
+    return st;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Blockwise absmax                                                          */
+/* ------------------------------------------------------------------------ */
+
+/* Per-block absmax statistics; checks finiteness.  *maxv[b] = absmax.     */
+static lb_status absmax_blocks(const void *x, uint64_t n, lb_dtype dt,
+                               const blocks *L, int check_finite, int nthreads,
+                               double **maxv, lb_error *err)
+{
+    lb_stat *st = malloc((size_t)(L->nblocks ? L->nblocks : 1) * sizeof(lb_stat));
+    if (!st)
+        return LB_ENOMEM;
+    lb_status s = block_stats(x, dt, L, STAT_MAXKEY, 0.0, nthreads, st);
+    if (s != LB_OK) {
+        free(st);
+        return s;
+    }
+    double *v = (double *)st;   /* same storage, read before written */
+    for (uint64_t b = 0; b < L->nblocks; b++) {
+        v[b] = stat_max(st[b]);
+        if (!isfinite(v[b]) && check_finite) {
+            free(st);
+            return nonfinite_or_range(x, dt, n, b, err);
+        }
+    }
+    *maxv = v;
+    return LB_OK;
+}
+
+lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
+                      uint64_t block, int stochastic, uint64_t seed,
+                      uint64_t step, int check_finite, int nthreads,
+                      uint8_t *codes, float *scales, lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes || !scales)) ||
+        !(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) ||
+        step >= LB_MAX_STEP)
+        return LB_EINVAL;
+    blocks L = blocks_of(n, block);
+    double *maxv = NULL;
+    lb_status st = absmax_blocks(x, n, dt, &L, check_finite, nthreads, &maxv, err);
+    if (st != LB_OK)
+        return st;
+    int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
+    for (uint64_t b = 0; b < L.nblocks; b++) {
+        scales[b] = isfinite(maxv[b]) ? f32_up(maxv[b] / Q) : (float)maxv[b];
+        if (isinf(scales[b]) && check_finite) {
+            free(maxv);
+            if (err)
+                err->index = b;
+            return LB_ERANGE;
+        }
+    }
+    if (block == 0 && n == 0)
+        scales[0] = 0.0f;
+    free(maxv);
+    return encode_smq(x, n, dt, L.B, bits, scales, L.nblocks, 1.0, INFINITY, Q,
+                      bits == 1, stochastic, seed, step,
+                      LB_DOMAIN_STOCHASTIC_ROUND, nthreads, codes);
+}
+
+/* ------------------------------------------------------------------------ */
+/* QSGD and TernGrad                                                         */
+/* ------------------------------------------------------------------------ */
+
+int lb_qsgd_bits(uint64_t levels)
+{
+    int bits = 1;
+    while (((uint64_t)1 << bits) < 2 * levels + 1)
+        bits++;
+    return bits;
+}
+
+lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, uint64_t levels,
+                  uint64_t block, uint64_t seed, uint64_t step,
+                  int check_finite, int nthreads, uint8_t *codes, float *norms,
+                  lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes || !norms)) || levels < 1 ||
+        levels > 127 || step >= LB_MAX_STEP)
+        return LB_EINVAL;
+    blocks L = blocks_of(n, block);
+    lb_stat *sums = malloc((size_t)(L.nblocks ? L.nblocks : 1) * sizeof(lb_stat));
+    if (!sums)
+        return LB_ENOMEM;
+    lb_status st = block_stats(x, dt, &L, LB_SUM_SQ, 0.0, nthreads, sums);
+    for (uint64_t b = 0; b < L.nblocks && st == LB_OK; b++) {
+        double v = sqrt(sums[b].sum);
+        norms[b] = isfinite(v) ? f32_up(v) : (float)v;
+        if (!isfinite(norms[b]) && check_finite)
+            st = nonfinite_or_range(x, dt, n, b, err);
+    }
+    free(sums);
+    if (st != LB_OK)
+        return st;
+    if (block == 0 && n == 0)
+        norms[0] = 0.0f;
+    return encode_smq(x, n, dt, L.B, lb_qsgd_bits(levels), norms, L.nblocks,
+                      (double)levels, INFINITY, (int)levels, 0, 1, seed, step,
+                      LB_DOMAIN_QSGD, nthreads, codes);
+}
+
+lb_status lb_terngrad(const void *x, uint64_t n, lb_dtype dt, double clip,
+                      uint64_t seed, uint64_t step, int check_finite,
+                      int nthreads, uint8_t *codes, float *scale, lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes)) || !scale || isnan(clip) ||
+        step >= LB_MAX_STEP)
+        return LB_EINVAL;
+    lb_stat sum, dev, mx;
+    lb_status st = tensor_stat(x, dt, n, LB_SUM_RAW, 0.0, nthreads, &sum);
+    if (st != LB_OK)
+        return st;
+    if (!isfinite(sum.sum) && check_finite)
+        return nonfinite_or_range(x, dt, n, 0, err);
+    double mu = n ? sum.sum / (double)n : 0.0;
+    double c = INFINITY;
+    if (clip > 0) {
+        if ((st = tensor_stat(x, dt, n, LB_SUM_DEV2, mu, nthreads, &dev)) != LB_OK)
+            return st;
+        c = clip * sqrt(n ? dev.sum / (double)n : 0.0);
+        if (dt == LB_F32)
+            c = (float)c;
+    }
+    if ((st = tensor_stat(x, dt, n, STAT_MAXKEY, 0.0, nthreads, &mx)) != LB_OK)
+        return st;
+    double amax = stat_max(mx), s = amax < c ? amax : c;
+    *scale = isfinite(s) ? f32_up(s) : (float)s;
+    if (!isfinite(*scale) && check_finite)
+        return nonfinite_or_range(x, dt, n, 0, err);
+    return encode_smq(x, n, dt, n ? n : 1, 2, scale, 1, 1.0, c, 1, 0, 1, seed,
+                      step, LB_DOMAIN_TERNGRAD, nthreads, codes);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Natural compression                                                       */
+/* ------------------------------------------------------------------------ */
+
+/* floor(log2 y) of a positive finite double (subnormals included). */
+static int floor_log2(double y)
+{
+    int e;
+    frexp(y, &e);
+    return e - 1;
+}
+
+static uint8_t natural_code(double v, int top, uint32_t word)
+{
+    double y = fabs(v);
+    if (y == 0.0)
+        return 0;
+    int lo = top - 126;
+    uint64_t bits;
+    memcpy(&bits, &y, 8);
+    int e = (int)(bits >> 52) - 1023;   /* subnormals: -1023 < lo */
+    uint32_t u = word >> 8;
+    int field;
+    if (e < lo) {   /* 0 or 2^lo, with probability y / 2^lo of the latter */
+        field = (double)u < scale2(y, 24 - lo) ? 1 : 0;
+    } else {
+        uint64_t mant = bits & (((uint64_t)1 << 52) - 1);
+        int up = ((uint64_t)u << 28) < mant;
+        int ee = e + up > top ? top : e + up;
+        field = ee - lo + 1;
+    }
+    return field ? (uint8_t)(field | (v < 0 ? 0x80 : 0)) : 0;
+}
+
+static void natural_segment(const encode_job *J, uint64_t b, uint64_t i,
+                            uint64_t m, const uint32_t *rnd, uint8_t *codes)
+{
+    for (uint64_t j = 0; j < m; j++)
+        codes[j] = natural_code(value_at(J->x, J->dt, i + j), J->i0, rnd[j]);
+}
+
+lb_status lb_natural(const void *x, uint64_t n, lb_dtype dt, int emax,
+                     uint64_t seed, uint64_t step, int check_finite,
+                     int nthreads, uint8_t *codes, int16_t *top, lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes)) || !top || emax < -896 ||
+        emax > 1023 || step >= LB_MAX_STEP)
+        return LB_EINVAL;
+    lb_stat mx;
+    lb_status st = tensor_stat(x, dt, n, STAT_MAXKEY, 0.0, nthreads, &mx);
+    if (st != LB_OK)
+        return st;
+    double amax = stat_max(mx);
+    if (!isfinite(amax) && check_finite)
+        return nonfinite_or_range(x, dt, n, 0, err);
+    int t = 0;
+    if (amax > 0)
+        t = isfinite(amax) ? floor_log2(amax) + 1 : emax;
+    t = t > emax ? emax : t;
+    t = t < -896 ? -896 : t;
+    *top = (int16_t)t;
+    encode_job J = {0};
+    J.x = x;
+    J.dt = dt;
+    J.n = n;
+    J.B = n ? n : 1;
+    J.bits = 8;
+    J.random = 1;
+    J.key = lb_philox_make(seed, step, LB_DOMAIN_NATURAL);
+    J.segment = natural_segment;
+    J.i0 = t;
+    J.out = codes;
+    encode_elements(&J, nthreads);
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Minifloat                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Magnitude code of y >= 0 (already divided by the block scale): round to
+ * nearest, ties to even significand, saturating at cmax (NaN too).        */
+static int minifloat_mag(double y, int E, int M)
+{
+    int bias = (1 << E) - 1, pmin = 1 - bias, cmax = (1 << (E + M)) - 1;
+    double maxval = 2.0 - pow2(-M);
+    if (!(y < maxval))
+        return cmax;
+    int p = y > 0 ? floor_log2(y) : pmin;
+    p = p < pmin ? pmin : p;
+    int mag = ((p - pmin) << M) + (int)rint(y * pow2(M - p));
+    return mag > cmax ? cmax : mag;
+}
+
+static void minifloat_segment(const encode_job *J, uint64_t b, uint64_t i,
+                              uint64_t m, const uint32_t *rnd, uint8_t *codes)
+{
+    int E = J->i0, M = J->i1;
+    double inv = pow2(-((const int8_t *)J->params)[b]);
+    for (uint64_t j = 0; j < m; j++) {
+        double v = value_at(J->x, J->dt, i + j);
+        int mag = minifloat_mag(fabs(v) * inv, E, M);
+        codes[j] = (uint8_t)(mag && v < 0 ? mag | (1 << (E + M)) : mag);
+    }
+}
+
+lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
+                       int man_bits, uint64_t block, int kmax,
+                       int check_finite, int nthreads, uint8_t *codes,
+                       int8_t *exps, lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes || !exps)) || exp_bits < 1 ||
+        exp_bits > 5 || man_bits < 0 || man_bits > 3 || exp_bits + man_bits > 7 ||
+        kmax < -127 || kmax > 127)
+        return LB_EINVAL;
+    blocks L = blocks_of(n, block);
+    double *maxv = NULL;
+    lb_status st = absmax_blocks(x, n, dt, &L, check_finite, nthreads, &maxv, err);
+    if (st != LB_OK)
+        return st;
+    for (uint64_t b = 0; b < L.nblocks; b++) {
+        int k = 0;
+        if (maxv[b] > 0 && isfinite(maxv[b])) {
+            int p;
+            double f = frexp(maxv[b], &p);
+            k = f <= 1.0 - pow2(-(man_bits + 1)) ? p - 1 : p;
+        } else if (maxv[b] > 0) {
+            k = kmax;
+        }
+        k = k > kmax ? kmax : (k < -127 ? -127 : k);
+        exps[b] = (int8_t)k;
+    }
+    free(maxv);
+    if (block == 0 && n == 0)
+        exps[0] = 0;
+    encode_job J = {0};
+    J.x = x;
+    J.dt = dt;
+    J.n = n;
+    J.B = L.B;
+    J.bits = 1 + exp_bits + man_bits;
+    J.segment = minifloat_segment;
+    J.params = exps;
+    J.i0 = exp_bits;
+    J.i1 = man_bits;
+    J.out = codes;
+    encode_elements(&J, nthreads);
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* SparseLoCo's 2-bit table                                                  */
+/* ------------------------------------------------------------------------ */
+
+static int lut2bit_code(double v, double mu, double w)
+{
+    if (!(w > 0))
+        return 2;
+    double q = rint((v - mu) / w + 2.0);
+    q = q >= 0 ? q : 0;   /* NaN -> 0 */
+    return (int)(q <= 3 ? q : 3);
+}
+
+lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
+                     int nthreads, uint8_t *codes, float table[4], lb_error *err)
+{
+    if (!is_float_dt(dt) || (n && (!x || !codes)) || !table)
+        return LB_EINVAL;
+    lb_stat sum, dev;
+    lb_status st = tensor_stat(x, dt, n, LB_SUM_RAW, 0.0, nthreads, &sum);
+    if (st != LB_OK)
+        return st;
+    if (!isfinite(sum.sum) && check_finite)
+        return nonfinite_or_range(x, dt, n, 0, err);
+    double mu = n ? sum.sum / (double)n : 0.0;
+    if ((st = tensor_stat(x, dt, n, LB_SUM_DEV2, mu, nthreads, &dev)) != LB_OK)
+        return st;
+    double w = 1.5 * sqrt(n > 1 ? dev.sum / (double)(n - 1) : 0.0);
+    /* codes and per-chunk bin sums, combined in chunk order */
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+    double *part = calloc((size_t)(nchunks ? nchunks : 1) * 8, sizeof(double));
+    if (!part)
+        return LB_ENOMEM;
+    const lb_quant_fns *fns = lb_quant();
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t tile[LB_QTILE];
+        LB_OMP(omp for schedule(static))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t end = (c + 1) * LB_CHUNK < n ? (c + 1) * LB_CHUNK : n;
+            double *bin = part + 8 * c;   /* sums [0..4), counts [4..8) */
+            for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                for (uint64_t j = 0; j < m; j++) {
+                    double v = value_at(x, dt, t + j);
+                    int q = lut2bit_code(v, mu, w);
+                    tile[j] = (uint8_t)q;
+                    bin[q] += v - mu;
+                    bin[4 + q] += 1.0;
+                }
+                fns->pack(tile, m, 2, codes + t / 4);
+            }
+        }
+    }
+    for (int j = 0; j < 4; j++) {
+        double s = 0.0, cnt = 0.0;
+        for (uint64_t c = 0; c < nchunks; c++) {
+            s += part[8 * c + j];
+            cnt += part[8 * c + 4 + j];
+        }
+        table[j] = cnt > 0 ? (float)(mu + s / cnt) : (float)(mu + (j - 2) * w);
+    }
+    free(part);
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Decoding                                                                  */
+/* ------------------------------------------------------------------------ */
+
+lb_status lb_table_decode(const uint8_t *codes, uint64_t n, int bits,
+                          const void *table, const void *mult, uint64_t block,
+                          lb_dtype out_dt, void *out, int nthreads)
+{
+    if (bits < 1 || bits > 8 || !table ||
+        !(out_dt == LB_F32 || out_dt == LB_F64 || out_dt == LB_F16) ||
+        (n && (!codes || !out)))
+        return LB_EINVAL;
+    uint64_t B = block ? block : (n ? n : 1);
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t c[LB_QTILE];
+        float f[LB_QTILE];
+        LB_OMP(omp for schedule(static))
+        for (uint64_t k = 0; k < nchunks; k++) {
+            uint64_t end = (k + 1) * LB_CHUNK < n ? (k + 1) * LB_CHUNK : n;
+            for (uint64_t t = k * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                fns->unpack(codes + t / 8 * (uint64_t)bits, m, bits, c);
+                for (uint64_t i = t; i < t + m;) {
+                    uint64_t b = i / B;
+                    uint64_t e = (b + 1) * B < t + m ? (b + 1) * B : t + m;
+                    if (out_dt == LB_F64)
+                        fns->lookup64(c + (i - t), e - i, table,
+                                      mult ? ((const double *)mult)[b] : 1.0,
+                                      (double *)out + i);
+                    else
+                        fns->lookup32(c + (i - t), e - i, table,
+                                      mult ? ((const float *)mult)[b] : 1.0f,
+                                      out_dt == LB_F32 ? (float *)out + i : f + (i - t));
+                    i = e;
+                }
+                if (out_dt == LB_F16)
+                    fns->f32_to_f16(f, m, (uint16_t *)out + t);
+            }
+        }
+    }
+    return LB_OK;
+}
+
+/* ------------------------------------------------------------------------ */
+/* float16 / bfloat16                                                        */
+/* ------------------------------------------------------------------------ */
+
+/* float32 bits rounded to odd from a double (keeps enough information for
+ * one correct rounding to 16-bit formats); NaN -> a quiet float NaN.      */
+static uint32_t f64_to_f32_odd(double d)
+{
+    float f = (float)d;
+    uint32_t b;
+    memcpy(&b, &f, 4);
+    if (isnan(d) || (double)f == d)
+        return b;
+    if (fabs((double)f) > fabs(d))
+        b -= 1;   /* truncate toward zero (also Inf -> FLT_MAX) */
+    return b | 1u;
+}
+
+static inline uint16_t f32_to_bf16_bits(uint32_t b)
+{
+    if ((b & 0x7FFFFFFFu) > 0x7F800000u)
+        return (uint16_t)((b >> 16) | 0x40u);
+    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
+}
+
+lb_status lb_narrow(const void *x, uint64_t n, lb_dtype dt, lb_dtype to,
+                    int check_finite, int nthreads, uint16_t *out, lb_error *err)
+{
+    if (!is_float_dt(dt) || !(to == LB_F16 || to == LB_BF16) || (n && (!x || !out)))
+        return LB_EINVAL;
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+    int team = lb_team(nthreads, nchunks);
+    uint16_t inf = to == LB_F16 ? 0x7C00u : 0x7F80u;
+    uint64_t bad = UINT64_MAX;
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        float tmp[LB_QTILE];
+        LB_OMP(omp for schedule(static) reduction(min:bad))
+        for (uint64_t k = 0; k < nchunks; k++) {
+            uint64_t end = (k + 1) * LB_CHUNK < n ? (k + 1) * LB_CHUNK : n;
+            for (uint64_t t = k * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                const float *src = (const float *)x + t;
+                if (dt == LB_F64) {
+                    for (uint64_t j = 0; j < m; j++) {
+                        uint32_t b = f64_to_f32_odd(((const double *)x)[t + j]);
+                        memcpy(tmp + j, &b, 4);
+                    }
+                    src = tmp;
+                }
+                if (to == LB_F16) {
+                    fns->f32_to_f16(src, m, out + t);
+                } else {
+                    for (uint64_t j = 0; j < m; j++) {
+                        uint32_t b;
+                        memcpy(&b, src + j, 4);
+                        out[t + j] = f32_to_bf16_bits(b);
+                    }
+                }
+                if (check_finite && bad == UINT64_MAX)
+                    for (uint64_t j = 0; j < m; j++)
+                        if ((out[t + j] & 0x7FFFu) >= inf) {
+                            bad = t + j;
+                            break;
+                        }
+            }
+        }
+    }
+    if (bad != UINT64_MAX) {
+        if (err)
+            err->index = bad;
+        return isfinite(value_at(x, dt, bad)) ? LB_ERANGE : LB_ENONFINITE;
+    }
+    return LB_OK;
+}
+
+lb_status lb_widen(const uint16_t *x, uint64_t n, lb_dtype from,
+                   lb_dtype out_dt, void *out, int nthreads)
+{
+    if (!(from == LB_F16 || from == LB_BF16) ||
+        !(out_dt == LB_F32 || out_dt == LB_F64 || out_dt == LB_F16) ||
+        (n && (!x || !out)))
+        return LB_EINVAL;
+    if (from == LB_F16 && out_dt == LB_F16) {
+        if (n)
+            memcpy(out, x, (size_t)n * 2);
+        return LB_OK;
+    }
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        float tmp[LB_QTILE];
+        LB_OMP(omp for schedule(static))
+        for (uint64_t k = 0; k < nchunks; k++) {
+            uint64_t end = (k + 1) * LB_CHUNK < n ? (k + 1) * LB_CHUNK : n;
+            for (uint64_t t = k * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                float *dst = out_dt == LB_F32 ? (float *)out + t : tmp;
+                if (from == LB_F16) {
+                    fns->f16_to_f32(x + t, m, dst);
+                } else {
+                    for (uint64_t j = 0; j < m; j++) {
+                        uint32_t b = (uint32_t)x[t + j] << 16;
+                        memcpy(dst + j, &b, 4);
+                    }
+                }
+                if (out_dt == LB_F64)
+                    for (uint64_t j = 0; j < m; j++)
+                        ((double *)out)[t + j] = tmp[j];
+                else if (out_dt == LB_F16)
+                    fns->f32_to_f16(tmp, m, (uint16_t *)out + t);
+            }
+        }
+    }
+    return LB_OK;
+}

@@ -1,0 +1,111 @@
+/*
+ * quant.h - the leaf kernels of quantization and bit packing, compiled once
+ * per instruction set (quant_scalar.c, quant_avx2.c, quant_avx512.c, all
+ * from the template quant_impl.h) and chosen at run time by lb_quant().
+ * No OpenMP here: the drivers in quant.c and pack.c run these on ranges.
+ * Every kernel computes exactly the same bytes on every instruction set.
+ */
+#ifndef LB_QUANT_H
+#define LB_QUANT_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "rng.h"
+
+/* What a 16-lane sum adds up (see lanesum below). */
+enum { LB_SUM_ABS = 0, LB_SUM_SQ = 1, LB_SUM_RAW = 2, LB_SUM_DEV2 = 3 };
+
+typedef struct {
+    /* The 16-lane sum of f(x[j]) for j < m, in float64: lane l adds, in
+     * order, the terms with j % 16 == l (starting from +0.0); lanes are then
+     * folded as lane[l] += lane[l + w] for w = 8, 4, 2, 1.  f is |x|, x^2,
+     * x or (x - mu)^2 (mode LB_SUM_*), all evaluated in float64.          */
+    double (*lanesum32)(const float *x, uint64_t m, int mode, double mu);
+    double (*lanesum64)(const double *x, uint64_t m, int mode, double mu);
+    /* Largest magnitude key (raw bits without the sign) of bits[0..m).    */
+    uint32_t (*maxkey32)(const uint32_t *bits, uint64_t m);
+    uint64_t (*maxkey64)(const uint64_t *bits, uint64_t m);
+    /* Sign bits of x[0..m) (1 for x >= 0), LSB first, into
+     * ceil(m / 8) bytes; the unused bits of the last byte are zero.       */
+    void (*signbits32)(const float *x, uint64_t m, uint8_t *out);
+    void (*signbits64)(const double *x, uint64_t m, uint8_t *out);
+    /* Philox words of counter blocks first .. first + nb - 1 into
+     * out[0 .. 4 nb), word 4 i + l being lane l of block first + i.       */
+    void (*philox)(const lb_philox_key *key, uint64_t first, uint64_t nb,
+                   uint32_t *out);
+    /* Sign-magnitude quantization of x[0..m) to codes in [0, 2L]:
+     * t = min(|x|, clip) / unit; l = rint(t) (rnd NULL) or floor(t) + (top
+     * 24 bits of rnd[j] < frac(t) * 2^24); l = min(l, L); code L - l for
+     * x < 0, else L + l.  Arithmetic in the input precision.              */
+    void (*smq32)(const float *x, uint64_t m, float unit, float clip, int L,
+                  const uint32_t *rnd, uint8_t *codes);
+    void (*smq64)(const double *x, uint64_t m, double unit, double clip,
+                  int L, const uint32_t *rnd, uint8_t *codes);
+    /* Two-level (+-unit) quantization: code 1 for x >= 0 (rnd NULL), else
+     * 1 when the 24-bit uniform < p * 2^24 with p = (x / unit + 1) / 2.   */
+    void (*twolevel32)(const float *x, uint64_t m, float unit,
+                       const uint32_t *rnd, uint8_t *codes);
+    void (*twolevel64)(const double *x, uint64_t m, double unit,
+                       const uint32_t *rnd, uint8_t *codes);
+    /* Bit streams of uint8 codes (bits 1..8): m codes from stream offset 0
+     * (pack writes ceil(m * bits / 8) bytes, the last one's spare bits
+     * zero; unpack reads as many).                                        */
+    void (*pack)(const uint8_t *codes, uint64_t m, int bits, uint8_t *out);
+    void (*unpack)(const uint8_t *buf, uint64_t m, int bits, uint8_t *codes);
+    /* out[j] = table[codes[j]] * mult.                                    */
+    void (*lookup32)(const uint8_t *codes, uint64_t m, const float *table,
+                     float mult, float *out);
+    void (*lookup64)(const uint8_t *codes, uint64_t m, const double *table,
+                     double mult, double *out);
+    /* float32 <-> float16 bit patterns, round to nearest even.            */
+    void (*f32_to_f16)(const float *x, uint64_t m, uint16_t *out);
+    void (*f16_to_f32)(const uint16_t *x, uint64_t m, float *out);
+} lb_quant_fns;
+
+/* The table for the active instruction set (lb_active_isa()). */
+const lb_quant_fns *lb_quant(void);
+
+extern const lb_quant_fns lb_quant_scalar;
+extern const lb_quant_fns lb_quant_avx2;
+extern const lb_quant_fns lb_quant_avx512;
+
+/* Scalar conversions shared by the template and the drivers. */
+static inline uint16_t lb_f32_to_f16_bits(uint32_t x)
+{
+    uint32_t sign = (x >> 16) & 0x8000u, a = x & 0x7FFFFFFFu;
+    if (a >= 0x7F800000u)          /* Inf; NaN quieted with its top payload
+                                      bits, as F16C does                 */
+        return (uint16_t)(sign | 0x7C00u | (a > 0x7F800000u ? 0x200u | ((a >> 13) & 0x3FFu) : 0u));
+    if (a >= 0x477FF000u)                      /* >= 65520: Inf          */
+        return (uint16_t)(sign | 0x7C00u);
+    if (a >= 0x38800000u) {                    /* normal float16         */
+        uint32_t r = a - 0x38000000u;
+        return (uint16_t)(sign | ((r + 0xFFFu + ((r >> 13) & 1u)) >> 13));
+    }
+    if (a < 0x33000000u)                       /* below 2^-25: zero      */
+        return (uint16_t)sign;
+    uint32_t e = a >> 23, mant = (a & 0x7FFFFFu) | 0x800000u;
+    uint32_t s = 126u - e;                     /* 14 .. 24               */
+    return (uint16_t)(sign | ((mant + (1u << (s - 1)) - 1u + ((mant >> s) & 1u)) >> s));
+}
+
+static inline uint32_t lb_f16_bits_to_f32(uint16_t h)
+{
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, e = (h >> 10) & 0x1Fu,
+             m = h & 0x3FFu;
+    if (e == 0x1F)   /* Inf; NaN quieted, as F16C does */
+        return sign | 0x7F800000u | (m ? 0x400000u | (m << 13) : 0u);
+    if (e)
+        return sign | ((e + 112u) << 23) | (m << 13);
+    if (!m)
+        return sign;
+    e = 113;                                   /* normalise a subnormal  */
+    while (!(m & 0x400u)) {
+        m <<= 1;
+        e--;
+    }
+    return sign | (e << 23) | ((m & 0x3FFu) << 13);
+}
+
+#endif /* LB_QUANT_H */

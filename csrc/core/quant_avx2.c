@@ -1,0 +1,140 @@
+/* quant_avx2.c - quantization kernels compiled for AVX2 (chosen at run
+ * time): intrinsics sign bits (compare + movemask), 8-wide Philox and F16C
+ * conversions; the rest from the template, vectorised by the compiler.    */
+#if defined(__x86_64__) || defined(__i386__)
+#pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
+#include <immintrin.h>
+
+#define LB_QUANT_SUFFIX avx2
+#define LB_QUANT_OWN_SIGNBITS
+#define LB_QUANT_OWN_PHILOX
+#define LB_QUANT_OWN_F16
+#include "quant.h"
+
+static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out);
+static void signbits64_avx2(const double *x, uint64_t m, uint8_t *out);
+static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
+                        uint32_t *out);
+static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
+static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
+#include "quant_impl.h"
+
+static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out)
+{
+    const __m256 zero = _mm256_setzero_ps();
+    uint64_t i = 0;
+    for (; i + 32 <= m; i += 32) {
+        uint32_t w = 0;
+        for (int q = 0; q < 4; q++) {
+            __m256 v = _mm256_loadu_ps(x + i + 8 * q);
+            w |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v, zero, _CMP_GE_OQ)) << (8 * q);
+        }
+        memcpy(out + i / 8, &w, 4);
+    }
+    for (; i + 8 <= m; i += 8)
+        out[i / 8] = (uint8_t)_mm256_movemask_ps(
+            _mm256_cmp_ps(_mm256_loadu_ps(x + i), zero, _CMP_GE_OQ));
+    if (i < m) {
+        unsigned b = 0;
+        for (uint64_t j = i; j < m; j++)
+            b |= (unsigned)(x[j] >= 0) << (j - i);
+        out[i / 8] = (uint8_t)b;
+    }
+}
+
+static void signbits64_avx2(const double *x, uint64_t m, uint8_t *out)
+{
+    const __m256d zero = _mm256_setzero_pd();
+    uint64_t i = 0;
+    for (; i + 8 <= m; i += 8) {
+        int lo = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + i), zero, _CMP_GE_OQ));
+        int hi = _mm256_movemask_pd(_mm256_cmp_pd(_mm256_loadu_pd(x + i + 4), zero, _CMP_GE_OQ));
+        out[i / 8] = (uint8_t)(lo | (hi << 4));
+    }
+    if (i < m) {
+        unsigned b = 0;
+        for (uint64_t j = i; j < m; j++)
+            b |= (unsigned)(x[j] >= 0) << (j - i);
+        out[i / 8] = (uint8_t)b;
+    }
+}
+
+/* hi and lo 32-bit halves of a * m for the 8 lanes of a. */
+static inline void mulhilo_avx2(__m256i a, __m256i m, __m256i *hi, __m256i *lo)
+{
+    __m256i even = _mm256_mul_epu32(a, m);
+    __m256i odd = _mm256_mul_epu32(_mm256_srli_epi64(a, 32), m);
+    *hi = _mm256_blend_epi32(_mm256_srli_epi64(even, 32), odd, 0xAA);
+    *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
+}
+
+static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
+                        uint32_t *out)
+{
+    const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u);
+    const __m256i M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    uint64_t b = 0;
+    for (; b + 8 <= nb; b += 8) {
+        uint64_t base = first + b;
+        __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)base), lane);
+        /* carry into the high word where the low word wrapped */
+        __m256i wrapped = _mm256_cmpgt_epi32(
+            _mm256_xor_si256(_mm256_set1_epi32((int)(uint32_t)base), _mm256_set1_epi32(INT32_MIN)),
+            _mm256_xor_si256(c0, _mm256_set1_epi32(INT32_MIN)));
+        __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(base >> 32)), wrapped);
+        __m256i c2 = _mm256_set1_epi32((int)key->s0);
+        __m256i c3 = _mm256_set1_epi32((int)key->s1);
+        uint32_t k0 = key->k0, k1 = key->k1;
+        for (int r = 0; r < 10; r++) {
+            __m256i hi0, lo0, hi1, lo1;
+            mulhilo_avx2(c0, M0, &hi0, &lo0);
+            mulhilo_avx2(c2, M1, &hi1, &lo1);
+            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k0));
+            c1 = lo1;
+            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k1));
+            c3 = lo0;
+            k0 += 0x9E3779B9u;
+            k1 += 0xBB67AE85u;
+        }
+        /* transpose: block j's four words become out[4j .. 4j + 3] */
+        __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
+        __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);
+        __m256i u0 = _mm256_unpacklo_epi64(t0, t2), u1 = _mm256_unpackhi_epi64(t0, t2);
+        __m256i u2 = _mm256_unpacklo_epi64(t1, t3), u3 = _mm256_unpackhi_epi64(t1, t3);
+        __m256i *o = (__m256i *)(out + 4 * b);
+        _mm256_storeu_si256(o, _mm256_permute2x128_si256(u0, u1, 0x20));
+        _mm256_storeu_si256(o + 1, _mm256_permute2x128_si256(u2, u3, 0x20));
+        _mm256_storeu_si256(o + 2, _mm256_permute2x128_si256(u0, u1, 0x31));
+        _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
+    }
+    philox_tail_avx2(key, first + b, nb - b, out + 4 * b);
+}
+
+static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out)
+{
+    uint64_t j = 0;
+    for (; j + 8 <= m; j += 8)
+        _mm_storeu_si128((__m128i *)(out + j),
+                         _mm256_cvtps_ph(_mm256_loadu_ps(x + j), _MM_FROUND_TO_NEAREST_INT));
+    for (; j < m; j++) {
+        uint32_t b;
+        memcpy(&b, x + j, 4);
+        out[j] = lb_f32_to_f16_bits(b);
+    }
+}
+
+static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out)
+{
+    uint64_t j = 0;
+    for (; j + 8 <= m; j += 8)
+        _mm256_storeu_ps(out + j, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(x + j))));
+    for (; j < m; j++) {
+        uint32_t b = lb_f16_bits_to_f32(x[j]);
+        memcpy(out + j, &b, 4);
+    }
+}
+#else
+#include "quant.h"
+const lb_quant_fns lb_quant_avx2 = {0};
+#endif

@@ -1,0 +1,331 @@
+/*
+ * quant_impl.h - template of the leaf kernels declared in quant.h.
+ * Included once per instruction set with LB_QUANT_SUFFIX defined; the
+ * including file sets the target with #pragma GCC target and the compiler
+ * vectorises these plain loops.  An including file may supply intrinsics
+ * versions of some kernels by defining LB_QUANT_OWN_<NAME> first.  The
+ * loops only use operations that are exact or correctly rounded (no FMA:
+ * the build is ISO C11, whose default is -ffp-contract=off), so every
+ * instruction set gives the same bytes.
+ */
+#include <math.h>
+#include <string.h>
+
+#include "quant.h"
+
+#define LB_QCAT2(a, b) a##b
+#define LB_QCAT(a, b) LB_QCAT2(a, b)
+#define LB_Q(name) LB_QCAT(name, LB_QUANT_SUFFIX)
+
+/* ---- 16-lane sums ------------------------------------------------------ */
+
+static inline double lb_fold16(double *acc)
+{
+    for (int w = 8; w >= 1; w /= 2)
+        for (int l = 0; l < w; l++)
+            acc[l] += acc[l + w];
+    return acc[0];
+}
+
+#define LB_DEFINE_LANESUM(T, NAME)                                             \
+    static double NAME(const T *x, uint64_t m, int mode, double mu)            \
+    {                                                                          \
+        double acc[16] = {0};                                                  \
+        uint64_t i = 0, full = m & ~(uint64_t)15;                              \
+        switch (mode) {                                                        \
+        case LB_SUM_ABS:                                                       \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++)                                   \
+                    acc[l] += fabs((double)x[i + l]);                          \
+            for (int l = 0; i + l < m; l++)                                    \
+                acc[l] += fabs((double)x[i + l]);                              \
+            break;                                                             \
+        case LB_SUM_SQ:                                                        \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++)                                   \
+                    acc[l] += (double)x[i + l] * (double)x[i + l];             \
+            for (int l = 0; i + l < m; l++)                                    \
+                acc[l] += (double)x[i + l] * (double)x[i + l];                 \
+            break;                                                             \
+        case LB_SUM_RAW:                                                       \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++)                                   \
+                    acc[l] += (double)x[i + l];                                \
+            for (int l = 0; i + l < m; l++)                                    \
+                acc[l] += (double)x[i + l];                                    \
+            break;                                                             \
+        default:                                                               \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++) {                                 \
+                    double d = (double)x[i + l] - mu;                          \
+                    acc[l] += d * d;                                           \
+                }                                                              \
+            for (int l = 0; i + l < m; l++) {                                  \
+                double d = (double)x[i + l] - mu;                              \
+                acc[l] += d * d;                                               \
+            }                                                                  \
+            break;                                                             \
+        }                                                                      \
+        return lb_fold16(acc);                                                 \
+    }
+
+LB_DEFINE_LANESUM(float, LB_Q(lanesum32_))
+LB_DEFINE_LANESUM(double, LB_Q(lanesum64_))
+
+/* ---- max magnitude key --------------------------------------------------- */
+
+#define LB_DEFINE_MAXKEY(T, MASK, NAME)                                        \
+    static T NAME(const T *bits, uint64_t m)                                   \
+    {                                                                          \
+        T mx = 0;                                                              \
+        for (uint64_t i = 0; i < m; i++) {                                     \
+            T k = bits[i] & MASK;                                              \
+            mx = k > mx ? k : mx;                                              \
+        }                                                                      \
+        return mx;                                                             \
+    }
+
+LB_DEFINE_MAXKEY(uint32_t, 0x7FFFFFFFu, LB_Q(maxkey32_))
+LB_DEFINE_MAXKEY(uint64_t, 0x7FFFFFFFFFFFFFFFull, LB_Q(maxkey64_))
+
+/* ---- sign bits ------------------------------------------------------------ */
+
+#define LB_DEFINE_SIGNBITS(T, NAME)                                            \
+    static void NAME(const T *x, uint64_t m, uint8_t *out)                     \
+    {                                                                          \
+        uint64_t k = 0;                                                        \
+        for (; 8 * k + 8 <= m; k++) {                                          \
+            const T *p = x + 8 * k;                                            \
+            unsigned b = 0;                                                    \
+            for (int j = 0; j < 8; j++)                                        \
+                b |= (unsigned)(p[j] >= 0) << j;                               \
+            out[k] = (uint8_t)b;                                               \
+        }                                                                      \
+        if (8 * k < m) {                                                       \
+            unsigned b = 0;                                                    \
+            for (uint64_t j = 8 * k; j < m; j++)                               \
+                b |= (unsigned)(x[j] >= 0) << (j - 8 * k);                     \
+            out[k] = (uint8_t)b;                                               \
+        }                                                                      \
+    }
+
+#ifndef LB_QUANT_OWN_SIGNBITS
+LB_DEFINE_SIGNBITS(float, LB_Q(signbits32_))
+LB_DEFINE_SIGNBITS(double, LB_Q(signbits64_))
+#endif
+
+/* ---- Philox ---------------------------------------------------------------- */
+
+static void LB_Q(philox_tail_)(const lb_philox_key *key, uint64_t first,
+                               uint64_t nb, uint32_t *out)
+{
+    for (uint64_t b = 0; b < nb; b++) {
+        lb_u32x4 r = lb_philox_block(key, first + b);
+        memcpy(out + 4 * b, r.v, sizeof(r.v));
+    }
+}
+
+#ifndef LB_QUANT_OWN_PHILOX
+static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
+                          uint64_t nb, uint32_t *out)
+{
+    LB_Q(philox_tail_)(key, first, nb, out);
+}
+#endif
+
+/* ---- quantization ------------------------------------------------------------ */
+
+#define LB_U24 16777216.0
+
+#define LB_DEFINE_SMQ(T, ABS, RINT, FLOOR, NAME)                               \
+    static void NAME(const T *x, uint64_t m, T unit, T clip, int L,            \
+                     const uint32_t *rnd, uint8_t *codes)                      \
+    {                                                                          \
+        const T fL = (T)L;                                                     \
+        if (!rnd) {                                                            \
+            for (uint64_t j = 0; j < m; j++) {                                 \
+                T a = ABS(x[j]);                                               \
+                a = a < clip ? a : clip;                                       \
+                T l = RINT(a / unit);                                          \
+                l = l <= fL ? l : fL;                                          \
+                int q = (int)l;                                                \
+                codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                \
+            }                                                                  \
+            return;                                                            \
+        }                                                                      \
+        for (uint64_t j = 0; j < m; j++) {                                     \
+            T a = ABS(x[j]);                                                   \
+            a = a < clip ? a : clip;                                           \
+            T t = a / unit;                                                    \
+            T f = FLOOR(t);                                                    \
+            T u = (T)(int32_t)(rnd[j] >> 8);                                   \
+            T l = f + (u < (t - f) * (T)LB_U24 ? (T)1 : (T)0);                 \
+            l = l <= fL ? l : fL;                                              \
+            int q = (int)l;                                                    \
+            codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                    \
+        }                                                                      \
+    }
+
+LB_DEFINE_SMQ(float, fabsf, rintf, floorf, LB_Q(smq32_))
+LB_DEFINE_SMQ(double, fabs, rint, floor, LB_Q(smq64_))
+
+#define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
+    static void NAME(const T *x, uint64_t m, T unit, const uint32_t *rnd,      \
+                     uint8_t *codes)                                           \
+    {                                                                          \
+        if (!rnd) {                                                            \
+            for (uint64_t j = 0; j < m; j++)                                   \
+                codes[j] = (uint8_t)(x[j] >= 0);                               \
+            return;                                                            \
+        }                                                                      \
+        for (uint64_t j = 0; j < m; j++) {                                     \
+            T p = (x[j] / unit + (T)1) * (T)0.5;                               \
+            T u = (T)(int32_t)(rnd[j] >> 8);                                   \
+            codes[j] = (uint8_t)(u < p * (T)LB_U24);                           \
+        }                                                                      \
+    }
+
+LB_DEFINE_TWOLEVEL(float, LB_Q(twolevel32_))
+LB_DEFINE_TWOLEVEL(double, LB_Q(twolevel64_))
+
+/* ---- bit streams of uint8 codes ------------------------------------------------ */
+
+/* Up to 8 codes of up to 8 bits into ceil(cnt * bits / 8) bytes. */
+static inline void lb_pack_group8(const uint8_t *c, int cnt, int bits,
+                                  uint8_t *out)
+{
+    uint64_t acc = 0;
+    for (int j = 0; j < cnt; j++)
+        acc |= (uint64_t)c[j] << (j * bits);
+    int nbytes = (cnt * bits + 7) / 8;
+    for (int k = 0; k < nbytes; k++)
+        out[k] = (uint8_t)(acc >> (8 * k));
+}
+
+static inline void lb_unpack_group8(const uint8_t *buf, int cnt, int bits,
+                                    uint8_t *c)
+{
+    uint64_t acc = 0;
+    int nbytes = (cnt * bits + 7) / 8;
+    for (int k = 0; k < nbytes; k++)
+        acc |= (uint64_t)buf[k] << (8 * k);
+    uint64_t mask = ((uint64_t)1 << bits) - 1;
+    for (int j = 0; j < cnt; j++)
+        c[j] = (uint8_t)((acc >> (j * bits)) & mask);
+}
+
+static void LB_Q(pack_)(const uint8_t *c, uint64_t m, int bits, uint8_t *out)
+{
+    uint64_t groups = m / 8, g = 0;
+    switch (bits) {
+    case 8:
+        memcpy(out, c, (size_t)m);
+        return;
+    case 4:
+        for (uint64_t k = 0; k < 4 * groups; k++)
+            out[k] = (uint8_t)(c[2 * k] | (c[2 * k + 1] << 4));
+        g = groups;
+        break;
+    case 2:
+        for (uint64_t k = 0; k < 2 * groups; k++)
+            out[k] = (uint8_t)(c[4 * k] | (c[4 * k + 1] << 2) |
+                               (c[4 * k + 2] << 4) | (c[4 * k + 3] << 6));
+        g = groups;
+        break;
+    case 1:
+        for (uint64_t k = 0; k < groups; k++) {
+            const uint8_t *p = c + 8 * k;
+            out[k] = (uint8_t)(p[0] | (p[1] << 1) | (p[2] << 2) | (p[3] << 3) |
+                               (p[4] << 4) | (p[5] << 5) | (p[6] << 6) |
+                               (p[7] << 7));
+        }
+        g = groups;
+        break;
+    default:
+        for (; g < groups; g++)
+            lb_pack_group8(c + 8 * g, 8, bits, out + g * (uint64_t)bits);
+        break;
+    }
+    if (8 * g < m)
+        lb_pack_group8(c + 8 * g, (int)(m - 8 * g), bits, out + g * (uint64_t)bits);
+}
+
+static void LB_Q(unpack_)(const uint8_t *buf, uint64_t m, int bits, uint8_t *c)
+{
+    uint64_t groups = m / 8, g = 0;
+    switch (bits) {
+    case 8:
+        memcpy(c, buf, (size_t)m);
+        return;
+    case 4:
+        for (uint64_t k = 0; k < 4 * groups; k++) {
+            c[2 * k] = buf[k] & 15;
+            c[2 * k + 1] = buf[k] >> 4;
+        }
+        g = groups;
+        break;
+    case 2:
+        for (uint64_t k = 0; k < 2 * groups; k++) {
+            c[4 * k] = buf[k] & 3;
+            c[4 * k + 1] = (buf[k] >> 2) & 3;
+            c[4 * k + 2] = (buf[k] >> 4) & 3;
+            c[4 * k + 3] = buf[k] >> 6;
+        }
+        g = groups;
+        break;
+    case 1:
+        for (uint64_t k = 0; k < groups; k++)
+            for (int j = 0; j < 8; j++)
+                c[8 * k + j] = (buf[k] >> j) & 1;
+        g = groups;
+        break;
+    default:
+        for (; g < groups; g++)
+            lb_unpack_group8(buf + g * (uint64_t)bits, 8, bits, c + 8 * g);
+        break;
+    }
+    if (8 * g < m)
+        lb_unpack_group8(buf + g * (uint64_t)bits, (int)(m - 8 * g), bits, c + 8 * g);
+}
+
+/* ---- decoding ------------------------------------------------------------------- */
+
+#define LB_DEFINE_LOOKUP(T, NAME)                                              \
+    static void NAME(const uint8_t *c, uint64_t m, const T *table, T mult,     \
+                     T *out)                                                   \
+    {                                                                          \
+        for (uint64_t j = 0; j < m; j++)                                       \
+            out[j] = table[c[j]] * mult;                                       \
+    }
+
+LB_DEFINE_LOOKUP(float, LB_Q(lookup32_))
+LB_DEFINE_LOOKUP(double, LB_Q(lookup64_))
+
+/* ---- float16 -------------------------------------------------------------------- */
+
+#ifndef LB_QUANT_OWN_F16
+static void LB_Q(f32_to_f16_)(const float *x, uint64_t m, uint16_t *out)
+{
+    for (uint64_t j = 0; j < m; j++) {
+        uint32_t b;
+        memcpy(&b, x + j, 4);
+        out[j] = lb_f32_to_f16_bits(b);
+    }
+}
+
+static void LB_Q(f16_to_f32_)(const uint16_t *x, uint64_t m, float *out)
+{
+    for (uint64_t j = 0; j < m; j++) {
+        uint32_t b = lb_f16_bits_to_f32(x[j]);
+        memcpy(out + j, &b, 4);
+    }
+}
+#endif
+
+const lb_quant_fns LB_Q(lb_quant_) = {
+    LB_Q(lanesum32_), LB_Q(lanesum64_), LB_Q(maxkey32_), LB_Q(maxkey64_),
+    LB_Q(signbits32_), LB_Q(signbits64_), LB_Q(philox_), LB_Q(smq32_),
+    LB_Q(smq64_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
+    LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
+    LB_Q(f16_to_f32_),
+};

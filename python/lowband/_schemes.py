@@ -1,0 +1,313 @@
+"""The quantization schemes: how each ``Quantized`` kind is laid out on the
+wire, checked when it arrives (``decode`` trusts nothing) and dequantized.
+
+Every scheme stores its codes as one packed bit stream (``codes``, uint8,
+LSB first, see docs/quantization.md) plus small per-block or per-tensor
+arrays.  Dequantization is one C pass: ``out[i] = table[code_i] *
+mult[i // block]``, with the table and the multipliers in the output
+precision (float32 for float16 output, rounded to float16 at the end).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from . import _core
+from ._payload import Scheme, register_scheme
+
+__all__ = ["SCHEMES", "packed_bytes", "nblocks", "emax_of", "work_dtype"]
+
+MAX_BLOCK = 1 << 40
+_NONE = 0xFFFFFFFF
+_F16 = np.dtype(np.float16)
+_F32 = np.dtype(np.float32)
+_F64 = np.dtype(np.float64)
+
+
+def packed_bytes(n, bits):
+    return (n * bits + 7) // 8
+
+
+def nblocks(n, block):
+    """Per-block arrays: ceil(n / block) entries, one entry for block 0."""
+    return -(-n // block) if block else 1
+
+
+def emax_of(dtype):
+    """Largest binary exponent the decoded dtype represents."""
+    return {_F16: 15, _F64: 1023}.get(np.dtype(dtype), 127)
+
+
+def work_dtype(dtype):
+    """Precision of tables and multipliers when decoding to `dtype`."""
+    return _F64 if np.dtype(dtype) == _F64 else _F32
+
+
+def _u(params, name, lo, hi):
+    v = params[name]
+    if not lo <= v <= hi:
+        raise ValueError(f"{name}: expected {lo}..{hi}, got {v}")
+    return v
+
+
+def _check_codes(q, bits, maxcode, forbidden=_NONE):
+    bad = _core.check_codes(q.arrays["codes"], q.size, bits, maxcode, forbidden)
+    if bad is not None:
+        if bad == q.size:
+            raise ValueError("codes: padding bits after the last code are not zero")
+        raise ValueError(f"codes: invalid code at element {bad} (codes are at most {maxcode}"
+                         + (f" and never {forbidden}" if forbidden != _NONE else "") + ")")
+
+
+def _check_scales(a, name):
+    if a.size and not (np.isfinite(a).all() and (a >= 0).all()):
+        raise ValueError(f"{name}: expected finite, non-negative values")
+
+
+def _decode(q, out, threads, bits, table, mult, block):
+    wd = work_dtype(q.dtype)
+    table = np.ascontiguousarray(table, dtype=wd)
+    if mult is not None:
+        mult = np.ascontiguousarray(mult, dtype=wd)
+    _core.table_decode(q.arrays["codes"], q.size, bits, table, mult, block, out, threads)
+
+
+def _linear_table(bits, offset, step=1):
+    """table[c] = step * c - offset for every code of `bits` bits."""
+    return step * np.arange(1 << bits, dtype=np.float64) - offset
+
+
+class _Linear(Scheme):
+    """Codes c mean (step * c - offset) * scale[block]."""
+
+    arrays = ("codes", "scales")
+
+    def bits(self, params):
+        raise NotImplementedError
+
+    def block(self, params):
+        return params["block"]
+
+    def layout(self, params, size, dtype):
+        return {"codes": (np.uint8, packed_bytes(size, self.bits(params))),
+                "scales": (np.float32, nblocks(size, self.block(params)))}
+
+
+class SignScheme(_Linear):
+    name, wire_id = "sign", 1
+    params = (("scale", "u"), ("block", "u"))
+    MODES = ("none", "l1", "rms")
+
+    def bits(self, params):
+        return 1
+
+    def layout(self, params, size, dtype):
+        _u(params, "scale", 0, 2)
+        _u(params, "block", 0, MAX_BLOCK)
+        lay = super().layout(params, size, dtype)
+        if params["scale"] == 0:
+            lay["scales"] = (np.float32, 0)
+        return lay
+
+    def check(self, q):
+        _check_scales(q.arrays["scales"], "scales")
+        _check_codes(q, 1, 1)
+
+    def dequantize(self, q, out, threads):
+        mult = q.arrays["scales"] if q.params["scale"] else None
+        _decode(q, out, threads, 1, [-1.0, 1.0], mult, q.params["block"])
+
+
+class BlockwiseScheme(_Linear):
+    """Symmetric absmax: code c means (c - Q) * d (bits >= 2, Q = 2^(bits-1) - 1)
+    or (2c - 1) * d (bits 1)."""
+    name, wire_id, unbiased = "blockwise", 2, False
+    params = (("bits", "u"), ("block", "u"))
+    BITS = (1, 2, 3, 4, 8)
+
+    def bits(self, params):
+        if params["bits"] not in self.BITS:
+            raise ValueError(f"bits: expected one of {self.BITS}, got {params['bits']}")
+        return params["bits"]
+
+    def layout(self, params, size, dtype):
+        _u(params, "block", 0, MAX_BLOCK)
+        return super().layout(params, size, dtype)
+
+    @staticmethod
+    def levels(bits):
+        return 1 if bits == 1 else (1 << (bits - 1)) - 1
+
+    def check(self, q):
+        _check_scales(q.arrays["scales"], "scales")
+        b = q.params["bits"]
+        _check_codes(q, b, 1 if b == 1 else 2 * self.levels(b))
+
+    def dequantize(self, q, out, threads):
+        b = q.params["bits"]
+        table = _linear_table(1, 1, 2) if b == 1 else _linear_table(b, self.levels(b))
+        _decode(q, out, threads, b, table, q.arrays["scales"], q.params["block"])
+
+
+class BlockwiseSRScheme(BlockwiseScheme):
+    name, wire_id, unbiased = "blockwise_sr", 3, True
+
+
+class QSGDScheme(_Linear):
+    """code c means (c - s) * norm / s."""
+    name, wire_id, unbiased = "qsgd", 4, True
+    params = (("levels", "u"), ("block", "u"))
+    MAX_LEVELS = 127
+
+    @staticmethod
+    def code_bits(levels):
+        return int(2 * levels).bit_length()
+
+    def bits(self, params):
+        return self.code_bits(_u(params, "levels", 1, self.MAX_LEVELS))
+
+    def layout(self, params, size, dtype):
+        _u(params, "block", 0, MAX_BLOCK)
+        return super().layout(params, size, dtype)
+
+    def check(self, q):
+        _check_scales(q.arrays["scales"], "scales")
+        s = q.params["levels"]
+        _check_codes(q, self.code_bits(s), 2 * s)
+
+    def dequantize(self, q, out, threads):
+        s = q.params["levels"]
+        wd = work_dtype(q.dtype)
+        unit = q.arrays["scales"].astype(wd) / wd.type(s)
+        _decode(q, out, threads, self.code_bits(s), _linear_table(self.code_bits(s), s),
+                unit, q.params["block"])
+
+
+class TernGradScheme(_Linear):
+    """code c means (c - 1) * scale."""
+    name, wire_id, unbiased = "terngrad", 5, True
+    params = ()
+
+    def bits(self, params):
+        return 2
+
+    def block(self, params):
+        return 0
+
+    def check(self, q):
+        _check_scales(q.arrays["scales"], "scales")
+        _check_codes(q, 2, 2)
+
+    def dequantize(self, q, out, threads):
+        _decode(q, out, threads, 2, _linear_table(2, 1), q.arrays["scales"], 0)
+
+
+class NaturalScheme(Scheme):
+    """8-bit codes: bit 7 sign, field f = bits 0..6; value 2^(top - 127 + f), f = 0 zero."""
+    name, wire_id, unbiased = "natural", 6, True
+    arrays = ("codes", "top")
+
+    def layout(self, params, size, dtype):
+        return {"codes": (np.uint8, size), "top": (np.int16, 1)}
+
+    def check(self, q):
+        top = int(q.arrays["top"][0])
+        if not -896 <= top <= emax_of(q.dtype):
+            raise ValueError(f"top: expected -896..{emax_of(q.dtype)} for {q.dtype}, got {top}")
+        _check_codes(q, 8, 255, 0x80)
+
+    @staticmethod
+    def table(top):
+        f = np.arange(128)
+        mag = np.ldexp(1.0, top - 127 + f)
+        mag[0] = 0.0
+        return np.concatenate([mag, -mag])
+
+    def dequantize(self, q, out, threads):
+        table = self.table(int(q.arrays["top"][0])).astype(work_dtype(q.dtype))
+        _decode(q, out, threads, 8, table, None, 0)
+
+
+class MinifloatScheme(Scheme):
+    """Codes: sign bit, E exponent bits, M mantissa bits (IEEE-like, bias
+    2^E - 1, subnormals, no Inf/NaN), times 2^k per block."""
+    name, wire_id = "minifloat", 7
+    params = (("exp_bits", "u"), ("man_bits", "u"), ("block", "u"))
+    arrays = ("codes", "exponents")
+
+    @staticmethod
+    def valid(E, M):
+        return 1 <= E <= 5 and 0 <= M <= 3 and E + M <= 7
+
+    def layout(self, params, size, dtype):
+        E, M = params["exp_bits"], params["man_bits"]
+        if not self.valid(E, M):
+            raise ValueError(f"exp_bits/man_bits: expected 1..5 and 0..3 with at most 7 "
+                             f"together, got {E} and {M}")
+        block = _u(params, "block", 0, MAX_BLOCK)
+        return {"codes": (np.uint8, packed_bytes(size, 1 + E + M)),
+                "exponents": (np.int8, nblocks(size, block))}
+
+    @staticmethod
+    def table(E, M):
+        """Values of every (1 + E + M)-bit code (float64, exact)."""
+        bias = (1 << E) - 1
+        mag = np.arange(1 << (E + M))
+        e, m = mag >> M, mag & ((1 << M) - 1)
+        val = np.where(e > 0, np.ldexp((1 << M) + m, e - bias - M), np.ldexp(m, 1 - bias - M))
+        return np.concatenate([val, -val])
+
+    def check(self, q):
+        E, M = q.params["exp_bits"], q.params["man_bits"]
+        k = q.arrays["exponents"]
+        kmax = 15 if q.dtype == _F16 else 127
+        if k.size and (k.min() < -127 or k.max() > kmax):
+            raise ValueError(f"exponents: expected -127..{kmax}, got {k.min()}..{k.max()}")
+        _check_codes(q, 1 + E + M, (2 << (E + M)) - 1, 1 << (E + M))
+
+    def dequantize(self, q, out, threads):
+        E, M = q.params["exp_bits"], q.params["man_bits"]
+        mult = np.ldexp(1.0, q.arrays["exponents"].astype(np.int64))
+        _decode(q, out, threads, 1 + E + M, self.table(E, M), mult, q.params["block"])
+
+
+class Lut2bitScheme(Scheme):
+    """2-bit codes into a 4-entry float32 table of bin means (SparseLoCo)."""
+    name, wire_id = "lut2bit", 8
+    arrays = ("codes", "table")
+
+    def layout(self, params, size, dtype):
+        return {"codes": (np.uint8, packed_bytes(size, 2)), "table": (np.float32, 4)}
+
+    def check(self, q):
+        if not np.isfinite(q.arrays["table"]).all():
+            raise ValueError("table: expected finite values")
+        _check_codes(q, 2, 3)
+
+    def dequantize(self, q, out, threads):
+        _decode(q, out, threads, 2, q.arrays["table"], None, 0)
+
+
+class CastScheme(Scheme):
+    """Values cast to a 16-bit float (codes: their uint16 bit patterns)."""
+    arrays = ("codes",)
+    summable = True
+    code = 0
+
+    def layout(self, params, size, dtype):
+        return {"codes": (np.uint16, size)}
+
+    def dequantize(self, q, out, threads):
+        _core.widen(q.arrays["codes"], self.code, out, threads)
+
+
+class Float16Scheme(CastScheme):
+    name, wire_id, code = "float16", 9, 3
+
+
+class Bfloat16Scheme(CastScheme):
+    name, wire_id, code = "bfloat16", 10, 4
+
+
+SCHEMES = {s.name: register_scheme(s) for s in (
+    SignScheme(), BlockwiseScheme(), BlockwiseSRScheme(), QSGDScheme(), TernGradScheme(),
+    NaturalScheme(), MinifloatScheme(), Lut2bitScheme(), Float16Scheme(), Bfloat16Scheme())}
