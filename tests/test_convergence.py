@@ -97,16 +97,19 @@ BATCH = 32
 
 
 def train_mlp(comm, mlp, make_opt, steps):
+    """This rank's optimizer after `steps` minibatch steps on its shard."""
     x = mlp.init(seed=0)
     opt = make_opt(x, comm)
     for xb, yb in worker_batches(X_TRAIN, Y_TRAIN, comm.rank, W, BATCH, steps):
         opt.step(mlp.loss_grad(x, xb, yb)[1])
-    return x
+    return opt
 
 
-def evaluate(mlp, make_opt, steps):
+def evaluate(mlp, make_opt, steps, model=lambda opt: opt.params):
+    """(train loss, test accuracy, bytes rank 0 sent) of `model(opt)`, the
+    parameters every replica agrees on."""
     cluster = sim.Cluster(W)
-    xs = cluster.run(train_mlp, mlp, make_opt, steps)
+    xs = [model(opt) for opt in cluster.run(train_mlp, mlp, make_opt, steps)]
     for x in xs[1:]:
         assert np.array_equal(x, xs[0])
     return (mlp.loss(xs[0], X_TRAIN, Y_TRAIN), mlp.accuracy(xs[0], X_TEST, Y_TEST),
@@ -165,3 +168,32 @@ def test_dgc_at_999_per_mille_sparsity_matches_dense_sgd_on_digits():
     assert dgc_acc >= dense_acc - 0.01
     assert dgc_bytes < dense_bytes / 10       # warm-up stages included
     assert naive_acc < dgc_acc - 0.02
+
+
+def test_sparseloco_and_streaming_diloco_on_digits():
+    """SparseLoCo's and Streaming DiLoCo's repros, shortened: 4 replicas,
+    H = 10 AdamW steps.  SparseLoCo (3.1% per 256-chunk, 2-bit values)
+    needs its decayed error feedback; E3M0 outer gradients cost little
+    against fp64 ones in streaming (P = 2, tau = 1, alpha = 0.5)."""
+    mlp, steps, H = MLP((64, 64, 64, 10)), 400, 10
+    layers = [int(np.prod(s)) for s in mlp.shapes]
+    inner = lambda p: O.AdamW(p, lr=1e-3, weight_decay=0.0)   # noqa: E731
+    arms = {
+        "diloco": lambda x, c: O.DiLoCo(x, c, inner, H),
+        "sparseloco": lambda x, c: O.DiLoCo.sparseloco(x, c, inner, H, chunk=256, k=8),
+        "sparseloco_no_ef": lambda x, c: O.DiLoCo(
+            x, c, inner, H, outer_lr=1.0, outer_momentum=0.0, nesterov=False,
+            compressor="chunked:256:8+lut2bit", aggregate="contributor_mean"),
+        "streaming_e3m0": lambda x, c: O.DiLoCo.streaming(x, c, inner, H, 2, layers=layers),
+        "streaming_fp64": lambda x, c: O.DiLoCo.streaming(x, c, inner, H, 2, layers=layers, compressor=None),
+    }
+    out = {name: evaluate(mlp, make, steps, model=lambda opt: opt.x_global) for name, make in arms.items()}
+    print({k: (round(a, 4), round(b, 4), c) for k, (a, b, c) in out.items()})
+    loss = {k: v[0] for k, v in out.items()}
+    sent = {k: v[2] for k, v in out.items()}
+    assert out["sparseloco"][1] > 0.95 and out["streaming_e3m0"][1] > 0.95
+    assert loss["sparseloco"] < 0.3 * loss["sparseloco_no_ef"]
+    assert sent["sparseloco"] < sent["diloco"] / 50
+    assert abs(loss["streaming_e3m0"] - loss["streaming_fp64"]) < 0.1 * loss["streaming_fp64"]
+    assert sent["streaming_e3m0"] < sent["streaming_fp64"] / 6
+
