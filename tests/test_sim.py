@@ -357,3 +357,76 @@ def test_torch_communicator_one_process(tmp_path):
         del torch
     finally:
         dist.destroy_process_group()
+
+
+TORCH_WORKER = r'''
+import sys
+import numpy as np
+import torch.distributed as dist
+sys.path.insert(0, sys.argv[4])
+import scenario
+rank, world, store = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
+try:
+    import lowband.sim as sim
+    comm = sim.TorchCommunicator()
+    out = scenario.run(comm)
+    np.savez(f"{store}.{rank}.npz", *out, sent=comm.bytes_sent, received=comm.bytes_received)
+finally:
+    dist.destroy_process_group()
+'''
+
+SCENARIO = r'''
+import numpy as np
+import lowband, lowband.optim as O
+
+def run(comm):
+    rng = np.random.default_rng(comm.rank)
+    x = np.linspace(-1, 1, 300)
+    dgc = O.DGCSGD(x, comm, 0.1, ratio=0.02, tensors=[(20, 14), (20,)])
+    for _ in range(4):
+        dgc.step(rng.standard_normal(300))
+    y = np.linspace(1, 2, 77)
+    adam = O.OneBitAdam(y, comm, lr=0.01, freeze_step=2, compressor="topk:0.2")
+    for _ in range(4):
+        adam.step(rng.standard_normal(77))
+    parts = comm.alltoall([np.full(3, 10.0 * comm.rank + j) for j in range(comm.world_size)])
+    b = comm.broadcast(np.arange(4.0) if comm.rank == 1 else None, root=1)
+    return [x, y, np.concatenate([p.array for p in parts]), b.array]
+'''
+
+
+def test_torch_communicator_two_processes_match_the_cluster(tmp_path):
+    """The same optimizer code on two gloo processes and on Cluster(2):
+    identical parameters and identical byte counts."""
+    pytest.importorskip("torch.distributed")
+    import os
+    import subprocess
+    import sys
+    (tmp_path / "scenario.py").write_text(SCENARIO)
+    (tmp_path / "worker.py").write_text(TORCH_WORKER)
+    store = str(tmp_path / "store")
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join([os.path.dirname(os.path.dirname(lowband.__file__)),
+                                           os.environ.get("PYTHONPATH", "")]))
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "worker.py"), str(r), "2", store, str(tmp_path)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) for r in range(2)]
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    if any(p.returncode for p in procs):
+        if "gloo" in "".join(outputs).lower() and "error" in "".join(outputs).lower():
+            pytest.skip(f"gloo is not usable here: {outputs}")
+        raise AssertionError("\n".join(outputs))
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import scenario
+        cluster = sim.Cluster(2)
+        expected = cluster.run(scenario.run)
+    finally:
+        sys.path.remove(str(tmp_path))
+        sys.modules.pop("scenario", None)
+    for rank in range(2):
+        got = np.load(f"{store}.{rank}.npz")
+        for i, want in enumerate(expected[rank]):
+            assert_same(got[f"arr_{i}"], want, f"rank {rank} output {i}")
+        assert int(got["sent"]) == cluster.bytes_sent[rank]
+        assert int(got["received"]) == cluster.bytes_received[rank]
