@@ -223,6 +223,24 @@ struct encode_job {
     uint8_t *out;
 };
 
+/* A job over x with the common fields set (the rest zero). */
+static encode_job job_of(const void *x, lb_dtype dt, uint64_t n, uint64_t B,
+                         int bits, segment_fn segment, const void *params,
+                         uint8_t *out)
+{
+    encode_job J;
+    memset(&J, 0, sizeof(J));
+    J.x = x;
+    J.dt = dt;
+    J.n = n;
+    J.B = B;
+    J.bits = bits;
+    J.segment = segment;
+    J.params = params;
+    J.out = out;
+    return J;
+}
+
 static void encode_elements(const encode_job *J, int nthreads)
 {
     const lb_quant_fns *fns = lb_quant();
@@ -319,19 +337,12 @@ static lb_status encode_smq(const void *x, uint64_t n, lb_dtype dt, uint64_t B,
     void *units = units_of(scales, nblocks, div, dt);
     if (!units)
         return LB_ENOMEM;
-    encode_job J = {0};
-    J.x = x;
-    J.dt = dt;
-    J.n = n;
-    J.B = B;
-    J.bits = bits;
+    encode_job J = job_of(x, dt, n, B, bits, twolevel ? twolevel_segment : smq_segment,
+                          units, codes);
     J.random = random;
     J.key = lb_philox_make(seed, step, domain);
-    J.segment = twolevel ? twolevel_segment : smq_segment;
-    J.params = units;
     J.p0 = clip;
     J.i0 = L;
-    J.out = codes;
     encode_elements(&J, nthreads);
     free(units);
     return LB_OK;
@@ -641,17 +652,10 @@ lb_status lb_natural(const void *x, uint64_t n, lb_dtype dt, int emax,
     t = t > emax ? emax : t;
     t = t < -896 ? -896 : t;
     *top = (int16_t)t;
-    encode_job J = {0};
-    J.x = x;
-    J.dt = dt;
-    J.n = n;
-    J.B = n ? n : 1;
-    J.bits = 8;
+    encode_job J = job_of(x, dt, n, n ? n : 1, 8, natural_segment, NULL, codes);
     J.random = 1;
     J.key = lb_philox_make(seed, step, LB_DOMAIN_NATURAL);
-    J.segment = natural_segment;
     J.i0 = t;
-    J.out = codes;
     encode_elements(&J, nthreads);
     return LB_OK;
 }
@@ -715,17 +719,10 @@ lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
     free(maxv);
     if (block == 0 && n == 0)
         exps[0] = 0;
-    encode_job J = {0};
-    J.x = x;
-    J.dt = dt;
-    J.n = n;
-    J.B = L.B;
-    J.bits = 1 + exp_bits + man_bits;
-    J.segment = minifloat_segment;
-    J.params = exps;
+    encode_job J = job_of(x, dt, n, L.B, 1 + exp_bits + man_bits, minifloat_segment,
+                          exps, codes);
     J.i0 = exp_bits;
     J.i1 = man_bits;
-    J.out = codes;
     encode_elements(&J, nthreads);
     return LB_OK;
 }

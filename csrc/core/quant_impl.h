@@ -137,7 +137,7 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
 
 #define LB_U24 16777216.0
 
-#define LB_DEFINE_SMQ(T, ABS, RINT, FLOOR, NAME)                               \
+#define LB_DEFINE_SMQ(T, ABS, RINT, NAME)                                    \
     static void NAME(const T *x, uint64_t m, T unit, T clip, int L,            \
                      const uint32_t *rnd, uint8_t *codes)                      \
     {                                                                          \
@@ -157,7 +157,8 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
             T a = ABS(x[j]);                                                   \
             a = a < clip ? a : clip;                                           \
             T t = a / unit;                                                    \
-            T f = FLOOR(t);                                                    \
+            T f = RINT(t); /* floor(t) for t >= 0; floorf does not vectorise */\
+            f = f > t ? f - (T)1 : f;                                          \
             T u = (T)(int32_t)(rnd[j] >> 8);                                   \
             T l = f + (u < (t - f) * (T)LB_U24 ? (T)1 : (T)0);                 \
             l = l <= fL ? l : fL;                                              \
@@ -166,8 +167,8 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
         }                                                                      \
     }
 
-LB_DEFINE_SMQ(float, fabsf, rintf, floorf, LB_Q(smq32_))
-LB_DEFINE_SMQ(double, fabs, rint, floor, LB_Q(smq64_))
+LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
+LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
 
 #define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
     static void NAME(const T *x, uint64_t m, T unit, const uint32_t *rnd,      \

@@ -270,7 +270,271 @@ def aggregate(pairs, n, dtype, op):
 # Quantization and bit packing
 # ==========================================================================
 
-# (quantization twins go here)
+# Shared rules (docs/quantization.md): sums use 16 lanes (lane l adds the
+# terms j % 16 == l in order from +0.0, then lane[l] += lane[l + w] for
+# w = 8, 4, 2, 1) over pieces of CHUNK elements counted from the block start,
+# added in order; element i draws the top 24 bits of Philox word i.
+
+CHUNK = 65536
+
+
+def lanesum(terms):
+    """The 16-lane sum of float64 terms (one piece)."""
+    t = np.asarray(terms, dtype=np.float64)
+    rows = np.concatenate([t, np.zeros((-t.size) % 16)]).reshape(-1, 16)
+    lanes = np.cumsum(np.vstack([np.zeros((1, 16)), rows]), axis=0)[-1].copy()
+    for w in (8, 4, 2, 1):
+        lanes[:w] += lanes[w:2 * w]
+    return float(lanes[0])
+
+
+def _terms(v, mode, mu=0.0):
+    v = np.asarray(v).astype(np.float64)
+    return {"abs": np.abs(v), "sq": v * v, "raw": v, "dev2": (v - mu) * (v - mu)}[mode]
+
+
+def block_sum(v, mode, mu=0.0):
+    """Sum over one block: CHUNK-element pieces added in order."""
+    total = 0.0
+    for s in range(0, len(v), CHUNK):
+        total += lanesum(_terms(v[s:s + CHUNK], mode, mu))
+    return total
+
+
+def _blocks(n, block):
+    """Start offsets of the blocks (block 0: one block for the tensor)."""
+    b = block or max(n, 1)
+    return b, [(s, min(s + b, n)) for s in range(0, n, b)]
+
+
+def _empty_stat(block):
+    """Statistics of an empty tensor: one zero for a per-tensor block."""
+    return [] if block else [0.0]
+
+
+def f32_up(v):
+    """The smallest float32 >= v, elementwise (v float64 >= 0)."""
+    v = np.asarray(v, dtype=np.float64)
+    f = v.astype(np.float32)
+    return np.where(f.astype(np.float64) < v, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
+
+
+def uniforms24(seed, step, domain, n):
+    """The 24-bit uniform integer of each element."""
+    return philox_words(seed, step, domain, 0, n) >> np.uint32(8)
+
+
+def _per_element(values, block, n):
+    b = block or max(n, 1)
+    return np.repeat(np.asarray(values), b)[:n]
+
+
+def _smq(x, unit, clip, L, u24):
+    """Sign-magnitude quantization (quant.h smq) in x's precision."""
+    T = x.dtype.type
+    a = np.abs(x)
+    a = np.where(a < T(clip), a, T(clip))
+    unit = unit.astype(x.dtype)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = a / unit
+        if u24 is None:
+            l = np.rint(t)
+        else:
+            f = np.floor(t)
+            up = u24.astype(x.dtype) < (t - f) * T(1 << 24)
+            l = f + up.astype(x.dtype)
+    l = np.where(l <= T(L), l, T(L))
+    l = np.where(unit == 0, 0, l).astype(np.int64)
+    return np.where((x < 0) & (unit != 0), L - l, L + l).astype(np.uint8)
+
+
+def pack_bits(codes, bits):
+    """Codes (< 2^bits) as an LSB-first bit stream."""
+    c = np.asarray(codes, dtype=np.uint64).reshape(-1)
+    b = ((c[:, None] >> np.arange(bits, dtype=np.uint64)) & np.uint64(1)).astype(np.uint8)
+    return np.packbits(b.reshape(-1), bitorder="little")
+
+
+def unpack_bits(buf, bits, n):
+    b = np.unpackbits(np.asarray(buf, dtype=np.uint8), bitorder="little")[:n * bits]
+    w = (b.reshape(n, bits).astype(np.uint32) << np.arange(bits, dtype=np.uint32)).sum(axis=1)
+    return w.astype(np.uint8 if bits <= 8 else np.uint16)
+
+
+def sign(x, mode, block):
+    """Twin of lb_sign: (codes, scales); mode "none" | "l1" | "rms"."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    codes = np.packbits(x >= 0, bitorder="little")
+    if mode == "none":
+        return codes, np.zeros(0, np.float32)
+    _, spans = _blocks(x.size, block)
+    sums = [block_sum(x[s:e], "abs" if mode == "l1" else "sq") for s, e in spans]
+    scales = [v / (e - s) if mode == "l1" else math.sqrt(v / (e - s)) for v, (s, e) in zip(sums, spans)]
+    return codes, np.array(scales or _empty_stat(block), dtype=np.float64).astype(np.float32)
+
+
+def absmax_blocks(x, block):
+    _, spans = _blocks(x.size, block)
+    return np.array([np.abs(x[s:e]).max() for s, e in spans] or _empty_stat(block), dtype=np.float64)
+
+
+def quantize(x, bits, block, stochastic=False, seed=0, step=0):
+    """Twin of lb_quantize: (codes, scales)."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    Q = 1 if bits == 1 else (1 << (bits - 1)) - 1
+    scales = f32_up(absmax_blocks(x, block) / Q)
+    if x.size == 0:
+        return np.zeros(0, np.uint8), scales
+    unit = _per_element(scales, block, x.size).astype(x.dtype)
+    u24 = uniforms24(seed, step, DOMAIN_STOCHASTIC_ROUND, x.size) if stochastic else None
+    if bits == 1:
+        if u24 is None:
+            codes = (x >= 0).astype(np.uint8)
+        else:
+            T = x.dtype.type
+            with np.errstate(divide="ignore", invalid="ignore"):
+                p = (x / unit + T(1)) * T(0.5)
+            codes = (u24.astype(x.dtype) < p * T(1 << 24)).astype(np.uint8)
+        codes[unit == 0] = 1
+    else:
+        codes = _smq(x, unit, np.inf, Q, u24)
+    return pack_bits(codes, bits), scales
+
+
+def qsgd_bits(levels):
+    return int(2 * levels).bit_length()
+
+
+def qsgd(x, levels, block, seed, step):
+    """Twin of lb_qsgd: (codes, norms)."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    _, spans = _blocks(x.size, block)
+    norms = f32_up(np.sqrt(np.array([block_sum(x[s:e], "sq") for s, e in spans] or _empty_stat(block))))
+    if x.size == 0:
+        return np.zeros(0, np.uint8), norms
+    T = x.dtype.type
+    unit = (norms.astype(x.dtype) / T(levels)).astype(x.dtype)
+    codes = _smq(x, _per_element(unit, block, x.size), np.inf, levels,
+                 uniforms24(seed, step, DOMAIN_QSGD, x.size))
+    return pack_bits(codes, qsgd_bits(levels)), norms
+
+
+def terngrad(x, clip, seed, step):
+    """Twin of lb_terngrad: (codes, scale[1]); clip None disables clipping."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    n = x.size
+    mu = block_sum(x, "raw") / n if n else 0.0
+    c = np.inf
+    if clip:
+        c = clip * math.sqrt(block_sum(x, "dev2", mu) / n if n else 0.0)
+        if x.dtype == np.float32:
+            c = float(np.float32(c))
+    amax = float(np.abs(x).max()) if n else 0.0
+    scale = f32_up([min(amax, c)])
+    if n == 0:
+        return np.zeros(0, np.uint8), scale
+    codes = _smq(x, np.full(n, scale[0]), c, 1, uniforms24(seed, step, DOMAIN_TERNGRAD, n))
+    return pack_bits(codes, 2), scale
+
+
+def natural(x, emax, seed, step):
+    """Twin of lb_natural: (codes, top[1])."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    y = np.abs(x.astype(np.float64))
+    amax = y.max() if y.size else 0.0
+    top = int(np.frexp(amax)[1]) if amax > 0 else 0   # floor(log2) + 1
+    top = max(min(top, emax), -896)
+    lo = top - 126
+    u = uniforms24(seed, step, DOMAIN_NATURAL, x.size).astype(np.uint64)
+    bits = y.view(np.uint64)
+    e = (bits >> np.uint64(52)).astype(np.int64) - 1023
+    mant = bits & np.uint64((1 << 52) - 1)
+    up = ((u << np.uint64(28)) < mant).astype(np.int64)
+    field = np.minimum(e + up, top) - lo + 1
+    tiny = u.astype(np.float64) < np.ldexp(y, 24 - lo)
+    field = np.where(e < lo, tiny.astype(np.int64), field)
+    field[y == 0] = 0
+    codes = (field | np.where((x < 0) & (field > 0), 0x80, 0)).astype(np.uint8)
+    return codes, np.array([top], np.int16)
+
+
+def minifloat_scale_exponents(x, E, M, block, kmax):
+    amax = absmax_blocks(x, block)
+    f, p = np.frexp(amax)
+    k = np.where(f <= 1 - 2.0 ** -(M + 1), p - 1, p)
+    k = np.where(amax > 0, k, 0)
+    return np.clip(k, -127, kmax).astype(np.int8)
+
+
+def minifloat(x, E, M, block, kmax=127):
+    """Twin of lb_minifloat: (codes, exponents)."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    k = minifloat_scale_exponents(x, E, M, block, kmax)
+    if x.size == 0:
+        return np.zeros(0, np.uint8), k
+    bias, cmax = (1 << E) - 1, (1 << (E + M)) - 1
+    pmin = 1 - bias
+    y = np.abs(x.astype(np.float64)) * np.ldexp(1.0, -_per_element(k, block, x.size).astype(np.int64))
+    sat = ~(y < 2.0 - 2.0 ** -M)
+    p = np.where(y > 0, np.frexp(y)[1] - 1, pmin)
+    p = np.maximum(p, pmin)
+    r = np.rint(np.where(sat, 0.0, y) * np.ldexp(1.0, M - p))
+    mag = np.minimum(((p - pmin) << M) + r.astype(np.int64), cmax)
+    mag = np.where(sat, cmax, mag)
+    codes = np.where((mag > 0) & (x < 0), mag | (1 << (E + M)), mag)
+    return pack_bits(codes, 1 + E + M), k
+
+
+def lut2bit(x):
+    """Twin of lb_lut2bit: (codes, table[4])."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    n = x.size
+    mu = block_sum(x, "raw") / n if n else 0.0
+    w = 1.5 * math.sqrt(block_sum(x, "dev2", mu) / (n - 1) if n > 1 else 0.0)
+    v = x.astype(np.float64)
+    q = np.clip(np.rint((v - mu) / w + 2.0), 0, 3).astype(np.int64) if w > 0 else np.full(n, 2)
+    sums, counts = np.zeros(4), np.zeros(4)
+    for s in range(0, n, CHUNK):
+        qc, dc = q[s:s + CHUNK], v[s:s + CHUNK] - mu
+        for j in range(4):
+            sums[j] += np.cumsum(np.concatenate([[0.0], dc[qc == j]]))[-1]
+            counts[j] += np.count_nonzero(qc == j)
+    table = [mu + sums[j] / counts[j] if counts[j] else mu + (j - 2) * w for j in range(4)]
+    return pack_bits(q, 2), np.array(table).astype(np.float32)
+
+
+def table_decode(codes, n, bits, table, mult, block, dtype):
+    """Twin of lb_table_decode: table[code] * mult[block] in float32 (float64
+    for float64 output), then rounded to the output dtype."""
+    wd = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    c = unpack_bits(codes, bits, n).astype(np.int64)
+    out = np.asarray(table, dtype=wd)[c]
+    if mult is not None:
+        out = out * _per_element(np.asarray(mult, dtype=wd), block, n)
+    return out.astype(dtype)
+
+
+def to_bfloat16_bits(x):
+    """Round to nearest even bfloat16 (uint16 bits), directly from x's value."""
+    v = np.asarray(x, dtype=np.float64).reshape(-1)
+    out = np.empty(v.size, np.uint16)
+    nan = np.isnan(v)
+    fin = np.isfinite(v)
+    e = np.frexp(np.where(fin, v, 1.0))[1]
+    q = np.maximum(e - 8, -133)                 # 8 significant bits, subnormals at 2^-133
+    r = np.ldexp(np.rint(np.ldexp(np.where(fin, v, 0.0), -q)), q)
+    with np.errstate(over="ignore"):
+        f = r.astype(np.float32)
+    f = np.where(np.abs(r) > 3.3961775292304e38, np.copysign(np.float32(np.inf), r), f)
+    bits = f.astype(np.float32).view(np.uint32) >> np.uint32(16)
+    out[:] = bits.astype(np.uint16)
+    out[~fin & ~nan] = np.where(v[~fin & ~nan] > 0, 0x7F80, 0xFF80)
+    out[nan] = 0x7FC0
+    return out
+
+
+def from_bfloat16_bits(b):
+    return (np.asarray(b, dtype=np.uint32) << np.uint32(16)).view(np.float32)
 
 
 # ==========================================================================
