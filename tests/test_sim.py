@@ -274,6 +274,7 @@ def test_timeout_instead_of_hang():
 
     with pytest.raises(TimeoutError, match="timed out after 0.1 s"):
         sim.Cluster(2, timeout=0.1).run(fn)
+    assert sim.Cluster(2, timeout=None).run(fn) == [None, None]
 
 
 def test_bad_arguments():

@@ -491,7 +491,8 @@ class DiLoCo(Optimizer):
       (1-alpha)*x_global on the fragment (tau = 0, alpha = 0: plain DiLoCo).
 
     ``inner``: an optimizer over the same params array, or a factory
-    ``inner(params) -> optimizer``.  Defaults are DiLoCo's (outer Nesterov
+    ``inner(params) -> optimizer``.  x_global starts as params when DiLoCo
+    is built: build it once params hold the (identical) initial values.  Defaults are DiLoCo's (outer Nesterov
     SGD, lr 0.7, momentum 0.9); ``sparseloco`` and ``streaming`` build the
     other papers' configurations.
     """

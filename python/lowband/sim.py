@@ -370,7 +370,8 @@ class Cluster:
     exception in any worker aborts the others and is re-raised here (the
     lowest failing rank's, with a note naming the rank); a collective that
     waits more than ``timeout`` seconds raises TimeoutError instead of
-    hanging.  Every rank must call the same collectives in the same order
+    hanging (``timeout=None`` waits for ever: for ranks that compute for
+    minutes between collectives).  Every rank must call the same collectives in the same order
     (a mismatch, including one rank returning while another still calls a
     collective, raises RuntimeError).
 
@@ -382,7 +383,7 @@ class Cluster:
 
     def __init__(self, world_size, *, timeout=120.0):
         self.world_size = check_int(world_size, "world_size", 1, 4096)
-        self.timeout = check_finite_number(timeout, "timeout", 0.0, lo_open=True)
+        self.timeout = None if timeout is None else check_finite_number(timeout, "timeout", 0.0, lo_open=True)
         self._lock = threading.Lock()
         self.reset_counters()
 
