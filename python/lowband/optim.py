@@ -1,0 +1,751 @@
+"""Communication-efficient optimizers over flat NumPy parameter vectors.
+
+Every optimizer is one rank's object: it owns nothing but its state, updates
+``params`` (a float32/float64 ndarray) in place, and talks to the other
+ranks only through ``comm`` (a ``lowband.sim`` communicator: the in-process
+``Cluster`` or ``TorchCommunicator``).  All ranks must call ``step`` in
+lockstep.  docs/optim.md maps each class to its paper.
+
+``SGD``, ``AdamW``   local (``comm=None``) or data-parallel (gradients
+                     averaged with a dense allreduce) baselines; also the
+                     inner optimizers of ``DiLoCo``.
+``OneBitAdam``       1-bit Adam (Tang et al. 2021): exact Adam for
+                     ``freeze_step`` steps, then frozen variance and
+                     momentum averaged by a 1-bit two-phase compressed
+                     allreduce with worker and server error feedback.
+``DGCSGD``           Deep Gradient Compression (Lin et al. 2018): momentum
+                     correction in the compressor memory, sparse allgather,
+                     plain SGD step.
+``DiLoCo``           DiLoCo with optional compression and decayed error
+                     feedback; ``DiLoCo.sparseloco`` (SparseLoCo) and
+                     ``DiLoCo.streaming`` (Streaming DiLoCo) configure it.
+``SeedReplayZO``     Just One Byte (Zelikman et al. 2023): zeroth-order
+                     steps where only the projected-gradient scalars travel.
+
+Each has ``state_dict()`` / ``load_state_dict(state)``: exact round trip of
+every array (error buffers included), refused for another kind, another
+shape or dtype, or other hyper-parameters.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import _core
+from ._payload import Dense
+from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed)
+from .compressors import Chain, ChunkedTopK, from_spec
+from .feedback import DGC, DecayedFeedback
+from .sim import chunk_bounds, reduce_payloads
+
+__all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
+           "perturbation", "ZO_DOMAIN"]
+
+_COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "compressed_allreduce")
+
+
+def _check_params(params):
+    if not isinstance(params, np.ndarray):
+        raise TypeError(f"params: expected a float32 or float64 ndarray, got {type(params).__name__}")
+    if params.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"params: expected a float32 or float64 ndarray, got dtype {params.dtype}")
+    if not (params.flags.c_contiguous and params.flags.writeable and params.dtype.isnative):
+        raise ValueError("params: expected a writeable C-contiguous array (it is updated in place)")
+    return params
+
+
+def _check_comm(comm, required=True):
+    if comm is None and not required:
+        return None
+    missing = [m for m in ("rank", "world_size", *_COMM_METHODS) if not hasattr(comm, m)]
+    if missing:
+        raise TypeError(f"comm: expected a lowband.sim communicator (with {', '.join(_COMM_METHODS)}), "
+                        f"got {type(comm).__name__}")
+    return comm
+
+
+def _check_lr(lr, name="lr"):
+    return check_finite_number(lr, name, 0.0)
+
+
+def _check_betas(betas):
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise TypeError(f"betas: expected a pair (beta1, beta2), got {betas!r}")
+    return (check_finite_number(betas[0], "betas[0]", 0.0, 1.0, hi_open=True),
+            check_finite_number(betas[1], "betas[1]", 0.0, 1.0, hi_open=True))
+
+
+class Optimizer:
+    """Base class: params, comm, step counter ``t``, named state arrays,
+    child objects with their own state (feedback memories, an inner
+    optimizer) and the state_dict machinery."""
+
+    def __init__(self, params, comm=None, *, comm_required=True):
+        self.params = _check_params(params)
+        self.flat = self.params.reshape(-1)          # a view: updates land in params
+        self.comm = _check_comm(comm, comm_required)
+        self.t = 0
+        self._arrays = {}
+
+    # -- state -------------------------------------------------------------
+    def _new_state(self, name, size=None):
+        """A zero state array of params' dtype (size: params' size)."""
+        arr = np.zeros(self.flat.size if size is None else size, dtype=self.flat.dtype)
+        self._arrays[name] = arr
+        return arr
+
+    def _hyper(self):
+        return {}
+
+    def _children(self):
+        return {}
+
+    def _extra_state(self):
+        return {}
+
+    def _load_extra_state(self, extra):
+        pass
+
+    def state_dict(self):
+        """Copies of every state array, the step, hyper-parameters and the
+        children's state dicts."""
+        return {"kind": type(self).__name__, "t": self.t, "hyper": self._hyper(),
+                "arrays": {n: a.copy() for n, a in self._arrays.items()},
+                "children": {n: c.state_dict() for n, c in self._children().items()},
+                "extra": self._extra_state()}
+
+    def load_state_dict(self, state):
+        """Restore a state_dict of the same kind, shapes, dtypes and
+        hyper-parameters, exactly (error buffers included)."""
+        kind = type(self).__name__
+        if not isinstance(state, dict) or state.get("kind") != kind:
+            got = state.get("kind") if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"state: expected a {kind} state_dict, got {got!r}")
+        if state.get("hyper") != self._hyper():
+            raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this optimizer's {self._hyper()}")
+        arrays = state.get("arrays", {})
+        if set(arrays) != set(self._arrays):
+            raise ValueError(f"state: expected arrays {sorted(self._arrays)}, got {sorted(arrays)}")
+        for name, mine in self._arrays.items():
+            a = arrays[name]
+            if not isinstance(a, np.ndarray):
+                raise TypeError(f"state['arrays'][{name!r}]: expected an ndarray, got {type(a).__name__}")
+            if a.dtype != mine.dtype:
+                raise TypeError(f"state['arrays'][{name!r}]: expected dtype {mine.dtype}, got {a.dtype}")
+            if a.shape != mine.shape:
+                raise ValueError(f"state['arrays'][{name!r}]: expected shape {mine.shape}, got {a.shape}")
+        children = state.get("children", {})
+        if set(children) != set(self._children()):
+            raise ValueError(f"state: expected children {sorted(self._children())}, got {sorted(children)}")
+        t = check_int(state.get("t"), "state['t']", 0)
+        for name, child in self._children().items():
+            child.load_state_dict(children[name])
+        for name, mine in self._arrays.items():
+            mine[:] = arrays[name]
+        self._load_extra_state(state.get("extra", {}))
+        self.t = t
+
+    # -- helpers -------------------------------------------------------------
+    def _grad(self, grad, name="grad"):
+        if not isinstance(grad, np.ndarray):
+            raise TypeError(f"{name}: expected an ndarray, got {type(grad).__name__}")
+        if grad.dtype != self.flat.dtype:
+            raise TypeError(f"{name}: expected dtype {self.flat.dtype} (the params'), got {grad.dtype}")
+        if grad.size != self.flat.size or (grad.shape != self.params.shape and grad.ndim != 1):
+            raise ValueError(f"{name}: expected shape {self.params.shape}, got {grad.shape}")
+        return np.ascontiguousarray(grad).reshape(-1)
+
+    def _average(self, g):
+        """The gradient averaged over the ranks (as is without a comm)."""
+        return g if self.comm is None else self.comm.allreduce(g, "mean")
+
+    def __repr__(self):
+        hyper = ", ".join(f"{k}={v!r}" for k, v in self._hyper().items())
+        return f"{type(self).__name__}(n={self.flat.size}, {hyper})"
+
+
+# --------------------------------------------------------------------------
+# Dense baselines / inner optimizers
+# --------------------------------------------------------------------------
+
+class SGD(Optimizer):
+    """SGD with momentum, PyTorch's rule: g = avg(grad) + wd*x;
+    b = mu*b + g; d = g + mu*b (Nesterov) or b; x -= lr*d.
+    ``comm`` given: the gradient is first averaged by a dense allreduce."""
+
+    def __init__(self, params, lr, momentum=0.0, *, nesterov=False, weight_decay=0.0, comm=None):
+        super().__init__(params, comm, comm_required=False)
+        self.lr = _check_lr(lr)
+        self.momentum = check_finite_number(momentum, "momentum", 0.0, 1.0)
+        self.nesterov = bool(nesterov)
+        if self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov: Nesterov momentum needs momentum > 0, got momentum=0.0")
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.buf = self._new_state("momentum") if self.momentum else None
+
+    def _hyper(self):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov,
+                "weight_decay": self.weight_decay}
+
+    def step(self, grad):
+        g = self._average(self._grad(grad))
+        x = self.flat
+        if self.weight_decay:
+            g = g + x.dtype.type(self.weight_decay) * x
+        if self.momentum:
+            mu = x.dtype.type(self.momentum)
+            self.buf *= mu
+            self.buf += g
+            g = g + mu * self.buf if self.nesterov else self.buf
+        x -= x.dtype.type(self.lr) * g
+        self.t += 1
+
+
+class AdamW(Optimizer):
+    """AdamW, PyTorch's rule: x *= 1 - lr*wd; m = b1*m + (1-b1)*g;
+    v = b2*v + (1-b2)*g^2; x -= (lr/(1-b1^t)) * m / (sqrt(v)/sqrt(1-b2^t) + eps).
+    ``comm`` given: the gradient is first averaged by a dense allreduce."""
+
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.01, *, comm=None):
+        super().__init__(params, comm, comm_required=False)
+        self.lr = _check_lr(lr)
+        self.betas = _check_betas(betas)
+        self.eps = check_finite_number(eps, "eps", 0.0)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.exp_avg = self._new_state("exp_avg")
+        self.exp_avg_sq = self._new_state("exp_avg_sq")
+
+    def _hyper(self):
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay}
+
+    def step(self, grad):
+        g = self._average(self._grad(grad))
+        x, f = self.flat, self.flat.dtype.type
+        b1, b2 = self.betas
+        self.t += 1
+        if self.weight_decay:
+            x *= f(1 - self.lr * self.weight_decay)
+        _adam_moments(self.exp_avg, self.exp_avg_sq, g, b1, b2)
+        denom = np.sqrt(self.exp_avg_sq) / f(math.sqrt(1 - b2 ** self.t)) + f(self.eps)
+        x -= f(self.lr / (1 - b1 ** self.t)) * (self.exp_avg / denom)
+
+
+def _adam_moments(m, v, g, b1, b2):
+    f = m.dtype.type
+    m *= f(b1)
+    m += f(1 - b1) * g
+    v *= f(b2)
+    v += f(1 - b2) * (g * g)
+
+
+# --------------------------------------------------------------------------
+# 1-bit Adam
+# --------------------------------------------------------------------------
+
+class OneBitAdam(Optimizer):
+    """1-bit Adam (Tang et al., ICML 2021), as DeepSpeed implements it.
+
+    Warm-up, the first ``freeze_step`` steps: exact Adam on the averaged
+    gradient (dense allreduce), without bias correction:
+    m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; x -= lr*(m/(sqrt(v)+eps) + wd*x).
+
+    Compression stage: v is frozen; each rank updates m with its *local*
+    gradient, then m = compressed_allreduce(m) (two-phase, 1-bit signs with
+    an RMS scale, worker and server error feedback: ``lowband.sim``), then
+    m *= momentum_mask and the same parameter update.  ``momentum_mask``
+    is DeepSpeed's ``exp_avg_mask``, for entries whose gradient is always
+    zero (signs cannot encode 0, so their momentum would become +-scale and
+    their update scale/eps): an array of 0/1, or "auto" for the entries
+    whose variance is still exactly 0 when the warm-up ends.  ``error_feedback=False`` drops both error buffers (an
+    ablation).  ``freeze_step`` is required: the paper uses 15-25% of the
+    total steps.  Unlike DeepSpeed, the error buffers are part of the state
+    dict and are restored, not reset, by ``load_state_dict``.
+    """
+
+    def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 freeze_step, compressor="sign:rms", error_feedback=True, momentum_mask=None):
+        super().__init__(params, comm)
+        self.lr = _check_lr(lr)
+        self.betas = _check_betas(betas)
+        self.eps = check_finite_number(eps, "eps", 0.0)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.freeze_step = check_int(freeze_step, "freeze_step", 0)
+        self.compressor = from_spec(compressor)
+        self.error_feedback = bool(error_feedback)
+        self.mask_mode = None
+        self.momentum_mask = None
+        if isinstance(momentum_mask, str):
+            check_choice(momentum_mask, "momentum_mask", ("auto",))
+            self.mask_mode = "auto"
+            self.momentum_mask = self._new_state("momentum_mask")
+            self.momentum_mask[:] = 1
+        elif momentum_mask is not None:
+            mask = np.asarray(momentum_mask)
+            if mask.size != self.flat.size:
+                raise ValueError(f"momentum_mask: expected {self.flat.size} elements, got {mask.size}")
+            self.mask_mode = "given"
+            self.momentum_mask = self._new_state("momentum_mask")
+            self.momentum_mask[:] = mask.reshape(-1)
+        self.exp_avg = self._new_state("exp_avg")
+        self.exp_avg_sq = self._new_state("exp_avg_sq")
+        self.worker_error = self.server_error = None
+        if self.error_feedback:
+            bounds = chunk_bounds(self.flat.size, self.comm.world_size)
+            self.worker_error = self._new_state("worker_error")
+            self.server_error = self._new_state("server_error",
+                                                bounds[self.comm.rank + 1] - bounds[self.comm.rank])
+
+    def _hyper(self):
+        return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "freeze_step": self.freeze_step, "compressor": self.compressor.spec,
+                "error_feedback": self.error_feedback, "momentum_mask": self.mask_mode}
+
+    @property
+    def compressing(self):
+        """Whether the next step is in the compression stage."""
+        return self.t >= self.freeze_step
+
+    def step(self, grad):
+        g = self._grad(grad)
+        x, f = self.flat, self.flat.dtype.type
+        b1, b2 = self.betas
+        m = self.exp_avg
+        if not self.compressing:
+            _adam_moments(m, self.exp_avg_sq, self.comm.allreduce(g, "mean"), b1, b2)
+        else:
+            if self.mask_mode == "auto" and self.t == self.freeze_step:
+                self.momentum_mask[:] = self.exp_avg_sq != 0
+            m *= f(b1)
+            m += f(1 - b1) * g
+            m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error, self.server_error)
+            if self.momentum_mask is not None:
+                m *= self.momentum_mask
+        update = m / (np.sqrt(self.exp_avg_sq) + f(self.eps))
+        if self.weight_decay:
+            update += f(self.weight_decay) * x
+        x -= f(self.lr) * update
+        self.t += 1
+
+
+# --------------------------------------------------------------------------
+# Deep Gradient Compression
+# --------------------------------------------------------------------------
+
+def _segments(tensors, n):
+    """(shapes, [(slice, compressed)]) for the tensors packed into a flat
+    vector of n: tensors with more than one dimension are compressed (DGC
+    compresses weights, not biases)."""
+    if tensors is None:
+        return None, [(slice(0, n), True)]
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"tensors: expected a list of shapes, got {type(tensors).__name__}")
+    shapes, out, start = [], [], 0
+    for i, shape in enumerate(tensors):
+        shape = (shape,) if isinstance(shape, (int, np.integer)) else tuple(shape)
+        shape = tuple(check_int(s, f"tensors[{i}]", 1) for s in shape)
+        size = math.prod(shape)
+        shapes.append(shape)
+        out.append((slice(start, start + size), len(shape) > 1))
+        start += size
+    if start != n:
+        raise ValueError(f"tensors: the shapes hold {start} elements, params has {n}")
+    return shapes, out
+
+
+def _clip_norm(g, max_norm):
+    """g scaled down to L2 norm <= max_norm (g itself when it already is)."""
+    norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))
+    return g * g.dtype.type(max_norm / norm) if norm > max_norm else g
+
+
+class DGCSGD(Optimizer):
+    """Deep Gradient Compression (Lin et al., ICLR 2018), as its authors'
+    code runs it.
+
+    ``tensors`` lists the shapes packed into params (None: one compressed
+    tensor).  Per step, for every tensor with more than one dimension:
+    ``lowband.DGC`` memory (optional clipping to ``clip``, momentum
+    correction u = mu*u + g, v = v + u, sampled top-``ratio`` selection of v,
+    v and, with ``masking``, u zeroed where sent), allgather of the Sparse
+    payloads, and d = (1/W) * scatter-sum.  Other tensors (biases): the
+    local gradient (clipped) is averaged by a dense allreduce and takes
+    local momentum (u = mu*u + g; d = u, Nesterov d = mu*(u+g) + g).
+    Weight decay has its own momentum, as in the authors' DGCSGD:
+    b = mu*b + wd*x; d += b (Nesterov: wd*x + mu*b).  Then x -= lr*d.
+
+    The paper rescales the clipping threshold by W^-1/2: pass the rescaled
+    value; it applies to each tensor's local gradient.  ``warmup_steps``:
+    steps per stage of the paper's sparsity warm-up (75%, 93.75%,
+    98.4375%, 99.6%, then ``ratio``); the paper uses one epoch per stage.
+    """
+
+    def __init__(self, params, comm, lr, momentum=0.9, ratio=0.001, *, nesterov=False, clip=None,
+                 masking=True, warmup_steps=None, weight_decay=0.0, tensors=None, exact=False,
+                 sample_ratio=0.01, seed=0):
+        super().__init__(params, comm)
+        self.lr = _check_lr(lr)
+        self.momentum = check_finite_number(momentum, "momentum", 0.0, 1.0)
+        self.nesterov = bool(nesterov)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.clip = None if clip is None else check_finite_number(clip, "clip", 0.0, lo_open=True)
+        self.tensors, segments = _segments(tensors, self.flat.size)
+        like = lambda s: np.empty(s.stop - s.start, self.flat.dtype)   # noqa: E731
+        self.memories = [(s, DGC(like(s), ratio, momentum=self.momentum, nesterov=self.nesterov,
+                                 clip=self.clip, masking=masking, warmup_steps=warmup_steps,
+                                 exact=exact, sample_ratio=sample_ratio, seed=seed))
+                         for s, compressed in segments if compressed]
+        self.dense = [s for s, compressed in segments if not compressed]
+        n_dense = sum(s.stop - s.start for s in self.dense)
+        self.dense_momentum = self._new_state("dense_momentum", n_dense) if self.dense else None
+        self.wd_momentum = self._new_state("wd_momentum") if self.weight_decay and self.momentum else None
+
+    def _hyper(self):
+        return {"lr": self.lr, "momentum": self.momentum, "nesterov": self.nesterov, "clip": self.clip,
+                "weight_decay": self.weight_decay, "tensors": self.tensors}
+
+    def _children(self):
+        return {f"dgc.{i}": mem for i, (_, mem) in enumerate(self.memories)}
+
+    def step(self, grad):
+        g = self._grad(grad)
+        x, f = self.flat, self.flat.dtype.type
+        mu = f(self.momentum)
+        d = np.empty_like(x)
+        for s, memory in self.memories:
+            d[s] = reduce_payloads(self.comm.allgather(memory.step(g[s])), "mean")
+        if self.dense:
+            local = [g[s] if self.clip is None else _clip_norm(g[s], self.clip) for s in self.dense]
+            avg = self.comm.allreduce(np.concatenate(local), "mean")
+            u = self.dense_momentum
+            if self.nesterov:
+                u += avg
+                u *= mu
+                avg = u + avg
+            else:
+                u *= mu
+                u += avg
+                avg = u
+            start = 0
+            for s in self.dense:
+                d[s] = avg[start:start + s.stop - s.start]
+                start += s.stop - s.start
+        if self.weight_decay:
+            decay = f(self.weight_decay) * x
+            if self.wd_momentum is not None:
+                b = self.wd_momentum
+                b *= mu
+                b += decay
+                decay = decay + mu * b if self.nesterov else b
+            d += decay
+        x -= f(self.lr) * d
+        self.t += 1
+
+
+# --------------------------------------------------------------------------
+# DiLoCo, SparseLoCo, Streaming DiLoCo
+# --------------------------------------------------------------------------
+
+def _fragments(n, fragments, layers):
+    """Index sets of the P fragments: the vector is cut into ``layers``
+    (sizes; default P equal parts) and fragment p holds layers p, p+P, ...
+    (Streaming DiLoCo's strided pattern).  A contiguous fragment is a slice."""
+    P = check_int(fragments, "fragments", 1)
+    if layers is None:
+        if P > max(n, 1):
+            raise ValueError(f"fragments: expected at most {n} fragments for {n} parameters, got {P}")
+        sizes = [len(a) for a in np.array_split(np.arange(n), P)]
+    else:
+        sizes = [check_int(s, f"layers[{i}]", 1) for i, s in enumerate(layers)]
+        if sum(sizes) != n:
+            raise ValueError(f"layers: the sizes add up to {sum(sizes)}, params has {n}")
+        if len(sizes) < P:
+            raise ValueError(f"fragments: expected at most {len(sizes)} fragments (one layer each at least), got {P}")
+    starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+    out = []
+    for p in range(P):
+        ids = range(p, len(sizes), P)
+        if len(ids) == 1:
+            out.append(slice(int(starts[p]), int(starts[p + 1])))
+        else:
+            out.append(np.concatenate([np.arange(starts[i], starts[i + 1]) for i in ids]))
+    return out
+
+
+class DiLoCo(Optimizer):
+    """DiLoCo (Douillard et al. 2023) and its compressed variants.
+
+    Every ``step(grad)`` is one inner step (``inner.step(grad)`` on params).
+    Fragment p (``fragments`` P, strided over ``layers``) syncs at the
+    inner steps t = off_p + k*H (k >= 1, off_p = floor(p*H/P)):
+
+    - outer gradient delta = x_global - x_local on the fragment;
+    - exchanged: a dense allreduce mean (``compressor=None``), or each rank
+      sends C(delta) (or, with ``feedback=beta``, SparseLoCo's decayed error
+      feedback: e = beta*e + delta, send C(e), e -= D(C(e))) by allgather,
+      combined by ``aggregate`` ("mean": sum/W, "contributor_mean": per
+      coordinate over the ranks that sent it);
+    - outer SGD on x_global: b = mu*b + agg, update = agg + mu*b (Nesterov)
+      or b (mu = 0: update = agg); x_global -= outer_lr * update;
+    - after ``overlap`` (tau) more inner steps: x_local = alpha*x_local +
+      (1-alpha)*x_global on the fragment (tau = 0, alpha = 0: plain DiLoCo).
+
+    ``inner``: an optimizer over the same params array, or a factory
+    ``inner(params) -> optimizer``.  x_global starts as params when DiLoCo
+    is built: build it once params hold the (identical) initial values.  Defaults are DiLoCo's (outer Nesterov
+    SGD, lr 0.7, momentum 0.9); ``sparseloco`` and ``streaming`` build the
+    other papers' configurations.
+    """
+
+    def __init__(self, params, comm, inner, H, *, outer_lr=0.7, outer_momentum=0.9, nesterov=True,
+                 compressor=None, feedback=None, aggregate="mean", fragments=1, layers=None,
+                 overlap=0, alpha=0.0):
+        super().__init__(params, comm)
+        if isinstance(inner, type) or (callable(inner) and not hasattr(inner, "step")):
+            inner = inner(self.params)          # a factory (or an optimizer class)
+        self.inner = inner
+        if not hasattr(self.inner, "step") or not hasattr(self.inner, "state_dict"):
+            raise TypeError(f"inner: expected an optimizer (with step and state_dict) or a factory, "
+                            f"got {type(inner).__name__}")
+        inner_params = getattr(self.inner, "params", None)
+        if not (isinstance(inner_params, np.ndarray) and inner_params.size == self.flat.size
+                and np.shares_memory(inner_params, self.params)):
+            raise ValueError("inner: the inner optimizer must update the same params array")
+        self.H = check_int(H, "H", 1)
+        self.outer_lr = _check_lr(outer_lr, "outer_lr")
+        self.outer_momentum = check_finite_number(outer_momentum, "outer_momentum", 0.0, 1.0)
+        self.nesterov = bool(nesterov)
+        self.compressor = None if compressor is None else from_spec(compressor)
+        self.beta = None if feedback is None else check_finite_number(feedback, "feedback", 0.0, 1.0)
+        if self.beta is not None and self.compressor is None:
+            raise ValueError("feedback: error feedback needs a compressor, got compressor=None")
+        self.aggregate = check_choice(aggregate, "aggregate", ("mean", "contributor_mean"))
+        sparsifying = self.compressor is not None and (self.compressor.sparsifier
+                                                       or isinstance(self.compressor, Chain))
+        if self.aggregate == "contributor_mean" and not sparsifying:
+            raise ValueError("aggregate: 'contributor_mean' needs a sparsifying compressor "
+                             f"(top-k ...), got {self.compressor.spec if self.compressor else None!r}")
+        self.overlap = check_int(overlap, "overlap", 0, self.H - 1)
+        self.alpha = check_finite_number(alpha, "alpha", 0.0, 1.0)
+        self.layers = None if layers is None else [int(s) for s in layers]
+        self.fragments = _fragments(self.flat.size, fragments, layers)
+        P = len(self.fragments)
+        if P > self.H:
+            raise ValueError(f"fragments: expected at most H = {self.H} fragments (distinct offsets), got {P}")
+        self.offsets = [p * self.H // P for p in range(P)]
+        self.x_global = self._new_state("x_global")
+        self.x_global[:] = self.flat
+        self.outer_buf = self._new_state("outer_momentum") if self.outer_momentum else None
+        self.feedbacks = []
+        if self.beta is not None:
+            self.feedbacks = [DecayedFeedback(self.compressor, self.x_global[frag], self.beta)
+                              for frag in self.fragments]
+        self.pending = []     # (inner step at which to mix, fragment)
+
+    # -- configurations ------------------------------------------------------
+    @classmethod
+    def sparseloco(cls, params, comm, inner, H=15, *, chunk=4096, k=128, values="lut2bit", beta=0.95):
+        """SparseLoCo (Sarfi et al. 2025): top-``k`` per ``chunk`` (128 of
+        4096, 3.1%), kept values as 2-bit LUT codes (``values=None``: raw),
+        decayed error feedback beta = 0.95, contributor-mean aggregation,
+        and no outer momentum: x_global -= agg (outer lr 1).  Paper setup:
+        H = 15, inner AdamW lr 1e-3, wd 0.1, gradient clipping 1.0."""
+        sparsifier = ChunkedTopK(chunk, k)
+        compressor = sparsifier if values is None else Chain(sparsifier, values)
+        return cls(params, comm, inner, H, outer_lr=1.0, outer_momentum=0.0, nesterov=False,
+                   compressor=compressor, feedback=beta, aggregate="contributor_mean")
+
+    @classmethod
+    def streaming(cls, params, comm, inner, H, fragments, *, layers=None, overlap=1, alpha=0.5,
+                  compressor="minifloat:e3m0", outer_lr=0.7, outer_momentum=0.9, nesterov=True):
+        """Streaming DiLoCo (Douillard et al. 2025): ``fragments`` P in the
+        strided pattern over ``layers`` (the paper: 3 layers per fragment),
+        staggered syncs, overlap tau = 1 with mixing alpha = 0.5, outer
+        gradients as E3M0 minifloats, outer Nesterov SGD (0.7, 0.9)."""
+        return cls(params, comm, inner, H, outer_lr=outer_lr, outer_momentum=outer_momentum,
+                   nesterov=nesterov, compressor=compressor, aggregate="mean", fragments=fragments,
+                   layers=layers, overlap=overlap, alpha=alpha)
+
+    # -- state ---------------------------------------------------------------
+    def _hyper(self):
+        return {"H": self.H, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                "nesterov": self.nesterov, "compressor": self.compressor.spec if self.compressor else None,
+                "feedback": self.beta, "aggregate": self.aggregate, "fragments": len(self.fragments),
+                "layers": self.layers, "overlap": self.overlap, "alpha": self.alpha}
+
+    def _children(self):
+        kids = {"inner": self.inner}
+        kids.update({f"feedback.{p}": fb for p, fb in enumerate(self.feedbacks)})
+        return kids
+
+    def _extra_state(self):
+        return {"pending": [list(item) for item in self.pending]}
+
+    def _load_extra_state(self, extra):
+        self.pending = [(int(t), int(p)) for t, p in extra.get("pending", [])]
+
+    # -- the algorithm -------------------------------------------------------
+    def syncs_at(self, t):
+        """The fragments whose outer step happens after inner step t."""
+        return [p for p, off in enumerate(self.offsets) if t - off >= self.H and (t - off) % self.H == 0]
+
+    def step(self, grad):
+        """One inner step; outer steps and mixes that fall on it.  Returns
+        the fragments that synced."""
+        self.inner.step(grad)
+        self.t += 1
+        due = [p for t, p in self.pending if t == self.t]
+        self.pending = [(t, p) for t, p in self.pending if t != self.t]
+        for p in due:
+            self._mix(p)
+        synced = self.syncs_at(self.t)
+        for p in synced:
+            self._outer_step(p)
+            if self.overlap:
+                self.pending.append((self.t + self.overlap, p))
+            else:
+                self._mix(p)
+        return synced
+
+    def _outer_step(self, p):
+        frag = self.fragments[p]
+        delta = self.x_global[frag] - self.flat[frag]
+        if self.compressor is None:
+            agg = self.comm.allreduce(delta, "mean")
+        else:
+            payload = self.feedbacks[p].step(delta) if self.feedbacks else self.compressor.compress(delta)
+            agg = reduce_payloads(self.comm.allgather(payload), self.aggregate)
+            agg = agg.astype(self.flat.dtype, copy=False)
+        f = self.flat.dtype.type
+        if self.outer_buf is not None:
+            mu = f(self.outer_momentum)
+            buf = mu * self.outer_buf[frag] + agg
+            self.outer_buf[frag] = buf
+            agg = agg + mu * buf if self.nesterov else buf
+        self.x_global[frag] -= f(self.outer_lr) * agg
+
+    def _mix(self, p):
+        frag = self.fragments[p]
+        if self.alpha == 0:
+            self.flat[frag] = self.x_global[frag]
+        else:
+            f = self.flat.dtype.type
+            self.flat[frag] = f(self.alpha) * self.flat[frag] + f(1 - self.alpha) * self.x_global[frag]
+
+
+# --------------------------------------------------------------------------
+# Just One Byte: seed-replay zeroth-order steps
+# --------------------------------------------------------------------------
+
+ZO_DOMAIN = 200          # Philox domain of the perturbations (200..255 are for callers)
+_MAX_MACHINES = 1 << 16
+_MAX_SAMPLES = 1 << 16
+
+
+def perturbation(seed, step, machine, sample, n):
+    """The float64 perturbation z ~ N(0, I_n) of (round ``step``, machine,
+    sample), regenerated bit for bit by every rank.
+
+    Philox4x32-10 keyed by ``seed``, stream (domain 200, step), counter
+    block ``machine << 48 | sample << 32 | i`` for i < ceil(n/2).  Block i
+    gives two 53-bit uniforms u1 = (a + 1) * 2^-53 in (0, 1] and
+    u2 = b * 2^-53 in [0, 1) (a, b: the top 53 bits of lanes 1:0 and 3:2),
+    and Box-Muller gives z[2i] = r*cos(2*pi*u2), z[2i+1] = r*sin(2*pi*u2),
+    r = sqrt(-2*ln u1).  (NumPy's log/cos/sin: machines replaying each
+    other's seeds must share the NumPy build and CPU path to agree in the
+    last bit.)
+    """
+    seed = check_seed(seed)
+    machine = check_int(machine, "machine", 0, _MAX_MACHINES - 1)
+    sample = check_int(sample, "sample", 0, _MAX_SAMPLES - 1)
+    n = check_int(n, "n", 0, 1 << 33)
+    blocks = -(-n // 2)
+    first = (machine << 48) | (sample << 32)
+    w = _core.philox(seed, step, ZO_DOMAIN, first, 4 * blocks).reshape(-1, 4).astype(np.uint64)
+    a = ((w[:, 1] << np.uint64(32)) | w[:, 0]) >> np.uint64(11)
+    b = ((w[:, 3] << np.uint64(32)) | w[:, 2]) >> np.uint64(11)
+    u1 = (a.astype(np.float64) + 1.0) * 2.0 ** -53
+    theta = (2.0 * np.pi) * (b.astype(np.float64) * 2.0 ** -53)
+    r = np.sqrt(-2.0 * np.log(u1))
+    z = np.empty(2 * blocks)
+    z[0::2] = r * np.cos(theta)
+    z[1::2] = r * np.sin(theta)
+    return z[:n]
+
+
+class SeedReplayZO(Optimizer):
+    """Just One Byte (Zelikman et al. 2023): distributed MeZO/SPSA where
+    only scalars travel.
+
+    Round t, rank m, sample s: z = ``perturbation(seed, t, m, s, n)``;
+    p = (L(x + eps*z) - L(x - eps*z)) / (2*eps), evaluated on a scratch copy
+    (x itself is never perturbed, so it stays bit-identical on all ranks).
+    The ``samples`` scalars of every rank are allgathered (as
+    ``scalar_dtype``: float64 by default; the paper's code sends fp16, the
+    paper 8 bits) and every rank replays all N = W*samples of them in
+    (rank, sample) order: x -= c*z with c = (lr/N)*p*eps (the authors'
+    code keeps that eps, so the effective step on the estimate is lr*eps).
+    ``mode="full"``: each rank sends its c*z vectors instead (the
+    full-vector reference, same result bit for bit, d times the bytes).
+
+    ``step(loss_fn)``: ``loss_fn(x) -> float`` is this rank's loss at the
+    parameter vector x (an array shaped like params); returns the mean of
+    this rank's 2*samples loss evaluations.  Defaults are the code's:
+    eps 1e-3, lr 0.1, 30 samples per machine per round.
+    """
+
+    def __init__(self, params, comm, lr=0.1, eps=1e-3, samples=30, seed=0, *, mode="replay",
+                 scalar_dtype="float64"):
+        super().__init__(params, comm)
+        self.lr = _check_lr(lr)
+        self.eps = check_finite_number(eps, "eps", 0.0, lo_open=True)
+        self.samples = check_int(samples, "samples", 1, _MAX_SAMPLES)
+        self.seed = check_seed(seed)
+        self.mode = check_choice(mode, "mode", ("replay", "full"))
+        self.scalar_dtype = np.dtype(check_choice(str(scalar_dtype), "scalar_dtype",
+                                                  ("float64", "float32", "float16")))
+        if self.comm.world_size > _MAX_MACHINES:
+            raise ValueError(f"comm: at most {_MAX_MACHINES} ranks, got {self.comm.world_size}")
+        self._scratch = np.empty_like(self.params)
+
+    def _hyper(self):
+        return {"lr": self.lr, "eps": self.eps, "samples": self.samples, "seed": self.seed,
+                "mode": self.mode, "scalar_dtype": str(self.scalar_dtype)}
+
+    def _z(self, machine, sample):
+        z = perturbation(self.seed, self.t, machine, sample, self.flat.size)
+        return z.astype(self.flat.dtype, copy=False)
+
+    def _coefficient(self, p, total):
+        return self.flat.dtype.type((self.lr / total) * float(p) * self.eps)
+
+    def step(self, loss_fn):
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
+        x, f = self.flat, self.flat.dtype.type
+        scratch = self._scratch.reshape(-1)
+        eps = f(self.eps)
+        W, rank = self.comm.world_size, self.comm.rank
+        total = W * self.samples
+        scalars, losses = np.empty(self.samples, self.scalar_dtype), []
+        for s in range(self.samples):
+            z = self._z(rank, s)
+            np.add(x, eps * z, out=scratch)
+            plus = float(loss_fn(self._scratch))
+            np.subtract(x, eps * z, out=scratch)
+            minus = float(loss_fn(self._scratch))
+            scalars[s] = (plus - minus) / (2.0 * self.eps)
+            losses += [plus, minus]
+        if self.mode == "replay":
+            gathered = [d.array for d in self.comm.allgather(Dense(scalars))]
+            for m in range(W):
+                for s in range(self.samples):
+                    x -= self._coefficient(gathered[m][s], total) * self._z(m, s)
+        else:
+            mine = np.stack([self._coefficient(scalars[s], total) * self._z(rank, s)
+                             for s in range(self.samples)])
+            for vectors in self.comm.allgather(Dense(mine)):
+                for v in vectors.array:
+                    x -= v
+        self.t += 1
+        return float(np.mean(losses))
