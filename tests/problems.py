@@ -136,20 +136,3 @@ def worker_batches(x, y, rank, world_size, batch, steps, seed=0):
             order = np.concatenate([order, rng.permutation(len(xs))])
         idx, order = order[:batch], order[batch:]
         yield xs[idx], ys[idx]
-
-
-def _repair_quantizer_lookup():
-    """Temporary shim: ``lowband.compressors._q`` does ``from . import
-    quantize``, which returns the *function* ``lowband.quantize`` (the
-    package star-imports it over the submodule) once the quantization branch
-    is merged, so Sign/Lut2Bit/MiniFloat.compress fail.  Point it at the
-    module until compressors.py is fixed."""
-    import sys
-    import types
-
-    import lowband.compressors as compressors
-    if not isinstance(compressors._q(), types.ModuleType):
-        compressors._q = lambda: sys.modules["lowband.quantize"]
-
-
-_repair_quantizer_lookup()

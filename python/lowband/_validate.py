@@ -169,6 +169,23 @@ def check_choice(value, name, choices):
     return value
 
 
+def check_state_arrays(arrays, expected, name="state['arrays']"):
+    """A state_dict's arrays: exactly the names of `expected` ({name:
+    (shape, dtype)}), each an ndarray of that dtype (TypeError) and shape
+    (ValueError)."""
+    if not isinstance(arrays, dict) or set(arrays) != set(expected):
+        got = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
+        raise ValueError(f"{name}: expected arrays {sorted(expected)}, got {got}")
+    for key, (shape, dtype) in expected.items():
+        a = arrays[key]
+        if not isinstance(a, np.ndarray):
+            raise TypeError(f"{name}[{key!r}]: expected an ndarray, got {type(a).__name__}")
+        if a.dtype != dtype:
+            raise TypeError(f"{name}[{key!r}]: expected dtype {np.dtype(dtype)}, got {a.dtype}")
+        if a.shape != tuple(shape):
+            raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {a.shape}")
+
+
 def check_out(out, shape, dtype, name="out"):
     """A writeable C-contiguous ndarray of the given dtype and shape/size."""
     if not isinstance(out, np.ndarray):

@@ -28,7 +28,7 @@ import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_number, check_int,
-                        check_ratio, check_seed, check_threads)
+                        check_ratio, check_seed, check_state_arrays, check_threads)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
 __all__ = ["ErrorFeedback", "DecayedFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
@@ -113,16 +113,7 @@ class _Stateful:
             got = state.get("kind") if isinstance(state, dict) else type(state).__name__
             raise ValueError(f"state: expected a {type(self).__name__} state_dict, got {got!r}")
         arrays = state.get("arrays", {})
-        if set(arrays) != set(self._state_names):
-            raise ValueError(f"state: expected arrays {sorted(self._state_names)}, got {sorted(arrays)}")
-        for name in self._state_names:
-            a = arrays[name]
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"state['arrays'][{name!r}]: expected an ndarray, got {type(a).__name__}")
-            if a.dtype != self.dtype:
-                raise TypeError(f"state['arrays'][{name!r}]: expected dtype {self.dtype}, got {a.dtype}")
-            if a.shape != self.shape:
-                raise ValueError(f"state['arrays'][{name!r}]: expected shape {self.shape}, got {a.shape}")
+        check_state_arrays(arrays, {n: (self.shape, self.dtype) for n in self._state_names})
         if state.get("hyper", {}) != self._hyper():
             raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this object's {self._hyper()}")
         with self._lock:

@@ -34,7 +34,8 @@ import numpy as np
 
 from . import _core
 from ._payload import Dense
-from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed)
+from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed,
+                        check_state_arrays)
 from .compressors import Chain, ChunkedTopK, from_spec
 from .feedback import DGC, DecayedFeedback
 from .sim import chunk_bounds, reduce_payloads
@@ -125,16 +126,7 @@ class Optimizer:
         if state.get("hyper") != self._hyper():
             raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this optimizer's {self._hyper()}")
         arrays = state.get("arrays", {})
-        if set(arrays) != set(self._arrays):
-            raise ValueError(f"state: expected arrays {sorted(self._arrays)}, got {sorted(arrays)}")
-        for name, mine in self._arrays.items():
-            a = arrays[name]
-            if not isinstance(a, np.ndarray):
-                raise TypeError(f"state['arrays'][{name!r}]: expected an ndarray, got {type(a).__name__}")
-            if a.dtype != mine.dtype:
-                raise TypeError(f"state['arrays'][{name!r}]: expected dtype {mine.dtype}, got {a.dtype}")
-            if a.shape != mine.shape:
-                raise ValueError(f"state['arrays'][{name!r}]: expected shape {mine.shape}, got {a.shape}")
+        check_state_arrays(arrays, {k: (v.shape, v.dtype) for k, v in self._arrays.items()})
         children = state.get("children", {})
         if set(children) != set(self._children()):
             raise ValueError(f"state: expected children {sorted(self._children())}, got {sorted(children)}")
