@@ -39,24 +39,6 @@ static inline uint64_t p_key(const keyinfo *ki, const void *e, const void *g,
     return b & LB_KEY64_MASK;
 }
 
-/* One collect scan of e/g[b, e_) in the fused form (p written into e). */
-static uint64_t ef_collect_range(const keyinfo *ki, void *e, const void *g,
-                                 uint64_t b, uint64_t end, double decay,
-                                 double scale, uint64_t lo, uint64_t *idx,
-                                 uint64_t *raw, uint64_t cap, int *nonfinite)
-{
-    const lb_scan_fns *fns = lb_scan();
-    if (ki->width == 4) {
-        if (lo > LB_KEY32_MASK)
-            lo = (uint64_t)LB_KEY32_MASK + 1;   /* nothing qualifies */
-        return fns->ef_collect32((float *)e, (const float *)g, b, end,
-                                 (float)decay, (float)scale, (uint32_t)lo, idx,
-                                 raw, cap, nonfinite);
-    }
-    return fns->ef_collect64((double *)e, (const double *)g, b, end, decay,
-                             scale, lo, idx, raw, cap, nonfinite);
-}
-
 /* Common argument checks; LB_ENONFINITE (e untouched) for a bad g. */
 static lb_status ef_begin(const keyinfo *ki, const void *e, const void *g,
                           uint64_t n, double decay, double scale,
@@ -95,16 +77,7 @@ lb_status lb_ef_axpby(void *e, const void *g, uint64_t n, lb_dtype dt,
     if (st != LB_OK)
         return st;
     int nonfinite = 0;
-    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1)
-           reduction(|:nonfinite) if(nparts > 1))
-    for (int p = 0; p < nparts; p++) {
-        uint64_t b, end;
-        int nf = 0;
-        lb_split(n, nparts, p, &b, &end);
-        ef_collect_range(ki, e, g, b, end, decay, scale, UINT64_MAX, NULL, NULL,
-                         0, &nf);
-        nonfinite |= nf;
-    }
+    ef_collect_parallel(ki, e, g, n, decay, scale, UINT64_MAX, nparts, NULL, &nonfinite, NULL);
     if (nonfinite && check_finite)
         return overflowed(ki, e, n, err);
     return LB_OK;
@@ -159,21 +132,9 @@ lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
         cand_part *parts = cand_alloc(n, nparts, expected + expected / 2 + 4096);
         if (!parts)
             return LB_ENOMEM;
-        uint64_t total = 0;
         int nonfinite = 0, of = 0;
-        LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1)
-               reduction(+:total) reduction(|:nonfinite, of) if(nparts > 1))
-        for (int p = 0; p < nparts; p++) {
-            uint64_t b, end;
-            int nf = 0;
-            lb_split(n, nparts, p, &b, &end);
-            parts[p].found = ef_collect_range(ki, e, g, b, end, decay, scale, lo,
-                                              parts[p].idx, parts[p].raw,
-                                              parts[p].cap, &nf);
-            total += parts[p].found;
-            of |= parts[p].found > parts[p].cap;
-            nonfinite |= nf;
-        }
+        uint64_t total = ef_collect_parallel(ki, e, g, n, decay, scale, lo, nparts, parts,
+                                             &nonfinite, &of);
         if (nonfinite && check_finite) {
             cand_free(parts, nparts);
             return overflowed(ki, e, n, err);
@@ -209,55 +170,6 @@ lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
     lb_status st = ef_begin(ki, e, g, n, decay, scale, check_finite, nparts, err);
     if (st != LB_OK)
         return st;
-    uint64_t nchunks = lb_num_chunks(n, chunk);
-    uint64_t last = n - (nchunks ? (nchunks - 1) * chunk : 0);
-    uint64_t total = nchunks ? (nchunks - 1) * k_per_chunk +
-                                   (last < k_per_chunk ? last : k_per_chunk)
-                             : 0;
-    st = sparse_alloc(out, total, ki->width);
-    if (st != LB_OK)
-        return st;
-    lb_status fail = LB_OK;
-    uint64_t fail_at = UINT64_MAX;
-    int team = lb_team(nthreads, n / LB_CHUNK);
-    if (team > (int)nchunks)
-        team = lb_team(nthreads, nchunks);
-    LB_OMP(omp parallel num_threads(team) if(team > 1))
-    {
-        uint64_t *buf = malloc((size_t)3 * (size_t)chunk * sizeof(uint64_t));
-        if (!buf)
-            lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
-        for (uint64_t c = 0; c < nchunks; c++) {
-            if (!buf)
-                continue;
-            uint64_t b = c * chunk;
-            uint64_t m = (n - b) < chunk ? n - b : chunk;
-            uint64_t kk = m < k_per_chunk ? m : k_per_chunk;
-            int nf = 0;
-            /* p into e for this chunk (cache resident), then select on e */
-            ef_collect_range(ki, e, g, b, b + m, decay, scale, UINT64_MAX, NULL,
-                             NULL, 0, &nf);
-            uint64_t *oi = out->indices + c * k_per_chunk;
-            uint64_t bad = topk_small(ki, e, b, NULL, m, kk, buf + chunk, buf + 2 * chunk,
-                                      oi, (char *)out->values +
-                                              c * k_per_chunk * (uint64_t)ki->width);
-            if (bad != UINT64_MAX && check_finite)
-                lb_record_error(&fail, &fail_at, LB_EOVERFLOW, bad);
-            if (ki->width == 4)
-                for (uint64_t j = 0; j < kk; j++)
-                    ((float *)e)[oi[j]] = 0.0f;
-            else
-                for (uint64_t j = 0; j < kk; j++)
-                    ((double *)e)[oi[j]] = 0.0;
-        }
-        free(buf);
-    }
-    if (fail != LB_OK) {
-        lb_sparse_free(out);
-        if (err)
-            err->index = fail_at;
-        return fail;
-    }
-    return LB_OK;
+    return chunked_topk(ki, e, g, decay, scale, n, chunk, k_per_chunk, check_finite,
+                        nthreads, out, err);
 }

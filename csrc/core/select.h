@@ -75,6 +75,29 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
                     const uint64_t *pos, uint64_t m, uint64_t kk,
                     uint64_t *keys, uint64_t *scratch, uint64_t *out_idx,
                     void *out_values);
+/* The fused error-feedback scan (scan.h ef_collect*) over e/g[b, end):
+ * p = decay*e + scale*g into e, collecting keys >= lo as collect_range. */
+uint64_t ef_collect_range(const keyinfo *ki, void *e, const void *g, uint64_t b,
+                          uint64_t end, double decay, double scale, uint64_t lo,
+                          uint64_t *idx, uint64_t *raw, uint64_t cap,
+                          int *nonfinite);
+/* ef_collect_range in parallel over `nparts` parts, as collect_parallel
+ * (parts NULL: the compensation alone).                                   */
+uint64_t ef_collect_parallel(const keyinfo *ki, void *e, const void *g,
+                             uint64_t n, double decay, double scale,
+                             uint64_t lo, int nparts, cand_part *parts,
+                             int *nonfinite, int *overflow);
+/* The compensation alone over e/g[b, end) (non-finite p is left to the
+ * caller's selection to report).                                          */
+void ef_compensate(const keyinfo *ki, void *e, const void *g, uint64_t b,
+                   uint64_t end, double decay, double scale);
+/* Chunked top-k of x; with g, each chunk is first compensated in place
+ * (x = decay*x + scale*g; x must then be writable), non-finite values are
+ * LB_EOVERFLOW, and x is zeroed where sent (error feedback).              */
+lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
+                       double scale, uint64_t n, uint64_t chunk,
+                       uint64_t k_per_chunk, int check_finite, int nthreads,
+                       lb_sparse *out, lb_error *err);
 /* Position of sample j (< TOPK_SAMPLE) in a vector of n >= TOPK_SAMPLE_MIN_N. */
 uint64_t sample_position(uint64_t n, uint64_t j);
 /* Bounds lo/hi and the expected candidate count from the keys of the

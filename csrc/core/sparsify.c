@@ -172,6 +172,61 @@ static uint64_t collect_range(const keyinfo *ki, const void *x, uint64_t b,
                           nonfinite);
 }
 
+void ef_compensate(const keyinfo *ki, void *e, const void *g, uint64_t b,
+                   uint64_t end, double decay, double scale)
+{
+    int nonfinite = 0;   /* reported by the selection that follows */
+    ef_collect_range(ki, e, g, b, end, decay, scale, UINT64_MAX, NULL, NULL, 0,
+                     &nonfinite);
+}
+
+uint64_t ef_collect_range(const keyinfo *ki, void *e, const void *g, uint64_t b,
+                          uint64_t end, double decay, double scale, uint64_t lo,
+                          uint64_t *idx, uint64_t *raw, uint64_t cap,
+                          int *nonfinite)
+{
+    const lb_scan_fns *fns = lb_scan();
+    if (ki->width == 4) {
+        if (lo > LB_KEY32_MASK)
+            lo = (uint64_t)LB_KEY32_MASK + 1;   /* nothing qualifies */
+        return fns->ef_collect32((float *)e, (const float *)g, b, end,
+                                 (float)decay, (float)scale, (uint32_t)lo, idx,
+                                 raw, cap, nonfinite);
+    }
+    return fns->ef_collect64((double *)e, (const double *)g, b, end, decay,
+                             scale, lo, idx, raw, cap, nonfinite);
+}
+
+uint64_t ef_collect_parallel(const keyinfo *ki, void *e, const void *g,
+                             uint64_t n, double decay, double scale,
+                             uint64_t lo, int nparts, cand_part *parts,
+                             int *nonfinite, int *overflow)
+{
+    uint64_t total = 0;
+    int nf = 0, of = 0;
+    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1)
+           reduction(+:total) reduction(|:nf, of) if(nparts > 1))
+    for (int p = 0; p < nparts; p++) {
+        uint64_t b, end;
+        int part_nf = 0;
+        lb_split(n, nparts, p, &b, &end);
+        uint64_t found = ef_collect_range(ki, e, g, b, end, decay, scale, lo,
+                                          parts ? parts[p].idx : NULL,
+                                          parts ? parts[p].raw : NULL,
+                                          parts ? parts[p].cap : 0, &part_nf);
+        if (parts) {
+            parts[p].found = found;
+            of |= found > parts[p].cap;
+        }
+        total += found;
+        nf |= part_nf;
+    }
+    *nonfinite = nf;
+    if (overflow)
+        *overflow = of;
+    return total;
+}
+
 /* Collects, in parallel over `nparts` contiguous parts, every element whose
  * key >= lo.  Returns the total that qualified; sets *nonfinite and
  * *overflow (some part found more than its cap).  parts may be NULL to only
@@ -663,15 +718,11 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
 #undef POS
 }
 
-lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
-                          uint64_t chunk, uint64_t k_per_chunk,
-                          int check_finite, int nthreads, lb_sparse *out,
-                          lb_error *err)
+lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
+                       double scale, uint64_t n, uint64_t chunk,
+                       uint64_t k_per_chunk, int check_finite, int nthreads,
+                       lb_sparse *out, lb_error *err)
 {
-    const keyinfo *ki = keyinfo_of(dt);
-    if (!ki || !out || (!x && n) || chunk == 0 || k_per_chunk > chunk)
-        return LB_EINVAL;
-    memset(out, 0, sizeof(*out));
     uint64_t nchunks = lb_num_chunks(n, chunk);
     uint64_t last = n - (nchunks ? (nchunks - 1) * chunk : 0);
     uint64_t total = nchunks ? (nchunks - 1) * k_per_chunk +
@@ -697,13 +748,16 @@ lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
             uint64_t b = c * chunk;
             uint64_t m = (n - b) < chunk ? n - b : chunk;
             uint64_t kk = m < k_per_chunk ? m : k_per_chunk;
-            uint64_t bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk,
-                                      buf + 2 * chunk,
-                                      out->indices + c * k_per_chunk,
-                                      (char *)out->values +
-                                          c * k_per_chunk * (uint64_t)ki->width);
+            uint64_t *oi = out->indices + c * k_per_chunk;
+            if (g)   /* p = decay*x + scale*g into this (cache-resident) chunk */
+                ef_compensate(ki, x, g, b, b + m, decay, scale);
+            uint64_t bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi,
+                                      (char *)out->values + c * k_per_chunk * (uint64_t)ki->width);
             if (bad != UINT64_MAX && check_finite)
-                lb_record_error(&fail, &fail_at, LB_ENONFINITE, bad);
+                lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
+            if (g)   /* the residual is zero where sent */
+                for (uint64_t j = 0; j < kk; j++)
+                    memset((char *)x + oi[j] * (uint64_t)ki->width, 0, (size_t)ki->width);
         }
         free(buf);
     }
@@ -714,6 +768,20 @@ lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
         return fail;
     }
     return LB_OK;
+}
+
+lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
+                          uint64_t chunk, uint64_t k_per_chunk,
+                          int check_finite, int nthreads, lb_sparse *out,
+                          lb_error *err)
+{
+    const keyinfo *ki = keyinfo_of(dt);
+    if (!ki || !out || (!x && n) || chunk == 0 || k_per_chunk > chunk)
+        return LB_EINVAL;
+    memset(out, 0, sizeof(*out));
+    /* x is only read when g is NULL */
+    return chunked_topk(ki, (void *)x, NULL, 1.0, 1.0, n, chunk, k_per_chunk, check_finite,
+                        nthreads, out, err);
 }
 
 lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,

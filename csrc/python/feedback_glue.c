@@ -44,6 +44,27 @@ static PyObject *ef_error(lb_status st, lb_error *err, PyArrayObject *g)
     return lb_py_raise(st, err, "error feedback", "grad", g);
 }
 
+/* (indices, values) of a successful selection, or the exception for st;
+ * consumes out and g.                                                     */
+static PyObject *ef_result(lb_status st, lb_sparse *out, lb_error *err,
+                           PyArrayObject *g, uint64_t n, lb_dtype dt)
+{
+    PyObject *res = NULL;
+    if (st != LB_OK) {
+        ef_error(st, err, g);
+    } else {
+        PyObject *idx = lb_py_indices(out->indices, out->count, n);
+        PyObject *vals = idx ? lb_py_adopt(out->values, out->count, lb_py_typenum(dt)) : NULL;
+        if (!idx)
+            free(out->values);
+        res = vals ? Py_BuildValue("(NN)", idx, vals) : NULL;
+        if (idx && !vals)
+            Py_DECREF(idx);
+    }
+    Py_DECREF(g);
+    return res;
+}
+
 /* ef_topk(e, g, k, decay, scale, check_finite, threads) -> (indices, values) */
 static PyObject *py_ef_topk(PyObject *self, PyObject *args, PyObject *kw)
 {
@@ -69,20 +90,7 @@ static PyObject *py_ef_topk(PyObject *self, PyObject *args, PyObject *kw)
     void *ed = PyArray_DATA((PyArrayObject *)e_o);
     const void *gd = PyArray_DATA(g);
     LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
-    PyObject *res = NULL;
-    if (st != LB_OK) {
-        ef_error(st, &err, g);
-    } else {
-        PyObject *idx = lb_py_indices(out.indices, out.count, n);
-        PyObject *vals = idx ? lb_py_adopt(out.values, out.count, lb_py_typenum(dt)) : NULL;
-        if (!idx)
-            free(out.values);
-        res = vals ? Py_BuildValue("(NN)", idx, vals) : NULL;
-        if (idx && !vals)
-            Py_DECREF(idx);
-    }
-    Py_DECREF(g);
-    return res;
+    return ef_result(st, &out, &err, g, n, dt);
 }
 
 /* ef_topk_chunked(e, g, chunk, k_per_chunk, decay, scale, check_finite, threads) */
@@ -117,20 +125,7 @@ static PyObject *py_ef_topk_chunked(PyObject *self, PyObject *args, PyObject *kw
     const void *gd = PyArray_DATA(g);
     LB_NOGIL(n, st = lb_ef_topk_chunked(ed, gd, n, dt, decay, scale, chunk, kpc, check, nt,
                                         &out, &err));
-    PyObject *res = NULL;
-    if (st != LB_OK) {
-        ef_error(st, &err, g);
-    } else {
-        PyObject *idx = lb_py_indices(out.indices, out.count, n);
-        PyObject *vals = idx ? lb_py_adopt(out.values, out.count, lb_py_typenum(dt)) : NULL;
-        if (!idx)
-            free(out.values);
-        res = vals ? Py_BuildValue("(NN)", idx, vals) : NULL;
-        if (idx && !vals)
-            Py_DECREF(idx);
-    }
-    Py_DECREF(g);
-    return res;
+    return ef_result(st, &out, &err, g, n, dt);
 }
 
 /* ef_axpby(e, g, decay, scale, check_finite, threads): e = decay*e + scale*g */

@@ -19,7 +19,8 @@ import numpy as np
 
 from . import _core
 from ._payload import (CODE_DTYPES, DTYPE_CODES, Dense, FormatError, Quantized, Sparse,
-                       get_scheme, scheme_by_id, shape_size)
+                       get_scheme, normalize_shape, scheme_by_id, shape_size)
+from ._validate import check_int
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
 
@@ -272,9 +273,21 @@ def _read_sparse(r, shape, dtype):
     return Sparse._make(indices, values, shape, dtype, seed, step)
 
 
-def decode(data):
+def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     """The payload encoded in `data` (bytes-like).  Raises FormatError for
-    anything that is not a canonical version-1 lowband payload."""
+    anything that is not a canonical version-1 lowband payload.
+
+    A receiver that knows what it expects should say so: ``expect_shape`` /
+    ``expect_dtype`` reject a payload of another shape or dtype, and
+    ``max_size`` one that claims more elements (a valid payload may describe
+    a huge, empty tensor that nobody could densify), all before any work.
+    """
+    if expect_shape is not None:
+        expect_shape = normalize_shape(expect_shape, "expect_shape")
+    if expect_dtype is not None:
+        expect_dtype = np.dtype(expect_dtype)
+    if max_size is not None:
+        max_size = check_int(max_size, "max_size", 0)
     try:
         buf = memoryview(data).cast("B")
     except TypeError:
@@ -303,6 +316,12 @@ def decode(data):
         size *= s
         if size >= MAX_SIZE:
             r.fail(f"tensor size overflows 2**62 (shape {shape})", 8)
+    if expect_shape is not None and shape != expect_shape:
+        r.fail(f"shape {shape} differs from the expected {expect_shape}", 8)
+    if expect_dtype is not None and dtype != expect_dtype:
+        r.fail(f"dtype {dtype} differs from the expected {expect_dtype}", 6)
+    if max_size is not None and size > max_size:
+        r.fail(f"tensor of {size} elements exceeds max_size={max_size}", 8)
     if kind == KIND_SPARSE:
         payload = _read_sparse(r, shape, dtype)
     elif kind == KIND_QUANTIZED:
