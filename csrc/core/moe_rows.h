@@ -1,0 +1,335 @@
+/*
+ * moe_rows.h - the per-row kernels of core/moe.c, compiled once per element
+ * type.  moe.c includes this file twice, with
+ *   LB_T     the element type (double first, then float),
+ *   LB_F(x)  x with the type suffix (x_f64, x_f32),
+ *   LB_EXP   the matching exponential (exp_f64, exp_f32),
+ *   LB_TMAX  the largest finite value of LB_T.
+ *
+ * Every floating-point operation here is a plain IEEE operation in a fixed
+ * order (no FMA contraction: ISO C mode; no library exp), so results are
+ * the same on any thread count, any instruction set, and in the NumPy twin
+ * (_reference.py), which performs the same operations in the same order.
+ */
+
+/* Sum of x[0..n) over 8 interleaved lanes: lane l adds x[l], x[l+8], ...
+ * onto 0, then the lanes are added in order 0..7.  A fixed order that the
+ * compiler can vectorise.                                                   */
+static inline LB_T LB_F(lanesum)(const LB_T *x, uint64_t n)
+{
+    LB_T acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += x[j + l];
+    for (int l = 0; j + (uint64_t)l < n; l++)
+        acc[l] += x[j + l];
+    LB_T s = acc[0];
+    for (int l = 1; l < 8; l++)
+        s += acc[l];
+    return s;
+}
+
+/* <a, b> in double over 8 interleaved lanes (products of the widened
+ * elements), lanes added in order.                                         */
+static inline double LB_F(lanedot)(const LB_T *a, const LB_T *b, uint64_t n)
+{
+    double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    uint64_t j = 0;
+    for (; j + 8 <= n; j += 8)
+        for (int l = 0; l < 8; l++)
+            acc[l] += (double)a[j + l] * (double)b[j + l];
+    for (int l = 0; j + (uint64_t)l < n; l++)
+        acc[l] += (double)a[j + l] * (double)b[j + l];
+    double s = acc[0];
+    for (int l = 1; l < 8; l++)
+        s += acc[l];
+    return s;
+}
+
+/* Maximum of z[0..E) (E >= 1) into *maxv; returns the index of the first
+ * non-finite element, or E when all are finite.                            */
+static inline uint64_t LB_F(row_max)(const LB_T *z, uint64_t E, LB_T *maxv)
+{
+    LB_T m = z[0];
+    int bad = 0;
+    for (uint64_t j = 0; j < E; j++) {
+        bad |= !(z[j] >= -LB_TMAX && z[j] <= LB_TMAX);
+        m = z[j] > m ? z[j] : m;
+    }
+    *maxv = m;
+    if (!bad)
+        return E;
+    for (uint64_t j = 0; j < E; j++)
+        if (!(z[j] >= -LB_TMAX && z[j] <= LB_TMAX))
+            return j;
+    return E;
+}
+
+/* e[j] = exp(z[j] - m); returns their lane sum.                            */
+static inline LB_T LB_F(exp_shifted)(const LB_T *z, uint64_t E, LB_T m, LB_T *e)
+{
+    for (uint64_t j = 0; j < E; j++)
+        e[j] = LB_EXP(z[j] - m);
+    return LB_F(lanesum)(e, E);
+}
+
+/* p = softmax(z) with m = max(z): exp(z - m) / (their lane sum).           */
+static inline void LB_F(softmax_row)(const LB_T *z, uint64_t E, LB_T m, LB_T *p)
+{
+    LB_T s = LB_F(exp_shifted)(z, E, m, p);
+    for (uint64_t j = 0; j < E; j++)
+        p[j] = p[j] / s;
+}
+
+/* s = 1 / (1 + exp(-z)).                                                   */
+static inline void LB_F(sigmoid_row)(const LB_T *z, uint64_t E, LB_T *s)
+{
+    for (uint64_t j = 0; j < E; j++)
+        s[j] = (LB_T)1 / ((LB_T)1 + LB_EXP(-z[j]));
+}
+
+/* q = the load-balancing distribution of a score row, in double: the
+ * softmax scores themselves (returns 1), or the sigmoid scores over
+ * (their lane sum + 1e-20) (returns that divisor).                          */
+static inline double LB_F(aux_row)(const LB_T *s, uint64_t E, lb_score_fn fn,
+                                   double *q)
+{
+    for (uint64_t j = 0; j < E; j++)
+        q[j] = (double)s[j];
+    if (fn == LB_SCORE_SOFTMAX)
+        return 1.0;
+    double d = lanesum_f64(q, E) + 1e-20;
+    for (uint64_t j = 0; j < E; j++)
+        q[j] = q[j] / d;
+    return d;
+}
+
+/* Routes rows [r0, r1) (see lb_moe_route).  counts (E) is this thread's
+ * histogram; acc (E, or NULL) this chunk's column sums of q.  Returns the
+ * flat index of the first non-finite logit in the rows, or UINT64_MAX.     */
+static uint64_t LB_F(route_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
+                                 uint64_t E, uint64_t k, const lb_route_opts *o,
+                                 int32_t *experts, LB_T *weights, LB_T *scores,
+                                 int64_t *counts, double *acc, route_ws *ws)
+{
+    const int grouped = o->groups > 1;
+    const uint64_t gs = grouped ? E / o->groups : E;
+    for (uint64_t t = r0; t < r1; t++) {
+        const LB_T *zr = z + t * E;
+        LB_T *sr = scores + t * E;
+        int32_t *ex = experts + t * k;
+        LB_T *w = weights + t * k;
+        LB_T m;
+        uint64_t bad = LB_F(row_max)(zr, E, &m);
+        if (bad < E)
+            return t * E + bad;
+        if (o->score == LB_SCORE_SOFTMAX)
+            LB_F(softmax_row)(zr, E, m, sr);
+        else
+            LB_F(sigmoid_row)(zr, E, sr);
+
+        /* choice scores (score + bias) feed the group scores and, with a
+         * bias, the selection; without one the logits are the keys.       */
+        const uint8_t *allowed = NULL;
+        if (o->bias || grouped)
+            for (uint64_t j = 0; j < E; j++)
+                ws->choice[j] = (double)sr[j] + (o->bias ? o->bias[j] : 0.0);
+        if (grouped) {
+            uint64_t per = k / o->group_k;
+            for (uint64_t g = 0; g < o->groups; g++) {
+                top_keys(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
+                double sum = 0.0;
+                for (uint64_t r = 0; r < per; r++)
+                    sum += ws->best[r];
+                ws->gscore[g] = sum;
+            }
+            top_keys(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
+            memset(ws->allowed, 0, (size_t)E);
+            for (uint64_t r = 0; r < o->group_k; r++)
+                memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
+            allowed = ws->allowed;
+        }
+        const double *keys = ws->choice;
+        if (!o->bias) {
+            for (uint64_t j = 0; j < E; j++)
+                ws->key[j] = (double)zr[j];
+            keys = ws->key;
+        }
+        top_keys(keys, E, k, allowed, ws->best, ex);
+
+        if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
+            /* softmax over the selected logits */
+            LB_T zm = zr[ex[0]];
+            for (uint64_t s = 1; s < k; s++)
+                zm = zr[ex[s]] > zm ? zr[ex[s]] : zm;
+            LB_T sum = 0;
+            for (uint64_t s = 0; s < k; s++) {
+                w[s] = LB_EXP(zr[ex[s]] - zm);
+                sum += w[s];
+            }
+            for (uint64_t s = 0; s < k; s++)
+                w[s] = w[s] / sum;
+        } else if (o->renormalize) {
+            LB_T sum = 0;
+            for (uint64_t s = 0; s < k; s++)
+                sum += sr[ex[s]];
+            sum = sum + (LB_T)1e-20;
+            for (uint64_t s = 0; s < k; s++)
+                w[s] = sr[ex[s]] / sum;
+        } else {
+            for (uint64_t s = 0; s < k; s++)
+                w[s] = sr[ex[s]];
+        }
+        for (uint64_t s = 0; s < k; s++)
+            counts[ex[s]]++;
+        if (acc) {
+            LB_F(aux_row)(sr, E, o->score, ws->q);
+            for (uint64_t j = 0; j < E; j++)
+                acc[j] += ws->q[j];
+        }
+    }
+    return UINT64_MAX;
+}
+
+/* Column sums of q over the valid rows of [r0, r1) onto acc (E).           */
+static void LB_F(aux_sum_rows)(const LB_T *scores, uint64_t r0, uint64_t r1,
+                               uint64_t E, lb_score_fn fn, const uint8_t *mask,
+                               double *q, double *acc)
+{
+    for (uint64_t t = r0; t < r1; t++) {
+        if (mask && !mask[t])
+            continue;
+        LB_F(aux_row)(scores + t * E, E, fn, q);
+        for (uint64_t j = 0; j < E; j++)
+            acc[j] += q[j];
+    }
+}
+
+/* Gradient rows [r0, r1) of sum_i g[i] q[t, i] (see lb_moe_balance_grad);
+ * g is the segment's row of weights.                                       */
+static void LB_F(balance_grad_rows)(const LB_T *scores, uint64_t r0, uint64_t r1,
+                                    uint64_t E, lb_score_fn fn, const double *g,
+                                    const uint8_t *mask, double *q, LB_T *grad)
+{
+    for (uint64_t t = r0; t < r1; t++) {
+        const LB_T *sr = scores + t * E;
+        LB_T *gr = grad + t * E;
+        if (mask && !mask[t]) {
+            memset(gr, 0, (size_t)E * sizeof(LB_T));
+            continue;
+        }
+        double d = LB_F(aux_row)(sr, E, fn, q);
+        double dot = lanedot_f64(q, g, E);
+        if (fn == LB_SCORE_SOFTMAX) {
+            for (uint64_t j = 0; j < E; j++)
+                gr[j] = (LB_T)(q[j] * (g[j] - dot));
+        } else {
+            for (uint64_t j = 0; j < E; j++) {
+                double s = (double)sr[j];
+                gr[j] = (LB_T)(s * (1.0 - s) * (g[j] - dot) / d);
+            }
+        }
+    }
+}
+
+/* z-loss rows [r0, r1): returns the sum of lse^2 over the valid rows (in
+ * row order, onto 0) or sets *bad to the first non-finite flat index.
+ * grad rows (when grad is not NULL) = scale * 2 * lse * softmax(z).         */
+static double LB_F(z_loss_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
+                                uint64_t E, const uint8_t *mask, double scale,
+                                LB_T *e, LB_T *grad, uint64_t *bad)
+{
+    double acc = 0.0;
+    for (uint64_t t = r0; t < r1; t++) {
+        const LB_T *zr = z + t * E;
+        LB_T m;
+        uint64_t b = LB_F(row_max)(zr, E, &m);
+        if (b < E) {
+            *bad = t * E + b;
+            return acc;
+        }
+        if (mask && !mask[t]) {
+            if (grad)
+                memset(grad + t * E, 0, (size_t)E * sizeof(LB_T));
+            continue;
+        }
+        LB_T s = LB_F(exp_shifted)(zr, E, m, e);
+        double lse = (double)m + log((double)s);
+        acc += lse * lse;
+        if (grad) {
+            double c = scale * 2.0 * lse;
+            LB_T *gr = grad + t * E;
+            for (uint64_t j = 0; j < E; j++)
+                gr[j] = (LB_T)(c * (double)(e[j] / s));
+        }
+    }
+    return acc;
+}
+
+/* dst[0..H) = w * src (a copy when unit), with streaming stores when
+ * `stream` (a large output that is not read back soon) and aligned.        */
+static inline void LB_F(scale_row)(LB_T *dst, const LB_T *src, uint64_t H,
+                                   LB_T w, int unit, int stream)
+{
+    if (stream && LB_F(stream_row)(dst, src, H, w, unit))
+        return;
+    if (unit) {
+        memcpy(dst, src, (size_t)H * sizeof(LB_T));
+        return;
+    }
+    for (uint64_t h = 0; h < H; h++)
+        dst[h] = w * src[h];
+}
+
+/* Gathers rows [r0, r1) of the dispatch buffer (see lb_moe_gather).        */
+static void LB_F(gather_rows)(const LB_T *x, uint64_t H, uint64_t k,
+                              const int64_t *rows, uint64_t r0, uint64_t r1,
+                              const LB_T *weights, LB_T *out, int stream)
+{
+    for (uint64_t r = r0; r < r1; r++) {
+        uint64_t a = (uint64_t)rows[r];
+        LB_T w = weights ? weights[a] : (LB_T)1;
+        LB_F(scale_row)(out + r * H, x + (a / k) * H, H, w, !weights, stream);
+    }
+}
+
+/* Combines tokens [t0, t1) (see lb_moe_combine); acc holds H elements.    */
+static void LB_F(combine_rows)(const LB_T *y, uint64_t H, const int64_t *position,
+                               uint64_t t0, uint64_t t1, uint64_t k,
+                               const LB_T *weights, LB_T *acc, LB_T *out,
+                               int stream)
+{
+    for (uint64_t t = t0; t < t1; t++) {
+        memset(acc, 0, (size_t)H * sizeof(LB_T));
+        for (uint64_t s = 0; s < k; s++) {
+            int64_t p = position[t * k + s];
+            if (p < 0)
+                continue;
+            const LB_T *yr = y + (uint64_t)p * H;
+            if (weights) {
+                LB_T w = weights[t * k + s];
+                for (uint64_t h = 0; h < H; h++)
+                    acc[h] += w * yr[h];
+            } else {
+                for (uint64_t h = 0; h < H; h++)
+                    acc[h] += yr[h];
+            }
+        }
+        LB_F(scale_row)(out + t * H, acc, H, (LB_T)1, 1, stream);
+    }
+}
+
+/* Gradient of the combine weights for tokens [t0, t1).                    */
+static void LB_F(combine_dot_rows)(const LB_T *gout, const LB_T *y, uint64_t H,
+                                   const int64_t *position, uint64_t t0,
+                                   uint64_t t1, uint64_t k, LB_T *gw)
+{
+    for (uint64_t t = t0; t < t1; t++)
+        for (uint64_t s = 0; s < k; s++) {
+            int64_t p = position[t * k + s];
+            gw[t * k + s] = p < 0 ? (LB_T)0
+                                  : (LB_T)LB_F(lanedot)(gout + t * H,
+                                                        y + (uint64_t)p * H, H);
+        }
+}
