@@ -372,7 +372,7 @@ def moe_lanesum(x):
     n = x.shape[-1]
     pad = (-n) % 8
     xp = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), x.dtype)], axis=-1)
-    xp = xp.reshape(x.shape[:-1] + (-1, 8))
+    xp = xp.reshape(x.shape[:-1] + ((n + pad) // 8, 8))
     acc = np.zeros(x.shape[:-1] + (8,), x.dtype)
     for b in range(xp.shape[-2]):
         acc = acc + xp[..., b, :]
