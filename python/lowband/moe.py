@@ -491,6 +491,8 @@ class LoadBalancer:
             raise ValueError(f"mask: differs from the mask accumulated for micro-batch {key!r}")
         threads = check_threads(threads)
         T = r.num_tokens
+        if T == 0:
+            return 0.0, np.zeros(r.scores.shape, r.dtype)
         _, valid, sums = _stats(r, stored, T, r.experts, threads)
         loss, g = _balance_terms(counts[None], [tokens], sums, valid, self.k)
         grad = _core.moe_balance_grad(r.scores, _SCORES.index(r.score), g, max(T, 1), stored,
