@@ -14,229 +14,57 @@
  * Floating point: the exponential is our own (Cephes-style polynomial /
  * rational approximation with exact range reduction), not libm's, so the
  * NumPy twin reproduces it bit for bit; no FMA contraction (ISO C mode and
- * the pragma below).  Per-row kernels live in moe_rows.h, compiled for
- * float and double.
+ * the pragma in moe_kernels.h).  The per-row kernels live in moe_rows.h,
+ * compiled for float and double and per instruction set (moe_scalar.c,
+ * moe_avx2.c); this file holds the entry points, their checks and the
+ * parallel structure.
  */
-#include <float.h>
-#include <math.h>
-#include <stdlib.h>
-#include <string.h>
-
-#if defined(__SSE2__)
-#include <emmintrin.h>
-#endif
-
-#include "lowband.h"
+#include "moe_kernels.h"
 #include "threads.h"
 
-/* GCC contracts nothing in ISO C mode (-std=c11); clang needs the pragma. */
-#if defined(__clang__)
-#pragma STDC FP_CONTRACT OFF
+const lb_moe_rows *lb_moe_rows_for(lb_dtype dt)
+{
+    const lb_moe_rows *t = lb_moe_rows_scalar;
+#if defined(__x86_64__) || defined(__i386__)
+    if (lb_active_isa() >= LB_ISA_AVX2)
+        t = lb_moe_rows_avx2;
 #endif
-
-/* ------------------------------------------------------------------------ */
-/* Exponentials                                                              */
-/* ------------------------------------------------------------------------ */
-
-/* exp(x) in float: x rounded to n = nearest integer of x / ln 2 (by the
- * 1.5 * 2^23 trick), r = x - n ln 2 in two steps, a degree-5 polynomial
- * (Cephes expf), times 2^n built from bits.  Below -87 the result is 0,
- * above 88 it is +Inf.  Branch-free, so loops over it vectorise.          */
-static inline float exp_f32(float x)
-{
-    const float lo = -87.0f, hi = 88.0f, magic = 12582912.0f;
-    float xc = x < lo ? lo : (x > hi ? hi : x);
-    float n = (xc * 1.44269504088896341f + magic) - magic;
-    float r = xc - n * 0.693359375f;
-    r = r - n * -2.12194440e-4f;
-    float p = 1.9875691500e-4f;
-    p = p * r + 1.3981999507e-3f;
-    p = p * r + 8.3334519073e-3f;
-    p = p * r + 4.1665795894e-2f;
-    p = p * r + 1.6666665459e-1f;
-    p = p * r + 5.0000001201e-1f;
-    float y = p * (r * r) + r + 1.0f;
-    int32_t bits = ((int32_t)n + 127) << 23;
-    float scale;
-    memcpy(&scale, &bits, 4);
-    y = y * scale;
-    return x < lo ? 0.0f : (x > hi ? INFINITY : y);
-}
-
-/* exp(x) in double: the same reduction with 1.5 * 2^52, then the Cephes
- * rational form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).  Below -708 the
- * result is 0, above 709 it is +Inf.                                       */
-static inline double exp_f64(double x)
-{
-    const double lo = -708.0, hi = 709.0, magic = 6755399441055744.0;
-    double xc = x < lo ? lo : (x > hi ? hi : x);
-    double n = (xc * 1.4426950408889634 + magic) - magic;
-    double r = xc - n * 6.93145751953125e-1;
-    r = r - n * 1.42860682030941723212e-6;
-    double rr = r * r;
-    double px = 1.26177193074810590878e-4;
-    px = px * rr + 3.02994407707441961300e-2;
-    px = px * rr + 9.99999999999999999910e-1;
-    px = px * r;
-    double qx = 3.00198505138664455042e-6;
-    qx = qx * rr + 2.52448340349684104192e-3;
-    qx = qx * rr + 2.27265548208155028766e-1;
-    qx = qx * rr + 2.00000000000000000009e0;
-    double y = px / (qx - px);
-    y = 1.0 + 2.0 * y;
-    int64_t bits = (int64_t)((int32_t)n + 1023) << 52;
-    double scale;
-    memcpy(&scale, &bits, 8);
-    y = y * scale;
-    return x < lo ? 0.0 : (x > hi ? INFINITY : y);
+    return &t[dt == LB_F64];
 }
 
 /* ------------------------------------------------------------------------ */
-/* Small helpers shared by both element types                                */
+/* Routing scratch                                                           */
 /* ------------------------------------------------------------------------ */
-
-/* The k largest keys[j] (j < n, and allowed[j] != 0 when allowed is given)
- * in descending order, ties to the lower j: keys to best[], indices to
- * idx[].  Insertion into a sorted list of k; strict comparisons keep the
- * earlier (lower) index ahead on ties.  Returns how many were found.       */
-static uint64_t top_keys(const double *keys, uint64_t n, uint64_t k,
-                         const uint8_t *allowed, double *best, int32_t *idx)
-{
-    uint64_t m = 0;
-    for (uint64_t j = 0; j < n; j++) {
-        if (allowed && !allowed[j])
-            continue;
-        double v = keys[j];
-        uint64_t pos;
-        if (m == k) {
-            if (!(v > best[k - 1]))
-                continue;
-            pos = k - 1;
-        } else {
-            pos = m++;
-        }
-        while (pos > 0 && v > best[pos - 1]) {
-            best[pos] = best[pos - 1];
-            idx[pos] = idx[pos - 1];
-            pos--;
-        }
-        best[pos] = v;
-        idx[pos] = (int32_t)j;
-    }
-    return m;
-}
-
-/* Per-thread scratch of the routing kernel. */
-typedef struct {
-    double *choice;   /* E: score + bias                      */
-    double *key;      /* E: selection keys (logits)           */
-    double *q;        /* E: load-balancing distribution       */
-    double *best;     /* max(k, groups) selected keys         */
-    double *gscore;   /* groups                               */
-    int32_t *idx;     /* max(k, groups) selected indices      */
-    uint8_t *allowed; /* E                                    */
-} route_ws;
 
 static void route_ws_free(route_ws *ws)
 {
     free(ws->choice);
-    free(ws->key);
     free(ws->q);
     free(ws->best);
     free(ws->gscore);
     free(ws->idx);
     free(ws->allowed);
+    free(ws->cand);
+    free(ws->cand_at);
 }
 
 static int route_ws_alloc(route_ws *ws, uint64_t E, uint64_t k, uint64_t groups)
 {
     uint64_t m = (k > groups ? k : groups) + 1;
     ws->choice = malloc((size_t)E * sizeof(double));
-    ws->key = malloc((size_t)E * sizeof(double));
     ws->q = malloc((size_t)E * sizeof(double));
     ws->best = malloc((size_t)m * sizeof(double));
     ws->gscore = malloc((size_t)(groups + 1) * sizeof(double));
     ws->idx = malloc((size_t)m * sizeof(int32_t));
     ws->allowed = malloc((size_t)E);
-    if (ws->choice && ws->key && ws->q && ws->best && ws->gscore && ws->idx &&
-        ws->allowed)
+    ws->cand = malloc((size_t)E * sizeof(double));
+    ws->cand_at = malloc((size_t)E * sizeof(int32_t));
+    if (ws->choice && ws->q && ws->best && ws->gscore && ws->idx &&
+        ws->allowed && ws->cand && ws->cand_at)
         return 1;
     route_ws_free(ws);
     return 0;
 }
-
-/* Streaming (non-temporal) row stores: dst = w * src (a copy when unit).
- * Return 0 (nothing done) when dst is not 16-byte aligned or H does not
- * fill whole vectors; the caller then stores normally.  The values are the
- * same either way (one IEEE multiply per element).                        */
-#if defined(__SSE2__)
-static int stream_row_f32(float *dst, const float *src, uint64_t H, float w,
-                          int unit)
-{
-    if (((uintptr_t)dst & 15) || H % 4)
-        return 0;
-    __m128 wv = _mm_set1_ps(w);
-    for (uint64_t h = 0; h < H; h += 4) {
-        __m128 v = _mm_loadu_ps(src + h);
-        _mm_stream_ps(dst + h, unit ? v : _mm_mul_ps(wv, v));
-    }
-    return 1;
-}
-
-static int stream_row_f64(double *dst, const double *src, uint64_t H,
-                          double w, int unit)
-{
-    if (((uintptr_t)dst & 15) || H % 2)
-        return 0;
-    __m128d wv = _mm_set1_pd(w);
-    for (uint64_t h = 0; h < H; h += 2) {
-        __m128d v = _mm_loadu_pd(src + h);
-        _mm_stream_pd(dst + h, unit ? v : _mm_mul_pd(wv, v));
-    }
-    return 1;
-}
-
-/* Orders this thread's streaming stores before the region's barrier. */
-static void stream_fence(void) { _mm_sfence(); }
-#else
-static int stream_row_f32(float *d, const float *s, uint64_t H, float w, int u)
-{
-    return 0;
-}
-static int stream_row_f64(double *d, const double *s, uint64_t H, double w,
-                          int u)
-{
-    return 0;
-}
-static void stream_fence(void) {}
-#endif
-
-/* Outputs at least this large are written with streaming stores.          */
-#define STREAM_BYTES ((uint64_t)8 << 20)
-
-/* ------------------------------------------------------------------------ */
-/* Per-row kernels, once per element type                                    */
-/* ------------------------------------------------------------------------ */
-
-#define LB_T double
-#define LB_F(x) x##_f64
-#define LB_EXP exp_f64
-#define LB_TMAX DBL_MAX
-#include "moe_rows.h"
-#undef LB_T
-#undef LB_F
-#undef LB_EXP
-#undef LB_TMAX
-
-#define LB_T float
-#define LB_F(x) x##_f32
-#define LB_EXP exp_f32
-#define LB_TMAX FLT_MAX
-#include "moe_rows.h"
-#undef LB_T
-#undef LB_F
-#undef LB_EXP
-#undef LB_TMAX
 
 /* ------------------------------------------------------------------------ */
 /* Routing                                                                   */
@@ -279,6 +107,7 @@ lb_status lb_moe_route(const void *logits, lb_dtype dt, uint64_t T, uint64_t E,
         return LB_EOVERFLOW;
 
     const uint64_t R = lb_moe_sum_rows(E), nchunks = lb_num_chunks(T, R);
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nchunks);
     int64_t *tcounts = calloc((size_t)team * (size_t)E, sizeof(int64_t));
     double *partial = aux_sums ? calloc((size_t)(nchunks ? nchunks : 1) * (size_t)E,
@@ -304,12 +133,8 @@ lb_status lb_moe_route(const void *logits, lb_dtype dt, uint64_t T, uint64_t E,
                 continue;
             uint64_t r0 = c * R, r1 = T - r0 < R ? T : r0 + R;
             double *acc = partial ? partial + c * E : NULL;
-            uint64_t bad =
-                dt == LB_F32
-                    ? route_rows_f32(logits, r0, r1, E, k, o, experts, weights,
-                                     scores, mine, acc, &ws)
-                    : route_rows_f64(logits, r0, r1, E, k, o, experts, weights,
-                                     scores, mine, acc, &ws);
+            uint64_t bad = K->route(logits, r0, r1, E, k, o, experts, weights,
+                                    scores, mine, acc, &ws);
             if (bad != UINT64_MAX)
                 lb_record_error(&fail, &fail_at, LB_ENONFINITE, bad);
         }
@@ -388,6 +213,7 @@ lb_status lb_moe_balance_stats(const void *scores, lb_dtype dt, uint64_t T,
     }
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, items);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
@@ -415,10 +241,7 @@ lb_status lb_moe_balance_stats(const void *scores, lb_dtype dt, uint64_t T,
                     c[experts[t * k + s]]++;
             }
             if (sums) {
-                if (dt == LB_F32)
-                    aux_sum_rows_f32(scores, r0, r1, E, score, mask, q, isums + it * E);
-                else
-                    aux_sum_rows_f64(scores, r0, r1, E, score, mask, q, isums + it * E);
+                K->aux_sum(scores, r0, r1, E, score, mask, q, isums + it * E);
             }
         }
         free(q);
@@ -460,6 +283,7 @@ lb_status lb_moe_balance_grad(const void *scores, lb_dtype dt, uint64_t T,
     const uint64_t R = lb_moe_sum_rows(E), nchunks = lb_num_chunks(T, R);
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
@@ -475,12 +299,8 @@ lb_status lb_moe_balance_grad(const void *scores, lb_dtype dt, uint64_t T,
             while (r0 < r1) {
                 uint64_t b = r0 / seg_len, end = (b + 1) * seg_len;
                 uint64_t stop = end < r1 ? end : r1;
-                if (dt == LB_F32)
-                    balance_grad_rows_f32(scores, r0, stop, E, score, g + b * E,
-                                          mask, q, grad);
-                else
-                    balance_grad_rows_f64(scores, r0, stop, E, score, g + b * E,
-                                          mask, q, grad);
+                K->balance_grad(scores, r0, stop, E, score, g + b * E, mask, q,
+                                grad);
                 r0 = stop;
             }
         }
@@ -504,6 +324,7 @@ lb_status lb_moe_z_loss(const void *logits, lb_dtype dt, uint64_t T,
     const size_t width = lb_dtype_size(dt);
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
@@ -515,11 +336,8 @@ lb_status lb_moe_z_loss(const void *logits, lb_dtype dt, uint64_t T,
             if (!e)
                 continue;
             uint64_t r0 = c * R, r1 = T - r0 < R ? T : r0 + R, bad = UINT64_MAX;
-            partial[c] = dt == LB_F32
-                             ? z_loss_rows_f32(logits, r0, r1, E, mask, grad_scale,
-                                               e, grad, &bad)
-                             : z_loss_rows_f64(logits, r0, r1, E, mask, grad_scale,
-                                               e, grad, &bad);
+            partial[c] = K->z_loss(logits, r0, r1, E, mask, grad_scale, e, grad,
+                                   &bad);
             if (bad != UINT64_MAX)
                 lb_record_error(&fail, &fail_at, LB_ENONFINITE, bad);
         }
@@ -767,16 +585,14 @@ lb_status lb_moe_gather(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
     const size_t width = lb_dtype_size(dt);
     const int stream = n * H * width >= STREAM_BYTES;
     const uint64_t R = rows_per_chunk(H), nch = lb_num_chunks(n, R);
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
         LB_OMP(omp for schedule(static))
         for (uint64_t c = 0; c < nch; c++) {
             uint64_t r0 = c * R, r1 = n - r0 < R ? n : r0 + R;
-            if (dt == LB_F32)
-                gather_rows_f32(x, H, k, rows, r0, r1, weights, out, stream);
-            else
-                gather_rows_f64(x, H, k, rows, r0, r1, weights, out, stream);
+            K->gather(x, H, k, rows, r0, r1, weights, out, stream);
         }
         if (stream)
             stream_fence();
@@ -809,6 +625,7 @@ lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
     const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
@@ -820,12 +637,7 @@ lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
             if (!acc)
                 continue;
             uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
-            if (dt == LB_F32)
-                combine_rows_f32(y, H, position, t0, t1, k, weights, acc, out,
-                                 stream);
-            else
-                combine_rows_f64(y, H, position, t0, t1, k, weights, acc, out,
-                                 stream);
+            K->combine(y, H, position, t0, t1, k, weights, acc, out, stream);
         }
         if (stream)
             stream_fence();
@@ -847,14 +659,12 @@ lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,
     if (!positions_ok(position, T * k, n))
         return LB_ERANGE;
     const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t c = 0; c < nch; c++) {
         uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
-        if (dt == LB_F32)
-            combine_dot_rows_f32(grad_out, y, H, position, t0, t1, k, grad_weights);
-        else
-            combine_dot_rows_f64(grad_out, y, H, position, t0, t1, k, grad_weights);
+        K->combine_dot(grad_out, y, H, position, t0, t1, k, grad_weights);
     }
     return LB_OK;
 }

@@ -1,10 +1,13 @@
 /*
- * moe_rows.h - the per-row kernels of core/moe.c, compiled once per element
- * type.  moe.c includes this file twice, with
- *   LB_T     the element type (double first, then float),
- *   LB_F(x)  x with the type suffix (x_f64, x_f32),
- *   LB_EXP   the matching exponential (exp_f64, exp_f32),
- *   LB_TMAX  the largest finite value of LB_T.
+ * moe_rows.h - the per-row kernels of the MoE family, compiled once per
+ * element type and instruction set.  moe_isa.h includes this file twice
+ * (double first, then float) with
+ *   LB_T      the element type,  LB_TMAX its largest finite value,
+ *   LB_I      the integer of the same width (LB_IMIN, LB_IMAX, LB_IINF: the
+ *             bits of +Inf, LB_ISHIFT: width - 1),
+ *   LB_F(x)   x with the type and instruction-set suffix (x_f32_avx2, ...),
+ *   LB_D(x)   the same for the double instantiation,
+ *   LB_EXP    exp_f32 / exp_f64,  LB_STREAM  stream_row_f32 / _f64.
  *
  * Every floating-point operation here is a plain IEEE operation in a fixed
  * order (no FMA contraction: ISO C mode; no library exp), so results are
@@ -48,16 +51,20 @@ static inline double LB_F(lanedot)(const LB_T *a, const LB_T *b, uint64_t n)
 }
 
 /* Maximum of z[0..E) (E >= 1) into *maxv; returns the index of the first
- * non-finite element, or E when all are finite.                            */
+ * non-finite element, or E when all are finite.  Works on order-preserving
+ * integer keys of the bits (so it vectorises; +0 ranks above -0).         */
 static inline uint64_t LB_F(row_max)(const LB_T *z, uint64_t E, LB_T *maxv)
 {
-    LB_T m = z[0];
-    int bad = 0;
+    LB_I m = LB_IMIN, bad = 0;
     for (uint64_t j = 0; j < E; j++) {
-        bad |= !(z[j] >= -LB_TMAX && z[j] <= LB_TMAX);
-        m = z[j] > m ? z[j] : m;
+        LB_I b;
+        memcpy(&b, z + j, sizeof(b));
+        bad |= (LB_I)((b & LB_IMAX) >= LB_IINF);
+        LB_I key = b ^ ((b >> LB_ISHIFT) & LB_IMAX);
+        m = key > m ? key : m;
     }
-    *maxv = m;
+    m ^= (m >> LB_ISHIFT) & LB_IMAX;
+    memcpy(maxv, &m, sizeof(m));
     if (!bad)
         return E;
     for (uint64_t j = 0; j < E; j++)
@@ -66,20 +73,94 @@ static inline uint64_t LB_F(row_max)(const LB_T *z, uint64_t E, LB_T *maxv)
     return E;
 }
 
+/* Inserts z[j] into the descending list best/idx of *m (at most k)
+ * entries; strict comparisons keep the lower index ahead on ties.         */
+static inline void LB_F(insert_top)(LB_T v, int32_t j, uint64_t k, LB_T *best,
+                                    int32_t *idx, uint64_t *m)
+{
+    uint64_t pos;
+    if (*m == k) {
+        if (!(v > best[k - 1]))
+            return;
+        pos = k - 1;
+    } else {
+        pos = (*m)++;
+    }
+    while (pos > 0 && v > best[pos - 1]) {
+        best[pos] = best[pos - 1];
+        idx[pos] = idx[pos - 1];
+        pos--;
+    }
+    best[pos] = v;
+    idx[pos] = j;
+}
+
+/* Ranks the n values v[] (index order) by (value descending, position
+ * ascending) without branches on the data, and stores those of rank < k
+ * (best, idx[r] = at[i]); slot k of best/idx is a write-only dummy.        */
+static inline void LB_F(rank_top)(const LB_T *v, const int32_t *at, uint64_t n,
+                                  uint64_t k, LB_T *best, int32_t *idx)
+{
+    for (uint64_t i = 0; i < n; i++) {
+        LB_T x = v[i];
+        uint32_t r = 0;
+        for (uint64_t j = 0; j < i; j++)
+            r += v[j] >= x;
+        for (uint64_t j = i + 1; j < n; j++)
+            r += v[j] > x;
+        uint64_t slot = r < k ? r : k;
+        best[slot] = x;
+        idx[slot] = at[i];
+    }
+}
+
+/* The k largest z[j] (j < E, and allowed[j] != 0 when allowed is given),
+ * in descending order, ties to the lower j: values to best[], indices to
+ * idx[] (both with room for k + 1).  Returns how many were found.
+ * Without `allowed` and for k <= 8: the k-th largest of the 8 interleaved
+ * lane maxima (8 distinct elements) is a lower bound t of the row's k-th
+ * largest, so only the elements >= t (a few) are ranked; `cand` (E
+ * values) and `cand_at` (E indices) are scratch.                           */
+static uint64_t LB_F(top_values)(const LB_T *z, uint64_t E, uint64_t k,
+                                 const uint8_t *allowed, LB_T *best, int32_t *idx,
+                                 LB_T *cand, int32_t *cand_at)
+{
+    uint64_t m = 0;
+    if (!allowed && k <= 8 && E >= 16) {
+        static const int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
+        LB_T lane[8];
+        for (int l = 0; l < 8; l++)
+            lane[l] = z[l];
+        for (uint64_t j = 8; j < E; j++)
+            lane[j % 8] = z[j] > lane[j % 8] ? z[j] : lane[j % 8];
+        LB_F(rank_top)(lane, lanes, 8, k, best, idx);
+        LB_T t = best[k - 1];
+        uint64_t n = 0;
+        for (uint64_t j = 0; j < E; j++) {
+            cand[n] = z[j];
+            cand_at[n] = (int32_t)j;
+            n += z[j] >= t;
+        }
+        if (n <= 64) {
+            LB_F(rank_top)(cand, cand_at, n, k, best, idx);
+            return k;
+        }
+        for (uint64_t i = 0; i < n; i++)
+            LB_F(insert_top)(cand[i], cand_at[i], k, best, idx, &m);
+        return m;
+    }
+    for (uint64_t j = 0; j < E; j++)
+        if (!allowed || allowed[j])
+            LB_F(insert_top)(z[j], (int32_t)j, k, best, idx, &m);
+    return m;
+}
+
 /* e[j] = exp(z[j] - m); returns their lane sum.                            */
 static inline LB_T LB_F(exp_shifted)(const LB_T *z, uint64_t E, LB_T m, LB_T *e)
 {
     for (uint64_t j = 0; j < E; j++)
         e[j] = LB_EXP(z[j] - m);
     return LB_F(lanesum)(e, E);
-}
-
-/* p = softmax(z) with m = max(z): exp(z - m) / (their lane sum).           */
-static inline void LB_F(softmax_row)(const LB_T *z, uint64_t E, LB_T m, LB_T *p)
-{
-    LB_T s = LB_F(exp_shifted)(z, E, m, p);
-    for (uint64_t j = 0; j < E; j++)
-        p[j] = p[j] / s;
 }
 
 /* s = 1 / (1 + exp(-z)).                                                   */
@@ -99,7 +180,7 @@ static inline double LB_F(aux_row)(const LB_T *s, uint64_t E, lb_score_fn fn,
         q[j] = (double)s[j];
     if (fn == LB_SCORE_SOFTMAX)
         return 1.0;
-    double d = lanesum_f64(q, E) + 1e-20;
+    double d = LB_D(lanesum)(q, E) + 1e-20;
     for (uint64_t j = 0; j < E; j++)
         q[j] = q[j] / d;
     return d;
@@ -108,11 +189,13 @@ static inline double LB_F(aux_row)(const LB_T *s, uint64_t E, lb_score_fn fn,
 /* Routes rows [r0, r1) (see lb_moe_route).  counts (E) is this thread's
  * histogram; acc (E, or NULL) this chunk's column sums of q.  Returns the
  * flat index of the first non-finite logit in the rows, or UINT64_MAX.     */
-static uint64_t LB_F(route_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
+static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
                                  uint64_t E, uint64_t k, const lb_route_opts *o,
-                                 int32_t *experts, LB_T *weights, LB_T *scores,
+                                 int32_t *experts, void *weightsv, void *scoresv,
                                  int64_t *counts, double *acc, route_ws *ws)
 {
+    const LB_T *z = zv;
+    LB_T *weights = weightsv, *scores = scoresv;
     const int grouped = o->groups > 1;
     const uint64_t gs = grouped ? E / o->groups : E;
     for (uint64_t t = r0; t < r1; t++) {
@@ -124,10 +207,14 @@ static uint64_t LB_F(route_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
         uint64_t bad = LB_F(row_max)(zr, E, &m);
         if (bad < E)
             return t * E + bad;
-        if (o->score == LB_SCORE_SOFTMAX)
-            LB_F(softmax_row)(zr, E, m, sr);
-        else
+        LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
+        if (o->score == LB_SCORE_SOFTMAX) {
+            LB_T sum = LB_F(exp_shifted)(zr, E, m, e);
+            for (uint64_t j = 0; j < E; j++)
+                sr[j] = e[j] / sum;
+        } else {
             LB_F(sigmoid_row)(zr, E, sr);
+        }
 
         /* choice scores (score + bias) feed the group scores and, with a
          * bias, the selection; without one the logits are the keys.       */
@@ -138,34 +225,37 @@ static uint64_t LB_F(route_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
         if (grouped) {
             uint64_t per = k / o->group_k;
             for (uint64_t g = 0; g < o->groups; g++) {
-                top_keys(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
+                LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx,
+                               ws->cand, ws->cand_at);
                 double sum = 0.0;
                 for (uint64_t r = 0; r < per; r++)
                     sum += ws->best[r];
                 ws->gscore[g] = sum;
             }
-            top_keys(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
+            LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx,
+                           ws->cand, ws->cand_at);
             memset(ws->allowed, 0, (size_t)E);
             for (uint64_t r = 0; r < o->group_k; r++)
                 memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
             allowed = ws->allowed;
         }
-        const double *keys = ws->choice;
-        if (!o->bias) {
-            for (uint64_t j = 0; j < E; j++)
-                ws->key[j] = (double)zr[j];
-            keys = ws->key;
-        }
-        top_keys(keys, E, k, allowed, ws->best, ex);
+        if (o->bias)
+            LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx,
+                           (double *)ws->cand, ws->cand_at);
+        else
+            LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx,
+                             (LB_T *)ws->cand, ws->cand_at);
+        memcpy(ex, ws->idx, (size_t)k * sizeof(int32_t));
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
-            /* softmax over the selected logits */
+            /* softmax over the selected logits: exp(z - their max), which
+             * are the row's exp(z - m) when the row maximum is selected */
             LB_T zm = zr[ex[0]];
             for (uint64_t s = 1; s < k; s++)
                 zm = zr[ex[s]] > zm ? zr[ex[s]] : zm;
             LB_T sum = 0;
             for (uint64_t s = 0; s < k; s++) {
-                w[s] = LB_EXP(zr[ex[s]] - zm);
+                w[s] = zm == m ? e[ex[s]] : LB_EXP(zr[ex[s]] - zm);
                 sum += w[s];
             }
             for (uint64_t s = 0; s < k; s++)
@@ -193,10 +283,11 @@ static uint64_t LB_F(route_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
 }
 
 /* Column sums of q over the valid rows of [r0, r1) onto acc (E).           */
-static void LB_F(aux_sum_rows)(const LB_T *scores, uint64_t r0, uint64_t r1,
+static void LB_F(aux_sum_rows)(const void *scoresv, uint64_t r0, uint64_t r1,
                                uint64_t E, lb_score_fn fn, const uint8_t *mask,
                                double *q, double *acc)
 {
+    const LB_T *scores = scoresv;
     for (uint64_t t = r0; t < r1; t++) {
         if (mask && !mask[t])
             continue;
@@ -208,10 +299,12 @@ static void LB_F(aux_sum_rows)(const LB_T *scores, uint64_t r0, uint64_t r1,
 
 /* Gradient rows [r0, r1) of sum_i g[i] q[t, i] (see lb_moe_balance_grad);
  * g is the segment's row of weights.                                       */
-static void LB_F(balance_grad_rows)(const LB_T *scores, uint64_t r0, uint64_t r1,
+static void LB_F(balance_grad_rows)(const void *scoresv, uint64_t r0, uint64_t r1,
                                     uint64_t E, lb_score_fn fn, const double *g,
-                                    const uint8_t *mask, double *q, LB_T *grad)
+                                    const uint8_t *mask, double *q, void *gradv)
 {
+    const LB_T *scores = scoresv;
+    LB_T *grad = gradv;
     for (uint64_t t = r0; t < r1; t++) {
         const LB_T *sr = scores + t * E;
         LB_T *gr = grad + t * E;
@@ -220,7 +313,7 @@ static void LB_F(balance_grad_rows)(const LB_T *scores, uint64_t r0, uint64_t r1
             continue;
         }
         double d = LB_F(aux_row)(sr, E, fn, q);
-        double dot = lanedot_f64(q, g, E);
+        double dot = LB_D(lanedot)(q, g, E);
         if (fn == LB_SCORE_SOFTMAX) {
             for (uint64_t j = 0; j < E; j++)
                 gr[j] = (LB_T)(q[j] * (g[j] - dot));
@@ -236,10 +329,12 @@ static void LB_F(balance_grad_rows)(const LB_T *scores, uint64_t r0, uint64_t r1
 /* z-loss rows [r0, r1): returns the sum of lse^2 over the valid rows (in
  * row order, onto 0) or sets *bad to the first non-finite flat index.
  * grad rows (when grad is not NULL) = scale * 2 * lse * softmax(z).         */
-static double LB_F(z_loss_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
+static double LB_F(z_loss_rows)(const void *zv, uint64_t r0, uint64_t r1,
                                 uint64_t E, const uint8_t *mask, double scale,
-                                LB_T *e, LB_T *grad, uint64_t *bad)
+                                void *ev, void *gradv, uint64_t *bad)
 {
+    const LB_T *z = zv;
+    LB_T *e = ev, *grad = gradv;
     double acc = 0.0;
     for (uint64_t t = r0; t < r1; t++) {
         const LB_T *zr = z + t * E;
@@ -272,7 +367,7 @@ static double LB_F(z_loss_rows)(const LB_T *z, uint64_t r0, uint64_t r1,
 static inline void LB_F(scale_row)(LB_T *dst, const LB_T *src, uint64_t H,
                                    LB_T w, int unit, int stream)
 {
-    if (stream && LB_F(stream_row)(dst, src, H, w, unit))
+    if (stream && LB_STREAM(dst, src, H, w, unit))
         return;
     if (unit) {
         memcpy(dst, src, (size_t)H * sizeof(LB_T));
@@ -283,10 +378,12 @@ static inline void LB_F(scale_row)(LB_T *dst, const LB_T *src, uint64_t H,
 }
 
 /* Gathers rows [r0, r1) of the dispatch buffer (see lb_moe_gather).        */
-static void LB_F(gather_rows)(const LB_T *x, uint64_t H, uint64_t k,
+static void LB_F(gather_rows)(const void *xv, uint64_t H, uint64_t k,
                               const int64_t *rows, uint64_t r0, uint64_t r1,
-                              const LB_T *weights, LB_T *out, int stream)
+                              const void *weightsv, void *outv, int stream)
 {
+    const LB_T *x = xv, *weights = weightsv;
+    LB_T *out = outv;
     for (uint64_t r = r0; r < r1; r++) {
         uint64_t a = (uint64_t)rows[r];
         LB_T w = weights ? weights[a] : (LB_T)1;
@@ -295,11 +392,13 @@ static void LB_F(gather_rows)(const LB_T *x, uint64_t H, uint64_t k,
 }
 
 /* Combines tokens [t0, t1) (see lb_moe_combine); acc holds H elements.    */
-static void LB_F(combine_rows)(const LB_T *y, uint64_t H, const int64_t *position,
+static void LB_F(combine_rows)(const void *yv, uint64_t H, const int64_t *position,
                                uint64_t t0, uint64_t t1, uint64_t k,
-                               const LB_T *weights, LB_T *acc, LB_T *out,
+                               const void *weightsv, void *accv, void *outv,
                                int stream)
 {
+    const LB_T *y = yv, *weights = weightsv;
+    LB_T *acc = accv, *out = outv;
     for (uint64_t t = t0; t < t1; t++) {
         memset(acc, 0, (size_t)H * sizeof(LB_T));
         for (uint64_t s = 0; s < k; s++) {
@@ -321,10 +420,12 @@ static void LB_F(combine_rows)(const LB_T *y, uint64_t H, const int64_t *positio
 }
 
 /* Gradient of the combine weights for tokens [t0, t1).                    */
-static void LB_F(combine_dot_rows)(const LB_T *gout, const LB_T *y, uint64_t H,
+static void LB_F(combine_dot_rows)(const void *goutv, const void *yv, uint64_t H,
                                    const int64_t *position, uint64_t t0,
-                                   uint64_t t1, uint64_t k, LB_T *gw)
+                                   uint64_t t1, uint64_t k, void *gwv)
 {
+    const LB_T *gout = goutv, *y = yv;
+    LB_T *gw = gwv;
     for (uint64_t t = t0; t < t1; t++)
         for (uint64_t s = 0; s < k; s++) {
             int64_t p = position[t * k + s];
