@@ -44,8 +44,6 @@ static void route_ws_free(route_ws *ws)
     free(ws->gscore);
     free(ws->idx);
     free(ws->allowed);
-    free(ws->cand);
-    free(ws->cand_at);
 }
 
 static int route_ws_alloc(route_ws *ws, uint64_t E, uint64_t k, uint64_t groups)
@@ -57,10 +55,8 @@ static int route_ws_alloc(route_ws *ws, uint64_t E, uint64_t k, uint64_t groups)
     ws->gscore = malloc((size_t)(groups + 1) * sizeof(double));
     ws->idx = malloc((size_t)m * sizeof(int32_t));
     ws->allowed = malloc((size_t)E);
-    ws->cand = malloc((size_t)E * sizeof(double));
-    ws->cand_at = malloc((size_t)E * sizeof(int32_t));
     if (ws->choice && ws->q && ws->best && ws->gscore && ws->idx &&
-        ws->allowed && ws->cand && ws->cand_at)
+        ws->allowed)
         return 1;
     route_ws_free(ws);
     return 0;

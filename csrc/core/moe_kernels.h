@@ -108,8 +108,6 @@ typedef struct {
     double *gscore;   /* groups                               */
     int32_t *idx;     /* max(k, groups) selected indices      */
     uint8_t *allowed; /* E                                    */
-    double *cand;     /* E: candidate values of the top-k     */
-    int32_t *cand_at; /* E: their indices                     */
 } route_ws;
 
 /* Streaming (non-temporal) row stores: dst = w * src (a copy when unit).

@@ -95,58 +95,44 @@ static inline void LB_F(insert_top)(LB_T v, int32_t j, uint64_t k, LB_T *best,
     idx[pos] = j;
 }
 
-/* Ranks the n values v[] (index order) by (value descending, position
- * ascending) without branches on the data, and stores those of rank < k
- * (best, idx[r] = at[i]); slot k of best/idx is a write-only dummy.        */
-static inline void LB_F(rank_top)(const LB_T *v, const int32_t *at, uint64_t n,
-                                  uint64_t k, LB_T *best, int32_t *idx)
-{
-    for (uint64_t i = 0; i < n; i++) {
-        LB_T x = v[i];
-        uint32_t r = 0;
-        for (uint64_t j = 0; j < i; j++)
-            r += v[j] >= x;
-        for (uint64_t j = i + 1; j < n; j++)
-            r += v[j] > x;
-        uint64_t slot = r < k ? r : k;
-        best[slot] = x;
-        idx[slot] = at[i];
-    }
-}
-
 /* The k largest z[j] (j < E, and allowed[j] != 0 when allowed is given),
  * in descending order, ties to the lower j: values to best[], indices to
- * idx[] (both with room for k + 1).  Returns how many were found.
- * Without `allowed` and for k <= 8: the k-th largest of the 8 interleaved
- * lane maxima (8 distinct elements) is a lower bound t of the row's k-th
- * largest, so only the elements >= t (a few) are ranked; `cand` (E
- * values) and `cand_at` (E indices) are scratch.                           */
+ * idx[].  Returns how many were found.
+ * Without `allowed` and for k <= 16 <= E: the k-th largest of the L = 8 or
+ * 16 interleaved lane maxima (L distinct elements) bounds the row's k-th
+ * largest from below, so only the few elements at or above it (found
+ * through bit masks of 32 vectorised comparisons) are inserted.            */
 static uint64_t LB_F(top_values)(const LB_T *z, uint64_t E, uint64_t k,
-                                 const uint8_t *allowed, LB_T *best, int32_t *idx,
-                                 LB_T *cand, int32_t *cand_at)
+                                 const uint8_t *allowed, LB_T *best, int32_t *idx)
 {
     uint64_t m = 0;
-    if (!allowed && k <= 8 && E >= 16) {
-        static const int32_t lanes[8] = {0, 1, 2, 3, 4, 5, 6, 7};
-        LB_T lane[8];
-        for (int l = 0; l < 8; l++)
+    if (!allowed && k <= 16 && E >= 16) {
+        const int L = k <= 2 || E < 32 ? 8 + 8 * (k > 8) : 16;
+        LB_T lane[16];
+        uint64_t j0;
+        for (int l = 0; l < L; l++)
             lane[l] = z[l];
-        for (uint64_t j = 8; j < E; j++)
-            lane[j % 8] = z[j] > lane[j % 8] ? z[j] : lane[j % 8];
-        LB_F(rank_top)(lane, lanes, 8, k, best, idx);
-        LB_T t = best[k - 1];
-        uint64_t n = 0;
-        for (uint64_t j = 0; j < E; j++) {
-            cand[n] = z[j];
-            cand_at[n] = (int32_t)j;
-            n += z[j] >= t;
+        for (j0 = (uint64_t)L; j0 + (uint64_t)L <= E; j0 += (uint64_t)L)
+            for (int l = 0; l < L; l++)
+                lane[l] = z[j0 + l] > lane[l] ? z[j0 + l] : lane[l];
+        for (uint64_t j = j0; j < E; j++)
+            lane[j - j0] = z[j] > lane[j - j0] ? z[j] : lane[j - j0];
+        for (int l = 0; l < L; l++)
+            LB_F(insert_top)(lane[l], l, k, best, idx, &m);
+        const LB_T t = best[k - 1];
+        m = 0;
+        for (j0 = 0; j0 + 32 <= E; j0 += 32) {
+            uint32_t bits = 0;   /* bit l: z[j0 + l] >= t */
+            for (int l = 0; l < 32; l++)
+                bits |= (uint32_t)(z[j0 + l] >= t) << l;
+            for (; bits; bits &= bits - 1) {
+                uint64_t j = j0 + (uint64_t)__builtin_ctz(bits);
+                LB_F(insert_top)(z[j], (int32_t)j, k, best, idx, &m);
+            }
         }
-        if (n <= 64) {
-            LB_F(rank_top)(cand, cand_at, n, k, best, idx);
-            return k;
-        }
-        for (uint64_t i = 0; i < n; i++)
-            LB_F(insert_top)(cand[i], cand_at[i], k, best, idx, &m);
+        for (uint64_t j = j0; j < E; j++)
+            if (z[j] >= t)
+                LB_F(insert_top)(z[j], (int32_t)j, k, best, idx, &m);
         return m;
     }
     for (uint64_t j = 0; j < E; j++)
@@ -225,26 +211,22 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         if (grouped) {
             uint64_t per = k / o->group_k;
             for (uint64_t g = 0; g < o->groups; g++) {
-                LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx,
-                               ws->cand, ws->cand_at);
+                LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
                 double sum = 0.0;
                 for (uint64_t r = 0; r < per; r++)
                     sum += ws->best[r];
                 ws->gscore[g] = sum;
             }
-            LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx,
-                           ws->cand, ws->cand_at);
+            LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
             memset(ws->allowed, 0, (size_t)E);
             for (uint64_t r = 0; r < o->group_k; r++)
                 memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
             allowed = ws->allowed;
         }
         if (o->bias)
-            LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx,
-                           (double *)ws->cand, ws->cand_at);
+            LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
         else
-            LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx,
-                             (LB_T *)ws->cand, ws->cand_at);
+            LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
         memcpy(ex, ws->idx, (size_t)k * sizeof(int32_t));
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
