@@ -9,7 +9,9 @@
  * are integers (any merge order).  The dispatch plan is a stable counting
  * sort whose write offsets come from a serial scan over fixed chunks, and
  * combine gathers through the inverse map (one writer per token, no
- * atomics).  So every output is byte-identical for any thread count.
+ * atomics).  So every output is byte-identical for any thread count, and
+ * chunks can be handed out dynamically (a thread that the OS delays on a
+ * busy machine does not hold the others up).
  *
  * Floating point: the exponential is our own (Cephes-style polynomial /
  * rational approximation with exact range reduction), not libm's, so the
@@ -123,7 +125,7 @@ lb_status lb_moe_route(const void *logits, lb_dtype dt, uint64_t T, uint64_t E,
         if (!ok)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         int64_t *mine = tcounts + (uint64_t)omp_get_thread_num() * E;
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nchunks; c++) {
             if (!ok)
                 continue;
@@ -216,7 +218,7 @@ lb_status lb_moe_balance_stats(const void *scores, lb_dtype dt, uint64_t T,
         double *q = sums ? malloc((size_t)E * sizeof(double)) : NULL;
         if (sums && !q)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t it = 0; it < items; it++) {
             if (sums && !q)
                 continue;
@@ -286,7 +288,7 @@ lb_status lb_moe_balance_grad(const void *scores, lb_dtype dt, uint64_t T,
         double *q = malloc((size_t)E * sizeof(double));
         if (!q)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nchunks; c++) {
             if (!q)
                 continue;
@@ -327,7 +329,7 @@ lb_status lb_moe_z_loss(const void *logits, lb_dtype dt, uint64_t T,
         void *e = malloc((size_t)E * width);
         if (!e)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nchunks; c++) {
             if (!e)
                 continue;
@@ -443,7 +445,7 @@ static lb_status apply_capacity(uint64_t E, uint64_t capacity,
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
     int team = lb_team(nthreads, E);
-    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
     for (uint64_t e = 0; e < E; e++) {
         uint64_t a = (uint64_t)offsets[e], b = (uint64_t)offsets[e + 1];
         lb_record_error(&fail, &fail_at,
@@ -457,7 +459,7 @@ static lb_status apply_capacity(uint64_t E, uint64_t capacity,
             uint64_t len = (uint64_t)(offsets[e + 1] - offsets[e]);
             kept_off[e + 1] = kept_off[e] + (int64_t)(len < capacity ? len : capacity);
         }
-        LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+        LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
         for (uint64_t e = 0; e < E; e++) {
             int64_t w = kept_off[e];
             for (int64_t r = offsets[e]; r < offsets[e + 1]; r++) {
@@ -499,7 +501,7 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
     uint64_t fail_at = UINT64_MAX;
     int team = lb_team(nthreads, nch);
     /* 1: per-chunk histograms (and the id check) */
-    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
     for (uint64_t c = 0; c < nch; c++) {
         uint64_t i0 = c * C, i1 = n - i0 < C ? n : i0 + C;
         int64_t *h = cur + c * E;
@@ -531,7 +533,7 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
     }
     offsets[E] = run;
     /* 3: stable scatter, every chunk from its own cursors */
-    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
     for (uint64_t c = 0; c < nch; c++) {
         uint64_t i0 = c * C, i1 = n - i0 < C ? n : i0 + C;
         int64_t *h = cur + c * E;
@@ -585,7 +587,7 @@ lb_status lb_moe_gather(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nch; c++) {
             uint64_t r0 = c * R, r1 = n - r0 < R ? n : r0 + R;
             K->gather(x, H, k, rows, r0, r1, weights, out, stream);
@@ -628,7 +630,7 @@ lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
         void *acc = malloc((size_t)(H ? H : 1) * width + 16);
         if (!acc)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
-        LB_OMP(omp for schedule(static))
+        LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nch; c++) {
             if (!acc)
                 continue;
@@ -657,7 +659,7 @@ lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,
     const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
     const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
-    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
     for (uint64_t c = 0; c < nch; c++) {
         uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
         K->combine_dot(grad_out, y, H, position, t0, t1, k, grad_weights);

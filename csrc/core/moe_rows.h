@@ -196,8 +196,14 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
         if (o->score == LB_SCORE_SOFTMAX) {
             LB_T sum = LB_F(exp_shifted)(zr, E, m, e);
-            for (uint64_t j = 0; j < E; j++)
-                sr[j] = e[j] / sum;
+            if (acc)   /* q = p: the column sums in the same pass */
+                for (uint64_t j = 0; j < E; j++) {
+                    sr[j] = e[j] / sum;
+                    acc[j] += (double)sr[j];
+                }
+            else
+                for (uint64_t j = 0; j < E; j++)
+                    sr[j] = e[j] / sum;
         } else {
             LB_F(sigmoid_row)(zr, E, sr);
         }
@@ -255,7 +261,7 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         for (uint64_t s = 0; s < k; s++)
             counts[ex[s]]++;
-        if (acc) {
+        if (acc && o->score == LB_SCORE_SIGMOID) {
             LB_F(aux_row)(sr, E, o->score, ws->q);
             for (uint64_t j = 0; j < E; j++)
                 acc[j] += ws->q[j];
