@@ -329,12 +329,15 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
                       int64_t *offsets, int64_t *rows, int64_t *position,
                       int nthreads, lb_error *err);
 
-/* out[r, :] = w * x[rows[r] / k, :] for r < n (x: T x H); w = 1 when
- * weights is NULL, else weights[rows[r]] (T*k entries in dt).  Every
- * rows[r] must be < T*k.                                                  */
-lb_status lb_moe_gather(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
-                        uint64_t k, const int64_t *rows, uint64_t n,
-                        const void *weights, void *out, int nthreads);
+/* The dispatch copy, in token order: for every token t < T and slot s < k
+ * with p = position[t*k+s] >= 0, out[p, :] = w * x[t, :] (x: T x H, out:
+ * n x H; w = 1 when weights is NULL, else weights[t*k+s] in dt).  x is read
+ * once and in order.  The kept positions must map one-to-one onto [0, n)
+ * (the plan's inverse map), else LB_ERANGE: every row is written once.   */
+lb_status lb_moe_scatter(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
+                         uint64_t k, const int64_t *position,
+                         const void *weights, uint64_t n, void *out,
+                         int nthreads);
 
 /* out[t, :] = sum over slots s = 0..k-1 with p = position[t*k+s] >= 0 of
  * w * y[p, :] (y: n x H), added in slot order onto zero; w = 1 when

@@ -1,4 +1,4 @@
-"""Dispatch and combine: the counting-sort plan, capacity drops, gather and
+"""Dispatch and combine: the counting-sort plan, capacity drops, scatter and
 inverse-map combine against their twins, backward passes by finite
 differences, thread counts and bad input."""
 import numpy as np
@@ -23,12 +23,13 @@ def check_dispatch(x, r, capacity=None, drop="probs", mask=None):
     assert_same(p.offsets, offsets, "offsets")
     assert_same(p.rows, rows, "rows")
     assert_same(p.position, position, "position")
-    assert_same(p.tokens, ref.moe_gather(x, r.k, rows), "tokens")
+    assert_same(p.tokens, ref.moe_scatter(x, position, rows.size), "tokens")
+    assert_same(p.tokens, x[rows // r.k], "tokens in expert-major order")
     y = np.tanh(p.tokens) * 2 + 1 if p.tokens.size else p.tokens
     assert_same(p.combine(y), ref.moe_combine(y, position, w), "combine")
     g = np.cos(np.arange(x.size, dtype=x.dtype).reshape(x.shape))
     gy, gw = p.combine_backward(g, y)
-    assert_same(gy, ref.moe_gather(g, r.k, rows, w), "grad expert_out")
+    assert_same(gy, ref.moe_scatter(g, position, rows.size, w), "grad expert_out")
     assert_same(gw, ref.moe_combine_dot(g, y, position), "grad weights")
     assert_same(p.dispatch_backward(y), ref.moe_combine(y, position), "dispatch backward")
     return p
@@ -195,10 +196,11 @@ def test_core_entry_points_check_indices():
     with pytest.raises(ValueError, match="drop by probs needs the weights"):
         _core.moe_plan(ex % 4, 4, None, 1, 0, None)
     x = np.zeros((2, 3))
-    with pytest.raises(ValueError, match="gather"):
-        _core.moe_gather(x, 2, np.array([0, 4], np.int64), None)
-    with pytest.raises(ValueError, match="gather"):
-        _core.moe_gather(x, 2, np.array([-1], np.int64), None)
+    for bad in ([[0, 4], [1, 2]], [[0, 0], [1, 2]], [[0, 1], [-1, 2]], [[0, 1], [1, -5]]):
+        with pytest.raises(ValueError, match=r"position: the kept positions must map one-to-one onto \[0, 4\)"):
+            _core.moe_scatter(x, np.array(bad, np.int64), 4, None)
+    with pytest.raises(ValueError, match="n <= T"):
+        _core.moe_scatter(x, np.array([[0, 1], [2, 3]], np.int64), 5, None)
     with pytest.raises(ValueError, match="combine"):
         _core.moe_combine(np.zeros((4, 3)), np.array([[0, 4], [1, 2]], np.int64), None)
     with pytest.raises(ValueError, match="combine"):

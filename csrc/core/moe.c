@@ -2,7 +2,7 @@
  * moe.c - Mixture-of-Experts hot paths: routing (softmax or sigmoid scores,
  * top-k with an optional selection bias and group limit, expert counts),
  * load-balancing statistics and gradients, the router z-loss, and the
- * dispatch plan / gather / combine of tokens to experts.
+ * dispatch plan / scatter / combine of tokens to experts.
  *
  * Determinism: rows (tokens) are independent; column sums over tokens are
  * per-chunk partials of lb_moe_sum_rows(E) rows added in chunk order; counts
@@ -499,7 +499,9 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
         return LB_ENOMEM;
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
-    int team = lb_team(nthreads, nch);
+    /* O(T k) integer work, small next to moving the rows: threads only for
+     * very large plans (fresh output pages fault slowly from many threads) */
+    int team = lb_team(nthreads, nch / 16);
     /* 1: per-chunk histograms (and the id check) */
     LB_OMP(omp parallel for num_threads(team) schedule(dynamic) if(team > 1))
     for (uint64_t c = 0; c < nch; c++) {
@@ -559,7 +561,7 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
 }
 
 /* ------------------------------------------------------------------------ */
-/* Gather, combine                                                           */
+/* Scatter (dispatch copy), combine                                          */
 /* ------------------------------------------------------------------------ */
 
 /* Work items (rows or tokens) per parallel chunk for rows of H elements. */
@@ -569,28 +571,48 @@ static uint64_t rows_per_chunk(uint64_t H)
     return r ? r : 1;
 }
 
-lb_status lb_moe_gather(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
-                        uint64_t k, const int64_t *rows, uint64_t n,
-                        const void *weights, void *out, int nthreads)
+/* 1 when the kept positions (>= 0) of position[0..count) are distinct,
+ * < n and n in number (a one-to-one map onto [0, n)), else 0.             */
+static int positions_onto(const int64_t *position, uint64_t count, uint64_t n)
 {
-    if (!valid_dtype(dt) || k == 0 || (n && (!x || !rows || !out)))
+    uint8_t *seen = calloc((size_t)(n ? n : 1), 1);
+    uint64_t kept = 0;
+    int ok = seen != NULL;
+    for (uint64_t i = 0; ok && i < count; i++) {
+        int64_t p = position[i];
+        if (p < 0)
+            continue;
+        ok = (uint64_t)p < n && !seen[p];
+        if (ok)
+            seen[p] = 1;
+        kept++;
+    }
+    free(seen);
+    return ok && kept == n;
+}
+
+lb_status lb_moe_scatter(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
+                         uint64_t k, const int64_t *position,
+                         const void *weights, uint64_t n, void *out,
+                         int nthreads)
+{
+    if (!valid_dtype(dt) || k == 0 || (T && !position) || (n && (!x || !out)))
         return LB_EINVAL;
-    if (T > UINT64_MAX / k || (H && n > UINT64_MAX / H))
+    if (T > UINT64_MAX / k || (H && (n > UINT64_MAX / H || T > UINT64_MAX / H)))
         return LB_EOVERFLOW;
-    for (uint64_t r = 0; r < n; r++)
-        if (rows[r] < 0 || (uint64_t)rows[r] >= T * k)
-            return LB_ERANGE;
+    if (!positions_onto(position, T * k, n))
+        return LB_ERANGE;
     const size_t width = lb_dtype_size(dt);
     const int stream = n * H * width >= STREAM_BYTES;
-    const uint64_t R = rows_per_chunk(H), nch = lb_num_chunks(n, R);
+    const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
     const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
         LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nch; c++) {
-            uint64_t r0 = c * R, r1 = n - r0 < R ? n : r0 + R;
-            K->gather(x, H, k, rows, r0, r1, weights, out, stream);
+            uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
+            K->scatter(x, H, k, position, t0, t1, weights, out, stream);
         }
         if (stream)
             stream_fence();
@@ -618,30 +640,21 @@ lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
         return LB_EOVERFLOW;
     if (!positions_ok(position, T * k, n))
         return LB_ERANGE;
-    const size_t width = lb_dtype_size(dt);
-    const int stream = T * H * width >= STREAM_BYTES;
+    const int stream = T * H * lb_dtype_size(dt) >= STREAM_BYTES;
     const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
-    lb_status fail = LB_OK;
-    uint64_t fail_at = UINT64_MAX;
     const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nch);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        void *acc = malloc((size_t)(H ? H : 1) * width + 16);
-        if (!acc)
-            lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic))
         for (uint64_t c = 0; c < nch; c++) {
-            if (!acc)
-                continue;
             uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
-            K->combine(y, H, position, t0, t1, k, weights, acc, out, stream);
+            K->combine(y, H, position, t0, t1, k, weights, out, stream);
         }
         if (stream)
             stream_fence();
-        free(acc);
     }
-    return fail;
+    return LB_OK;
 }
 
 lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,

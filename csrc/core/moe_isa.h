@@ -49,7 +49,7 @@
      LB_MOE_CAT(aux_sum_rows##sfx, LB_MOE_ISA),                                \
      LB_MOE_CAT(balance_grad_rows##sfx, LB_MOE_ISA),                           \
      LB_MOE_CAT(z_loss_rows##sfx, LB_MOE_ISA),                                 \
-     LB_MOE_CAT(gather_rows##sfx, LB_MOE_ISA),                                 \
+     LB_MOE_CAT(scatter_rows##sfx, LB_MOE_ISA),                                \
      LB_MOE_CAT(combine_rows##sfx, LB_MOE_ISA),                                \
      LB_MOE_CAT(combine_dot_rows##sfx, LB_MOE_ISA)}
 

@@ -174,12 +174,12 @@ typedef struct {
     double (*z_loss)(const void *z, uint64_t r0, uint64_t r1, uint64_t E,
                      const uint8_t *mask, double scale, void *e, void *grad,
                      uint64_t *bad);
-    void (*gather)(const void *x, uint64_t H, uint64_t k, const int64_t *rows,
-                   uint64_t r0, uint64_t r1, const void *weights, void *out,
-                   int stream);
+    void (*scatter)(const void *x, uint64_t H, uint64_t k, const int64_t *position,
+                    uint64_t t0, uint64_t t1, const void *weights, void *out,
+                    int stream);
     void (*combine)(const void *y, uint64_t H, const int64_t *position,
                     uint64_t t0, uint64_t t1, uint64_t k, const void *weights,
-                    void *acc, void *out, int stream);
+                    void *out, int stream);
     void (*combine_dot)(const void *gout, const void *y, uint64_t H,
                         const int64_t *position, uint64_t t0, uint64_t t1,
                         uint64_t k, void *gw);

@@ -365,45 +365,53 @@ static inline void LB_F(scale_row)(LB_T *dst, const LB_T *src, uint64_t H,
         dst[h] = w * src[h];
 }
 
-/* Gathers rows [r0, r1) of the dispatch buffer (see lb_moe_gather).        */
-static void LB_F(gather_rows)(const void *xv, uint64_t H, uint64_t k,
-                              const int64_t *rows, uint64_t r0, uint64_t r1,
-                              const void *weightsv, void *outv, int stream)
+/* Scatters tokens [t0, t1) into the dispatch buffer (lb_moe_scatter).    */
+static void LB_F(scatter_rows)(const void *xv, uint64_t H, uint64_t k,
+                               const int64_t *position, uint64_t t0, uint64_t t1,
+                               const void *weightsv, void *outv, int stream)
 {
     const LB_T *x = xv, *weights = weightsv;
     LB_T *out = outv;
-    for (uint64_t r = r0; r < r1; r++) {
-        uint64_t a = (uint64_t)rows[r];
-        LB_T w = weights ? weights[a] : (LB_T)1;
-        LB_F(scale_row)(out + r * H, x + (a / k) * H, H, w, !weights, stream);
-    }
-}
-
-/* Combines tokens [t0, t1) (see lb_moe_combine); acc holds H elements.    */
-static void LB_F(combine_rows)(const void *yv, uint64_t H, const int64_t *position,
-                               uint64_t t0, uint64_t t1, uint64_t k,
-                               const void *weightsv, void *accv, void *outv,
-                               int stream)
-{
-    const LB_T *y = yv, *weights = weightsv;
-    LB_T *acc = accv, *out = outv;
-    for (uint64_t t = t0; t < t1; t++) {
-        memset(acc, 0, (size_t)H * sizeof(LB_T));
+    for (uint64_t t = t0; t < t1; t++)
         for (uint64_t s = 0; s < k; s++) {
             int64_t p = position[t * k + s];
             if (p < 0)
                 continue;
-            const LB_T *yr = y + (uint64_t)p * H;
-            if (weights) {
-                LB_T w = weights[t * k + s];
-                for (uint64_t h = 0; h < H; h++)
-                    acc[h] += w * yr[h];
-            } else {
-                for (uint64_t h = 0; h < H; h++)
-                    acc[h] += yr[h];
-            }
+            LB_T w = weights ? weights[t * k + s] : (LB_T)1;
+            LB_F(scale_row)(out + (uint64_t)p * H, x + t * H, H, w, !weights, stream);
         }
-        LB_F(scale_row)(out + t * H, acc, H, (LB_T)1, 1, stream);
+}
+
+/* Combines tokens [t0, t1) (see lb_moe_combine), 64 columns at a time so
+ * that the k source rows are read side by side and each output block is
+ * stored once.                                                              */
+static void LB_F(combine_rows)(const void *yv, uint64_t H, const int64_t *position,
+                               uint64_t t0, uint64_t t1, uint64_t k,
+                               const void *weightsv, void *outv, int stream)
+{
+    const LB_T *y = yv, *weights = weightsv;
+    LB_T *out = outv;
+    LB_T acc[64];
+    for (uint64_t t = t0; t < t1; t++) {
+        const int64_t *pt = position + t * k;
+        for (uint64_t h0 = 0; h0 < H; h0 += 64) {
+            uint64_t nb = H - h0 < 64 ? H - h0 : 64;
+            for (uint64_t h = 0; h < nb; h++)
+                acc[h] = 0;
+            for (uint64_t s = 0; s < k; s++) {
+                if (pt[s] < 0)
+                    continue;
+                const LB_T *yr = y + (uint64_t)pt[s] * H + h0;
+                LB_T w = weights ? weights[t * k + s] : (LB_T)1;
+                if (weights)
+                    for (uint64_t h = 0; h < nb; h++)
+                        acc[h] += w * yr[h];
+                else
+                    for (uint64_t h = 0; h < nb; h++)
+                        acc[h] += yr[h];
+            }
+            LB_F(scale_row)(out + t * H + h0, acc, nb, (LB_T)1, 1, stream);
+        }
     }
 }
 

@@ -74,6 +74,31 @@ static PyObject *new_array(int nd, npy_intp d0, npy_intp d1, int typenum)
     return PyArray_SimpleNew(nd, dims, typenum);
 }
 
+/* A new (rows x cols) array, or, when `out` is not None, a new reference to
+ * out[:rows] after checking that out is a writeable, C-contiguous, aligned,
+ * native 2-D array of `typenum` with at least `rows` rows and `cols`
+ * columns.                                                                 */
+static PyObject *output_rows(PyObject *out, npy_intp rows, npy_intp cols, int typenum)
+{
+    if (out == Py_None)
+        return new_array(2, rows, cols, typenum);
+    PyArrayObject *o = (PyArrayObject *)out;
+    if (!PyArray_Check(out) || PyArray_TYPE(o) != typenum || PyArray_NDIM(o) != 2 ||
+        !PyArray_IS_C_CONTIGUOUS(o) || !PyArray_ISWRITEABLE(o) || !PyArray_ISALIGNED(o) ||
+        PyArray_ISBYTESWAPPED(o) || PyArray_DIM(o, 0) < rows || PyArray_DIM(o, 1) != cols) {
+        PyErr_Format(PyExc_ValueError,
+                     "out: expected a writeable C-contiguous 2-D array of the input dtype "
+                     "with at least %lld rows and %lld columns",
+                     (long long)rows, (long long)cols);
+        return NULL;
+    }
+    if (PyArray_DIM(o, 0) == rows) {
+        Py_INCREF(out);
+        return out;
+    }
+    return PySequence_GetSlice(out, 0, (Py_ssize_t)rows);
+}
+
 static int score_arg(int score, lb_score_fn *out)
 {
     if (score != LB_SCORE_SOFTMAX && score != LB_SCORE_SIGMOID) {
@@ -429,25 +454,27 @@ fail:
     return res;
 }
 
-/* gather(x[T,H], k, rows[N] i64, weights[T,k] | None, threads) -> out[N,H] */
-static PyObject *py_gather_rows(PyObject *self, PyObject *args, PyObject *kw)
+/* scatter(x[T,H], position[T,k] i64, n, weights[T,k] | None, threads, out)
+ *   -> out[n,H] */
+static PyObject *py_scatter(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"x", "k", "rows", "weights", "threads", NULL};
-    PyObject *x_o, *r_o, *w_o, *threads = Py_None;
-    unsigned long long k;
+    static char *kwlist[] = {"x", "position", "n", "weights", "threads", "out", NULL};
+    PyObject *x_o, *p_o, *w_o, *threads = Py_None, *out_o = Py_None;
+    unsigned long long n;
     int nt;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OKOO|O:gather_rows", kwlist, &x_o, &k,
-                                     &r_o, &w_o, &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOKO|OO:scatter", kwlist, &x_o, &p_o, &n,
+                                     &w_o, &threads, &out_o))
         return NULL;
-    PyArrayObject *x = NULL, *r = NULL, *w = NULL;
+    PyArrayObject *x = NULL, *p = NULL, *w = NULL;
     PyObject *out = NULL;
-    if (!(x = float_array(x_o, "x", 2)) || !(r = exact_array(r_o, "rows", NPY_INT64, 1)))
+    if (!(x = float_array(x_o, "x", 2)) || !(p = exact_array(p_o, "position", NPY_INT64, 2)))
         goto fail;
     uint64_t T = (uint64_t)PyArray_DIM(x, 0), H = (uint64_t)PyArray_DIM(x, 1);
-    uint64_t n = (uint64_t)PyArray_DIM(r, 0);
+    uint64_t k = (uint64_t)PyArray_DIM(p, 1);
     lb_dtype dt = lb_py_dtype_of(x);
-    if (k == 0) {
-        PyErr_SetString(PyExc_ValueError, "k: expected an int >= 1");
+    if ((uint64_t)PyArray_DIM(p, 0) != T || k == 0 || n > T * k) {
+        PyErr_SetString(PyExc_ValueError,
+                        "position: expected shape (T, k >= 1) for x of T rows, n <= T * k");
         goto fail;
     }
     if (w_o != Py_None) {
@@ -460,24 +487,29 @@ static PyObject *py_gather_rows(PyObject *self, PyObject *args, PyObject *kw)
         }
     }
     if (lb_py_threads(threads, n * H, &nt) < 0 ||
-        !(out = new_array(2, (npy_intp)n, (npy_intp)H, lb_py_typenum(dt))))
+        !(out = output_rows(out_o, (npy_intp)n, (npy_intp)H, lb_py_typenum(dt))))
         goto fail;
     lb_status st;
     const void *xd = PyArray_DATA(x), *wd = w ? PyArray_DATA(w) : NULL;
-    const int64_t *rd = PyArray_DATA(r);
+    const int64_t *pd = PyArray_DATA(p);
     void *od = PyArray_DATA((PyArrayObject *)out);
-    LB_NOGIL(n * H, st = lb_moe_gather(xd, dt, T, H, k, rd, n, wd, od, nt));
+    LB_NOGIL(n * H, st = lb_moe_scatter(xd, dt, T, H, k, pd, wd, n, od, nt));
+    if (st == LB_ERANGE) {
+        PyErr_Format(PyExc_ValueError,
+                     "position: the kept positions must map one-to-one onto [0, %llu)", n);
+        goto fail;
+    }
     if (st != LB_OK) {
-        lb_py_raise(st, NULL, "gather", "rows", NULL);
+        lb_py_raise(st, NULL, "dispatch", "position", NULL);
         goto fail;
     }
     Py_DECREF(x);
-    Py_DECREF(r);
+    Py_DECREF(p);
     Py_XDECREF(w);
     return out;
 fail:
     Py_XDECREF(x);
-    Py_XDECREF(r);
+    Py_XDECREF(p);
     Py_XDECREF(w);
     Py_XDECREF(out);
     return NULL;
@@ -495,14 +527,15 @@ static int combine_args(PyObject *y_o, PyObject *p_o, PyArrayObject **y,
     return 0;
 }
 
-/* combine(y[N,H], position[T,k], weights[T,k] | None, threads) -> out[T,H] */
+/* combine(y[N,H], position[T,k], weights[T,k] | None, threads, out)
+ *   -> out[T,H] */
 static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"y", "position", "weights", "threads", NULL};
-    PyObject *y_o, *p_o, *w_o, *threads = Py_None;
+    static char *kwlist[] = {"y", "position", "weights", "threads", "out", NULL};
+    PyObject *y_o, *p_o, *w_o, *threads = Py_None, *out_o = Py_None;
     int nt;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|O:combine", kwlist, &y_o, &p_o, &w_o,
-                                     &threads))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|OO:combine", kwlist, &y_o, &p_o, &w_o,
+                                     &threads, &out_o))
         return NULL;
     PyArrayObject *y, *p, *w = NULL;
     PyObject *out = NULL;
@@ -526,8 +559,12 @@ static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
         goto fail;
     }
     if (lb_py_threads(threads, T * H * k, &nt) < 0 ||
-        !(out = new_array(2, (npy_intp)T, (npy_intp)H, lb_py_typenum(dt))))
+        !(out = output_rows(out_o, (npy_intp)T, (npy_intp)H, lb_py_typenum(dt))))
         goto fail;
+    if (out_o != Py_None && (PyArray_DATA((PyArrayObject *)out) == PyArray_DATA(y))) {
+        PyErr_SetString(PyExc_ValueError, "out: must not be expert_out itself");
+        goto fail;
+    }
     lb_status st;
     const void *yd = PyArray_DATA(y), *wd = w ? PyArray_DATA(w) : NULL;
     const int64_t *pd = PyArray_DATA(p);
@@ -617,7 +654,8 @@ PyMethodDef lb_moe_methods[] = {
      "moe_z_loss(logits, mask, grad_scale, want_grad, threads)"},
     {"moe_plan", FN(py_plan), KW,
      "moe_plan(experts, E, mask, capacity, drop, weights, threads)"},
-    {"moe_gather", FN(py_gather_rows), KW, "moe_gather(x, k, rows, weights, threads)"},
+    {"moe_scatter", FN(py_scatter), KW,
+     "moe_scatter(x, position, n, weights, threads, out)"},
     {"moe_combine", FN(py_combine), KW, "moe_combine(y, position, weights, threads)"},
     {"moe_combine_dot", FN(py_combine_dot), KW,
      "moe_combine_dot(grad_out, y, position, threads)"},

@@ -560,13 +560,17 @@ def moe_plan(experts, E, mask, capacity, drop, weights):
     return np.array(offsets, np.int64), rows, position.reshape(T, k)
 
 
-def moe_gather(x, k, rows, weights=None):
-    """Twin of lb_moe_gather: row r = w * x[rows[r] // k]."""
+def moe_scatter(x, position, n, weights=None):
+    """Twin of lb_moe_scatter: out[position[t, s]] = w * x[t] for the kept slots."""
     x = np.asarray(x)
-    rows = np.asarray(rows, np.int64)
-    out = x[rows // k]
-    if weights is not None:
-        out = np.asarray(weights).reshape(-1)[rows][:, None] * out
+    position = np.asarray(position)
+    out = np.empty((n, x.shape[1]), x.dtype)
+    for s in range(position.shape[1]):
+        kept = position[:, s] >= 0
+        rows = x[kept]
+        if weights is not None:
+            rows = np.asarray(weights)[kept, s][:, None] * rows
+        out[position[kept, s]] = rows
     return out
 
 

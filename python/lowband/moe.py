@@ -599,12 +599,15 @@ class Dispatch:
             raise TypeError(f"{name}: expected dtype {self.tokens.dtype} (that of x), got {a.dtype}")
         return a
 
-    def combine(self, expert_out):
+    def combine(self, expert_out, *, out=None):
         """[T, H'] with row t = sum over kept slots s of weights[t, s] *
         expert_out[position[t, s]] (added in slot order; dropped slots add
-        nothing).  An inverse-map gather: no atomics, deterministic."""
+        nothing).  An inverse-map gather: no atomics, deterministic.
+        ``out``: an optional [T, H'] array to write (reused buffers avoid
+        the page faults of fresh memory)."""
         y = self._rows_like(expert_out, "expert_out")
-        return _core.moe_combine(y, self.position, self.weights, self._threads)
+        out = _out_rows(out, self.position.shape[0], y, "expert_out")
+        return _core.moe_combine(y, self.position, self.weights, self._threads, out)
 
     def combine_backward(self, grad_out, expert_out):
         """(grad_expert_out [N, H'], grad_weights [T, k]) of combine, given
@@ -613,8 +616,7 @@ class Dispatch:
         g = _matrix(grad_out, "grad_out", self.position.shape[0], y.shape[1])
         if g.dtype != y.dtype:
             raise TypeError(f"grad_out: expected dtype {y.dtype}, got {g.dtype}")
-        k = self.position.shape[1]
-        gy = _core.moe_gather(g, k, self.rows, self.weights, self._threads)
+        gy = _core.moe_scatter(g, self.position, self.rows.size, self.weights, self._threads)
         gw = _core.moe_combine_dot(g, y, self.position, self._threads)
         return gy, gw
 
@@ -626,15 +628,37 @@ class Dispatch:
         return _core.moe_combine(g, self.position, None, self._threads)
 
 
-def dispatch(x, routing, capacity=None, drop="probs", *, mask=None, threads=None):
+def _out_rows(out, rows, like, like_name):
+    """None, or a C-contiguous writeable [>= rows, H] array of like's dtype
+    that does not overlap ``like``."""
+    if out is None:
+        return None
+    if not isinstance(out, np.ndarray):
+        raise TypeError(f"out: expected None or an ndarray, got {type(out).__name__}")
+    if out.dtype != like.dtype:
+        raise TypeError(f"out: expected dtype {like.dtype}, got {out.dtype}")
+    if out.ndim != 2 or out.shape[0] < rows or out.shape[1] != like.shape[1]:
+        raise ValueError(f"out: expected shape (>= {rows}, {like.shape[1]}), got {out.shape}")
+    if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned
+            and out.dtype.isnative):
+        raise ValueError("out: expected a writeable, C-contiguous, aligned native-endian array")
+    if np.may_share_memory(out, like):
+        raise ValueError(f"out: must not overlap {like_name}")
+    return out
+
+
+def dispatch(x, routing, capacity=None, drop="probs", *, mask=None, out=None, threads=None):
     """Groups the rows of x [T, H] by expert for ``routing``: a stable
     counting sort of the T*k assignments (no argsort), expert-major and
-    token-ascending.
+    token-ascending; x is then read once, in order, and each token written
+    to its rows.
 
     ``capacity`` (None: dropless; else an int >= 0, see :func:`capacity`)
     caps the rows per expert: ``drop="probs"`` keeps those with the largest
     routing weights (ties to the lower token), ``"position"`` the first
     ones.  ``mask`` (bool, True = valid) leaves padding tokens out.
+    ``out``: an optional [>= T*k, H] buffer for the tokens (they are its
+    first rows), reused across steps to avoid fresh memory.
     Returns a :class:`Dispatch`.
     """
     r = _routing(routing)
@@ -646,7 +670,8 @@ def dispatch(x, routing, capacity=None, drop="probs", *, mask=None, threads=None
     w = np.ascontiguousarray(r.weights, x.dtype)
     offsets, rows, position = _core.moe_plan(r.experts, r.num_experts, mask, cap,
                                              _DROPS.index(drop), w, threads)
-    tokens = _core.moe_gather(x, r.k, rows, None, threads)
+    out = _out_rows(out, rows.size, x, "x")
+    tokens = _core.moe_scatter(x, position, rows.size, None, threads, out)
     return Dispatch(tokens, offsets, rows, position, w, threads)
 
 
