@@ -137,6 +137,13 @@ def test_backward_by_finite_differences():
     assert (gw[p.position < 0] == 0).all()
 
 
+def test_every_isa_path_agrees(isa):
+    r = moe.route(logits(3000, 16, np.float32, seed=9), 4)
+    x = np.random.default_rng(8).standard_normal((3000, 96)).astype(np.float32)
+    check_dispatch(x, r, moe.capacity(3000, 16, 4, 1.0), "probs")
+    check_dispatch(x.astype(np.float64), r, None)
+
+
 def test_byte_identical_for_any_thread_count():
     T, E, k, H = 40000, 64, 2, 32
     r = moe.route(logits(T, E, np.float32, seed=8), k)
@@ -153,6 +160,35 @@ def test_byte_identical_for_any_thread_count():
         assert_same(p.combine(y), ref_out)
         for a, b in zip(p.combine_backward(x, y), ref_back):
             assert_same(a, b)
+
+
+def test_reused_output_buffers():
+    r = moe.route(logits(300, 8, seed=4), 2)
+    x = np.random.default_rng(4).standard_normal((300, 16))
+    want = moe.dispatch(x, r, capacity=60)
+    y = want.tokens * 3.0
+    buf = np.full((600, 16), np.nan)
+    out = np.full((300, 16), np.nan)
+    got = moe.dispatch(x, r, capacity=60, out=buf)
+    assert np.shares_memory(got.tokens, buf) and got.tokens.shape == want.tokens.shape
+    assert_same(got.tokens, want.tokens)
+    res = got.combine(y, out=out)
+    assert res is out or np.shares_memory(res, out)
+    assert_same(out, want.combine(y))
+    with pytest.raises(ValueError, match=r"out: expected shape \(>= \d+, 16\)"):
+        moe.dispatch(x, r, out=np.empty((10, 16)))
+    with pytest.raises(TypeError, match="out: expected dtype float64, got float32"):
+        moe.dispatch(x, r, out=np.empty((600, 16), np.float32))
+    big = np.zeros((900, 16))
+    big[:300] = x
+    with pytest.raises(ValueError, match="out: must not overlap x"):
+        moe.dispatch(big[:300], r, out=big)
+    with pytest.raises(ValueError, match="out: must not overlap expert_out"):
+        got.combine(y, out=y[:300])
+    with pytest.raises(ValueError, match="out: expected a writeable"):
+        got.combine(y, out=np.empty((16, 300)).T)
+    with pytest.raises(TypeError, match="out: expected None or an ndarray"):
+        got.combine(y, out=[0])
 
 
 def test_bad_arguments():

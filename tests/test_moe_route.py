@@ -137,6 +137,25 @@ def test_byte_identical_for_any_thread_count():
                 assert_same(getattr(r, a), getattr(base, a), a)
 
 
+def test_every_isa_path_agrees(isa):
+    # the scalar (SSE2) and AVX2 builds of the row kernels give the same bytes
+    for dtype in FLOATS:
+        z = logits(3001, 64, dtype, seed=12, scale=2.0)
+        check_against_twin(z, 8, threads=2)
+        check_against_twin(z, 2, score="sigmoid", bias=np.linspace(0, 0.1, 64), groups=8,
+                           group_k=2)
+        r = moe.route(z, 4)
+        loss, grad = moe.load_balancing_loss(r, scope="sequence", seq_len=3001)
+        counts, valid, sums = ref.moe_balance_stats(r.scores, "softmax", r.experts, 64, None, 3001)
+        want_loss, g = moe._balance_terms(counts, valid, sums, valid, 4)
+        assert loss == want_loss
+        assert_same(grad, ref.moe_balance_grad(r.scores, "softmax", g, 3001, None))
+        total, zg = ref.moe_z_loss(z, None, 1 / 3001)
+        zl = moe.z_loss(z)
+        assert zl[0] == total / 3001
+        assert_same(zl[1], zg)
+
+
 @pytest.mark.parametrize("dtype", FLOATS)
 @pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
 def test_nonfinite_logits_raise_with_the_first_index(bad, dtype):

@@ -28,7 +28,10 @@ const lb_moe_rows *lb_moe_rows_for(lb_dtype dt)
 {
     const lb_moe_rows *t = lb_moe_rows_scalar;
 #if defined(__x86_64__) || defined(__i386__)
-    if (lb_active_isa() >= LB_ISA_AVX2)
+    lb_isa isa = lb_active_isa();
+    if (isa == LB_ISA_AVX512)
+        t = lb_moe_rows_avx512;
+    else if (isa == LB_ISA_AVX2)
         t = lb_moe_rows_avx2;
 #endif
     return &t[dt == LB_F64];

@@ -3,7 +3,8 @@
  * streaming stores, the routing scratch and the table of per-row kernels.
  *
  * The row kernels (moe_rows.h) are compiled once per instruction set
- * (moe_scalar.c: baseline SSE2 / any CPU; moe_avx2.c: AVX2) through
+ * (moe_scalar.c: baseline SSE2 / any CPU; moe_avx2.c: AVX2; moe_avx512.c:
+ * AVX-512 with 512-bit vectors) through
  * moe_isa.h and picked at run time by lb_moe_rows_for().  Every variant
  * performs the same IEEE operations in the same order (no FMA contraction:
  * ISO C mode, and the pragma for clang), so they return the same bytes.
@@ -188,6 +189,7 @@ typedef struct {
 /* One table per instruction set: [0] float32, [1] float64. */
 extern const lb_moe_rows lb_moe_rows_scalar[2];
 extern const lb_moe_rows lb_moe_rows_avx2[2];
+extern const lb_moe_rows lb_moe_rows_avx512[2];
 
 /* The kernels for `dt` (LB_F32 or LB_F64) on the active instruction set. */
 const lb_moe_rows *lb_moe_rows_for(lb_dtype dt);
