@@ -594,6 +594,29 @@ static int positions_onto(const int64_t *position, uint64_t count, uint64_t n)
     return ok && kept == n;
 }
 
+/* Runs `pass` over all T tokens in chunks handed out dynamically (each
+ * token's rows are written by one thread only), with streaming stores
+ * when the output (out_rows x H) is large.                                */
+static void over_tokens(lb_moe_token_pass pass, const void *src, lb_dtype dt,
+                        uint64_t H, const int64_t *position, uint64_t T,
+                        uint64_t k, const void *weights, void *out,
+                        uint64_t out_rows, int nthreads)
+{
+    const int stream = out_rows * H * lb_dtype_size(dt) >= STREAM_BYTES;
+    const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
+    int team = lb_team(nthreads, nch);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        LB_OMP(omp for schedule(dynamic))
+        for (uint64_t c = 0; c < nch; c++) {
+            uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
+            pass(src, H, position, t0, t1, k, weights, out, stream);
+        }
+        if (stream)
+            stream_fence();
+    }
+}
+
 lb_status lb_moe_scatter(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
                          uint64_t k, const int64_t *position,
                          const void *weights, uint64_t n, void *out,
@@ -605,21 +628,8 @@ lb_status lb_moe_scatter(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
         return LB_EOVERFLOW;
     if (!positions_onto(position, T * k, n))
         return LB_ERANGE;
-    const size_t width = lb_dtype_size(dt);
-    const int stream = n * H * width >= STREAM_BYTES;
-    const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
-    const lb_moe_rows *K = lb_moe_rows_for(dt);
-    int team = lb_team(nthreads, nch);
-    LB_OMP(omp parallel num_threads(team) if(team > 1))
-    {
-        LB_OMP(omp for schedule(dynamic))
-        for (uint64_t c = 0; c < nch; c++) {
-            uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
-            K->scatter(x, H, k, position, t0, t1, weights, out, stream);
-        }
-        if (stream)
-            stream_fence();
-    }
+    over_tokens(lb_moe_rows_for(dt)->scatter, x, dt, H, position, T, k, weights, out, n,
+                nthreads);
     return LB_OK;
 }
 
@@ -643,20 +653,8 @@ lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
         return LB_EOVERFLOW;
     if (!positions_ok(position, T * k, n))
         return LB_ERANGE;
-    const int stream = T * H * lb_dtype_size(dt) >= STREAM_BYTES;
-    const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
-    const lb_moe_rows *K = lb_moe_rows_for(dt);
-    int team = lb_team(nthreads, nch);
-    LB_OMP(omp parallel num_threads(team) if(team > 1))
-    {
-        LB_OMP(omp for schedule(dynamic))
-        for (uint64_t c = 0; c < nch; c++) {
-            uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
-            K->combine(y, H, position, t0, t1, k, weights, out, stream);
-        }
-        if (stream)
-            stream_fence();
-    }
+    over_tokens(lb_moe_rows_for(dt)->combine, y, dt, H, position, T, k, weights, out, T,
+                nthreads);
     return LB_OK;
 }
 

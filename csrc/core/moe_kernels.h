@@ -160,6 +160,13 @@ static inline void stream_fence(void) {}
 /* Outputs at least this large are written with streaming stores.          */
 #define STREAM_BYTES ((uint64_t)8 << 20)
 
+/* A pass over tokens [t0, t1) that reads rows of `src` (H elements) and
+ * writes rows of `out` through position (T x k): scatter or combine.      */
+typedef void (*lb_moe_token_pass)(const void *src, uint64_t H,
+                                  const int64_t *position, uint64_t t0,
+                                  uint64_t t1, uint64_t k, const void *weights,
+                                  void *out, int stream);
+
 /* The per-row kernels of one instruction set and element type; arrays are
  * of that element type (see moe_rows.h for each contract).               */
 typedef struct {
@@ -175,12 +182,8 @@ typedef struct {
     double (*z_loss)(const void *z, uint64_t r0, uint64_t r1, uint64_t E,
                      const uint8_t *mask, double scale, void *e, void *grad,
                      uint64_t *bad);
-    void (*scatter)(const void *x, uint64_t H, uint64_t k, const int64_t *position,
-                    uint64_t t0, uint64_t t1, const void *weights, void *out,
-                    int stream);
-    void (*combine)(const void *y, uint64_t H, const int64_t *position,
-                    uint64_t t0, uint64_t t1, uint64_t k, const void *weights,
-                    void *out, int stream);
+    lb_moe_token_pass scatter;
+    lb_moe_token_pass combine;
     void (*combine_dot)(const void *gout, const void *y, uint64_t H,
                         const int64_t *position, uint64_t t0, uint64_t t1,
                         uint64_t k, void *gw);

@@ -366,8 +366,8 @@ static inline void LB_F(scale_row)(LB_T *dst, const LB_T *src, uint64_t H,
 }
 
 /* Scatters tokens [t0, t1) into the dispatch buffer (lb_moe_scatter).    */
-static void LB_F(scatter_rows)(const void *xv, uint64_t H, uint64_t k,
-                               const int64_t *position, uint64_t t0, uint64_t t1,
+static void LB_F(scatter_rows)(const void *xv, uint64_t H, const int64_t *position,
+                               uint64_t t0, uint64_t t1, uint64_t k,
                                const void *weightsv, void *outv, int stream)
 {
     const LB_T *x = xv, *weights = weightsv;
