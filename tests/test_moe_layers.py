@@ -122,7 +122,7 @@ def test_chain_of_experts_toy():
 
 def test_moe_and_chain_of_experts_learn_a_compositional_task():
     # matched compute: MoE k = 2 vs CoE C = 2 with k = 1 per iteration, the
-    # same experts (8 x MLP 24 -> 32 -> 24); docs/moe.md records the numbers
+    # same experts (8 x MLP 16 -> 32 -> 16); docs/moe.md records the numbers
     task = CompositionalTask(seed=0)
     Hm = task.d_model
     power = float((task.batch(4096, np.random.default_rng(9))[1] ** 2).mean())
