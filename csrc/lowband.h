@@ -399,6 +399,121 @@ lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
 
 /* (MoE prototypes go here) */
 
+/* Score functions of a router. */
+typedef enum { LB_SCORE_SOFTMAX = 0, LB_SCORE_SIGMOID = 1 } lb_score_fn;
+
+/* How a routed token-to-expert map is cut down to a capacity. */
+typedef enum { LB_DROP_PROBS = 0, LB_DROP_POSITION = 1 } lb_drop_policy;
+
+/* Options of lb_moe_route.  groups == 0 or 1: no group limit; otherwise E is
+ * cut into `groups` contiguous groups, only the `group_k` groups with the
+ * largest group scores stay selectable (group score: the sum, largest
+ * first, of the group's top k/group_k choice scores).  bias (E values or
+ * NULL) changes the choice, never the weights.                            */
+typedef struct {
+    lb_score_fn score;
+    int renormalize;
+    const double *bias;
+    uint64_t groups;
+    uint64_t group_k;
+} lb_route_opts;
+
+/* Rows per partial of every column sum over tokens (the sums of a segment
+ * are per-chunk partials of this many rows added in chunk order), so the
+ * result never depends on the thread count.  Depends on E only.           */
+uint64_t lb_moe_sum_rows(uint64_t E);
+
+/* Routes T tokens (logits: T x E, row-major, float32/float64) to k of E
+ * experts (1 <= k <= E).  Per row: scores = softmax(z) or sigmoid(z) in the
+ * logits' precision; the k experts with the largest choice key (the logit
+ * when there is no bias, else score + bias, in double) among the allowed
+ * groups, ties to the lower expert index, written in descending key order
+ * to experts (T x k); weights (T x k): softmax over the selected logits
+ * (softmax, renormalize), the selected scores (renormalize == 0), or the
+ * selected sigmoid scores over their sum + 1e-20 (sigmoid, renormalize).
+ * When given, counts (E) receives the number of (token, slot) picks per
+ * expert and aux_sums (E, double) the column sums of the load-balancing
+ * distribution (lb_moe_balance_stats with seg_len = T, no mask).
+ * Non-finite logits: LB_ENONFINITE, err->index = first bad flat index.    */
+lb_status lb_moe_route(const void *logits, lb_dtype dt, uint64_t T, uint64_t E,
+                       uint64_t k, const lb_route_opts *opts, int32_t *experts,
+                       void *weights, void *scores, int64_t *counts,
+                       double *aux_sums, int nthreads, lb_error *err);
+
+/* Load-balancing statistics per segment of seg_len tokens (T a multiple of
+ * seg_len; B = T / seg_len segments; seg_len may be 0 only when T is 0).
+ * For the valid tokens (mask == NULL or mask[t] != 0) of segment b:
+ * counts[b*E + i] = picks of expert i among experts (T x k, each in
+ * [0, E), else LB_ERANGE with err->index = flat position), valid[b] = valid
+ * tokens, and, when sums is not NULL, sums[b*E + i] = the sum over them of
+ * the load-balancing distribution q: the softmax scores themselves, or the
+ * sigmoid scores divided by their row sum.                               */
+lb_status lb_moe_balance_stats(const void *scores, lb_dtype dt, uint64_t T,
+                               uint64_t E, lb_score_fn score,
+                               const int32_t *experts, uint64_t k,
+                               const uint8_t *mask, uint64_t seg_len,
+                               int64_t *counts, int64_t *valid, double *sums,
+                               int nthreads, lb_error *err);
+
+/* Gradient of sum_t sum_i g[b(t)*E + i] * q[t, i] with respect to the
+ * logits, through the softmax (q = p: p * (g - <p, g>)) or the normalised
+ * sigmoid (s(1-s) * (g - <q, g>) / sum(s)); zero rows where mask[t] == 0.
+ * Computed in double, written in dt to grad (T x E).                     */
+lb_status lb_moe_balance_grad(const void *scores, lb_dtype dt, uint64_t T,
+                              uint64_t E, lb_score_fn score, const double *g,
+                              uint64_t seg_len, const uint8_t *mask,
+                              void *grad, int nthreads);
+
+/* Router z-loss: *loss = sum over valid rows of logsumexp(z_t)^2 (double,
+ * not yet divided by the valid count); grad (T x E, may be NULL) =
+ * grad_scale * 2 * lse_t * softmax(z_t) on valid rows, 0 elsewhere.
+ * Non-finite logits: LB_ENONFINITE with err->index.                      */
+lb_status lb_moe_z_loss(const void *logits, lb_dtype dt, uint64_t T,
+                        uint64_t E, const uint8_t *mask, double grad_scale,
+                        double *loss, void *grad, int nthreads, lb_error *err);
+
+/* Dispatch plan: a stable counting sort of the T*k (token, slot)
+ * assignments by expert, so rows are expert-major and token-ascending.
+ * Assignments of masked-out tokens are left out; then each expert keeps at
+ * most `capacity` rows (UINT64_MAX: no limit): its first ones (POSITION)
+ * or those with the largest weights (PROBS; weights T x k in dt, ties to
+ * the lower token), still in token order.  Out: offsets (E + 1: expert i
+ * owns rows [offsets[i], offsets[i+1])), rows (T*k: the assignment t*k+s
+ * of each row; the first offsets[E] entries are used) and position (T*k:
+ * the row of each assignment, or -1 when it was dropped).  Expert ids
+ * outside [0, E): LB_ERANGE with err->index = flat position.              */
+lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
+                      uint64_t E, const uint8_t *mask, uint64_t capacity,
+                      lb_drop_policy drop, const void *weights, lb_dtype dt,
+                      int64_t *offsets, int64_t *rows, int64_t *position,
+                      int nthreads, lb_error *err);
+
+/* The dispatch copy, in token order: for every token t < T and slot s < k
+ * with p = position[t*k+s] >= 0, out[p, :] = w * x[t, :] (x: T x H, out:
+ * n x H; w = 1 when weights is NULL, else weights[t*k+s] in dt).  x is read
+ * once and in order.  The kept positions must map one-to-one onto [0, n)
+ * (the plan's inverse map), else LB_ERANGE: every row is written once.   */
+lb_status lb_moe_scatter(const void *x, lb_dtype dt, uint64_t T, uint64_t H,
+                         uint64_t k, const int64_t *position,
+                         const void *weights, uint64_t n, void *out,
+                         int nthreads);
+
+/* out[t, :] = sum over slots s = 0..k-1 with p = position[t*k+s] >= 0 of
+ * w * y[p, :] (y: n x H), added in slot order onto zero; w = 1 when
+ * weights is NULL, else weights[t*k+s].  No atomics: one writer per token.
+ * Every position must be < n.                                             */
+lb_status lb_moe_combine(const void *y, lb_dtype dt, uint64_t n, uint64_t H,
+                         const int64_t *position, uint64_t T, uint64_t k,
+                         const void *weights, void *out, int nthreads);
+
+/* grad_weights[t*k+s] = <grad_out[t, :], y[position[t*k+s], :]> (0 for a
+ * dropped slot), accumulated in double over 8 interleaved lanes.          */
+lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,
+                             uint64_t n, uint64_t H, const int64_t *position,
+                             uint64_t T, uint64_t k, void *grad_weights,
+                             int nthreads);
+
+
 /* end of Mixture-of-Experts */
 
 /* ------------------------------------------------------------------------ */

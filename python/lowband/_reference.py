@@ -628,4 +628,290 @@ def varint_indices(indices):
 # Mixture-of-Experts
 # ==========================================================================
 
-# (MoE twins go here)
+# The twins below perform the C kernels' IEEE operations in the same order
+# (core/moe.c, core/moe_rows.h), so they return the same bytes: our own
+# exponential, 8-lane row sums, column sums as per-chunk partials of
+# moe_sum_rows(E) rows added in chunk order, libm's log (math.log).
+
+MOE_SCORES = ("softmax", "sigmoid")
+
+
+def moe_sum_rows(E):
+    """Rows per column-sum partial (lb_moe_sum_rows)."""
+    return max(1024, -(-65536 // E)) if E else 65536
+
+
+def moe_exp(x):
+    """Twin of exp_f32 / exp_f64: exact range reduction by the 1.5 * 2**p
+    rounding trick, Cephes polynomial (float) or rational form (double),
+    times 2**n from bits; flushes to 0 below -87 / -708, +inf above 88 / 709."""
+    x = np.asarray(x)
+    if x.dtype == np.float32:
+        f = np.float32
+        lo, hi, magic = f(-87.0), f(88.0), f(12582912.0)
+        xc = np.minimum(np.maximum(x, lo), hi)
+        n = (xc * f(1.44269504088896341) + magic) - magic
+        r = xc - n * f(0.693359375)
+        r = r - n * f(-2.12194440e-4)
+        p = np.full_like(r, f(1.9875691500e-4))
+        for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1,
+                  5.0000001201e-1):
+            p = p * r + f(c)
+        y = p * (r * r) + r + f(1.0)
+        scale = ((n.astype(np.int32) + np.int32(127)) << np.int32(23)).view(np.float32)
+        y = y * scale
+        return np.where(x < lo, f(0.0), np.where(x > hi, f(np.inf), y)).astype(np.float32)
+    lo, hi, magic = -708.0, 709.0, 6755399441055744.0
+    xc = np.minimum(np.maximum(x, lo), hi)
+    n = (xc * 1.4426950408889634 + magic) - magic
+    r = xc - n * 6.93145751953125e-1
+    r = r - n * 1.42860682030941723212e-6
+    rr = r * r
+    px = np.full_like(r, 1.26177193074810590878e-4)
+    px = px * rr + 3.02994407707441961300e-2
+    px = px * rr + 9.99999999999999999910e-1
+    px = px * r
+    qx = np.full_like(r, 3.00198505138664455042e-6)
+    for c in (2.52448340349684104192e-3, 2.27265548208155028766e-1, 2.00000000000000000009e0):
+        qx = qx * rr + c
+    y = px / (qx - px)
+    y = 1.0 + 2.0 * y
+    scale = ((n.astype(np.int32).astype(np.int64) + 1023) << 52).view(np.float64)
+    y = y * scale
+    return np.where(x < lo, 0.0, np.where(x > hi, np.inf, y))
+
+
+def moe_lanesum(x):
+    """Row sums over the last axis in the C order: 8 interleaved lanes onto
+    0, then lane 0 + lane 1 + ... + lane 7."""
+    x = np.asarray(x)
+    n = x.shape[-1]
+    pad = (-n) % 8
+    xp = np.concatenate([x, np.zeros(x.shape[:-1] + (pad,), x.dtype)], axis=-1)
+    xp = xp.reshape(x.shape[:-1] + ((n + pad) // 8, 8))
+    acc = np.zeros(x.shape[:-1] + (8,), x.dtype)
+    for b in range(xp.shape[-2]):
+        acc = acc + xp[..., b, :]
+    s = acc[..., 0]
+    for lane in range(1, 8):
+        s = s + acc[..., lane]
+    return s
+
+
+def moe_lanedot(a, b):
+    """<a, b> over the last axis in double, in the lane order."""
+    return moe_lanesum(np.asarray(a).astype(np.float64) * np.asarray(b).astype(np.float64))
+
+
+def _moe_topk(keys, k, allowed=None):
+    """Indices of the k largest keys per row, descending, ties to the lower index."""
+    if allowed is not None:
+        keys = np.where(allowed, keys, -np.inf)
+    return np.argsort(-keys, axis=1, kind="stable")[:, :k]
+
+
+def moe_scores(logits, score):
+    """Softmax or sigmoid scores of each row, in the logits' dtype."""
+    z = np.asarray(logits)
+    one = z.dtype.type(1)
+    if score == "sigmoid":
+        return one / (one + moe_exp(-z))
+    e = moe_exp(z - z.max(axis=1, keepdims=True))
+    return e / moe_lanesum(e)[:, None]
+
+
+def moe_aux(scores, score):
+    """(q, d): the load-balancing distribution in double and its divisor."""
+    q = np.asarray(scores).astype(np.float64)
+    if score == "softmax":
+        return q, np.ones(q.shape[0])
+    d = moe_lanesum(q) + 1e-20
+    return q / d[:, None], d
+
+
+def _moe_column_sums(q, R):
+    """Column sums of q: partials of R rows (sequential) added in order."""
+    total = np.zeros(q.shape[1])
+    for r0 in range(0, q.shape[0], R):
+        total = total + np.add.accumulate(q[r0:r0 + R], axis=0)[-1]
+    return total
+
+
+def moe_route(logits, k, score="softmax", renormalize=True, bias=None, groups=0, group_k=0):
+    """Twin of lb_moe_route: (experts, weights, scores, counts, aux_sums)."""
+    z = np.asarray(logits)
+    T, E = z.shape
+    dt = z.dtype.type
+    s = moe_scores(z, score)
+    allowed = None
+    choice = None
+    if bias is not None or groups > 1:
+        b = np.zeros(E) if bias is None else np.asarray(bias, np.float64)
+        choice = s.astype(np.float64) + b[None, :]
+    if groups > 1:
+        gs, per = E // groups, k // group_k
+        gscore = np.zeros((T, groups))
+        for g in range(groups):
+            best = -np.sort(-choice[:, g * gs:(g + 1) * gs], axis=1)[:, :per]
+            acc = np.zeros(T)
+            for r in range(per):
+                acc = acc + best[:, r]
+            gscore[:, g] = acc
+        keep = _moe_topk(gscore, group_k)
+        allowed = np.zeros((T, E), bool)
+        for r in range(group_k):
+            for j in range(gs):
+                allowed[np.arange(T), keep[:, r] * gs + j] = True
+    keys = z.astype(np.float64) if bias is None else choice
+    experts = _moe_topk(keys, k, allowed).astype(np.int32)
+    rows = np.arange(T)[:, None]
+    if score == "softmax" and renormalize:
+        zs = z[rows, experts]
+        e = moe_exp(zs - zs.max(axis=1, keepdims=True))
+        total = np.zeros(T, z.dtype)
+        for j in range(k):
+            total = total + e[:, j]
+        weights = e / total[:, None]
+    elif renormalize:
+        ss = s[rows, experts]
+        total = np.zeros(T, z.dtype)
+        for j in range(k):
+            total = total + ss[:, j]
+        total = total + dt(1e-20)
+        weights = ss / total[:, None]
+    else:
+        weights = s[rows, experts]
+    counts = np.bincount(experts.reshape(-1), minlength=E).astype(np.int64)
+    q, _ = moe_aux(s, score)
+    sums = _moe_column_sums(q, moe_sum_rows(E))
+    return experts, weights.astype(z.dtype), s, counts, sums
+
+
+def moe_balance_stats(scores, score, experts, E, mask, seg_len):
+    """Twin of lb_moe_balance_stats: (counts [B,E], valid [B], sums [B,E])."""
+    experts = np.asarray(experts)
+    T, k = experts.shape
+    valid_rows = np.ones(T, bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+    B = T // seg_len if T else 0
+    counts = np.zeros((B, E), np.int64)
+    valid = np.zeros(B, np.int64)
+    sums = np.zeros((B, E))
+    q = None
+    if scores is not None:
+        q, _ = moe_aux(scores, score)
+        q = np.where(valid_rows[:, None], q, 0.0)
+    R = moe_sum_rows(E)
+    for b in range(B):
+        sl = slice(b * seg_len, (b + 1) * seg_len)
+        ex = experts[sl][valid_rows[sl]]
+        counts[b] = np.bincount(ex.reshape(-1), minlength=E)
+        valid[b] = valid_rows[sl].sum()
+        if q is not None:
+            sums[b] = _moe_column_sums(q[sl], R)
+    return counts, valid, (sums if scores is not None else None)
+
+
+def moe_balance_grad(scores, score, g, seg_len, mask):
+    """Twin of lb_moe_balance_grad."""
+    scores = np.asarray(scores)
+    T = scores.shape[0]
+    q, d = moe_aux(scores, score)
+    gt = np.repeat(np.asarray(g, np.float64), seg_len, axis=0) if T else np.zeros_like(q)
+    dot = moe_lanesum(q * gt)
+    if score == "softmax":
+        grad = q * (gt - dot[:, None])
+    else:
+        s = scores.astype(np.float64)
+        grad = s * (1.0 - s) * (gt - dot[:, None]) / d[:, None]
+    grad = grad.astype(scores.dtype)
+    if mask is not None:
+        grad[~np.asarray(mask, bool).reshape(-1)] = 0
+    return grad
+
+
+def moe_z_loss(logits, mask, scale):
+    """Twin of lb_moe_z_loss: (sum over valid rows of lse^2, grad)."""
+    z = np.asarray(logits)
+    T, E = z.shape
+    m = z.max(axis=1) if T else np.zeros(0, z.dtype)
+    e = moe_exp(z - m[:, None])
+    s = moe_lanesum(e)
+    lse = m.astype(np.float64) + np.array([math.log(float(v)) for v in s])
+    valid = np.ones(T, bool) if mask is None else np.asarray(mask, bool).reshape(-1)
+    total = 0.0
+    R = moe_sum_rows(E)
+    for r0 in range(0, T, R):
+        acc = 0.0
+        for t in range(r0, min(T, r0 + R)):
+            if valid[t]:
+                acc = acc + lse[t] * lse[t]
+        total = total + acc
+    c = scale * 2.0 * lse
+    grad = (c[:, None] * (e / s[:, None]).astype(np.float64)).astype(z.dtype)
+    grad[~valid] = 0
+    return total, grad
+
+
+def moe_plan(experts, E, mask, capacity, drop, weights):
+    """Twin of lb_moe_plan: (offsets [E+1], rows [N], position [T,k])."""
+    experts = np.asarray(experts)
+    T, k = experts.shape
+    flat = experts.reshape(-1).astype(np.int64)
+    live = np.ones(T * k, bool) if mask is None else np.repeat(np.asarray(mask, bool).reshape(-1), k)
+    position = np.full(T * k, -1, np.int64)
+    w = None if weights is None else np.asarray(weights).reshape(-1).astype(np.float64)
+    rows, offsets = [], [0]
+    for e in range(E):
+        mine = np.flatnonzero(live & (flat == e))          # token order
+        if capacity is not None and mine.size > capacity:
+            if drop == "position":
+                mine = mine[:capacity]
+            else:
+                order = np.lexsort((mine, -w[mine]))       # largest weight, then lower token
+                mine = np.sort(mine[order[:capacity]])
+        position[mine] = offsets[-1] + np.arange(mine.size)
+        rows.append(mine)
+        offsets.append(offsets[-1] + mine.size)
+    rows = np.concatenate(rows).astype(np.int64) if rows else np.zeros(0, np.int64)
+    return np.array(offsets, np.int64), rows, position.reshape(T, k)
+
+
+def moe_scatter(x, position, n, weights=None):
+    """Twin of lb_moe_scatter: out[position[t, s]] = w * x[t] for the kept slots."""
+    x = np.asarray(x)
+    position = np.asarray(position)
+    out = np.empty((n, x.shape[1]), x.dtype)
+    for s in range(position.shape[1]):
+        kept = position[:, s] >= 0
+        rows = x[kept]
+        if weights is not None:
+            rows = np.asarray(weights)[kept, s][:, None] * rows
+        out[position[kept, s]] = rows
+    return out
+
+
+def moe_combine(y, position, weights=None):
+    """Twin of lb_moe_combine: slot-ordered weighted sums onto zero."""
+    y = np.asarray(y)
+    position = np.asarray(position)
+    T, k = position.shape
+    out = np.zeros((T, y.shape[1]), y.dtype)
+    for s in range(k):
+        kept = position[:, s] >= 0
+        rows = y[position[kept, s]]
+        if weights is not None:
+            rows = np.asarray(weights)[kept, s][:, None] * rows
+        out[kept] = out[kept] + rows
+    return out
+
+
+def moe_combine_dot(grad_out, y, position):
+    """Twin of lb_moe_combine_dot."""
+    y = np.asarray(y)
+    position = np.asarray(position)
+    T, k = position.shape
+    gw = np.zeros((T, k), y.dtype)
+    for s in range(k):
+        kept = position[:, s] >= 0
+        gw[kept, s] = moe_lanedot(np.asarray(grad_out)[kept], y[position[kept, s]]).astype(y.dtype)
+    return gw

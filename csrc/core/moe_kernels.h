@@ -1,0 +1,200 @@
+/*
+ * moe_kernels.h - internal to the MoE family (core/moe*.c): the exponential,
+ * streaming stores, the routing scratch and the table of per-row kernels.
+ *
+ * The row kernels (moe_rows.h) are compiled once per instruction set
+ * (moe_scalar.c: baseline SSE2 / any CPU; moe_avx2.c: AVX2; moe_avx512.c:
+ * AVX-512 with 512-bit vectors) through
+ * moe_isa.h and picked at run time by lb_moe_rows_for().  Every variant
+ * performs the same IEEE operations in the same order (no FMA contraction:
+ * ISO C mode, and the pragma for clang), so they return the same bytes.
+ */
+#ifndef LB_MOE_KERNELS_H
+#define LB_MOE_KERNELS_H
+
+#include <float.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__SSE2__)
+#include <emmintrin.h>
+#endif
+
+#include "lowband.h"
+
+/* GCC contracts nothing in ISO C mode (-std=c11); clang needs the pragma.
+ * no-trapping-math lets GCC turn the branch-free selects of the row loops
+ * into vector blends; it changes no value (only which floating-point
+ * exception flags might be raised), unlike -ffast-math.                   */
+#if defined(__clang__)
+#pragma STDC FP_CONTRACT OFF
+#elif defined(__GNUC__)
+#pragma GCC optimize("no-trapping-math")
+#endif
+
+/* ------------------------------------------------------------------------ */
+/* Exponentials                                                              */
+/* ------------------------------------------------------------------------ */
+
+/* exp(x) in float: x rounded to n = nearest integer of x / ln 2 (by the
+ * 1.5 * 2^23 trick), r = x - n ln 2 in two steps, a degree-5 polynomial
+ * (Cephes expf), times 2^n built from bits.  Below -87 the result is 0,
+ * above 88 it is +Inf.  Branch-free, so loops over it vectorise.          */
+static inline float exp_f32(float x)
+{
+    const float lo = -87.0f, hi = 88.0f, magic = 12582912.0f;
+    int under = x < lo, over = x > hi;
+    float xc = under ? lo : x;
+    xc = over ? hi : xc;
+    float n = (xc * 1.44269504088896341f + magic) - magic;
+    float r = xc - n * 0.693359375f;
+    r = r - n * -2.12194440e-4f;
+    float p = 1.9875691500e-4f;
+    p = p * r + 1.3981999507e-3f;
+    p = p * r + 8.3334519073e-3f;
+    p = p * r + 4.1665795894e-2f;
+    p = p * r + 1.6666665459e-1f;
+    p = p * r + 5.0000001201e-1f;
+    float y = p * (r * r) + r + 1.0f;
+    int32_t bits = ((int32_t)n + 127) << 23;
+    float scale;
+    memcpy(&scale, &bits, 4);
+    y = y * scale;
+    y = under ? 0.0f : y;
+    return over ? INFINITY : y;
+}
+
+/* exp(x) in double: the same reduction with 1.5 * 2^52, then the Cephes
+ * rational form 1 + 2 r P(r^2) / (Q(r^2) - r P(r^2)).  Below -708 the
+ * result is 0, above 709 it is +Inf.                                       */
+static inline double exp_f64(double x)
+{
+    const double lo = -708.0, hi = 709.0, magic = 6755399441055744.0;
+    int under = x < lo, over = x > hi;
+    double xc = under ? lo : x;
+    xc = over ? hi : xc;
+    double n = (xc * 1.4426950408889634 + magic) - magic;
+    double r = xc - n * 6.93145751953125e-1;
+    r = r - n * 1.42860682030941723212e-6;
+    double rr = r * r;
+    double px = 1.26177193074810590878e-4;
+    px = px * rr + 3.02994407707441961300e-2;
+    px = px * rr + 9.99999999999999999910e-1;
+    px = px * r;
+    double qx = 3.00198505138664455042e-6;
+    qx = qx * rr + 2.52448340349684104192e-3;
+    qx = qx * rr + 2.27265548208155028766e-1;
+    qx = qx * rr + 2.00000000000000000009e0;
+    double y = px / (qx - px);
+    y = 1.0 + 2.0 * y;
+    int64_t bits = (int64_t)((int32_t)n + 1023) << 52;
+    double scale;
+    memcpy(&scale, &bits, 8);
+    y = y * scale;
+    y = under ? 0.0 : y;
+    return over ? INFINITY : y;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Small helpers shared by both element types                                */
+/* ------------------------------------------------------------------------ */
+
+/* Per-thread scratch of the routing kernel. */
+typedef struct {
+    double *choice;   /* E: score + bias                      */
+    double *q;        /* E: load-balancing distribution       */
+    double *best;     /* max(k, groups) selected keys (or logits) */
+    double *gscore;   /* groups                               */
+    int32_t *idx;     /* max(k, groups) selected indices      */
+    uint8_t *allowed; /* E                                    */
+} route_ws;
+
+/* Streaming (non-temporal) row stores: dst = w * src (a copy when unit).
+ * Return 0 (nothing done) when dst is not 16-byte aligned or H does not
+ * fill whole vectors; the caller then stores normally.  The values are the
+ * same either way (one IEEE multiply per element).                        */
+#if defined(__SSE2__)
+static inline int stream_row_f32(float *dst, const float *src, uint64_t H, float w,
+                          int unit)
+{
+    if (((uintptr_t)dst & 15) || H % 4)
+        return 0;
+    __m128 wv = _mm_set1_ps(w);
+    for (uint64_t h = 0; h < H; h += 4) {
+        __m128 v = _mm_loadu_ps(src + h);
+        _mm_stream_ps(dst + h, unit ? v : _mm_mul_ps(wv, v));
+    }
+    return 1;
+}
+
+static inline int stream_row_f64(double *dst, const double *src, uint64_t H,
+                          double w, int unit)
+{
+    if (((uintptr_t)dst & 15) || H % 2)
+        return 0;
+    __m128d wv = _mm_set1_pd(w);
+    for (uint64_t h = 0; h < H; h += 2) {
+        __m128d v = _mm_loadu_pd(src + h);
+        _mm_stream_pd(dst + h, unit ? v : _mm_mul_pd(wv, v));
+    }
+    return 1;
+}
+
+/* Orders this thread's streaming stores before the region's barrier. */
+static inline void stream_fence(void) { _mm_sfence(); }
+#else
+static inline int stream_row_f32(float *d, const float *s, uint64_t H, float w, int u)
+{
+    return 0;
+}
+static inline int stream_row_f64(double *d, const double *s, uint64_t H, double w,
+                          int u)
+{
+    return 0;
+}
+static inline void stream_fence(void) {}
+#endif
+
+/* Outputs at least this large are written with streaming stores.          */
+#define STREAM_BYTES ((uint64_t)8 << 20)
+
+/* A pass over tokens [t0, t1) that reads rows of `src` (H elements) and
+ * writes rows of `out` through position (T x k): scatter or combine.      */
+typedef void (*lb_moe_token_pass)(const void *src, uint64_t H,
+                                  const int64_t *position, uint64_t t0,
+                                  uint64_t t1, uint64_t k, const void *weights,
+                                  void *out, int stream);
+
+/* The per-row kernels of one instruction set and element type; arrays are
+ * of that element type (see moe_rows.h for each contract).               */
+typedef struct {
+    uint64_t (*route)(const void *z, uint64_t r0, uint64_t r1, uint64_t E,
+                      uint64_t k, const lb_route_opts *o, int32_t *experts,
+                      void *weights, void *scores, int64_t *counts, double *acc,
+                      route_ws *ws);
+    void (*aux_sum)(const void *scores, uint64_t r0, uint64_t r1, uint64_t E,
+                    lb_score_fn fn, const uint8_t *mask, double *q, double *acc);
+    void (*balance_grad)(const void *scores, uint64_t r0, uint64_t r1, uint64_t E,
+                         lb_score_fn fn, const double *g, const uint8_t *mask,
+                         double *q, void *grad);
+    double (*z_loss)(const void *z, uint64_t r0, uint64_t r1, uint64_t E,
+                     const uint8_t *mask, double scale, void *e, void *grad,
+                     uint64_t *bad);
+    lb_moe_token_pass scatter;
+    lb_moe_token_pass combine;
+    void (*combine_dot)(const void *gout, const void *y, uint64_t H,
+                        const int64_t *position, uint64_t t0, uint64_t t1,
+                        uint64_t k, void *gw);
+} lb_moe_rows;
+
+/* One table per instruction set: [0] float32, [1] float64. */
+extern const lb_moe_rows lb_moe_rows_scalar[2];
+extern const lb_moe_rows lb_moe_rows_avx2[2];
+extern const lb_moe_rows lb_moe_rows_avx512[2];
+
+/* The kernels for `dt` (LB_F32 or LB_F64) on the active instruction set. */
+const lb_moe_rows *lb_moe_rows_for(lb_dtype dt);
+
+#endif /* LB_MOE_KERNELS_H */
