@@ -385,6 +385,14 @@ lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
                      double decay, double scale, uint64_t k, int check_finite,
                      int nthreads, lb_sparse *out, lb_error *err);
 
+/* The residual of a sign payload of e itself: e[i] -= (e[i] >= 0 ? s : -s)
+ * with s = scales[i / block] (block 0: one scale; scales NULL: s = 1), the
+ * decoded value computed as lb_table_decode does (+-1 times the scale, in
+ * float32 for float32 e, float64 for float64 e).                           */
+lb_status lb_ef_sign_residual(void *e, uint64_t n, lb_dtype dt,
+                              const float *scales, uint64_t block,
+                              int nthreads);
+
 /* Chunked top-k of p (as lb_topk_chunked).                                */
 lb_status lb_ef_topk_chunked(void *e, const void *g, uint64_t n, lb_dtype dt,
                              double decay, double scale, uint64_t chunk,

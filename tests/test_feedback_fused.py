@@ -161,8 +161,22 @@ def test_fused_sign_every_isa_and_thread_count(isa):
                        300007, np.float32, steps=2)
 
 
-def test_table_subtract_rejects_half_out():
+def test_residual_rejects_half_state():
     from lowband import _schemes
-    q = lowband.sign(make_vector(100))
+    x = make_vector(100)
     with pytest.raises(TypeError, match="subtracting"):
-        _schemes.SCHEMES["sign"].subtract_decoded(q, np.zeros(100, np.float16), None)
+        _schemes.SCHEMES["blockwise"].residual(lowband.quantize(x, 4), np.zeros(100, np.float16), None)
+    with pytest.raises(TypeError, match="e: expected a writeable"):
+        _schemes.SCHEMES["sign"].residual(lowband.sign(x), np.zeros(100, np.float16), None)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("scale,block", [("l1", None), ("rms", 7), ("none", None), ("l1", 100000)])
+def test_sign_residual_equals_table_subtract(scale, block, dtype):
+    from lowband import _core, _schemes
+    e = make_vector(300007, dtype, "negzero", seed=4)
+    q = lowband.sign(e, scale=scale, block=block)
+    a, b = e.copy(), e.copy()
+    _schemes.SCHEMES["sign"].residual(q, a, None)
+    _schemes._Table.residual(_schemes.SCHEMES["sign"], q, b, None)
+    assert_same(a, b)

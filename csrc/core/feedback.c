@@ -83,21 +83,30 @@ lb_status lb_ef_axpby(void *e, const void *g, uint64_t n, lb_dtype dt,
     return LB_OK;
 }
 
-/* e = 0 at the sent indices (p - D(C(p)) = p - p there). */
+/* e = 0 at the sent indices (p - D(C(p)) = p - p there); the scattered
+ * writes are prefetched a few entries ahead.                              */
 static void zero_sent(const keyinfo *ki, void *e, const lb_sparse *out,
                       int nthreads)
 {
+    const uint64_t ahead = 16;
     int team = lb_team(nthreads, out->count / LB_CHUNK);
+    const uint64_t *ix = out->indices, count = out->count;
     if (ki->width == 4) {
         float *ef = e;
         LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-        for (uint64_t j = 0; j < out->count; j++)
-            ef[out->indices[j]] = 0.0f;
+        for (uint64_t j = 0; j < count; j++) {
+            if (j + ahead < count)
+                __builtin_prefetch(ef + ix[j + ahead], 1);
+            ef[ix[j]] = 0.0f;
+        }
     } else {
         double *ed = e;
         LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-        for (uint64_t j = 0; j < out->count; j++)
-            ed[out->indices[j]] = 0.0;
+        for (uint64_t j = 0; j < count; j++) {
+            if (j + ahead < count)
+                __builtin_prefetch(ed + ix[j + ahead], 1);
+            ed[ix[j]] = 0.0;
+        }
     }
 }
 
@@ -154,6 +163,35 @@ lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
     if (st != LB_OK)
         return st;
     zero_sent(ki, e, out, nthreads);
+    return LB_OK;
+}
+
+lb_status lb_ef_sign_residual(void *e, uint64_t n, lb_dtype dt,
+                              const float *scales, uint64_t block, int nthreads)
+{
+    if ((dt != LB_F32 && dt != LB_F64) || (n && !e))
+        return LB_EINVAL;
+    uint64_t B = block ? block : (n ? n : 1);
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t c = 0; c < nchunks; c++) {
+        uint64_t end = (c + 1) * LB_CHUNK < n ? (c + 1) * LB_CHUNK : n;
+        for (uint64_t i = c * LB_CHUNK; i < end;) {
+            uint64_t b = i / B;
+            uint64_t stop = (b + 1) * B < end ? (b + 1) * B : end;
+            if (dt == LB_F32) {
+                float s = scales ? scales[b] : 1.0f, *ef = e;
+                for (uint64_t j = i; j < stop; j++)
+                    ef[j] = ef[j] - (ef[j] >= 0.0f ? 1.0f * s : -1.0f * s);
+            } else {
+                double s = scales ? (double)scales[b] : 1.0, *ed = e;
+                for (uint64_t j = i; j < stop; j++)
+                    ed[j] = ed[j] - (ed[j] >= 0.0 ? 1.0 * s : -1.0 * s);
+            }
+            i = stop;
+        }
+    }
     return LB_OK;
 }
 

@@ -7,7 +7,20 @@
 #include <string.h>
 
 #define LB_SCRATCH_SLOTS 16
-#define LB_SCRATCH_LIMIT ((size_t)512 << 20)
+/* Bytes kept at most: LOWBAND_POOL_LIMIT_MB (default 1024), read once. */
+static size_t scratch_limit(void)
+{
+    static size_t limit = 0;
+    if (!limit) {
+        const char *e = getenv("LOWBAND_POOL_LIMIT_MB");
+        long mb = e && *e ? strtol(e, NULL, 10) : 1024;
+        limit = (size_t)(mb < 0 ? 0 : mb) << 20;
+        if (!limit)
+            limit = 1;   /* 0 MB: keep nothing (1 byte fits no buffer) */
+    }
+    return limit;
+}
+#define LB_SCRATCH_LIMIT scratch_limit()
 #define HEADER 64   /* keeps the user pointer 64-byte aligned */
 
 typedef struct {

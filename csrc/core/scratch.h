@@ -5,8 +5,10 @@
  * buffers, sample keys) take them from here: a freed buffer is kept (up to
  * LB_SCRATCH_SLOTS buffers, LB_SCRATCH_LIMIT bytes in all) and handed to the
  * next request it fits, so its pages stay mapped instead of being faulted
- * and zeroed by the kernel on every call.  Thread-safe; fork-safe (the lock
- * is reinitialised in a child).
+ * and zeroed by the kernel on every call.  Large output arrays of the glue
+ * come from here too (a memory pool).  At most LOWBAND_POOL_LIMIT_MB
+ * megabytes (default 1024) are kept; lb_scratch_trim() empties the cache.
+ * Thread-safe; fork-safe (the lock is reinitialised in a child).
  */
 #ifndef LB_SCRATCH_H
 #define LB_SCRATCH_H

@@ -30,6 +30,8 @@ typedef struct {
 /* Sample size of the fast path, and the smallest n that uses it. */
 #define TOPK_SAMPLE ((uint64_t)65536)
 #define TOPK_SAMPLE_MIN_N (16 * TOPK_SAMPLE)
+/* Samples come in runs of TOPK_RUN consecutive elements. */
+#define TOPK_RUN ((uint64_t)16)
 
 static inline uint64_t raw_at(const keyinfo *ki, const void *x, uint64_t i)
 {

@@ -438,13 +438,16 @@ static lb_status radix_bound(const keyinfo *ki, const void *x, uint64_t n,
 
 uint64_t sample_position(uint64_t n, uint64_t j)
 {
-    /* one position per stride cell, jittered by a fixed hash */
-    uint64_t stride = n / TOPK_SAMPLE;
-    uint64_t h = (j + 1) * 0x9E3779B97F4A7C15ull;
+    /* runs of TOPK_RUN consecutive elements (a cache line of float32), one
+     * run per stratum of n / (TOPK_SAMPLE / TOPK_RUN) elements, placed at a
+     * fixed hashed offset inside it: few cache misses, even coverage      */
+    uint64_t run = j / TOPK_RUN, runs = TOPK_SAMPLE / TOPK_RUN;
+    uint64_t stride = n / runs;
+    uint64_t h = (run + 1) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 31;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 29;
-    return j * stride + h % stride;
+    return run * stride + h % (stride - TOPK_RUN + 1) + j % TOPK_RUN;
 }
 
 int sample_bounds_from(uint64_t *keys, uint64_t n, uint64_t k, uint64_t *lo,
@@ -458,8 +461,15 @@ int sample_bounds_from(uint64_t *keys, uint64_t n, uint64_t k, uint64_t *lo,
     if (rank_lo >= (double)m / 4)
         return 0;   /* k is too large a fraction for a narrow band */
     *lo = kth_largest(keys, m, (uint64_t)rank_lo, keys + m);
-    *hi = rank_hi >= 1 ? kth_largest(keys, m, (uint64_t)rank_hi, keys + m)
-                       : UINT64_MAX;
+    *hi = UINT64_MAX;
+    if (rank_hi >= 1) {
+        /* hi ranks above lo: select it among the few samples >= lo */
+        uint64_t c = 0;
+        for (uint64_t j = 0; j < m; j++)
+            if (keys[j] >= *lo)
+                keys[m + c++] = keys[j];
+        *hi = kth_largest(keys + m, c, (uint64_t)rank_hi, keys);
+    }
     *expected = (uint64_t)(rank_lo / (double)m * (double)n);
     return 1;
 }

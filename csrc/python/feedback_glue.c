@@ -161,7 +161,45 @@ static PyObject *py_ef_axpby(PyObject *self, PyObject *args, PyObject *kw)
     Py_RETURN_NONE;
 }
 
+/* ef_sign_residual(e, scales or None, block, threads): e -= D(sign(e)) */
+static PyObject *py_ef_sign_residual(PyObject *self, PyObject *args)
+{
+    PyObject *e_o, *s_o, *threads;
+    unsigned long long block;
+    int nt;
+    if (!PyArg_ParseTuple(args, "OOKO:ef_sign_residual", &e_o, &s_o, &block, &threads))
+        return NULL;
+    PyArrayObject *g;
+    lb_dtype dt;
+    uint64_t n;
+    if (state_and_grad(e_o, e_o, &g, &dt, &n) < 0)
+        return NULL;
+    Py_DECREF(g);
+    const float *sc = NULL;
+    if (s_o != Py_None) {
+        uint64_t want = block ? (n + block - 1) / block : 1;
+        if (!PyArray_Check(s_o) || PyArray_TYPE((PyArrayObject *)s_o) != NPY_FLOAT32 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)s_o) ||
+            (uint64_t)PyArray_SIZE((PyArrayObject *)s_o) != want) {
+            PyErr_Format(PyExc_TypeError, "scales: expected %llu contiguous float32 values",
+                         (unsigned long long)want);
+            return NULL;
+        }
+        sc = PyArray_DATA((PyArrayObject *)s_o);
+    }
+    if (lb_py_threads(threads, n, &nt) < 0)
+        return NULL;
+    void *ed = PyArray_DATA((PyArrayObject *)e_o);
+    lb_status st;
+    LB_NOGIL(n, st = lb_ef_sign_residual(ed, n, dt, sc, block, nt));
+    if (st != LB_OK)
+        return lb_py_raise(st, NULL, "error feedback", "e", NULL);
+    Py_RETURN_NONE;
+}
+
 PyMethodDef lb_feedback_methods[] = {
+    {"ef_sign_residual", py_ef_sign_residual, METH_VARARGS,
+     "ef_sign_residual(e, scales, block, threads): e -= +-scale by the sign of e."},
     {"ef_topk", (PyCFunction)(void (*)(void))py_ef_topk, METH_VARARGS | METH_KEYWORDS,
      "Fused EF step with exact top-k: e updated in place -> (indices, values)."},
     {"ef_topk_chunked", (PyCFunction)(void (*)(void))py_ef_topk_chunked,

@@ -3,6 +3,8 @@
 
 #include <string.h>
 
+#include "core/scratch.h"
+
 int lb_glue_default_threads = 0;
 int lb_glue_forked_child = 0;
 PyObject *lb_glue_FormatError = NULL;
@@ -182,6 +184,52 @@ PyObject *lb_py_raise(lb_status st, const lb_error *err, const char *what,
 static void free_capsule(PyObject *cap)
 {
     free(PyCapsule_GetPointer(cap, "lowband.buffer"));
+}
+
+static void pool_capsule(PyObject *cap)
+{
+    lb_scratch_free(PyCapsule_GetPointer(cap, "lowband.pool"));
+}
+
+PyObject *lb_py_empty(int nd, const npy_intp *dims, int typenum)
+{
+    PyArray_Descr *descr = PyArray_DescrFromType(typenum);
+    if (!descr)
+        return NULL;
+    size_t bytes = (size_t)PyDataType_ELSIZE(descr);
+    for (int i = 0; i < nd; i++) {
+        if (dims[i] < 0 || (dims[i] && bytes > SIZE_MAX / (size_t)dims[i])) {
+            Py_DECREF(descr);
+            return PyErr_NoMemory();
+        }
+        bytes *= (size_t)dims[i];
+    }
+    if (bytes < LB_POOL_MIN) {
+        Py_DECREF(descr);
+        return PyArray_SimpleNew(nd, (npy_intp *)dims, typenum);
+    }
+    void *buf = lb_scratch_alloc(bytes);
+    if (!buf) {
+        Py_DECREF(descr);
+        return PyErr_NoMemory();
+    }
+    PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, (npy_intp *)dims, NULL, buf,
+                                         NPY_ARRAY_CARRAY, NULL);
+    if (!arr) {
+        lb_scratch_free(buf);
+        return NULL;
+    }
+    PyObject *cap = PyCapsule_New(buf, "lowband.pool", pool_capsule);
+    if (!cap) {
+        Py_DECREF(arr);
+        lb_scratch_free(buf);
+        return NULL;
+    }
+    if (PyArray_SetBaseObject((PyArrayObject *)arr, cap) < 0) {
+        Py_DECREF(arr);   /* the capsule was stolen and returns buf */
+        return NULL;
+    }
+    return arr;
 }
 
 PyObject *lb_py_adopt(void *buf, uint64_t count, int typenum)

@@ -67,6 +67,15 @@ int lb_py_u64(PyObject *obj, const char *name, uint64_t limit, uint64_t *out);
 PyObject *lb_py_raise(lb_status st, const lb_error *err, const char *what,
                       const char *argname, PyArrayObject *arr);
 
+/* A new uninitialised C-contiguous ndarray for a kernel's output.  Large
+ * ones (>= LB_POOL_MIN bytes) take their memory from the scratch cache
+ * (scratch.h) and give it back when the array is freed, so the next call's
+ * output pages are already mapped instead of being faulted and zeroed by
+ * the kernel (a memory pool, like torch's caching allocator; bounded, and
+ * emptied by lowband.release_memory()).                                    */
+#define LB_POOL_MIN ((size_t)1 << 20)
+PyObject *lb_py_empty(int nd, const npy_intp *dims, int typenum);
+
 /* 1-D ndarray of `count` elements that takes ownership of malloc'd `buf`
  * (freed with the array); frees buf and returns NULL on failure.          */
 PyObject *lb_py_adopt(void *buf, uint64_t count, int typenum);

@@ -7,6 +7,8 @@
 #define LB_GLUE_MAIN
 #include "glue.h"
 
+#include "core/scratch.h"
+
 /* ---- settings ------------------------------------------------------------ */
 
 static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
@@ -118,7 +120,37 @@ static PyObject *py_philox(PyObject *self, PyObject *args)
     return out;
 }
 
+/* empty(shape, dtype) -> an uninitialised array from the output pool. */
+static PyObject *py_empty(PyObject *self, PyObject *args)
+{
+    PyObject *shape_o, *dtype_o;
+    if (!PyArg_ParseTuple(args, "OO:empty", &shape_o, &dtype_o))
+        return NULL;
+    PyArray_Dims shape = {NULL, 0};
+    PyArray_Descr *descr = NULL;
+    if (!PyArray_IntpConverter(shape_o, &shape))
+        return NULL;
+    if (!PyArray_DescrConverter(dtype_o, &descr)) {
+        PyDimMem_FREE(shape.ptr);
+        return NULL;
+    }
+    PyObject *out = lb_py_empty(shape.len, shape.ptr, descr->type_num);
+    Py_DECREF(descr);
+    PyDimMem_FREE(shape.ptr);
+    return out;
+}
+
+static PyObject *py_release_memory(PyObject *self, PyObject *unused)
+{
+    lb_scratch_trim();
+    Py_RETURN_NONE;
+}
+
 PyMethodDef lb_core_methods[] = {
+    {"empty", py_empty, METH_VARARGS,
+     "empty(shape, dtype) -> uninitialised array (large ones from the output pool)."},
+    {"release_memory", py_release_memory, METH_NOARGS,
+     "Return the cached scratch and output buffers to the system."},
     {"set_num_threads", py_set_num_threads, METH_O,
      "set_num_threads(n): default team size for kernels (None resets to "
      "omp_get_max_threads() read at each call)."},

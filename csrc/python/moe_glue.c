@@ -71,7 +71,7 @@ static const uint8_t *mask_data(PyArrayObject *m)
 static PyObject *new_array(int nd, npy_intp d0, npy_intp d1, int typenum)
 {
     npy_intp dims[2] = {d0, d1};
-    return PyArray_SimpleNew(nd, dims, typenum);
+    return lb_py_empty(nd, dims, typenum);
 }
 
 /* A new (rows x cols) array, or, when `out` is not None, a new reference to

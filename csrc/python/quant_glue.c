@@ -8,7 +8,7 @@
 static PyArrayObject *new_array(uint64_t count, int typenum)
 {
     npy_intp dims[1] = {(npy_intp)count};
-    return (PyArrayObject *)PyArray_SimpleNew(1, dims, typenum);
+    return (PyArrayObject *)lb_py_empty(1, dims, typenum);
 }
 
 /* Status -> exception for the quantizers; returns NULL. */

@@ -284,7 +284,7 @@ static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     }
     npy_intp dims[1] = {(npy_intp)k};
-    PyObject *vals = PyArray_SimpleNew(1, dims, lb_py_typenum(dt));
+    PyObject *vals = lb_py_empty(1, dims, lb_py_typenum(dt));
     if (!vals) {
         Py_DECREF(x);
         Py_DECREF(ix);

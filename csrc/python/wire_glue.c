@@ -130,7 +130,7 @@ static PyObject *py_index_decode(PyObject *self, PyObject *args)
     }
     int width = n > 0xFFFFFFFFull ? 8 : 4;
     npy_intp dims[1] = {(npy_intp)count};
-    PyObject *out = PyArray_SimpleNew(1, dims, width == 4 ? NPY_UINT32 : NPY_UINT64);
+    PyObject *out = lb_py_empty(1, dims, width == 4 ? NPY_UINT32 : NPY_UINT64);
     if (!out) {
         PyBuffer_Release(&b);
         return NULL;

@@ -36,7 +36,7 @@ from .feedback import *  # noqa: F401,F403  (ErrorFeedback, EF21, ..., DGC)
 __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
-    "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa",
+    "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa", "release_memory",
     "moe", "optim", "sim", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
@@ -50,6 +50,13 @@ def set_num_threads(n):
 def get_num_threads():
     """The team size a large kernel would use now (1 in a forked child)."""
     return _core.get_num_threads()
+
+
+def release_memory():
+    """Give back the buffers lowband keeps for reuse: large kernel outputs and
+    scratch space return to a pool when freed (at most LOWBAND_POOL_LIMIT_MB,
+    default 1024 MB), so that repeated calls do not pay page faults."""
+    _core.release_memory()
 
 
 def isa():

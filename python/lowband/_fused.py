@@ -40,7 +40,7 @@ def residual_step(fb, e, g, scale):
     if kind in _TABLE_QUANTIZERS:
         _core.ef_axpby(e, g, fb.decay, scale, True, threads)
         payload = comp.compress(e.reshape(fb.shape), step=fb.t)
-        get_scheme(payload.scheme).subtract_decoded(payload, e, threads)
+        get_scheme(payload.scheme).residual(payload, e, threads)
         return payload
     return None
 

@@ -100,8 +100,9 @@ class _Table(Scheme):
     def dequantize(self, q, out, threads):
         _decode(q, out, threads, *self.decode_args(q))
 
-    def subtract_decoded(self, q, e, threads):
-        """e -= D(q) in place (e float32/float64 of q.size elements)."""
+    def residual(self, q, e, threads):
+        """Error feedback's residual in place: e = e - D(q), where q is this
+        scheme's compression of e (e float32/float64 of q.size elements)."""
         bits, table, mult, block = self.decode_args(q)
         wd = work_dtype(q.dtype)
         table = np.ascontiguousarray(table, dtype=wd)
@@ -149,6 +150,12 @@ class SignScheme(_Linear):
     def decode_args(self, q):
         mult = q.arrays["scales"] if q.params["scale"] else None
         return 1, [-1.0, 1.0], mult, q.params["block"]
+
+    def residual(self, q, e, threads):
+        """e = e - D(q) for q = sign(e): the code of e[i] is e[i]'s own sign,
+        so no codes are read (the same bytes as the table decode)."""
+        mult = q.arrays["scales"] if q.params["scale"] else None
+        _core.ef_sign_residual(e, mult, q.params["block"], threads)
 
 
 class BlockwiseScheme(_Linear):
