@@ -195,15 +195,16 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
             return t * E + bad;
         LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
         if (o->score == LB_SCORE_SOFTMAX) {
-            LB_T sum = LB_F(exp_shifted)(zr, E, m, e);
+            /* p = e * (1 / sum): one division per row, not per element */
+            LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
             if (acc)   /* q = p: the column sums in the same pass */
                 for (uint64_t j = 0; j < E; j++) {
-                    sr[j] = e[j] / sum;
+                    sr[j] = e[j] * inv;
                     acc[j] += (double)sr[j];
                 }
             else
                 for (uint64_t j = 0; j < E; j++)
-                    sr[j] = e[j] / sum;
+                    sr[j] = e[j] * inv;
         } else {
             LB_F(sigmoid_row)(zr, E, sr);
         }
@@ -233,7 +234,8 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
             LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
         else
             LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
-        memcpy(ex, ws->idx, (size_t)k * sizeof(int32_t));
+        for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
+            ex[s] = ws->idx[s];
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
             /* softmax over the selected logits: exp(z - their max), which
@@ -340,11 +342,11 @@ static double LB_F(z_loss_rows)(const void *zv, uint64_t r0, uint64_t r1,
         LB_T s = LB_F(exp_shifted)(zr, E, m, e);
         double lse = (double)m + log((double)s);
         acc += lse * lse;
-        if (grad) {
+        if (grad) {   /* the softmax as in route: e * (1 / s) */
             double c = scale * 2.0 * lse;
-            LB_T *gr = grad + t * E;
+            LB_T inv = (LB_T)1 / s, *gr = grad + t * E;
             for (uint64_t j = 0; j < E; j++)
-                gr[j] = (LB_T)(c * (double)(e[j] / s));
+                gr[j] = (LB_T)(c * (double)(e[j] * inv));
         }
     }
     return acc;

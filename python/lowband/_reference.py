@@ -717,7 +717,7 @@ def moe_scores(logits, score):
     if score == "sigmoid":
         return one / (one + moe_exp(-z))
     e = moe_exp(z - z.max(axis=1, keepdims=True))
-    return e / moe_lanesum(e)[:, None]
+    return e * (one / moe_lanesum(e))[:, None]   # one division per row
 
 
 def moe_aux(scores, score):
@@ -847,7 +847,7 @@ def moe_z_loss(logits, mask, scale):
                 acc = acc + lse[t] * lse[t]
         total = total + acc
     c = scale * 2.0 * lse
-    grad = (c[:, None] * (e / s[:, None]).astype(np.float64)).astype(z.dtype)
+    grad = (c[:, None] * (e * (z.dtype.type(1) / s)[:, None]).astype(np.float64)).astype(z.dtype)
     grad[~valid] = 0
     return total, grad
 
