@@ -38,6 +38,40 @@
 /* Exponentials                                                              */
 /* ------------------------------------------------------------------------ */
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+
+/* The k largest of z[0..E) (E <= 64, finite), descending, ties to the
+ * lower index, for k <= 16: k rounds of "vector max, first lane equal
+ * to it, mask it out" over four 16-lane registers -- branch free, where an
+ * insertion list mispredicts.  Only the AVX-512 build has it.             */
+static inline __attribute__((always_inline)) uint64_t topk_extract_f32(const float *z, uint64_t E, uint64_t k,
+                                        float *best, int32_t *idx)
+{
+    const __m512 none = _mm512_set1_ps(-INFINITY);
+    __m512 v[4];
+    for (int q = 0; q < 4; q++) {
+        uint64_t lo = (uint64_t)q * 16;
+        uint64_t len = E > lo ? (E - lo < 16 ? E - lo : 16) : 0;
+        __mmask16 lanes = (__mmask16)((1u << len) - 1);
+        v[q] = _mm512_mask_loadu_ps(none, lanes, len ? z + lo : z);
+    }
+    for (uint64_t s = 0; s < k; s++) {
+        __m512 m = _mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
+        __m512 b = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        uint64_t eq = (uint64_t)_mm512_cmpeq_ps_mask(v[0], b) |
+                      (uint64_t)_mm512_cmpeq_ps_mask(v[1], b) << 16 |
+                      (uint64_t)_mm512_cmpeq_ps_mask(v[2], b) << 32 |
+                      (uint64_t)_mm512_cmpeq_ps_mask(v[3], b) << 48;
+        int j = __builtin_ctzll(eq);
+        idx[s] = j;
+        best[s] = z[j];
+        v[j >> 4] = _mm512_mask_mov_ps(v[j >> 4], (__mmask16)(1u << (j & 15)), none);
+    }
+    return k;
+}
+#endif
+
 /* exp(x) in float: x rounded to n = nearest integer of x / ln 2 (by the
  * 1.5 * 2^23 trick), r = x - n ln 2 in two steps, a degree-5 polynomial
  * (Cephes expf), times 2^n built from bits.  Below -87 the result is 0,

@@ -232,6 +232,10 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         if (o->bias)
             LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
+#if defined(__AVX512F__)
+        else if (sizeof(LB_T) == 4 && !allowed && k <= 16 && E <= 64)
+            topk_extract_f32((const float *)zr, E, k, (float *)ws->best, ws->idx);
+#endif
         else
             LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
         for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
