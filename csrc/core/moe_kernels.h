@@ -41,34 +41,52 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 
-/* The k largest of z[0..E) (E <= 64, finite), descending, ties to the
- * lower index, for k <= 16: k rounds of "vector max, first lane equal
- * to it, mask it out" over four 16-lane registers -- branch free, where an
- * insertion list mispredicts.  Only the AVX-512 build has it.             */
-static inline __attribute__((always_inline)) uint64_t topk_extract_f32(const float *z, uint64_t E, uint64_t k,
-                                        float *best, int32_t *idx)
+/* The k largest of z[0..E) (E <= 64), descending, ties to the lower
+ * index, for k <= 16, of up to four rows at once: k rounds of
+ * "vector max, first lane equal to it, mask it out" over four 16-lane
+ * registers per row -- branch free where an insertion list mispredicts,
+ * and the rows' dependency chains overlap.  A row holding NaN yields
+ * in-bounds indices (its caller reports the row as non-finite).          */
+static inline void extract_load_f32(const float *z, uint64_t E, __m512 v[4])
 {
     const __m512 none = _mm512_set1_ps(-INFINITY);
-    __m512 v[4];
     for (int q = 0; q < 4; q++) {
         uint64_t lo = (uint64_t)q * 16;
         uint64_t len = E > lo ? (E - lo < 16 ? E - lo : 16) : 0;
-        __mmask16 lanes = (__mmask16)((1u << len) - 1);
-        v[q] = _mm512_mask_loadu_ps(none, lanes, len ? z + lo : z);
+        v[q] = _mm512_mask_loadu_ps(none, (__mmask16)((1u << len) - 1), len ? z + lo : z);
     }
-    for (uint64_t s = 0; s < k; s++) {
-        __m512 m = _mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
-        __m512 b = _mm512_set1_ps(_mm512_reduce_max_ps(m));
-        uint64_t eq = (uint64_t)_mm512_cmpeq_ps_mask(v[0], b) |
-                      (uint64_t)_mm512_cmpeq_ps_mask(v[1], b) << 16 |
-                      (uint64_t)_mm512_cmpeq_ps_mask(v[2], b) << 32 |
-                      (uint64_t)_mm512_cmpeq_ps_mask(v[3], b) << 48;
-        int j = __builtin_ctzll(eq);
-        idx[s] = j;
-        best[s] = z[j];
-        v[j >> 4] = _mm512_mask_mov_ps(v[j >> 4], (__mmask16)(1u << (j & 15)), none);
+}
+
+static inline int extract_round_f32(__m512 v[4])
+{
+    __m512 m = _mm512_max_ps(_mm512_max_ps(v[0], v[1]), _mm512_max_ps(v[2], v[3]));
+    __m512 b = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+    uint64_t eq = (uint64_t)_mm512_cmpeq_ps_mask(v[0], b) |
+                  (uint64_t)_mm512_cmpeq_ps_mask(v[1], b) << 16 |
+                  (uint64_t)_mm512_cmpeq_ps_mask(v[2], b) << 32 |
+                  (uint64_t)_mm512_cmpeq_ps_mask(v[3], b) << 48;
+    int j = eq ? __builtin_ctzll(eq) : 0;
+    v[j >> 4] = _mm512_mask_mov_ps(v[j >> 4], (__mmask16)(1u << (j & 15)),
+                                   _mm512_set1_ps(-INFINITY));
+    return j;
+}
+
+/* Rows z + r*E, r < nrows (<= 4), selected together: their chains overlap. */
+static inline void topk_extract_rows_f32(const float *z, uint64_t nrows, uint64_t E,
+                                         uint64_t k, int32_t *idx)
+{
+    __m512 v[4][4];
+    for (uint64_t r = 0; r < nrows; r++)
+        extract_load_f32(z + r * E, E, v[r]);
+    if (nrows == 4) {
+        for (uint64_t s = 0; s < k; s++)
+            for (int r = 0; r < 4; r++)
+                idx[(uint64_t)r * k + s] = extract_round_f32(v[r]);
+    } else {
+        for (uint64_t s = 0; s < k; s++)
+            for (uint64_t r = 0; r < nrows; r++)
+                idx[r * k + s] = extract_round_f32(v[r]);
     }
-    return k;
 }
 #endif
 

@@ -172,6 +172,31 @@ static inline double LB_F(aux_row)(const LB_T *s, uint64_t E, lb_score_fn fn,
     return d;
 }
 
+/* acc[j] += sum over the rows t < T of (double)p[t*E + j], each column's
+ * terms added in row order (the same bytes as adding row by row), eight
+ * columns at a time so the partial sums stay in registers instead of
+ * bouncing through memory once per row.                                    */
+static void LB_F(column_sums)(const LB_T *p, uint64_t T, uint64_t E, double *acc)
+{
+    uint64_t j = 0;
+    for (; j + 8 <= E; j += 8) {
+        double a[8];
+        for (int u = 0; u < 8; u++)
+            a[u] = acc[j + u];
+        for (uint64_t t = 0; t < T; t++)
+            for (int u = 0; u < 8; u++)
+                a[u] += (double)p[t * E + j + (uint64_t)u];
+        for (int u = 0; u < 8; u++)
+            acc[j + u] = a[u];
+    }
+    for (; j < E; j++) {
+        double a = acc[j];
+        for (uint64_t t = 0; t < T; t++)
+            a += (double)p[t * E + j];
+        acc[j] = a;
+    }
+}
+
 /* Routes rows [r0, r1) (see lb_moe_route).  counts (E) is this thread's
  * histogram; acc (E, or NULL) this chunk's column sums of q.  Returns the
  * flat index of the first non-finite logit in the rows, or UINT64_MAX.     */
@@ -184,6 +209,15 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
     LB_T *weights = weightsv, *scores = scoresv;
     const int grouped = o->groups > 1;
     const uint64_t gs = grouped ? E / o->groups : E;
+    int preselected = 0;   /* experts chosen up front from the logits */
+#if defined(__AVX512F__)
+    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
+        for (uint64_t t = r0; t < r1; t += 4)
+            topk_extract_rows_f32((const float *)z + t * E, r1 - t < 4 ? r1 - t : 4, E, k,
+                                  experts + t * k);
+        preselected = 1;
+    }
+#endif
     for (uint64_t t = r0; t < r1; t++) {
         const LB_T *zr = z + t * E;
         LB_T *sr = scores + t * E;
@@ -197,14 +231,8 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         if (o->score == LB_SCORE_SOFTMAX) {
             /* p = e * (1 / sum): one division per row, not per element */
             LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
-            if (acc)   /* q = p: the column sums in the same pass */
-                for (uint64_t j = 0; j < E; j++) {
-                    sr[j] = e[j] * inv;
-                    acc[j] += (double)sr[j];
-                }
-            else
-                for (uint64_t j = 0; j < E; j++)
-                    sr[j] = e[j] * inv;
+            for (uint64_t j = 0; j < E; j++)
+                sr[j] = e[j] * inv;   /* q = p: column sums after the rows */
         } else {
             LB_F(sigmoid_row)(zr, E, sr);
         }
@@ -232,14 +260,11 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         if (o->bias)
             LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
-#if defined(__AVX512F__)
-        else if (sizeof(LB_T) == 4 && !allowed && k <= 16 && E <= 64)
-            topk_extract_f32((const float *)zr, E, k, (float *)ws->best, ws->idx);
-#endif
-        else
+        else if (!preselected)
             LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
-        for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
-            ex[s] = ws->idx[s];
+        if (!preselected)
+            for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
+                ex[s] = ws->idx[s];
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
             /* softmax over the selected logits: exp(z - their max), which
@@ -273,6 +298,8 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
                 acc[j] += ws->q[j];
         }
     }
+    if (acc && o->score == LB_SCORE_SOFTMAX)
+        LB_F(column_sums)(scores + r0 * E, r1 - r0, E, acc);
     return UINT64_MAX;
 }
 
