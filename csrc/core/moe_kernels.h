@@ -71,6 +71,49 @@ static inline int extract_round_f32(__m512 v[4])
     return j;
 }
 
+/* The k <= 8 largest of each of 16 rows z + r*E (r < 16, E < 2^25),
+ * descending, ties to the lower index, into idx[r*k + s]: "vertical"
+ * selection, one row per lane.  Each lane keeps a sorted list in k
+ * registers; expert j of all 16 rows (a gather) enters each lane's list
+ * where it is strictly greater, the entries below moving down one place, so
+ * equal values keep the earlier (lower) index ahead.  No horizontal reductions: the rows run in parallel
+ * lanes.  NaN never enters a list (its row is reported non-finite).      */
+static inline void topk_vertical16_f32(const float *z, uint64_t E, uint64_t k,
+                                       int32_t *idx)
+{
+    __m512 bv[8];
+    __m512i bi[8];
+    for (uint64_t r = 0; r < k; r++) {
+        bv[r] = _mm512_set1_ps(-INFINITY);
+        bi[r] = _mm512_setzero_si512();
+    }
+    const __m512i rows = _mm512_mullo_epi32(
+        _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+        _mm512_set1_epi32((int)E));
+    for (uint64_t j = 0; j < E; j++) {
+        __m512 x = _mm512_i32gather_ps(rows, z + j, 4);
+        __m512i xi = _mm512_set1_epi32((int)j);
+        __mmask16 gt = 0;   /* lanes whose list is shifting down */
+        for (uint64_t r = 0; r < k; r++) {
+            /* enter where strictly greater; below that, every entry moves
+             * down one place (a displaced entry is never compared again)  */
+            gt |= _mm512_cmp_ps_mask(x, bv[r], _CMP_GT_OQ);
+            __m512 tv = bv[r];
+            __m512i ti = bi[r];
+            bv[r] = _mm512_mask_blend_ps(gt, tv, x);
+            bi[r] = _mm512_mask_blend_epi32(gt, ti, xi);
+            x = _mm512_mask_blend_ps(gt, x, tv);
+            xi = _mm512_mask_blend_epi32(gt, xi, ti);
+        }
+    }
+    int32_t lane[16];
+    for (uint64_t s = 0; s < k; s++) {
+        _mm512_storeu_si512(lane, bi[s]);
+        for (int r = 0; r < 16; r++)
+            idx[(uint64_t)r * k + s] = lane[r];
+    }
+}
+
 /* Rows z + r*E, r < nrows (<= 4), selected together: their chains overlap. */
 static inline void topk_extract_rows_f32(const float *z, uint64_t nrows, uint64_t E,
                                          uint64_t k, int32_t *idx)

@@ -212,7 +212,11 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
     int preselected = 0;   /* experts chosen up front from the logits */
 #if defined(__AVX512F__)
     if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
-        for (uint64_t t = r0; t < r1; t += 4)
+        uint64_t t = r0;
+        if (k <= 8)   /* sixteen rows per pass, one per lane */
+            for (; t + 16 <= r1; t += 16)
+                topk_vertical16_f32((const float *)z + t * E, E, k, experts + t * k);
+        for (; t < r1; t += 4)
             topk_extract_rows_f32((const float *)z + t * E, r1 - t < 4 ? r1 - t : 4, E, k,
                                   experts + t * k);
         preselected = 1;
