@@ -121,15 +121,9 @@ static inline void topk_extract_rows_f32(const float *z, uint64_t nrows, uint64_
     __m512 v[4][4];
     for (uint64_t r = 0; r < nrows; r++)
         extract_load_f32(z + r * E, E, v[r]);
-    if (nrows == 4) {
-        for (uint64_t s = 0; s < k; s++)
-            for (int r = 0; r < 4; r++)
-                idx[(uint64_t)r * k + s] = extract_round_f32(v[r]);
-    } else {
-        for (uint64_t s = 0; s < k; s++)
-            for (uint64_t r = 0; r < nrows; r++)
-                idx[r * k + s] = extract_round_f32(v[r]);
-    }
+    for (uint64_t s = 0; s < k; s++)
+        for (uint64_t r = 0; r < nrows; r++)
+            idx[r * k + s] = extract_round_f32(v[r]);
 }
 #endif
 
