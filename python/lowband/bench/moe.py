@@ -11,7 +11,7 @@ copy writes into preallocated arrays; "out=" rows do the same for lowband
 import numpy as np
 
 from lowband import moe
-from lowband._bench import Case
+from lowband.bench.harness import Case
 
 
 def _numpy_route_lbl(z, k):

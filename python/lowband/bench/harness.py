@@ -1,6 +1,6 @@
 """Benchmark harness: lowband against NumPy, torch (CPU) and a plain copy.
 
-Every kernel family has a suite module ``lowband/_bench_<family>.py`` that
+Every kernel family has a suite module ``lowband/bench/<family>.py`` that
 defines ``cases(ctx) -> list[Case]``; this harness discovers them, times every
 implementation of every case on the same data in the same run (median of
 ``reps`` after a warm-up) and prints a table of medians and ratios:
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import lowband
+import lowband.bench as _suites
 
 
 @dataclass
@@ -93,9 +94,9 @@ def time_median(fn, reps, warmup=2):
 
 def discover_suites():
     names = []
-    for mod in pkgutil.iter_modules(lowband.__path__):
-        if mod.name.startswith("_bench_"):
-            names.append(mod.name[len("_bench_"):])
+    for mod in pkgutil.iter_modules(_suites.__path__):
+        if not mod.name.startswith("_") and mod.name != "harness":
+            names.append(mod.name)
     return sorted(names)
 
 
@@ -104,7 +105,7 @@ def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdo
     ctx = Context(size, threads, quick)
     rows = []
     for suite in suites or discover_suites():
-        mod = importlib.import_module(f"lowband._bench_{suite}")
+        mod = importlib.import_module(f"lowband.bench.{suite}")
         for case in mod.cases(ctx):
             row = {"suite": suite, "case": case.name, "nbytes": case.nbytes, "note": case.note}
             row["lowband_ms"] = time_median(case.lowband, reps) * 1e3
