@@ -17,7 +17,7 @@ from ._validate import BFLOAT16
 
 __all__ = ["SCHEMES", "packed_bytes", "nblocks", "emax_of", "work_dtype"]
 
-MAX_BLOCK = 1 << 40
+MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 _NONE = 0xFFFFFFFF
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)

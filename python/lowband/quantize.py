@@ -31,7 +31,7 @@ __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2
 F16 = np.dtype(np.float16)
 INPUT_DTYPES = ANY_FLOAT_DTYPES
 _NARROW_CODES = {"float16": 3, "bfloat16": 4}
-MAX_BLOCK = 1 << 40
+MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 
 
 def _input(x, threads):
