@@ -37,7 +37,7 @@ static PyObject *ef_error(lb_status st, lb_error *err, PyArrayObject *g)
     if (st == LB_EOVERFLOW) {
         PyErr_Format(PyExc_ValueError,
                      "error feedback: the compensated vector is non-finite at flat index "
-                     "%llu (the state overflowed or held non-finite values; reset it)",
+                     "%llu (it overflowed; the step is undone)",
                      (unsigned long long)err->index);
         return NULL;
     }
