@@ -317,8 +317,11 @@ class _Rendezvous:
             if self.failed:
                 raise _Aborted() from None
             self.failed = self.timed_out = True
+            missing = [r for r in range(self.world_size) if self.calls[r] <= seq]
+            waiting_for = (", ".join(f"rank {r}" for r in missing) + " (not in a collective)"
+                           if missing else "the other ranks")
             raise TimeoutError(f"rank {rank}: {name} (collective #{seq}) timed out after "
-                               f"{self.timeout} s waiting for the other ranks") from None
+                               f"{self.timeout} s waiting for {waiting_for}") from None
         entries = list(table)
         for r, (other, other_seq, _) in enumerate(entries):
             if other != name or other_seq != seq:
@@ -442,12 +445,12 @@ class Cluster:
         real = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, _Aborted)]
         if stuck:
             names = ", ".join(f"rank {r}" for r in stuck)
-            raise TimeoutError(
-                f"Cluster.run: {names} still running after the run failed or a collective "
-                f"waited timeout={self.timeout} s for it: blocked outside any collective (the "
-                f"thread keeps running in the background as a daemon thread; its result is "
-                f"discarded)") from (
-                    real[0][1] if real else None)
+            note = (f"(Cluster.run: {names} still running outside any collective when the run "
+                    f"failed; left running as a daemon thread, its result discarded)")
+            if not real:   # cannot happen: a failed rendezvous always has a cause
+                raise TimeoutError(note)
+            if hasattr(real[0][1], "add_note"):
+                real[0][1].add_note(note)
         if real:
             rank, exc = real[0]
             if hasattr(exc, "add_note"):
