@@ -21,7 +21,8 @@ from ._validate import BFLOAT16, FLOAT_DTYPES, check_out, check_seed, check_step
 FormatError = _core.FormatError
 
 MAX_NDIM = 32
-MAX_SIZE = 1 << 62     # every shape's shape_bound() is below this
+MAX_SIZE = 1 << 60     # every shape's shape_bound() is below this (2**63 bytes of float64:
+                       # what NumPy can describe, even for an empty array)
 
 # dtype codes shared with the wire format (docs/formats.md); bfloat16 (code
 # 4) needs ml_dtypes for its NumPy dtype.
@@ -46,7 +47,7 @@ def normalize_shape(shape, name="shape"):
         raise ValueError(f"{name}: expected at most {MAX_NDIM} dimensions, got {len(shape)}")
     if shape_bound(shape) >= MAX_SIZE:
         raise ValueError(f"{name}: the product of the dimensions (zeros counted as 1) must be "
-                         f"below 2**62, got shape {shape}")
+                         f"below 2**60, got shape {shape}")
     return shape
 
 

@@ -303,7 +303,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
         r.fail(f"ndim {ndim} exceeds {MAX_NDIM}", 7)
     shape = tuple(r.u64("shape") for _ in range(ndim))
     if shape_bound(shape) >= MAX_SIZE:
-        r.fail(f"tensor size overflows 2**62 (shape {shape}; zero dimensions count as 1)", 8)
+        r.fail(f"tensor size overflows 2**60 (shape {shape}; zero dimensions count as 1)", 8)
     size = shape_size(shape)
     if expect_shape is not None and shape != expect_shape:
         r.fail(f"shape {shape} differs from the expected {expect_shape}", 8)
