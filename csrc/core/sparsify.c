@@ -9,9 +9,11 @@
  * result: each part collects its candidates in index order, parts are
  * concatenated in order, and the final choice is made serially.
  */
+#define _DEFAULT_SOURCE   /* posix_memalign, madvise */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "lowband.h"
 #include "rng.h"
@@ -1070,6 +1072,33 @@ typedef struct {
     uint64_t mask;      /* table size - 1                                      */
 } idxset;
 
+/* A zeroed table of `size` slots; large ones on transparent huge pages
+ * where the kernel allows it (random probes then miss the TLB less).    */
+static uint64_t *table_alloc(uint64_t size)
+{
+    uint64_t bytes;
+    if (lb_size_mul(size, sizeof(uint64_t), &bytes) != LB_OK)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    const uint64_t huge = (uint64_t)2 << 20;
+    if (bytes >= 4 * huge) {
+        void *p = NULL;
+        if (posix_memalign(&p, (size_t)huge, (size_t)bytes) != 0)
+            return NULL;
+        madvise(p, (size_t)bytes, MADV_HUGEPAGE);
+        memset(p, 0, (size_t)bytes);
+        return p;
+    }
+#endif
+    return lb_alloc_n(size, sizeof(uint64_t), 1);
+}
+
+/* First probe position of v in the hash table (before masking). */
+static inline uint64_t idxset_home(uint64_t v)
+{
+    return ((v + 1) * 0x9E3779B97F4A7C15ull) >> 20;
+}
+
 static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
 {
     if (s->bits) {
@@ -1079,8 +1108,7 @@ static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
         s->bits[w] |= b;
         return 1;
     }
-    uint64_t h = (v + 1) * 0x9E3779B97F4A7C15ull;
-    for (uint64_t i = h >> 20;; i++) {
+    for (uint64_t i = idxset_home(v);; i++) {
         uint64_t *slot = &s->slots[i & s->mask];
         if (*slot == v + 1)
             return 0;
@@ -1130,7 +1158,7 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         uint64_t size = 1;
         while (size < 2 * draws)
             size <<= 1;
-        set.slots = lb_alloc_n(size, sizeof(uint64_t), 1);
+        set.slots = table_alloc(size);
         if (!set.slots)
             return LB_ENOMEM;
         set.mask = size - 1;
@@ -1139,13 +1167,42 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
      * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
     lb_u32x4 block = {{0, 0, 0, 0}};
-    for (uint64_t i = 0; i < draws; i++) {
-        uint64_t j = n - draws + i;
-        if ((i & 3) == 0)
-            block = lb_philox_block(&key, i >> 2);
-        uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
-        if (!idxset_add(&set, t))
-            idxset_add(&set, j);
+    if (bitmap) {
+        for (uint64_t i = 0; i < draws; i++) {
+            uint64_t j = n - draws + i;
+            if ((i & 3) == 0)
+                block = lb_philox_block(&key, i >> 2);
+            uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
+            if (!idxset_add(&set, t))
+                idxset_add(&set, j);
+        }
+    } else {
+        /* The draws do not depend on the set, only the insertions do: draw
+         * FLOYD_AHEAD ahead and prefetch their slots, so the cache misses
+         * of a table larger than the cache overlap (same draws, same set). */
+        enum { FLOYD_AHEAD = 32 };
+        uint64_t ring[FLOYD_AHEAD];
+        for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
+            if (a < draws) {
+                if ((a & 3) == 0)
+                    block = lb_philox_block(&key, a >> 2);
+                uint64_t t = floyd_draw(&key, block.v[a & 3], a, draws, n - draws + a + 1);
+                __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
+                if (a < FLOYD_AHEAD) {
+                    ring[a] = t;
+                    continue;
+                }
+                uint64_t i = a - FLOYD_AHEAD;
+                uint64_t old = ring[a % FLOYD_AHEAD];
+                ring[a % FLOYD_AHEAD] = t;
+                if (!idxset_add(&set, old))
+                    idxset_add(&set, n - draws + i);
+            } else if (a >= FLOYD_AHEAD) {
+                uint64_t i = a - FLOYD_AHEAD;
+                if (!idxset_add(&set, ring[a % FLOYD_AHEAD]))
+                    idxset_add(&set, n - draws + i);
+            }
+        }
     }
     if (bitmap) {
         uint64_t o = 0;
