@@ -214,6 +214,17 @@ def test_optimizers_refuse_non_finite_gradients(bad):
     assert sim.Cluster(1, timeout=30).run(fn) == [[]]
 
 
+def test_zeroth_order_refuses_non_finite_losses():
+    def fn(comm):
+        params = np.ones(4)
+        opt = optim.SeedReplayZO(params, comm, samples=2)
+        with pytest.raises(ValueError, match="non-finite loss"):
+            opt.step(lambda x: float("nan") if x[0] > 1 else 0.0)
+        return params.tobytes() == np.ones(4).tobytes() and opt.t == 0
+
+    assert sim.Cluster(1, timeout=30).run(fn) == [True]
+
+
 def test_optimizer_overflow_is_undone():
     params = np.array([3e38, 1, 2], np.float32)
     opt = optim.SGD(params, 1.0, momentum=0.5)

@@ -759,6 +759,9 @@ class SeedReplayZO(Optimizer):
             plus = float(loss_fn(self._scratch))
             np.subtract(x, eps * z, out=scratch)
             minus = float(loss_fn(self._scratch))
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                raise ValueError(f"loss_fn: returned a non-finite loss ({plus!r}, {minus!r}) "
+                                 f"for sample {s}; the step was not taken")
             scalars[s] = (plus - minus) / (2.0 * self.eps)
             losses += [plus, minus]
         if self.mode == "replay":
