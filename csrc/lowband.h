@@ -55,6 +55,24 @@ typedef struct {
 /* Short, static, human-readable name of a status ("LB_EINVAL", ...). */
 const char *lb_status_name(lb_status s);
 
+/* The one overflow-checked size computation: *out = a * b when the product
+ * fits in both uint64_t and size_t (LB_OK), else LB_EOVERFLOW (*out is then
+ * left alone).  Every allocation size or offset that multiplies numbers a
+ * caller controls goes through it.                                         */
+lb_status lb_size_mul(uint64_t a, uint64_t b, uint64_t *out);
+
+/* malloc(count * size) (calloc when zero != 0), with the product checked by
+ * lb_size_mul; NULL on overflow or when out of memory.  count 0 allocates
+ * one element, so NULL always means failure.                               */
+void *lb_alloc_n(uint64_t count, uint64_t size, int zero);
+
+/* Largest `chunk` of chunked top-k and largest quantization `block`
+ * (inclusive); the largest tile side of tiled top-k.  The Python layer reads
+ * these from lowband._core (MAX_CHUNK, MAX_BLOCK, MAX_TILE).               */
+#define LB_MAX_CHUNK ((uint64_t)1 << 40)
+#define LB_MAX_BLOCK ((uint64_t)1 << 40)
+#define LB_MAX_TILE ((uint64_t)1 << 31)
+
 /* ------------------------------------------------------------------------ */
 /* Element types                                                             */
 /* ------------------------------------------------------------------------ */

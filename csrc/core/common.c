@@ -27,6 +27,23 @@ const char *lb_status_name(lb_status s)
     return "LB_E?";
 }
 
+lb_status lb_size_mul(uint64_t a, uint64_t b, uint64_t *out)
+{
+    uint64_t r;
+    if (__builtin_mul_overflow(a, b, &r) || r > (uint64_t)SIZE_MAX)
+        return LB_EOVERFLOW;
+    *out = r;
+    return LB_OK;
+}
+
+void *lb_alloc_n(uint64_t count, uint64_t size, int zero)
+{
+    uint64_t bytes;
+    if (lb_size_mul(count ? count : 1, size ? size : 1, &bytes) != LB_OK)
+        return NULL;
+    return zero ? calloc((size_t)bytes, 1) : malloc((size_t)bytes);
+}
+
 size_t lb_dtype_size(lb_dtype dt)
 {
     switch (dt) {

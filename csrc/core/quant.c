@@ -103,7 +103,9 @@ static blocks blocks_of(uint64_t n, uint64_t block)
 {
     blocks L;
     L.n = n;
-    L.B = block ? block : (n ? n : 1);
+    /* a block longer than the tensor is the whole tensor: clamping keeps
+     * every output byte and makes the cost follow n, not the parameter  */
+    L.B = block && block < n ? block : (n ? n : 1);
     L.nblocks = lb_num_chunks(n, L.B);
     L.piece = L.B < LB_CHUNK ? L.B : LB_CHUNK;
     L.ppb = lb_num_chunks(L.B, L.piece);
@@ -131,7 +133,7 @@ static lb_status block_stats(const void *x, lb_dtype dt, const blocks *L,
                              int kind, double mu, int nthreads, lb_stat *out)
 {
     uint64_t npieces = L->nblocks * L->ppb;
-    lb_stat *part = L->ppb > 1 ? malloc((size_t)npieces * sizeof(lb_stat)) : out;
+    lb_stat *part = L->ppb > 1 ? lb_alloc_n(npieces, sizeof(lb_stat), 0) : out;
     if (!part)
         return LB_ENOMEM;
     const lb_quant_fns *fns = lb_quant();
@@ -315,7 +317,7 @@ static void twolevel_segment(const encode_job *J, uint64_t b, uint64_t i,
 static void *units_of(const float *scales, uint64_t nblocks, double div,
                       lb_dtype dt)
 {
-    void *u = malloc((size_t)(nblocks ? nblocks : 1) * (dt == LB_F32 ? 4 : 8));
+    void *u = lb_alloc_n(nblocks, dt == LB_F32 ? 4 : 8, 0);
     if (!u)
         return NULL;
     for (uint64_t b = 0; b < nblocks; b++) {
@@ -376,7 +378,7 @@ lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
     int sum_mode = mode == LB_SCALE_RMS ? LB_SUM_SQ : LB_SUM_ABS;
     lb_stat *sums = NULL;
     if (need_sums) {
-        sums = malloc((size_t)(L.nblocks ? L.nblocks : 1) * sizeof(lb_stat));
+        sums = lb_alloc_n(L.nblocks, sizeof(lb_stat), 0);
         if (!sums)
             return LB_ENOMEM;
     }
@@ -384,7 +386,7 @@ lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
     uint64_t npieces = L.nblocks * L.ppb;
     if (need_sums && (L.B % 8 == 0 || L.nblocks == 1)) {
         /* fused: every piece starts at a whole byte of the stream */
-        lb_stat *part = L.ppb > 1 ? malloc((size_t)npieces * sizeof(lb_stat)) : sums;
+        lb_stat *part = L.ppb > 1 ? lb_alloc_n(npieces, sizeof(lb_stat), 0) : sums;
         if (!part) {
             free(sums);
             return LB_ENOMEM;
@@ -466,7 +468,7 @@ static lb_status absmax_blocks(const void *x, uint64_t n, lb_dtype dt,
                                const blocks *L, int check_finite, int nthreads,
                                double **maxv, lb_error *err)
 {
-    lb_stat *st = malloc((size_t)(L->nblocks ? L->nblocks : 1) * sizeof(lb_stat));
+    lb_stat *st = lb_alloc_n(L->nblocks, sizeof(lb_stat), 0);
     if (!st)
         return LB_ENOMEM;
     lb_status s = block_stats(x, dt, L, STAT_MAXKEY, 0.0, nthreads, st);
@@ -539,7 +541,7 @@ lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, uint64_t levels,
         levels > 127 || step >= LB_MAX_STEP)
         return LB_EINVAL;
     blocks L = blocks_of(n, block);
-    lb_stat *sums = malloc((size_t)(L.nblocks ? L.nblocks : 1) * sizeof(lb_stat));
+    lb_stat *sums = lb_alloc_n(L.nblocks, sizeof(lb_stat), 0);
     if (!sums)
         return LB_ENOMEM;
     lb_status st = block_stats(x, dt, &L, LB_SUM_SQ, 0.0, nthreads, sums);
@@ -757,7 +759,7 @@ lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
     double w = 1.5 * sqrt(n > 1 ? dev.sum / (double)(n - 1) : 0.0);
     /* codes and per-chunk bin sums, combined in chunk order */
     uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
-    double *part = calloc((size_t)(nchunks ? nchunks : 1) * 8, sizeof(double));
+    double *part = lb_alloc_n(nchunks, 8 * sizeof(double), 1);
     if (!part)
         return LB_ENOMEM;
     const lb_quant_fns *fns = lb_quant();

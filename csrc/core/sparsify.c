@@ -9,9 +9,11 @@
  * result: each part collects its candidates in index order, parts are
  * concatenated in order, and the final choice is made serially.
  */
+#define _DEFAULT_SOURCE   /* posix_memalign, madvise */
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 
 #include "lowband.h"
 #include "rng.h"
@@ -139,7 +141,7 @@ void cand_free(cand_part *parts, int nparts)
 /* Allocates `nparts` buffers, part p holding min(its length, cap_total). */
 cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
 {
-    cand_part *parts = calloc((size_t)nparts, sizeof(cand_part));
+    cand_part *parts = lb_alloc_n((uint64_t)nparts, sizeof(cand_part), 1);
     if (!parts)
         return NULL;
     for (int p = 0; p < nparts; p++) {
@@ -147,8 +149,11 @@ cand_part *cand_alloc(uint64_t n, int nparts, uint64_t cap_total)
         lb_split(n, nparts, p, &b, &e);
         uint64_t cap = e - b < cap_total ? e - b : cap_total;
         parts[p].cap = cap;
-        parts[p].idx = lb_scratch_alloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
-        parts[p].raw = lb_scratch_alloc((size_t)(cap ? cap : 1) * sizeof(uint64_t));
+        uint64_t bytes = 0;   /* cap <= n, an array that exists: cannot fail */
+        if (lb_size_mul(cap ? cap : 1, sizeof(uint64_t), &bytes) == LB_OK) {
+            parts[p].idx = lb_scratch_alloc((size_t)bytes);
+            parts[p].raw = lb_scratch_alloc((size_t)bytes);
+        }
         if (!parts[p].idx || !parts[p].raw) {
             cand_free(parts, nparts);
             return NULL;
@@ -268,8 +273,8 @@ uint64_t collect_parallel(const keyinfo *ki, const void *x, uint64_t n,
 lb_status sparse_alloc(lb_sparse *out, uint64_t count, int width)
 {
     out->count = count;
-    out->indices = malloc((size_t)(count ? count : 1) * sizeof(uint64_t));
-    out->values = malloc((size_t)(count ? count : 1) * (size_t)width);
+    out->indices = lb_alloc_n(count, sizeof(uint64_t), 0);
+    out->values = lb_alloc_n(count, (uint64_t)width, 0);
     if (!out->indices || !out->values) {
         lb_sparse_free(out);
         return LB_ENOMEM;
@@ -301,7 +306,7 @@ lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
 {
     /* per part: [0] above hi, [1] key > T, [2] key == T, [3] output offset,
      * [4] ties it takes, [5] offset of its band keys                       */
-    uint64_t (*cnt)[6] = calloc((size_t)nparts, sizeof(*cnt));
+    uint64_t (*cnt)[6] = lb_alloc_n((uint64_t)nparts, sizeof(*cnt), 1);
     if (!cnt)
         return LB_ENOMEM;
     const uint64_t mask = ki->mask;
@@ -325,7 +330,9 @@ lb_status topk_from_candidates(const keyinfo *ki, const cand_part *parts,
         cnt[p][5] = band;
         band += parts[p].found - cnt[p][0];
     }
-    uint64_t *keys = lb_scratch_alloc((size_t)(band ? 2 * band : 1) * sizeof(uint64_t));
+    uint64_t kbytes = 0;
+    uint64_t *keys = lb_size_mul(band ? band : 1, 2 * sizeof(uint64_t), &kbytes) == LB_OK
+                         ? lb_scratch_alloc((size_t)kbytes) : NULL;
     if (!keys) {
         free(cnt);
         return LB_ENOMEM;
@@ -403,7 +410,7 @@ static lb_status radix_bound(const keyinfo *ki, const void *x, uint64_t n,
                              uint64_t *candidates, int *nonfinite)
 {
     uint64_t bins = ki->hist_bins;
-    uint64_t *hists = calloc((size_t)nparts * bins, sizeof(uint64_t));
+    uint64_t *hists = lb_alloc_n((uint64_t)nparts * bins, sizeof(uint64_t), 1);
     if (!hists)
         return LB_ENOMEM;
     const lb_scan_fns *fns = lb_scan();
@@ -587,7 +594,7 @@ static lb_status select_at_least(const keyinfo *ki, const void *x, uint64_t n,
                                  lb_sparse *out, lb_error *err)
 {
     int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
-    uint64_t *counts = calloc((size_t)nparts + 1, sizeof(uint64_t));
+    uint64_t *counts = lb_alloc_n((uint64_t)nparts + 1, sizeof(uint64_t), 1);
     if (!counts)
         return LB_ENOMEM;
     int nonfinite = 0;
@@ -600,7 +607,7 @@ static lb_status select_at_least(const keyinfo *ki, const void *x, uint64_t n,
         return LB_ENONFINITE;
     }
     lb_status st = sparse_alloc(out, total, ki->width);
-    uint64_t *raw = malloc((size_t)(total ? total : 1) * sizeof(uint64_t));
+    uint64_t *raw = lb_alloc_n(total, sizeof(uint64_t), 0);
     if (st != LB_OK || !raw) {
         free(counts);
         free(raw);
@@ -733,6 +740,10 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                        uint64_t k_per_chunk, int check_finite, int nthreads,
                        lb_sparse *out, lb_error *err)
 {
+    if (chunk > n)   /* cost follows n, not the parameter: same output */
+        chunk = n ? n : 1;
+    if (k_per_chunk > chunk)
+        k_per_chunk = chunk;
     uint64_t nchunks = lb_num_chunks(n, chunk);
     uint64_t last = n - (nchunks ? (nchunks - 1) * chunk : 0);
     uint64_t total = nchunks ? (nchunks - 1) * k_per_chunk +
@@ -744,11 +755,11 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
     int team = lb_team(nthreads, n / LB_CHUNK);
-    if (team > (int)nchunks)
+    if ((uint64_t)team > nchunks)
         team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        uint64_t *buf = malloc((size_t)3 * (size_t)chunk * sizeof(uint64_t));
+        uint64_t *buf = lb_alloc_n(chunk, 3 * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
@@ -786,7 +797,8 @@ lb_status lb_topk_chunked(const void *x, uint64_t n, lb_dtype dt,
                           lb_error *err)
 {
     const keyinfo *ki = keyinfo_of(dt);
-    if (!ki || !out || (!x && n) || chunk == 0 || k_per_chunk > chunk)
+    if (!ki || !out || (!x && n) || chunk == 0 || chunk > LB_MAX_CHUNK ||
+        k_per_chunk > chunk)
         return LB_EINVAL;
     memset(out, 0, sizeof(*out));
     /* x is only read when g is NULL */
@@ -800,23 +812,32 @@ lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
                         lb_sparse *out, lb_error *err)
 {
     const keyinfo *ki = keyinfo_of(dt);
-    if (!ki || !out || tile_rows == 0 || tile_cols == 0)
+    if (!ki || !out || tile_rows == 0 || tile_cols == 0 ||
+        tile_rows > LB_MAX_TILE || tile_cols > LB_MAX_TILE)
         return LB_EINVAL;
-    if (rows && cols > UINT64_MAX / rows)
+    uint64_t n, tile_max;
+    if (lb_size_mul(rows, cols, &n) != LB_OK)
         return LB_EOVERFLOW;
-    if (tile_rows > UINT64_MAX / tile_cols)
-        return LB_EOVERFLOW;
-    uint64_t n = rows * cols;
     if (!x && n)
         return LB_EINVAL;
-    if (k_per_tile > tile_rows * tile_cols)
+    if (lb_size_mul(tile_rows, tile_cols, &tile_max) != LB_OK)
+        return LB_EOVERFLOW;
+    if (k_per_tile > tile_max)
         return LB_EINVAL;
+    /* cost follows the matrix, not the parameters: a tile side beyond the
+     * matrix and a k beyond the tile change nothing in the output        */
+    if (tile_rows > rows)
+        tile_rows = rows ? rows : 1;
+    if (tile_cols > cols)
+        tile_cols = cols ? cols : 1;
+    tile_max = tile_rows * tile_cols;   /* <= max(n, 1) now */
+    if (k_per_tile > tile_max)
+        k_per_tile = tile_max;
     memset(out, 0, sizeof(*out));
     uint64_t bands = lb_num_chunks(rows, tile_rows);
     uint64_t tcols = lb_num_chunks(cols, tile_cols);
-    uint64_t tile_max = tile_rows * tile_cols;
     /* output offset of each band: sum over its tiles of min(k, tile size) */
-    uint64_t *band_off = malloc((size_t)(bands + 1) * sizeof(uint64_t));
+    uint64_t *band_off = lb_alloc_n(bands + 1, sizeof(uint64_t), 0);
     if (!band_off)
         return LB_ENOMEM;
     band_off[0] = 0;
@@ -839,15 +860,16 @@ lb_status lb_topk_tiled(const void *x, uint64_t rows, uint64_t cols,
     lb_status fail = LB_OK;
     uint64_t fail_at = UINT64_MAX;
     int team = lb_team(nthreads, n / LB_CHUNK);
-    if (team > (int)bands)
+    if ((uint64_t)team > bands)
         team = lb_team(nthreads, bands);
+    /* pos/keys/scratch for one tile, then each tile's picks of a band
+     * (tcols * k_per_tile <= tcols * tile_max <= cols * tile_rows <= n)   */
+    uint64_t per_band = tcols * k_per_tile;
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        /* pos/keys/scratch for one tile, then each tile's picks of a band */
-        size_t per_band = (size_t)(tcols * k_per_tile);
-        uint64_t *buf = malloc(((size_t)3 * tile_max + per_band) * sizeof(uint64_t));
-        char *vals = malloc(per_band * (size_t)ki->width + 1);
-        uint64_t *cnt = malloc((size_t)tcols * 2 * sizeof(uint64_t) + 1);
+        uint64_t *buf = lb_alloc_n(3 * tile_max + per_band, sizeof(uint64_t), 0);
+        char *vals = lb_alloc_n(per_band, (uint64_t)ki->width, 0);
+        uint64_t *cnt = lb_alloc_n(tcols, 2 * sizeof(uint64_t), 0);
         if (!buf || !vals || !cnt)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
@@ -943,7 +965,7 @@ lb_status lb_topk_sampled(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_SAMPLED_TOPK);
     uint64_t start = lb_philox_below(&key, 0, 1, stride);
     uint64_t m = (n - start + stride - 1) / stride;
-    uint64_t *sk = malloc((size_t)2 * m * sizeof(uint64_t));
+    uint64_t *sk = lb_alloc_n(m, 2 * sizeof(uint64_t), 0);
     if (!sk)
         return LB_ENOMEM;
     for (uint64_t j = 0; j < m; j++)
@@ -1050,6 +1072,33 @@ typedef struct {
     uint64_t mask;      /* table size - 1                                      */
 } idxset;
 
+/* A zeroed table of `size` slots; large ones on transparent huge pages
+ * where the kernel allows it (random probes then miss the TLB less).    */
+static uint64_t *table_alloc(uint64_t size)
+{
+    uint64_t bytes;
+    if (lb_size_mul(size, sizeof(uint64_t), &bytes) != LB_OK)
+        return NULL;
+#ifdef MADV_HUGEPAGE
+    const uint64_t huge = (uint64_t)2 << 20;
+    if (bytes >= 4 * huge) {
+        void *p = NULL;
+        if (posix_memalign(&p, (size_t)huge, (size_t)bytes) != 0)
+            return NULL;
+        madvise(p, (size_t)bytes, MADV_HUGEPAGE);
+        memset(p, 0, (size_t)bytes);
+        return p;
+    }
+#endif
+    return lb_alloc_n(size, sizeof(uint64_t), 1);
+}
+
+/* First probe position of v in the hash table (before masking). */
+static inline uint64_t idxset_home(uint64_t v)
+{
+    return ((v + 1) * 0x9E3779B97F4A7C15ull) >> 20;
+}
+
 static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
 {
     if (s->bits) {
@@ -1059,8 +1108,7 @@ static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
         s->bits[w] |= b;
         return 1;
     }
-    uint64_t h = (v + 1) * 0x9E3779B97F4A7C15ull;
-    for (uint64_t i = h >> 20;; i++) {
+    for (uint64_t i = idxset_home(v);; i++) {
         uint64_t *slot = &s->slots[i & s->mask];
         if (*slot == v + 1)
             return 0;
@@ -1079,10 +1127,12 @@ static int idxset_add(idxset *s, uint64_t v)   /* 1 if newly added */
 static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
                            uint64_t draws, uint64_t bound)
 {
-    if (bound <= ((uint64_t)1 << 32)) {
+    if (bound == ((uint64_t)1 << 32))   /* every word is a draw; (uint32_t)bound is 0 */
+        return word;
+    if (bound < ((uint64_t)1 << 32)) {
         uint64_t m = (uint64_t)word * bound;
         uint32_t threshold = (uint32_t)(((uint64_t)1 << 32) - bound) % (uint32_t)bound;
-        if (bound == ((uint64_t)1 << 32) || (uint32_t)m >= threshold)
+        if ((uint32_t)m >= threshold)
             return m >> 32;
     }
     return lb_philox_below(key, (draws + 3) / 4 + i, draws, bound);
@@ -1101,14 +1151,14 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     idxset set = {0};
     int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= draws;
     if (bitmap) {
-        set.bits = calloc((size_t)(n / 64 + 1), sizeof(uint64_t));
+        set.bits = lb_alloc_n(n / 64 + 1, sizeof(uint64_t), 1);
         if (!set.bits)
             return LB_ENOMEM;
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
             size <<= 1;
-        set.slots = calloc((size_t)size, sizeof(uint64_t));
+        set.slots = table_alloc(size);
         if (!set.slots)
             return LB_ENOMEM;
         set.mask = size - 1;
@@ -1117,13 +1167,42 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
      * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
     lb_u32x4 block = {{0, 0, 0, 0}};
-    for (uint64_t i = 0; i < draws; i++) {
-        uint64_t j = n - draws + i;
-        if ((i & 3) == 0)
-            block = lb_philox_block(&key, i >> 2);
-        uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
-        if (!idxset_add(&set, t))
-            idxset_add(&set, j);
+    if (bitmap) {
+        for (uint64_t i = 0; i < draws; i++) {
+            uint64_t j = n - draws + i;
+            if ((i & 3) == 0)
+                block = lb_philox_block(&key, i >> 2);
+            uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
+            if (!idxset_add(&set, t))
+                idxset_add(&set, j);
+        }
+    } else {
+        /* The draws do not depend on the set, only the insertions do: draw
+         * FLOYD_AHEAD ahead and prefetch their slots, so the cache misses
+         * of a table larger than the cache overlap (same draws, same set). */
+        enum { FLOYD_AHEAD = 32 };
+        uint64_t ring[FLOYD_AHEAD];
+        for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
+            if (a < draws) {
+                if ((a & 3) == 0)
+                    block = lb_philox_block(&key, a >> 2);
+                uint64_t t = floyd_draw(&key, block.v[a & 3], a, draws, n - draws + a + 1);
+                __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
+                if (a < FLOYD_AHEAD) {
+                    ring[a] = t;
+                    continue;
+                }
+                uint64_t i = a - FLOYD_AHEAD;
+                uint64_t old = ring[a % FLOYD_AHEAD];
+                ring[a % FLOYD_AHEAD] = t;
+                if (!idxset_add(&set, old))
+                    idxset_add(&set, n - draws + i);
+            } else if (a >= FLOYD_AHEAD) {
+                uint64_t i = a - FLOYD_AHEAD;
+                if (!idxset_add(&set, ring[a % FLOYD_AHEAD]))
+                    idxset_add(&set, n - draws + i);
+            }
+        }
     }
     if (bitmap) {
         uint64_t o = 0;
@@ -1145,7 +1224,7 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         if (set.slots[i])
             indices[o++] = set.slots[i] - 1;
     free(set.slots);
-    uint64_t *tmp = malloc((size_t)k * sizeof(uint64_t));
+    uint64_t *tmp = lb_alloc_n(k, sizeof(uint64_t), 0);
     if (!tmp)
         return LB_ENOMEM;
     radix_sort_u64(indices, tmp, k, n);

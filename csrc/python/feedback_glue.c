@@ -37,7 +37,7 @@ static PyObject *ef_error(lb_status st, lb_error *err, PyArrayObject *g)
     if (st == LB_EOVERFLOW) {
         PyErr_Format(PyExc_ValueError,
                      "error feedback: the compensated vector is non-finite at flat index "
-                     "%llu (the state overflowed or held non-finite values; reset it)",
+                     "%llu (it overflowed; the step is undone)",
                      (unsigned long long)err->index);
         return NULL;
     }
@@ -105,7 +105,7 @@ static PyObject *py_ef_topk_chunked(PyObject *self, PyObject *args, PyObject *kw
     if (!PyArg_ParseTupleAndKeywords(args, kw, "OOKK|ddpO:ef_topk_chunked", kwlist, &e_o,
                                      &g_o, &chunk, &kpc, &decay, &scale, &check, &threads))
         return NULL;
-    if (chunk == 0 || kpc > chunk || chunk > ((uint64_t)1 << 40)) {
+    if (chunk == 0 || kpc > chunk || chunk > LB_MAX_CHUNK) {
         PyErr_SetString(PyExc_ValueError, "chunk/k_per_chunk: expected 1 <= chunk, k_per_chunk <= chunk");
         return NULL;
     }

@@ -172,7 +172,10 @@ PyObject *lb_py_raise(lb_status st, const lb_error *err, const char *what,
     uint64_t at = err ? err->index : 0;
     switch (st) {
     case LB_ENOMEM:
-        return PyErr_NoMemory();
+        PyErr_Format(PyExc_MemoryError,
+                     "%s: out of memory allocating its working buffers and result "
+                     "(for %s)", what, argname ? argname : "its input");
+        return NULL;
     case LB_ENONFINITE:
         if (arr && at < (uint64_t)PyArray_SIZE(arr)) {
             double v = 0;
@@ -231,11 +234,14 @@ PyObject *lb_py_empty(int nd, const npy_intp *dims, int typenum)
         return NULL;
     size_t bytes = (size_t)PyDataType_ELSIZE(descr);
     for (int i = 0; i < nd; i++) {
-        if (dims[i] < 0 || (dims[i] && bytes > SIZE_MAX / (size_t)dims[i])) {
+        uint64_t next;
+        if (dims[i] < 0 || lb_size_mul(bytes, (uint64_t)dims[i], &next) != LB_OK) {
             Py_DECREF(descr);
-            return PyErr_NoMemory();
+            PyErr_Format(PyExc_MemoryError,
+                         "cannot allocate an output array: its size in bytes overflows");
+            return NULL;
         }
-        bytes *= (size_t)dims[i];
+        bytes = (size_t)next;
     }
     if (bytes < LB_POOL_MIN) {
         Py_DECREF(descr);
@@ -244,7 +250,9 @@ PyObject *lb_py_empty(int nd, const npy_intp *dims, int typenum)
     void *buf = lb_scratch_alloc(bytes);
     if (!buf) {
         Py_DECREF(descr);
-        return PyErr_NoMemory();
+        PyErr_Format(PyExc_MemoryError, "out of memory allocating an output array of %zu bytes",
+                     bytes);
+        return NULL;
     }
     PyObject *arr = PyArray_NewFromDescr(&PyArray_Type, descr, nd, (npy_intp *)dims, NULL, buf,
                                          NPY_ARRAY_CARRAY, NULL);

@@ -187,7 +187,10 @@ static int core_exec(PyObject *m)
     }
     if (PyModule_AddIntConstant(m, "GRAIN", (long)LB_GRAIN) < 0 ||
         PyModule_AddIntConstant(m, "CHUNK", (long)LB_CHUNK) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_STEP_LOG2", 56) < 0)
+        PyModule_AddIntConstant(m, "MAX_STEP_LOG2", 56) < 0 ||
+        PyModule_AddObject(m, "MAX_CHUNK", PyLong_FromUnsignedLongLong(LB_MAX_CHUNK)) < 0 ||
+        PyModule_AddObject(m, "MAX_BLOCK", PyLong_FromUnsignedLongLong(LB_MAX_BLOCK)) < 0 ||
+        PyModule_AddObject(m, "MAX_TILE", PyLong_FromUnsignedLongLong(LB_MAX_TILE)) < 0)
         return -1;
 #ifdef LOWBAND_SANITIZE
     if (PyModule_AddIntConstant(m, "SANITIZE", 1) < 0)

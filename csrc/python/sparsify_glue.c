@@ -106,7 +106,7 @@ static PyObject *py_topk_chunked(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     uint64_t n = (uint64_t)PyArray_SIZE(x);
     lb_dtype dt = lb_py_dtype_of(x);
-    if (lb_py_u64(chunk_o, "chunk", (uint64_t)1 << 40, &chunk) < 0 ||
+    if (lb_py_u64(chunk_o, "chunk", LB_MAX_CHUNK + 1, &chunk) < 0 ||
         lb_py_u64(k_o, "k_per_chunk", chunk + 1, &kpc) < 0 ||
         lb_py_threads(threads, n, &nt) < 0) {
         Py_DECREF(x);
@@ -149,7 +149,7 @@ static PyObject *py_topk_tiled(PyObject *self, PyObject *args, PyObject *kw)
     uint64_t n = (uint64_t)PyArray_SIZE(x);
     lb_dtype dt = lb_py_dtype_of(x);
     if ((cols && rows > n / cols) || rows * cols != n || th == 0 || tw == 0 ||
-        th > ((uint64_t)1 << 31) || tw > ((uint64_t)1 << 31) || kpt > th * tw) {
+        th > LB_MAX_TILE || tw > LB_MAX_TILE || kpt > th * tw) {
         Py_DECREF(x);
         PyErr_SetString(PyExc_ValueError, "topk_tiled: inconsistent shape or tile");
         return NULL;
@@ -245,13 +245,20 @@ static PyObject *py_randomk_indices(PyObject *self, PyObject *args)
         lb_py_u64(k_o, "k", n + 1, &k) < 0 || lb_py_u64(seed_o, "seed", 0, &seed) < 0 ||
         lb_py_u64(step_o, "step", LB_MAX_STEP, &step) < 0)
         return NULL;
-    uint64_t *idx = malloc((size_t)(k ? k : 1) * sizeof(uint64_t));
+    uint64_t *idx = lb_alloc_n(k, sizeof(uint64_t), 0);
     if (!idx)
-        return PyErr_NoMemory();
+        return PyErr_Format(PyExc_MemoryError,
+                            "randomk: out of memory allocating %llu indices (k)",
+                            (unsigned long long)k);
     lb_status st;
     LB_NOGIL(k, st = lb_randomk_indices(n, k, seed, step, idx));
     if (st != LB_OK) {
         free(idx);
+        if (st == LB_ENOMEM)
+            return PyErr_Format(PyExc_MemoryError,
+                                "randomk: out of memory allocating the index set of "
+                                "%llu draws from %llu elements", (unsigned long long)
+                                (k > n / 2 ? n - k : k), (unsigned long long)n);
         return lb_py_raise(st, NULL, "randomk", "", NULL);
     }
     return lb_py_indices(idx, k, n);
@@ -343,13 +350,14 @@ static PyObject *py_aggregate(PyObject *self, PyObject *args, PyObject *kw)
     if (!seq)
         return NULL;
     Py_ssize_t np = PySequence_Fast_GET_SIZE(seq);
-    lb_sparse_view *views = calloc((size_t)(np ? np : 1), sizeof(lb_sparse_view));
-    PyObject **keep = calloc((size_t)(np ? 2 * np : 1), sizeof(PyObject *));
+    lb_sparse_view *views = lb_alloc_n((uint64_t)np, sizeof(lb_sparse_view), 1);
+    PyObject **keep = lb_alloc_n((uint64_t)np, 2 * sizeof(PyObject *), 1);
     PyObject *result = NULL;
     uint64_t n = (uint64_t)PyArray_SIZE(out), total = 0;
     int nt;
     if (!views || !keep) {
-        PyErr_NoMemory();
+        PyErr_Format(PyExc_MemoryError, "aggregate: out of memory allocating %zd payload views",
+                     np);
         goto done;
     }
     for (Py_ssize_t w = 0; w < np; w++) {

@@ -95,7 +95,8 @@ static PyObject *py_index_encode(PyObject *self, PyObject *args)
         return NULL;
     if (size > PY_SSIZE_T_MAX) {
         Py_DECREF(a);
-        return PyErr_NoMemory();
+        return PyErr_Format(PyExc_MemoryError, "index_encode: %llu bytes is too large",
+                            (unsigned long long)size);
     }
     PyObject *out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)size);
     if (!out) {

@@ -1,5 +1,6 @@
 """Command line: ``python -m lowband bench [...]`` runs the benchmarks;
-``python -m lowband info`` prints the build facts."""
+``python -m lowband info`` prints the build facts; ``python -m lowband fuzz
+--inputs N [--seed S]`` fuzzes the wire decoder."""
 import os
 import sys
 
@@ -15,9 +16,10 @@ def _info():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lowband {bench,info} [options]\n"
+        print("usage: python -m lowband {bench,info,fuzz} [options]\n"
               "  bench   time the kernels against NumPy, torch and a copy (see bench --help)\n"
-              "  info    print version, instruction set and threads")
+              "  info    print version, instruction set and threads\n"
+              "  fuzz    fuzz lowband.decode (see fuzz --help)")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -31,7 +33,10 @@ def main(argv=None):
     if cmd == "info":
         _info()
         return 0
-    print(f"python -m lowband: unknown command {cmd!r} (expected bench or info)", file=sys.stderr)
+    if cmd == "fuzz":
+        from lowband._fuzz import main as fuzz_main
+        return fuzz_main(rest)
+    print(f"python -m lowband: unknown command {cmd!r} (expected bench, info or fuzz)", file=sys.stderr)
     return 2
 
 

@@ -16,9 +16,13 @@ import operator
 import numpy as np
 
 from . import _core
-from ._validate import BFLOAT16, check_out, check_threads
+from ._validate import BFLOAT16, FLOAT_DTYPES, check_out, check_seed, check_step, check_threads
 
 FormatError = _core.FormatError
+
+MAX_NDIM = 32
+MAX_SIZE = 1 << 60     # every shape's shape_bound() is below this (2**63 bytes of float64:
+                       # what NumPy can describe, even for an empty array)
 
 # dtype codes shared with the wire format (docs/formats.md); bfloat16 (code
 # 4) needs ml_dtypes for its NumPy dtype.
@@ -39,9 +43,22 @@ def normalize_shape(shape, name="shape"):
         raise TypeError(f"{name}: expected an int or a tuple of ints, got {type(shape).__name__}") from None
     if any(s < 0 for s in shape):
         raise ValueError(f"{name}: expected non-negative dimensions, got {shape}")
-    if len(shape) > 32:
-        raise ValueError(f"{name}: expected at most 32 dimensions, got {len(shape)}")
+    if len(shape) > MAX_NDIM:
+        raise ValueError(f"{name}: expected at most {MAX_NDIM} dimensions, got {len(shape)}")
+    if shape_bound(shape) >= MAX_SIZE:
+        raise ValueError(f"{name}: the product of the dimensions (zeros counted as 1) must be "
+                         f"below 2**60, got shape {shape}")
     return shape
+
+
+def shape_bound(shape):
+    """The product of the dimensions with zeros counted as 1: what NumPy
+    must be able to index, even for an empty tensor (the size check of
+    every payload and of ``decode``)."""
+    size = 1
+    for s in shape:
+        size *= max(s, 1)
+    return size
 
 
 def shape_size(shape):
@@ -211,8 +228,7 @@ class Quantized:
     @property
     def nbytes(self):
         if self._nbytes is None:
-            from .wire import encoded_size
-            self._nbytes = encoded_size(self)
+            self._nbytes = _header_size(self.shape) + _quant_body_size(self) + 4
         return self._nbytes
 
     def dequantize(self, out=None, *, threads=None):
@@ -288,7 +304,6 @@ class Sparse:
         if (seed is None) != (step is None):
             raise TypeError("seed and step go together (both or neither)")
         if seed is not None:
-            from ._validate import check_seed, check_step
             seed, step = check_seed(seed), check_step(step)
             expect = _core.randomk_indices(size, idx.size, seed, step)
             if not np.array_equal(expect, idx):
@@ -327,8 +342,10 @@ class Sparse:
     @property
     def nbytes(self):
         if self._nbytes is None:
-            from .wire import encoded_size
-            self._nbytes = encoded_size(self)
+            values = (_quant_body_size(self.values) if isinstance(self.values, Quantized)
+                      else 8 + self.values.nbytes)
+            self._nbytes = (_header_size(self.shape) + 8 + 1 + 8 + index_choice(self)[1]
+                            + 1 + values + 4)
         return self._nbytes
 
     @property
@@ -343,9 +360,20 @@ class Sparse:
         return self.values
 
     def to_dense(self, out=None, *, threads=None):
-        """Scatter into a zero tensor of ``shape`` (or into `out`)."""
-        from .sparsify import aggregate
-        return aggregate([self], op="sum", out=out, threads=threads)
+        """Scatter into a zero tensor of ``shape`` (or into `out`);
+        float16/bfloat16 payloads come back in float32."""
+        threads = check_threads(threads)
+        dtype = self.dtype if self.dtype in FLOAT_DTYPES else np.dtype(np.float32)
+        result = np.empty(self.shape, dtype=dtype) if out is None else check_out(out, self.shape, dtype)
+        _core.aggregate([self.scatter_pair(dtype)], "sum", result.reshape(-1), threads)
+        return result
+
+    def scatter_pair(self, dtype):
+        """(indices, values) as the C scatter takes them: contiguous indices
+        of ``index_dtype(size)``, values decoded and cast to `dtype`."""
+        vals = self.values_array() if isinstance(self.values, Quantized) else self.values
+        return (np.ascontiguousarray(self.indices, dtype=index_dtype(self.size)),
+                np.ascontiguousarray(vals, dtype=dtype))
 
     def __repr__(self):
         vals = "Quantized" if isinstance(self.values, Quantized) else str(self.values.dtype)
@@ -375,7 +403,10 @@ class Dense:
         arr = np.asarray(array)
         if arr.dtype.newbyteorder("=") not in DTYPE_CODES:
             raise TypeError(f"array: expected float16, bfloat16, float32 or float64, got {arr.dtype}")
-        self.array = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
+        normalize_shape(arr.shape, "array.shape")
+        # np.require keeps 0-d arrays 0-d (np.ascontiguousarray would make them 1-d)
+        self.array = np.require(arr.astype(arr.dtype.newbyteorder("="), copy=False),
+                                requirements="C")
 
     shape = property(lambda self: self.array.shape)
     dtype = property(lambda self: self.array.dtype)
@@ -383,8 +414,7 @@ class Dense:
 
     @property
     def nbytes(self):
-        from .wire import encoded_size
-        return encoded_size(self)
+        return _header_size(self.shape) + 8 + self.array.nbytes + 4
 
     def to_dense(self, out=None, *, threads=None):
         if out is None:
@@ -402,3 +432,34 @@ class Dense:
         return _same_bytes(self.array, other.array)
 
     __hash__ = None
+
+
+# --------------------------------------------------------------------------
+# Wire sizes (the layout is docs/formats.md; wire.py writes the bytes and
+# its tests check nbytes == len(encode(p)) for every payload kind)
+# --------------------------------------------------------------------------
+
+IDX_RAW, IDX_VARINT, IDX_BITMAP, IDX_SEEDED = 0, 1, 2, 3
+
+
+def _header_size(shape):
+    """magic, version, kind, dtype, ndim, then one u64 per dimension."""
+    return 8 + 8 * len(shape)
+
+
+def _quant_body_size(q):
+    """scheme id, dtype, parameter count, 9 bytes per parameter, array
+    count, then each array as a u64 length and its bytes."""
+    sch = get_scheme(q.scheme)
+    return 3 + 9 * len(sch.params) + 1 + sum(8 + q.arrays[n].nbytes for n in sch.arrays)
+
+
+def index_choice(s):
+    """(encoding, bytes) of a Sparse's indices on the wire: seeded (the 16
+    bytes of seed and step) for random-k payloads, else the smallest of raw,
+    varint and bitmap (ties to the lower code)."""
+    if s.seed is not None:
+        return IDX_SEEDED, 16
+    sizes = _core.index_sizes(s.indices, s.size)
+    best = min(range(3), key=lambda e: (sizes[e], e))
+    return best, sizes[best]

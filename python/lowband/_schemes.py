@@ -17,7 +17,7 @@ from ._validate import BFLOAT16
 
 __all__ = ["SCHEMES", "packed_bytes", "nblocks", "emax_of", "work_dtype"]
 
-MAX_BLOCK = 1 << 40
+MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 _NONE = 0xFFFFFFFF
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
@@ -97,6 +97,35 @@ class _Table(Scheme):
     def decode_args(self, q):
         raise NotImplementedError
 
+    def max_code(self, q):
+        """The largest valid code (codes 0..max_code are the valid ones)."""
+        return (1 << self.decode_args(q)[0]) - 1
+
+    def check_range(self, q):
+        """ValueError when a valid code would decode to +-Inf: the largest
+        |table entry| times the largest multiplier, rounded as the decoder
+        rounds it (work precision, then the output dtype), must be finite.
+        Runs on every decode and on every quantizer's output, so finite
+        input never decodes to Inf silently."""
+        if q.size == 0:
+            return
+        bits, table, mult, block = self.decode_args(q)
+        wd = work_dtype(q.dtype)
+        top = np.abs(np.asarray(table, dtype=np.float64)[:self.max_code(q) + 1]).max()
+        m = 1.0 if mult is None or len(mult) == 0 else np.asarray(mult, dtype=np.float64).max()
+        if not (np.isfinite(m) and np.isfinite(top)):
+            return   # non-finite input under check_finite=False; decode refuses
+                     # such scales and tables in check()
+        with np.errstate(over="ignore", invalid="ignore"):
+            worst = (wd.type(top) * wd.type(m)).astype(q.dtype).astype(np.float64)
+        if not np.isfinite(worst):
+            raise ValueError(f"scales: the largest code times the largest scale "
+                             f"({top!r} * {float(m)!r}) overflows {q.dtype}: the values "
+                             f"cannot be represented")
+
+    def check(self, q):
+        self.check_range(q)
+
     def dequantize(self, q, out, threads):
         _decode(q, out, threads, *self.decode_args(q))
 
@@ -143,9 +172,13 @@ class SignScheme(_Linear):
             lay["scales"] = (np.float32, 0)
         return lay
 
+    def max_code(self, q):
+        return 1
+
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
         _check_codes(q, 1, 1)
+        self.check_range(q)
 
     def decode_args(self, q):
         mult = q.arrays["scales"] if q.params["scale"] else None
@@ -178,10 +211,14 @@ class BlockwiseScheme(_Linear):
     def levels(bits):
         return 1 if bits == 1 else (1 << (bits - 1)) - 1
 
+    def max_code(self, q):
+        b = q.params["bits"]
+        return 1 if b == 1 else 2 * self.levels(b)
+
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
-        b = q.params["bits"]
-        _check_codes(q, b, 1 if b == 1 else 2 * self.levels(b))
+        _check_codes(q, q.params["bits"], self.max_code(q))
+        self.check_range(q)
 
     def decode_args(self, q):
         b = q.params["bits"]
@@ -210,10 +247,13 @@ class QSGDScheme(_Linear):
         _u(params, "block", 0, MAX_BLOCK)
         return super().layout(params, size, dtype)
 
+    def max_code(self, q):
+        return 2 * q.params["levels"]
+
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
-        s = q.params["levels"]
-        _check_codes(q, self.code_bits(s), 2 * s)
+        _check_codes(q, self.code_bits(q.params["levels"]), self.max_code(q))
+        self.check_range(q)
 
     def decode_args(self, q):
         s = q.params["levels"]
@@ -233,9 +273,13 @@ class TernGradScheme(_Linear):
     def block(self, params):
         return 0
 
+    def max_code(self, q):
+        return 2
+
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
         _check_codes(q, 2, 2)
+        self.check_range(q)
 
     def decode_args(self, q):
         return 2, _linear_table(2, 1), q.arrays["scales"], 0
@@ -254,6 +298,7 @@ class NaturalScheme(_Table):
         if not -896 <= top <= emax_of(q.dtype):
             raise ValueError(f"top: expected -896..{emax_of(q.dtype)} for {q.dtype}, got {top}")
         _check_codes(q, 8, 255, 0x80)
+        self.check_range(q)
 
     @staticmethod
     def table(top):
@@ -302,6 +347,7 @@ class MinifloatScheme(_Table):
         if k.size and (k.min() < -127 or k.max() > kmax):
             raise ValueError(f"exponents: expected -127..{kmax}, got {k.min()}..{k.max()}")
         _check_codes(q, 1 + E + M, (2 << (E + M)) - 1, 1 << (E + M))
+        self.check_range(q)
 
     def decode_args(self, q):
         E, M = q.params["exp_bits"], q.params["man_bits"]
@@ -321,6 +367,7 @@ class Lut2bitScheme(_Table):
         if not np.isfinite(q.arrays["table"]).all():
             raise ValueError("table: expected finite values")
         _check_codes(q, 2, 3)
+        self.check_range(q)
 
     def decode_args(self, q):
         return 2, q.arrays["table"], None, 0

@@ -14,7 +14,8 @@ import numpy as np
 __all__ = [
     "as_float_array", "as_selectable", "HALF_DTYPES", "ANY_FLOAT_DTYPES", "BFLOAT16", "check_int", "check_count", "check_ratio", "check_seed",
     "check_step", "check_threads", "check_choice", "check_finite_number",
-    "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES",
+    "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES", "check_finite_array",
+    "check_state_arrays", "check_state_step",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -169,10 +170,27 @@ def check_choice(value, name, choices):
     return value
 
 
+def check_finite_array(a, name, what="has a non-finite value"):
+    """ValueError naming the first non-finite element of the array a (one
+    read pass; nothing is allocated when a is finite)."""
+    # min and max propagate NaN and show +-Inf: no temporary array
+    if a.size and a.dtype.kind == "f" and not (np.isfinite(a.min()) and np.isfinite(a.max())):
+        flat = a.reshape(-1)
+        bad = int(np.flatnonzero(~np.isfinite(flat))[0])
+        raise ValueError(f"{name} {what} ({flat[bad]!r}) at flat index {bad}")
+    return a
+
+
+def check_state_step(t, name="state['t']"):
+    """A restored step counter: an int in [0, 2**56) (randomised
+    compressors use it as their Philox step)."""
+    return check_int(t, name, 0, MAX_STEP - 1)
+
+
 def check_state_arrays(arrays, expected, name="state['arrays']"):
     """A state_dict's arrays: exactly the names of `expected` ({name:
     (shape, dtype)}), each an ndarray of that dtype (TypeError) and shape
-    (ValueError)."""
+    (ValueError), all values finite (ValueError)."""
     if not isinstance(arrays, dict) or set(arrays) != set(expected):
         got = sorted(arrays) if isinstance(arrays, dict) else type(arrays).__name__
         raise ValueError(f"{name}: expected arrays {sorted(expected)}, got {got}")
@@ -184,6 +202,7 @@ def check_state_arrays(arrays, expected, name="state['arrays']"):
             raise TypeError(f"{name}[{key!r}]: expected dtype {np.dtype(dtype)}, got {a.dtype}")
         if a.shape != tuple(shape):
             raise ValueError(f"{name}[{key!r}]: expected shape {tuple(shape)}, got {a.shape}")
+        check_finite_array(a, f"{name}[{key!r}]")
 
 
 def check_out(out, shape, dtype, name="out"):

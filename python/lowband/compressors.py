@@ -25,6 +25,7 @@ import importlib
 
 import numpy as np
 
+from . import _core
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (check_choice, check_count, check_finite_number, check_int, check_ratio,
                         check_seed, check_step, check_threads)
@@ -199,10 +200,11 @@ class ChunkedTopK(Compressor):
         if isinstance(chunk, (tuple, list)):
             if len(chunk) != 2:
                 raise ValueError(f"chunk: expected an int or a (rows, cols) pair, got {chunk!r}")
-            self.chunk = (check_int(chunk[0], "chunk[0]", 1), check_int(chunk[1], "chunk[1]", 1))
+            self.chunk = (check_int(chunk[0], "chunk[0]", 1, _core.MAX_TILE),
+                          check_int(chunk[1], "chunk[1]", 1, _core.MAX_TILE))
             size = self.chunk[0] * self.chunk[1]
         else:
-            self.chunk = check_int(chunk, "chunk", 1)
+            self.chunk = check_int(chunk, "chunk", 1, _core.MAX_CHUNK)
             size = self.chunk
         self.k_per_chunk = check_count(k_per_chunk, size, "k_per_chunk")
 

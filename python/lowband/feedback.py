@@ -23,14 +23,16 @@ object from several Python threads is serialised.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
-from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_number, check_int,
-                        check_ratio, check_seed, check_state_arrays, check_threads)
+from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_array, check_finite_number,
+                        check_int, check_ratio, check_seed, check_state_arrays, check_state_step,
+                        check_threads)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
 __all__ = ["ErrorFeedback", "DecayedFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
@@ -51,10 +53,8 @@ def _like(like, name="like"):
 
 def _check_grad_finite(g, name="grad"):
     """ValueError naming the first non-finite element of g (before any state
-    is touched, so a failed step leaves the state unchanged)."""
-    if not np.isfinite(g).all():
-        bad = int(np.flatnonzero(~np.isfinite(g))[0])
-        raise ValueError(f"{name} has a non-finite value ({g[bad]!r}) at flat index {bad}")
+    is touched)."""
+    check_finite_array(g, name)
 
 
 def _subtract_decoded(e, payload, threads):
@@ -90,6 +90,32 @@ class _Stateful:
         self._lock = threading.Lock()
         for name in self._state_names:
             setattr(self, name, np.zeros(self.size, dtype=self.dtype))
+        self._backup = None
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """Every step runs inside this (with the lock held): the state is
+        copied first, and if the step raises, or leaves a non-finite value in
+        the state (an overflow: finite input never becomes Inf silently),
+        the copy is put back, so a failed step leaves the state byte for
+        byte as it was and raises."""
+        if self._backup is None:
+            self._backup = {n: np.empty_like(getattr(self, n)) for n in self._state_names}
+        for n in self._state_names:
+            np.copyto(self._backup[n], getattr(self, n))
+        saved = dict(t=self.t, _lr=getattr(self, "_lr", None))
+        try:
+            yield
+            for n in self._state_names:
+                check_finite_array(getattr(self, n), f"{type(self).__name__}.step: the state {n!r}",
+                                   "overflowed (the step was undone)")
+        except BaseException:
+            for n in self._state_names:
+                np.copyto(getattr(self, n), self._backup[n])
+            self.t = saved["t"]
+            if hasattr(self, "_lr"):
+                self._lr = saved["_lr"]
+            raise
 
     def _grad(self, grad, name="grad"):
         g = as_float_array(grad, name)
@@ -118,10 +144,11 @@ class _Stateful:
         check_state_arrays(arrays, {n: (self.shape, self.dtype) for n in self._state_names})
         if state.get("hyper", {}) != self._hyper():
             raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this object's {self._hyper()}")
+        t = check_state_step(state.get("t", 0))
         with self._lock:
             for name in self._state_names:
                 getattr(self, name)[:] = arrays[name].reshape(-1)
-            self.t = check_int(state.get("t", 0), "state['t']", 0)
+            self.t = t
 
     def reset(self):
         with self._lock:
@@ -143,9 +170,13 @@ class _Residual(_Stateful):
     def _hyper(self):
         return {"compressor": self.compressor.spec, "decay": self.decay}
 
-    def _step(self, grad, scale):
+    def _step(self, grad, scale, lr=None):
         g = self._grad(grad)
-        with self._lock:
+        with self._lock, self._transaction():
+            if lr is not None:   # ErrorFeedback's learning-rate-aware rescaling
+                if self._lr is not None and lr != self._lr:
+                    self.error *= self.dtype.type(self._lr / lr)
+                self._lr = lr
             e = self.error
             from . import _fused
             payload = _fused.residual_step(self, e, g, scale)
@@ -180,11 +211,7 @@ class ErrorFeedback(_Residual):
     def step(self, grad, *, lr=None):
         if lr is not None:
             lr = check_finite_number(lr, "lr", 0.0, lo_open=True)
-            if self._lr is not None and lr != self._lr:
-                with self._lock:
-                    self.error *= self.dtype.type(self._lr / lr)
-            self._lr = lr
-        return self._step(grad, 1.0)
+        return self._step(grad, 1.0, lr)
 
 
 class DecayedFeedback(_Residual):
@@ -227,7 +254,8 @@ class EF21(_Stateful):
 
     def step(self, grad):
         g = self._grad(grad)
-        with self._lock:
+        _check_grad_finite(g)
+        with self._lock, self._transaction():
             return self._message(g)
 
 
@@ -246,7 +274,8 @@ class EF21W(EF21):
 
     def step(self, grad):
         g = self._grad(grad)
-        with self._lock:
+        _check_grad_finite(g)
+        with self._lock, self._transaction():
             return self._message(g / self.dtype.type(self.weight))
 
 
@@ -268,10 +297,13 @@ class EF21Server:
         if self.weights is not None and len(self.weights) != len(payloads):
             raise ValueError(f"payloads: expected {len(self.weights)} (one per weight), got {len(payloads)}")
         n = len(payloads)
+        g = self.g.copy()   # computed aside, committed only when all is well
         for i, p in enumerate(payloads):
             d = _decoded(p, self.size, self.dtype, self.threads)
             w = 1.0 if self.weights is None else self.weights[i]
-            self.g += d * self.dtype.type(w / n)
+            g += d * self.dtype.type(w / n)
+        check_finite_array(g, "EF21Server.update: the estimate", "overflowed (nothing was changed)")
+        self.g[:] = g
         return self.g.reshape(self.shape)
 
 
@@ -290,7 +322,8 @@ class EControl(EF21):
 
     def step(self, grad):
         g = self._grad(grad)
-        with self._lock:
+        _check_grad_finite(g)
+        with self._lock, self._transaction():
             diff = g - self.h
             target = diff + self.dtype.type(self.eta) * self.e if self.eta else diff
             c = self.compressor.compress(target.reshape(self.shape), step=self.t)
@@ -355,7 +388,7 @@ class DGC(_Stateful):
     def step(self, grad):
         g = self._grad(grad)
         _check_grad_finite(g)
-        with self._lock:
+        with self._lock, self._transaction():
             if self.clip is not None:
                 norm = float(np.sqrt(np.dot(g.astype(np.float64), g.astype(np.float64))))
                 if norm > self.clip:

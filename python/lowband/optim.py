@@ -28,14 +28,15 @@ shape or dtype, or other hyper-parameters.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
 
 from . import _core
 from ._payload import Dense
-from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed,
-                        check_state_arrays)
+from ._validate import (FLOAT_DTYPES, check_choice, check_finite_array, check_finite_number,
+                        check_int, check_seed, check_state_arrays, check_state_step)
 from .compressors import Chain, ChunkedTopK, from_spec
 from .feedback import DGC, DecayedFeedback
 from .sim import chunk_bounds, reduce_payloads
@@ -77,10 +78,42 @@ def _check_betas(betas):
             check_finite_number(betas[1], "betas[1]", 0.0, 1.0, hi_open=True))
 
 
+def _transactional(step):
+    """Wraps an optimizer's ``step``: params and the whole state (children
+    included) are saved first; if the step raises, or leaves a non-finite
+    value in params or in a state array, both are put back exactly and the
+    step raises, so a failed step changes nothing on this rank.  (Other
+    ranks may already have finished their part of a collective: a failure
+    inside a distributed step must still be handled on every rank.)"""
+    @functools.wraps(step)
+    def run(self, *args, **kwargs):
+        saved = (self.flat.copy(), self.state_dict())
+        try:
+            out = step(self, *args, **kwargs)
+            what = "overflowed (the step was undone)"
+            check_finite_array(self.flat, f"{type(self).__name__}.step: params", what)
+            for name, arr in self._arrays.items():
+                check_finite_array(arr, f"{type(self).__name__}.step: the state {name!r}", what)
+            return out
+        except BaseException:
+            self.flat[:] = saved[0]
+            self.load_state_dict(saved[1])
+            raise
+    run.transactional = True
+    return run
+
+
 class Optimizer:
     """Base class: params, comm, step counter ``t``, named state arrays,
     child objects with their own state (feedback memories, an inner
-    optimizer) and the state_dict machinery."""
+    optimizer) and the state_dict machinery.  Every subclass's ``step`` is
+    transactional (``_transactional``) and every gradient must be finite."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        step = cls.__dict__.get("step")
+        if step is not None and not getattr(step, "transactional", False):
+            cls.step = _transactional(step)
 
     def __init__(self, params, comm=None, *, comm_required=True):
         self.params = _check_params(params)
@@ -130,7 +163,7 @@ class Optimizer:
         children = state.get("children", {})
         if set(children) != set(self._children()):
             raise ValueError(f"state: expected children {sorted(self._children())}, got {sorted(children)}")
-        t = check_int(state.get("t"), "state['t']", 0)
+        t = check_state_step(state.get("t"))
         for name, child in self._children().items():
             child.load_state_dict(children[name])
         for name, mine in self._arrays.items():
@@ -146,7 +179,7 @@ class Optimizer:
             raise TypeError(f"{name}: expected dtype {self.flat.dtype} (the params'), got {grad.dtype}")
         if grad.size != self.flat.size or (grad.shape != self.params.shape and grad.ndim != 1):
             raise ValueError(f"{name}: expected shape {self.params.shape}, got {grad.shape}")
-        return np.ascontiguousarray(grad).reshape(-1)
+        return check_finite_array(np.ascontiguousarray(grad).reshape(-1), name)
 
     def _average(self, g):
         """The gradient averaged over the ranks (as is without a comm)."""
@@ -726,6 +759,9 @@ class SeedReplayZO(Optimizer):
             plus = float(loss_fn(self._scratch))
             np.subtract(x, eps * z, out=scratch)
             minus = float(loss_fn(self._scratch))
+            if not (math.isfinite(plus) and math.isfinite(minus)):
+                raise ValueError(f"loss_fn: returned a non-finite loss ({plus!r}, {minus!r}) "
+                                 f"for sample {s}; the step was not taken")
             scalars[s] = (plus - minus) / (2.0 * self.eps)
             losses += [plus, minus]
         if self.mode == "replay":

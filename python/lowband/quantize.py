@@ -31,7 +31,7 @@ __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2
 F16 = np.dtype(np.float16)
 INPUT_DTYPES = ANY_FLOAT_DTYPES
 _NARROW_CODES = {"float16": 3, "bfloat16": 4}
-MAX_BLOCK = 1 << 40
+MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 
 
 def _input(x, threads):
@@ -51,7 +51,17 @@ def _block(block, name="block"):
 
 
 def _payload(scheme, shape, dtype, params, arrays):
-    return Quantized._make(scheme, shape, dtype, params, arrays)
+    """The kernel's output as a Quantized, refused (ValueError) when some
+    code would decode to +-Inf (finite input never becomes Inf silently)."""
+    q = Quantized._make(scheme, shape, dtype, params, arrays)
+    check_range = getattr(SCHEMES[scheme], "check_range", None)
+    if check_range is not None:
+        try:
+            check_range(q)
+        except ValueError as exc:
+            raise ValueError(f"x: its {scheme} encoding cannot be decoded in {q.dtype} "
+                             f"({exc})") from None
+    return q
 
 
 def sign(x, *, scale="l1", block=None, check_finite=True, threads=None):

@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import math
 import threading
+import time
 
 import numpy as np
 
@@ -299,6 +300,7 @@ class _Rendezvous:
         self.tables = [[None] * world_size, [None] * world_size]
         self.calls = [0] * world_size
         self.failed = False
+        self.timed_out = False   # a collective waited `timeout` for some rank
 
     def abort(self):
         self.failed = True
@@ -314,9 +316,12 @@ class _Rendezvous:
         except threading.BrokenBarrierError:
             if self.failed:
                 raise _Aborted() from None
-            self.failed = True
+            self.failed = self.timed_out = True
+            missing = [r for r in range(self.world_size) if self.calls[r] <= seq]
+            waiting_for = (", ".join(f"rank {r}" for r in missing) + " (not in a collective)"
+                           if missing else "the other ranks")
             raise TimeoutError(f"rank {rank}: {name} (collective #{seq}) timed out after "
-                               f"{self.timeout} s waiting for the other ranks") from None
+                               f"{self.timeout} s waiting for {waiting_for}") from None
         entries = list(table)
         for r, (other, other_seq, _) in enumerate(entries):
             if other != name or other_seq != seq:
@@ -371,7 +376,10 @@ class Cluster:
     lowest failing rank's, with a note naming the rank); a collective that
     waits more than ``timeout`` seconds raises TimeoutError instead of
     hanging (``timeout=None`` waits for ever: for ranks that compute for
-    minutes between collectives).  Every rank must call the same collectives in the same order
+    minutes between collectives).  A rank blocked outside any collective
+    makes ``run`` raise TimeoutError naming it about ``timeout`` seconds
+    later; threads cannot be killed, so its thread is left running as a
+    daemon thread (any collective it calls then raises at once).  Every rank must call the same collectives in the same order
     (a mismatch, including one rank returning while another still calls a
     collective, raises RuntimeError).
 
@@ -433,15 +441,46 @@ class Cluster:
                    for r in range(W)]
         for t in threads:
             t.start()
-        for t in threads:
-            t.join()
+        stuck = self._join(threads, rv)
         real = [(r, e) for r, e in enumerate(errors) if e is not None and not isinstance(e, _Aborted)]
+        if stuck:
+            names = ", ".join(f"rank {r}" for r in stuck)
+            note = (f"(Cluster.run: {names} still running outside any collective when the run "
+                    f"failed; left running as a daemon thread, its result discarded)")
+            if not real:   # cannot happen: a failed rendezvous always has a cause
+                raise TimeoutError(note)
+            if hasattr(real[0][1], "add_note"):
+                real[0][1].add_note(note)
         if real:
             rank, exc = real[0]
             if hasattr(exc, "add_note"):
                 exc.add_note(f"(raised in rank {rank} of lowband.sim.Cluster({W}))")
             raise exc
         return results
+
+    def _join(self, threads, rv):
+        """Waits for the rank threads; returns the ranks still running
+        after the rendezvous failed: ``timeout`` seconds after a rank raised,
+        or at once (a tenth of ``timeout``, at most 1 s, for the others to
+        get aborted) after a collective waited ``timeout`` seconds for them.
+        The others are aborted as soon as they enter a collective, so a rank
+        still running then is blocked outside any; ``run`` thus returns
+        about ``timeout`` seconds after the last collective progress.  Threads cannot be killed: such a thread is left running as a
+        daemon thread (it does not keep the interpreter alive), any
+        collective it calls later raises at once, and its result is
+        discarded.  With ``timeout=None`` this waits for ever."""
+        failed_at = None
+        pending = list(threads)
+        while pending:
+            pending[0].join(None if self.timeout is None else min(0.05, self.timeout))
+            pending = [t for t in pending if t.is_alive()]
+            if pending and rv.failed and self.timeout is not None:
+                now = time.monotonic()
+                failed_at = failed_at if failed_at is not None else now
+                grace = min(0.1 * self.timeout, 1.0) if rv.timed_out else self.timeout
+                if now - failed_at >= grace:
+                    return [threads.index(t) for t in pending]
+        return []
 
     def __repr__(self):
         return f"Cluster(world_size={self.world_size})"

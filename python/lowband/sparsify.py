@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._payload import Quantized, Sparse, index_dtype
+from ._payload import Sparse
 from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count,
                         check_finite_number, check_int, check_out, check_ratio, check_seed,
                         check_step, check_threads, k_from_ratio, resolve_k)
@@ -92,12 +92,12 @@ def topk_chunked(x, chunk, k_per_chunk, *, check_finite=True, threads=None):
             raise ValueError(f"chunk: expected an int or a (tile_rows, tile_cols) pair, got {chunk!r}")
         if x.ndim != 2:
             raise ValueError(f"x: tile mode needs a 2-D array, got shape {x.shape}")
-        th = check_int(chunk[0], "chunk[0]", 1, 1 << 31)
-        tw = check_int(chunk[1], "chunk[1]", 1, 1 << 31)
+        th = check_int(chunk[0], "chunk[0]", 1, _core.MAX_TILE)
+        tw = check_int(chunk[1], "chunk[1]", 1, _core.MAX_TILE)
         kpc = check_count(k_per_chunk, th * tw, "k_per_chunk")
         rows, cols = x.shape
         return _sparse(x, half, _core.topk_tiled(x, rows, cols, th, tw, kpc, bool(check_finite), threads))
-    chunk = check_int(chunk, "chunk", 1, 1 << 40)
+    chunk = check_int(chunk, "chunk", 1, _core.MAX_CHUNK)
     kpc = check_count(k_per_chunk, chunk, "k_per_chunk")
     return _sparse(x, half, _core.topk_chunked(x, chunk, kpc, bool(check_finite), threads))
 
@@ -164,11 +164,5 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
         result = np.empty(shape, dtype=dtype)
     else:
         result = check_out(out, shape, dtype)
-    idt = index_dtype(first.size)
-    pairs = []
-    for p in payloads:
-        vals = p.values_array() if isinstance(p.values, Quantized) else p.values
-        pairs.append((np.ascontiguousarray(p.indices, dtype=idt),
-                      np.ascontiguousarray(vals, dtype=dtype)))
-    _core.aggregate(pairs, op, result.reshape(-1), threads)
+    _core.aggregate([p.scatter_pair(dtype) for p in payloads], op, result.reshape(-1), threads)
     return result

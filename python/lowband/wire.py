@@ -18,8 +18,9 @@ import struct
 import numpy as np
 
 from . import _core
-from ._payload import (CODE_DTYPES, DTYPE_CODES, Dense, FormatError, Quantized, Sparse,
-                       get_scheme, normalize_shape, scheme_by_id, shape_size)
+from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_BITMAP, IDX_RAW, IDX_SEEDED, IDX_VARINT,
+                       MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
+                       index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
 from ._validate import check_int
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
@@ -27,10 +28,7 @@ __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"
 MAGIC = b"LBND"
 VERSION = 1
 KIND_SPARSE, KIND_QUANTIZED, KIND_DENSE = 1, 2, 3
-IDX_RAW, IDX_VARINT, IDX_BITMAP, IDX_SEEDED = 0, 1, 2, 3
 VALUES_RAW, VALUES_QUANTIZED = 0, 1
-MAX_NDIM = 32
-MAX_SIZE = 1 << 62
 PARAM_U64, PARAM_F64 = 0, 1
 
 _u8 = struct.Struct("<B")
@@ -95,19 +93,10 @@ def _quant_body(q, pieces):
         _section(pieces, q.arrays[name])
 
 
-def _index_choice(s):
-    """(encoding, size) the encoder uses for a Sparse's indices."""
-    if s.seed is not None:
-        return IDX_SEEDED, 16
-    sizes = _core.index_sizes(s.indices, s.size)
-    best = min(range(3), key=lambda e: (sizes[e], e))
-    return best, sizes[best]
-
-
 def _pieces(payload):
     if isinstance(payload, Sparse):
         pieces = [_header(KIND_SPARSE, payload.dtype, payload.shape), _u64.pack(payload.nnz)]
-        enc, size = _index_choice(payload)
+        enc, size = index_choice(payload)
         pieces.append(bytes([enc]))
         if enc == IDX_SEEDED:
             _section(pieces, _u64.pack(payload.seed) + _u64.pack(payload.step))
@@ -134,7 +123,9 @@ def _pieces(payload):
 
 def encoded_size(payload):
     """len(encode(payload)), computed without building the bytes."""
-    return sum(_piece_len(p) for p in _pieces(payload)) + 4
+    if not isinstance(payload, (Sparse, Quantized, Dense)):
+        raise TypeError(f"payload: expected a Sparse, Quantized or Dense, got {type(payload).__name__}")
+    return payload.nbytes
 
 
 def encode(payload):
@@ -311,11 +302,9 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     if ndim > MAX_NDIM:
         r.fail(f"ndim {ndim} exceeds {MAX_NDIM}", 7)
     shape = tuple(r.u64("shape") for _ in range(ndim))
-    size = 1
-    for s in shape:
-        size *= s
-        if size >= MAX_SIZE:
-            r.fail(f"tensor size overflows 2**62 (shape {shape})", 8)
+    if shape_bound(shape) >= MAX_SIZE:
+        r.fail(f"tensor size overflows 2**60 (shape {shape}; zero dimensions count as 1)", 8)
+    size = shape_size(shape)
     if expect_shape is not None and shape != expect_shape:
         r.fail(f"shape {shape} differs from the expected {expect_shape}", 8)
     if expect_dtype is not None and dtype != expect_dtype:

@@ -145,6 +145,83 @@ static void test_aggregate(void)
           "aggregate rejects an out-of-range index");
 }
 
+/* The one size helper, and each family driven to the edge of its sizes. */
+static void test_sizes(void)
+{
+    uint64_t r = 7;
+    CHECK(lb_size_mul(UINT64_MAX, 1, &r) == LB_OK && r == UINT64_MAX, "size_mul max * 1");
+    CHECK(lb_size_mul(0, UINT64_MAX, &r) == LB_OK && r == 0, "size_mul 0 * max");
+    CHECK(lb_size_mul((uint64_t)1 << 32, (uint64_t)1 << 32, &r) == LB_EOVERFLOW && r == 0,
+          "size_mul 2^32 * 2^32 overflows, *out untouched");
+    CHECK(lb_size_mul((uint64_t)1 << 62, 4, &r) == LB_EOVERFLOW, "size_mul 2^62 * 4 overflows");
+    CHECK(lb_size_mul(((uint64_t)1 << 61) - 1, 8, &r) == LB_OK && r == UINT64_MAX - 7,
+          "size_mul just below the edge");
+    CHECK(lb_alloc_n((uint64_t)1 << 62, 8, 0) == NULL, "alloc_n refuses an overflowing size");
+    void *one = lb_alloc_n(0, 8, 1);
+    CHECK(one != NULL, "alloc_n of 0 elements is a real allocation");
+    free(one);
+
+    /* sparsify: tiles and chunks far beyond the data cost what the data costs */
+    float x[1000];
+    for (int i = 0; i < 1000; i++)
+        x[i] = (float)((i * 37) % 101) - 50.0f;
+    lb_sparse s;
+    lb_error e = {0};
+    uint64_t big = (uint64_t)1 << 31;
+    CHECK(lb_topk_tiled(x, 10, 100, LB_F32, big, big, 1, 1, 1, &s, &e) == LB_OK && s.count == 1,
+          "topk_tiled with (2^31, 2^31) tiles on 10 x 100");
+    if (s.count == 1)
+        lb_sparse_free(&s);
+    CHECK(lb_topk_tiled(x, 10, 100, LB_F32, big, big, big * big, 1, 1, &s, &e) == LB_OK &&
+              s.count == 1000,
+          "topk_tiled with k = 2^62 keeps the whole (clamped) tile");
+    lb_sparse_free(&s);
+    CHECK(lb_topk_tiled(x, 10, 100, LB_F32, big + 1, 1, 1, 1, 1, &s, &e) == LB_EINVAL,
+          "topk_tiled refuses a tile side above LB_MAX_TILE");
+    CHECK(lb_topk_tiled(x, (uint64_t)1 << 33, (uint64_t)1 << 31, LB_F32, 1, 1, 1, 1, 1, &s, &e) ==
+              LB_EOVERFLOW,
+          "topk_tiled refuses rows * cols overflowing");
+    CHECK(lb_topk_chunked(x, 10, LB_F32, LB_MAX_CHUNK, LB_MAX_CHUNK, 1, 1, &s, &e) == LB_OK &&
+              s.count == 10,
+          "topk_chunked with chunk = k = LB_MAX_CHUNK on 10 elements");
+    lb_sparse_free(&s);
+    CHECK(lb_topk_chunked(x, 10, LB_F32, LB_MAX_CHUNK + 1, 1, 1, 1, &s, &e) == LB_EINVAL,
+          "topk_chunked refuses chunk above LB_MAX_CHUNK");
+    float ev[10] = {0}, gv[10] = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+    CHECK(lb_ef_topk_chunked(ev, gv, 10, LB_F32, 1.0, 1.0, LB_MAX_CHUNK, 3, 1, 1, &s, &e) == LB_OK &&
+              s.count == 3 && s.indices[0] == 7,
+          "fused chunked top-k with chunk = LB_MAX_CHUNK");
+    lb_sparse_free(&s);
+
+    /* randomk: bound 2^32 in Floyd's draw (was a division by zero) */
+    uint64_t idx[2];
+    CHECK(lb_randomk_indices((uint64_t)1 << 32, 1, 0, 0, idx) == LB_OK && idx[0] < ((uint64_t)1 << 32),
+          "randomk n = 2^32, k = 1");
+    CHECK(lb_randomk_indices(((uint64_t)1 << 32) + 1, 2, 5, 0, idx) == LB_OK && idx[0] < idx[1],
+          "randomk n = 2^32 + 1, k = 2 (draws at bounds 2^32 and 2^32 + 1)");
+
+    /* quant: a block longer than the tensor is the tensor */
+    uint8_t codes[1000], codes2[1000];
+    float sc[2], sc2[2];
+    CHECK(lb_quantize(x, 1000, LB_F32, 8, LB_MAX_BLOCK, 0, 0, 0, 1, 1, codes, sc, &e) == LB_OK &&
+              lb_quantize(x, 1000, LB_F32, 8, 0, 0, 0, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
+              memcmp(codes, codes2, 1000) == 0 && sc[0] == sc2[0],
+          "quantize block = LB_MAX_BLOCK equals the per-tensor block");
+    CHECK(lb_sign(x, 1000, LB_F32, 1, LB_MAX_BLOCK, 1, 1, codes, sc, &e) == LB_OK &&
+              lb_sign(x, 1000, LB_F32, 1, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
+              memcmp(codes, codes2, 125) == 0 && sc[0] == sc2[0],
+          "sign block = LB_MAX_BLOCK equals the per-tensor block");
+    CHECK(lb_qsgd(x, 1000, LB_F32, 4, LB_MAX_BLOCK, 1, 0, 1, 1, codes, sc, &e) == LB_OK &&
+              lb_qsgd(x, 1000, LB_F32, 4, 0, 1, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
+              memcmp(codes, codes2, lb_packed_bytes(1000, 4)) == 0 && sc[0] == sc2[0],
+          "qsgd block = LB_MAX_BLOCK equals the per-tensor block");
+    int8_t ex[2], ex2[2];
+    CHECK(lb_minifloat(x, 1000, LB_F32, 3, 0, LB_MAX_BLOCK, 127, 1, 1, codes, ex, &e) == LB_OK &&
+              lb_minifloat(x, 1000, LB_F32, 3, 0, 0, 127, 1, 1, codes2, ex2, &e) == LB_OK &&
+              memcmp(codes, codes2, lb_packed_bytes(1000, 4)) == 0 && ex[0] == ex2[0],
+          "minifloat block = LB_MAX_BLOCK equals the per-tensor block");
+}
+
 int main(void)
 {
     test_philox();
@@ -153,6 +230,7 @@ int main(void)
     test_randomk();
     test_index_codec();
     test_aggregate();
+    test_sizes();
     printf("%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
     return failures != 0;
 }
