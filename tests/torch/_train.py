@@ -61,7 +61,7 @@ def make_hook(kind, **opts):
 
 
 def train(rank, world, kind, steps, *, opts=None, ddp_opts=None, lr=0.1, seed=0, state=None,
-          model_state=None, start=0, save_at=None, hidden=64, record=None, micro=1):
+          model_state=None, start=0, save_at=None, hidden=64, record=None, micro=1, decay=False):
     """Train; returns (params, accuracy, state, extra).  ``save_at``: also
     return the checkpoint (model, optimizer, hook state pickled) after that
     many steps.  ``record``: a list that gets (inputs, outputs) of every hook
@@ -103,6 +103,9 @@ def train(rank, world, kind, steps, *, opts=None, ddp_opts=None, lr=0.1, seed=0,
                     loss_fn(ddp(x), y).backward()
             else:
                 loss_fn(ddp(x), y).backward()
+        if decay:   # linear decay to zero over the run
+            for group in opt.param_groups:
+                group["lr"] = lr * (1 - step / (start + steps))
         opt.step()
         if save_at is not None and step + 1 == save_at:
             checkpoint = {"model": {k: v.clone() for k, v in model.state_dict().items()},

@@ -309,3 +309,46 @@ def test_state_arguments_and_pickling():
         p.load_state_dict(s.state_dict())
     with pytest.raises(ValueError, match="configuration"):
         lt.hooks.CompressionState(compressor="sign", start_iter=4).load_state_dict(s.state_dict())
+
+
+# -- four ranks, and accuracy on digits ------------------------------------------------
+
+FOUR = ["topk_ef", "sign_ef", "fp16", "powersgd", "topk_torch"]
+
+
+@pytest.mark.slow
+def test_four_ranks_identical_replicas():
+    results = spawn(run_configs, 4, FOUR, 4, timeout=600)
+    for name in FOUR:
+        for rank in range(1, 4):
+            assert _train.params_equal(results[rank][name][0], results[0][name][0]), (name, rank)
+        for rank in range(4):
+            summary = results[rank][name][1]
+            assert summary["comm"][0] == summary["bytes_sent"] > 0 and summary["iter"] == 4
+
+
+ACCURACY = {
+    "none": ("none", None),
+    "topk_ef": ("compression", dict(compressor="topk:0.01", feedback="ef", start_iter=10)),
+    "sign_ef": ("compression", dict(compressor="sign", feedback="ef", start_iter=10)),
+    "powersgd": ("powersgd", dict(rank=2, start_iter=10)),
+}
+
+
+def train_accuracy(rank, world, names, steps):
+    out = {}
+    for name in names:
+        kind, opts = ACCURACY[name]
+        params, acc, _, _ = _train.train(rank, world, kind, steps, opts=opts, lr=0.05, decay=True,
+                                         ddp_opts=dict(bucket_cap_mb=0.01))
+        out[name] = (params, acc)
+    return out
+
+
+@pytest.mark.slow
+def test_digits_accuracy_within_one_point_of_plain_ddp():
+    results = spawn(train_accuracy, 2, list(ACCURACY), 400, timeout=900)
+    base = results[0]["none"][1]
+    for name in ACCURACY:
+        assert _train.params_equal(results[0][name][0], results[1][name][0]), name
+        assert results[0][name][1] >= base - 0.01, (name, results[0][name][1], base)
