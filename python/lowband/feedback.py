@@ -27,7 +27,7 @@ import threading
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
-from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_number, check_int,
+from ._validate import (FLOAT_DTYPES, as_float_array, from_torch, check_finite_number, check_int,
                         check_ratio, check_seed, check_state_arrays, check_threads)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
@@ -40,7 +40,7 @@ def _like(like, name="like"):
     if isinstance(like, tuple) and len(like) == 2 and not isinstance(like[0], (int, np.integer)):
         shape, dtype = tuple(like[0]), np.dtype(like[1])
     else:
-        arr = np.asarray(like)
+        arr = np.asarray(from_torch(like, name))
         shape, dtype = arr.shape, arr.dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: error-feedback state is float32 or float64, got {dtype}")

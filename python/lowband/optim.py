@@ -34,7 +34,7 @@ import numpy as np
 
 from . import _core
 from ._payload import Dense
-from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed,
+from ._validate import (FLOAT_DTYPES, from_torch, check_choice, check_finite_number, check_int, check_seed,
                         check_state_arrays)
 from .compressors import Chain, ChunkedTopK, from_spec
 from .feedback import DGC, DecayedFeedback
@@ -47,6 +47,7 @@ _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "
 
 
 def _check_params(params):
+    params = from_torch(params, "params")      # a tensor: updated in place through a view
     if not isinstance(params, np.ndarray):
         raise TypeError(f"params: expected a float32 or float64 ndarray, got {type(params).__name__}")
     if params.dtype not in FLOAT_DTYPES:
@@ -140,6 +141,7 @@ class Optimizer:
 
     # -- helpers -------------------------------------------------------------
     def _grad(self, grad, name="grad"):
+        grad = from_torch(grad, name)
         if not isinstance(grad, np.ndarray):
             raise TypeError(f"{name}: expected an ndarray, got {type(grad).__name__}")
         if grad.dtype != self.flat.dtype:
@@ -273,7 +275,7 @@ class OneBitAdam(Optimizer):
             self.momentum_mask = self._new_state("momentum_mask")
             self.momentum_mask[:] = 1
         elif momentum_mask is not None:
-            mask = np.asarray(momentum_mask)
+            mask = np.asarray(from_torch(momentum_mask, "momentum_mask"))
             if mask.size != self.flat.size:
                 raise ValueError(f"momentum_mask: expected {self.flat.size} elements, got {mask.size}")
             self.mask_mode = "given"

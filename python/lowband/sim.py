@@ -67,7 +67,7 @@ import threading
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
-from ._validate import as_float_array, check_choice, check_finite_number, check_int
+from ._validate import as_float_array, check_choice, check_finite_number, check_int, from_torch
 from .sparsify import aggregate
 from .wire import decode, encode
 
@@ -130,6 +130,7 @@ def reduce_payloads(payloads, op="mean"):
 
 
 def _as_payload(payload, name="payload"):
+    payload = from_torch(payload, name)
     if isinstance(payload, (Sparse, Quantized, Dense)):
         return payload
     if isinstance(payload, np.ndarray):
@@ -139,6 +140,7 @@ def _as_payload(payload, name="payload"):
 
 def _reduce_array(array, name="array"):
     """A contiguous float or int ndarray for allreduce."""
+    array = from_torch(array, name)
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name}: expected an ndarray, got {type(array).__name__}")
     if array.dtype.kind not in "fiu":
@@ -244,6 +246,8 @@ class Communicator:
         n, W = x.size, self.world_size
         bounds = chunk_bounds(n, W)
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        worker_error = from_torch(worker_error, "worker_error")
+        server_error = from_torch(server_error, "server_error")
         _check_error(worker_error, "worker_error", n, x.dtype)
         _check_error(server_error, "server_error", hi - lo, x.dtype)
         z = x + worker_error.reshape(-1) if worker_error is not None else x
