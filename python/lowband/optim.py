@@ -3,7 +3,7 @@
 Every optimizer is one rank's object: it owns nothing but its state, updates
 ``params`` (a float32/float64 ndarray) in place, and talks to the other
 ranks only through ``comm`` (a ``lowband.sim`` communicator: the in-process
-``Cluster`` or ``TorchCommunicator``).  All ranks must call ``step`` in
+``Cluster`` or ``lowband.torch.ProcessGroupCommunicator``).  All ranks must call ``step`` in
 lockstep.  docs/optim.md maps each class to its paper.
 
 ``SGD``, ``AdamW``   local (``comm=None``) or data-parallel (gradients

@@ -3,7 +3,7 @@
 A *communicator* is one rank's view of a group of ``world_size`` workers.
 Its interface is small on purpose, so that the optimizers in
 ``lowband.optim`` run unchanged on the embedded simulator (``Cluster``) or
-on torch.distributed (``TorchCommunicator``):
+on torch.distributed (``lowband.torch.ProcessGroupCommunicator``):
 
 ``comm.rank``, ``comm.world_size``
 ``comm.allreduce(array, op="sum"|"mean") -> ndarray``
@@ -455,45 +455,12 @@ class Cluster:
 # torch.distributed
 # --------------------------------------------------------------------------
 
-class TorchCommunicator(Communicator):
-    """The same interface over a torch.distributed process group (CPU
-    tensors; gloo works).  Payload bytes travel through
-    ``all_gather_object``; this rank's counters (``bytes_sent``,
-    ``bytes_received``) follow the module's accounting rules, which count
-    the lowband payload bytes, not torch's pickling overhead."""
-
-    def __init__(self, group=None):
-        super().__init__()
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            raise RuntimeError("TorchCommunicator: torch.distributed is not initialised "
-                               "(call torch.distributed.init_process_group first)")
-        self._dist = dist
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-
-    def _gather_all(self, name, item):
-        out = [None] * self.world_size
-        self._dist.all_gather_object(out, (name, item), group=self.group)
-        names = [n for n, _ in out]
-        if len(set(names)) != 1:
-            raise RuntimeError(f"mismatched collectives across ranks: {names}")
-        return [it for _, it in out]
-
-    def _allreduce_raw(self, array, op):
-        # rank-ordered sum: gather every contribution and add in rank order
-        # (a torch all_reduce would sum in an order we do not control)
-        items = self._gather_all("allreduce", array)
-        total = items[0].copy()
-        for a in items[1:]:
-            if a.shape != total.shape or a.dtype != total.dtype:
-                raise ValueError(f"array: ranks passed different shapes/dtypes "
-                                 f"({a.dtype} {a.shape} vs {total.dtype} {total.shape})")
-            total += a
-        if op == "mean":
-            total /= self.world_size
-        return total
-
-    def barrier(self):
-        self._dist.barrier(group=self.group)
+def TorchCommunicator(group=None):
+    """Deprecated alias of ``lowband.torch.ProcessGroupCommunicator(group)``
+    (real collectives, no pickling; imported only when called, so that
+    ``lowband.sim`` never imports torch)."""
+    import warnings
+    warnings.warn("lowband.sim.TorchCommunicator is deprecated; use "
+                  "lowband.torch.ProcessGroupCommunicator", DeprecationWarning, stacklevel=2)
+    from .torch.comm import ProcessGroupCommunicator
+    return ProcessGroupCommunicator(group)
