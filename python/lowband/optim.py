@@ -38,7 +38,8 @@ from ._validate import (FLOAT_DTYPES, from_torch, check_choice, check_finite_num
                         check_state_arrays)
 from .compressors import Chain, ChunkedTopK, from_spec
 from .feedback import DGC, DecayedFeedback
-from .sim import chunk_bounds, reduce_payloads
+from .sim import (chunk_bounds, deepspeed_compressed_allreduce, deepspeed_padded_size,
+                  reduce_payloads)
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
            "perturbation", "ZO_DOMAIN"]
@@ -255,17 +256,29 @@ class OneBitAdam(Optimizer):
     ablation).  ``freeze_step`` is required: the paper uses 15-25% of the
     total steps.  Unlike DeepSpeed, the error buffers are part of the state
     dict and are restored, not reset, by ``load_state_dict``.
+
+    ``exchange``: "chunked" (``comm.compressed_allreduce``: chunks on
+    8-element boundaries, one RMS scale per chunk, no padding) or
+    "deepspeed" (``lowband.sim.deepspeed_compressed_allreduce``: DeepSpeed's
+    exact exchange, the momentum padded to a multiple of W * lcm(W, 8), one
+    worker scale for the whole buffer, sign codes only, no compression on
+    one rank; ``compressor`` must stay "sign:rms").
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 freeze_step, compressor="sign:rms", error_feedback=True, momentum_mask=None):
+                 freeze_step, compressor="sign:rms", error_feedback=True, momentum_mask=None,
+                 exchange="chunked"):
         super().__init__(params, comm)
+        self.exchange = check_choice(exchange, "exchange", ("chunked", "deepspeed"))
         self.lr = _check_lr(lr)
         self.betas = _check_betas(betas)
         self.eps = check_finite_number(eps, "eps", 0.0)
         self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
         self.freeze_step = check_int(freeze_step, "freeze_step", 0)
         self.compressor = from_spec(compressor)
+        if self.exchange == "deepspeed" and self.compressor.spec != "sign:rms":
+            raise ValueError(f"compressor: exchange='deepspeed' sends RMS-scaled signs ('sign:rms'), "
+                             f"got {self.compressor.spec!r}")
         self.error_feedback = bool(error_feedback)
         self.mask_mode = None
         self.momentum_mask = None
@@ -284,7 +297,11 @@ class OneBitAdam(Optimizer):
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.worker_error = self.server_error = None
-        if self.error_feedback:
+        if self.error_feedback and self.exchange == "deepspeed":
+            padded = deepspeed_padded_size(self.flat.size, self.comm.world_size)
+            self.worker_error = self._new_state("worker_error", padded)
+            self.server_error = self._new_state("server_error", padded // self.comm.world_size)
+        elif self.error_feedback:
             bounds = chunk_bounds(self.flat.size, self.comm.world_size)
             self.worker_error = self._new_state("worker_error")
             self.server_error = self._new_state("server_error",
@@ -293,7 +310,8 @@ class OneBitAdam(Optimizer):
     def _hyper(self):
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
                 "freeze_step": self.freeze_step, "compressor": self.compressor.spec,
-                "error_feedback": self.error_feedback, "momentum_mask": self.mask_mode}
+                "error_feedback": self.error_feedback, "momentum_mask": self.mask_mode,
+                "exchange": self.exchange}
 
     @property
     def compressing(self):
@@ -312,7 +330,14 @@ class OneBitAdam(Optimizer):
                 self.momentum_mask[:] = self.exp_avg_sq != 0
             m *= f(b1)
             m += f(1 - b1) * g
-            m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error, self.server_error)
+            if self.exchange == "chunked":
+                m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error, self.server_error)
+            elif self.comm.world_size > 1:
+                we, se = self.worker_error, self.server_error
+                if we is None:          # no error feedback: fresh zeros every step
+                    padded = deepspeed_padded_size(m.size, self.comm.world_size)
+                    we, se = np.zeros(padded, m.dtype), np.zeros(padded // self.comm.world_size, m.dtype)
+                m[:] = deepspeed_compressed_allreduce(self.comm, m, we, se)
             if self.momentum_mask is not None:
                 m *= self.momentum_mask
         update = m / (np.sqrt(self.exp_avg_sq) + f(self.eps))
