@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import numpy as np
 
@@ -35,12 +36,12 @@ _U64 = 1 << 64
 # and check_out do it), so CPU tensors are used in place.  torch is never
 # imported here: a tensor is recognised by its type's module.
 
-def is_tensor(x):
+def is_tensor(x: object) -> bool:
     """Whether x is a torch tensor (without importing torch)."""
     return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "numpy")
 
 
-def from_torch(x, name="x"):
+def from_torch(x: Any, name: str = "x") -> Any:
     """x itself unless it is a torch tensor; a CPU tensor becomes a
     zero-copy ndarray view of its memory (bfloat16 through a uint16 view, as
     an ml_dtypes bfloat16 array).  A tensor that requires grad, lives on
