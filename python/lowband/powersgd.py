@@ -324,7 +324,7 @@ class PowerSGD:
         if state.get("hyper") != self._hyper():
             raise ValueError(f"state: hyper-parameters {state.get('hyper')} differ from this object's "
                              f"{self._hyper()}")
-        arrays = state.get("arrays")
+        arrays: Any = state.get("arrays")
         check_state_arrays(arrays, {"error": (self.error.shape, self.dtype),
                                     "p_memory": (self.p_memory.shape, self.dtype),
                                     "q_memory": (self.q_memory.shape, self.dtype)})

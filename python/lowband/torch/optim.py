@@ -282,7 +282,6 @@ class DiLoCo(_FlatOptimizer):
                  fragments: Optional[int] = None, nesterov: bool = True, feedback: Optional[float] = None,
                  aggregate: str = "mean", overlap: int = 0, alpha: float = 0.0, process_group: Any = None,
                  comm: Any = None, deterministic: bool = False) -> None:
-        params = list(params)
         self._args = dict(inner=inner_optimizer, outer_momentum=outer_momentum, H=sync_every,
                           compressor=compressor, fragments=fragments, nesterov=nesterov, feedback=feedback,
                           aggregate=aggregate, overlap=overlap, alpha=alpha)
