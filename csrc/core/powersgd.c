@@ -8,11 +8,11 @@
  * Column by column: c_i /= (||c_i|| + epsilon), then every later column
  * loses its projection on c_i (c_j -= <c_i, c_j> c_i, all j > i, the dots
  * taken before any of them changes).  Accumulation is in double for both
- * dtypes; the rows are cut into fixed blocks of LB_PSGD_BLOCK rows, each
- * block's partial sums are added row by row and the block sums are added in
- * block order, so the result is the same bytes for every thread count.
- * Element updates round once to the matrix dtype:
- *   c_i[k] = (T)((double)c_i[k] / d),  d = sqrt(sum) + epsilon
+ * dtypes; the rows are cut into fixed blocks of LB_PSGD_BLOCK rows and each
+ * block's sums into LANES interleaved lanes (below), added in a fixed
+ * order, so the result is the same bytes for every thread count.  Element
+ * updates round once to the matrix dtype:
+ *   c_i[k] = (T)((double)c_i[k] * inv),  inv = 1 / (sqrt(sum) + epsilon)
  *   c_j[k] = (T)((double)c_j[k] - dot_j * (double)c_i[k]).
  */
 #include <math.h>
@@ -40,14 +40,21 @@ static uint64_t first_bad(const void *a, uint64_t count, lb_dtype dt)
     return UINT64_MAX;
 }
 
-/* The column kernels for one element type T:
- *  sumsq_T:  part[b*r + j] = sum over block b's rows of a[k,j]^2, j in [j0, r)
- *  scale_dots_T: column i /= d, then part[b*r + j] = block sums of
- *                c_i[k]*a[k,j] for j in (i, r)
- *  project_T: a[k,j] -= dot[j]*c_i[k] for j in (i, r), then
- *             part[b*r + i + 1] = block sums of the new a[k,i+1]^2.
+/* Sums are split over LB_PSGD_LANES lanes: row k of a block adds into
+ * lane k % LANES (each lane from +0.0, in row order); a block's sum is
+ * 0.0 + lane 0 + lane 1 + ... (in lane order), and the matrix's sum is
+ * 0.0 + block 0 + block 1 + ... (in block order).                         */
+#define LANES 8
+
+/* The column kernels for one element type T.  part holds, per block b,
+ * LANES*r doubles: lane l of column j at part[b*LANES*r + l*r + j].
+ *  sumsq_T:  lane sums of a[k,j]^2 for j in [j0, r)
+ *  scale_dots_T: column i *= inv (1/d; 0 when d is 0), then the lane sums
+ *                of c_i[k]*a[k,j] for j in (i, r)
+ *  project_T: a[k,j] -= dot[j]*c_i[k] for j in (i, r), then the lane sums
+ *             of the new a[k,i+1]^2.
  * Every loop over blocks runs with `team` threads, one block per
- * iteration, sums inside a block in row order.                            */
+ * iteration.                                                              */
 #define LB_PSGD_KERNELS(T, SUF)                                                \
 static void sumsq_##SUF(const T *a, uint64_t n, uint64_t r, uint64_t j0,       \
                         double *part, uint64_t nblocks, int team)              \
@@ -56,36 +63,61 @@ static void sumsq_##SUF(const T *a, uint64_t n, uint64_t r, uint64_t j0,       \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
         uint64_t lo = b * LB_PSGD_BLOCK;                                       \
         uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double *s = part + b * r;                                              \
-        for (uint64_t j = j0; j < r; j++)                                      \
-            s[j] = 0.0;                                                        \
+        double *s = part + b * LANES * r;                                      \
+        if (r == 1) {                                                          \
+            double acc[LANES] = {0};                                           \
+            uint64_t k = lo;                                                   \
+            for (; k + LANES <= hi; k += LANES)                                \
+                for (int l = 0; l < LANES; l++) {                              \
+                    double v = (double)a[k + l];                               \
+                    acc[l] += v * v;                                           \
+                }                                                              \
+            for (int l = 0; k < hi; k++, l++) {                                \
+                double v = (double)a[k];                                       \
+                acc[l] += v * v;                                               \
+            }                                                                  \
+            for (int l = 0; l < LANES; l++)                                    \
+                s[l] = acc[l];                                                 \
+            continue;                                                          \
+        }                                                                      \
+        for (int l = 0; l < LANES; l++)                                        \
+            for (uint64_t j = j0; j < r; j++)                                  \
+                s[l * r + j] = 0.0;                                            \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             const T *row = a + k * r;                                          \
+            double *acc = s + ((k - lo) % LANES) * r;                          \
             for (uint64_t j = j0; j < r; j++) {                                \
                 double v = (double)row[j];                                     \
-                s[j] += v * v;                                                 \
+                acc[j] += v * v;                                               \
             }                                                                  \
         }                                                                      \
     }                                                                          \
 }                                                                              \
                                                                                \
 static void scale_dots_##SUF(T *a, uint64_t n, uint64_t r, uint64_t i,         \
-                             double d, double *part, uint64_t nblocks,         \
+                             double inv, double *part, uint64_t nblocks,       \
                              int team)                                         \
 {                                                                              \
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))   \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
         uint64_t lo = b * LB_PSGD_BLOCK;                                       \
         uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double *s = part + b * r;                                              \
-        for (uint64_t j = i + 1; j < r; j++)                                   \
-            s[j] = 0.0;                                                        \
+        double *s = part + b * LANES * r;                                      \
+        if (r == 1) {                                                          \
+            for (uint64_t k = lo; k < hi; k++)                                 \
+                a[k] = (T)((double)a[k] * inv);                                \
+            continue;                                                          \
+        }                                                                      \
+        for (int l = 0; l < LANES; l++)                                        \
+            for (uint64_t j = i + 1; j < r; j++)                               \
+                s[l * r + j] = 0.0;                                            \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             T *row = a + k * r;                                                \
-            T c = d == 0.0 ? (T)0 : (T)((double)row[i] / d);                   \
+            double *acc = s + ((k - lo) % LANES) * r;                          \
+            T c = (T)((double)row[i] * inv);                                   \
             row[i] = c;                                                        \
             for (uint64_t j = i + 1; j < r; j++)                               \
-                s[j] += (double)c * (double)row[j];                            \
+                acc[j] += (double)c * (double)row[j];                          \
         }                                                                      \
     }                                                                          \
 }                                                                              \
@@ -98,35 +130,41 @@ static void project_##SUF(T *a, uint64_t n, uint64_t r, uint64_t i,            \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
         uint64_t lo = b * LB_PSGD_BLOCK;                                       \
         uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double s = 0.0;                                                        \
+        double *s = part + b * LANES * r;                                      \
+        for (int l = 0; l < LANES; l++)                                        \
+            s[l * r + i + 1] = 0.0;                                            \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             T *row = a + k * r;                                                \
             double c = (double)row[i];                                         \
             for (uint64_t j = i + 1; j < r; j++)                               \
                 row[j] = (T)((double)row[j] - dot[j] * c);                     \
             double v = (double)row[i + 1];                                     \
-            s += v * v;                                                        \
+            s[((k - lo) % LANES) * r + i + 1] += v * v;                        \
         }                                                                      \
-        part[b * r + i + 1] = s;                                               \
     }                                                                          \
 }
 
 LB_PSGD_KERNELS(float, f32)
 LB_PSGD_KERNELS(double, f64)
 
-/* total[j] = sum over blocks, in block order, of part[b*r + j], j in [j0, j1). */
+/* total[j] = 0.0 + block 0 + block 1 + ..., each block 0.0 + lane 0 + lane
+ * 1 + ..., for j in [j0, j1).                                             */
 static void combine(const double *part, uint64_t nblocks, uint64_t r,
                     uint64_t j0, uint64_t j1, double *total)
 {
     for (uint64_t j = j0; j < j1; j++)
         total[j] = 0.0;
     for (uint64_t b = 0; b < nblocks; b++)
-        for (uint64_t j = j0; j < j1; j++)
-            total[j] += part[b * r + j];
+        for (uint64_t j = j0; j < j1; j++) {
+            double bs = 0.0;
+            for (int l = 0; l < LANES; l++)
+                bs += part[b * LANES * r + (uint64_t)l * r + j];
+            total[j] += bs;
+        }
 }
 
-/* One n x r matrix (see the file comment); part holds nblocks*r doubles and
- * total r doubles.                                                        */
+/* One n x r matrix (see the file comment); part holds nblocks*LANES*r
+ * doubles and total r doubles.                                            */
 static lb_status orthogonalize_one(void *a, uint64_t n, uint64_t r,
                                    lb_dtype dt, double epsilon, int nthreads,
                                    double *part, double *total, lb_error *err)
@@ -155,10 +193,11 @@ static lb_status orthogonalize_one(void *a, uint64_t n, uint64_t r,
             return LB_EOVERFLOW;
         }
         double d = sqrt(norm2) + epsilon;
+        double inv = d == 0.0 ? 0.0 : 1.0 / d;
         if (f32)
-            scale_dots_f32(a, n, r, i, d, part, nblocks, team);
+            scale_dots_f32(a, n, r, i, inv, part, nblocks, team);
         else
-            scale_dots_f64(a, n, r, i, d, part, nblocks, team);
+            scale_dots_f64(a, n, r, i, inv, part, nblocks, team);
         if (i + 1 == r)
             break;
         combine(part, nblocks, r, i + 1, r, total);
@@ -184,9 +223,9 @@ lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
     if (n > UINT64_MAX / r || n * r > UINT64_MAX / batch)
         return LB_EOVERFLOW;
     uint64_t nblocks = lb_num_chunks(n, LB_PSGD_BLOCK);
-    if (nblocks > SIZE_MAX / sizeof(double) / r - 1)
+    if (nblocks > SIZE_MAX / sizeof(double) / r / LANES - 1)
         return LB_EOVERFLOW;
-    double *part = malloc((size_t)(nblocks * r + r) * sizeof(double));
+    double *part = malloc((size_t)(nblocks * LANES * r + r) * sizeof(double));
     if (!part)
         return LB_ENOMEM;
     size_t width = lb_dtype_size(dt);
@@ -194,7 +233,7 @@ lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
     for (uint64_t m = 0; m < batch && st == LB_OK; m++) {
         char *mat = (char *)a + (size_t)(m * n * r) * width;
         st = orthogonalize_one(mat, n, r, dt, epsilon, nthreads, part,
-                               part + nblocks * r, err);
+                               part + nblocks * LANES * r, err);
         if (st != LB_OK && err)
             err->index += m * n * r;
     }

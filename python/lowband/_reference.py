@@ -924,24 +924,30 @@ def moe_combine_dot(grad_out, y, position):
 POWERSGD_BLOCK = 4096      # rows per block of the sums (LB_PSGD_BLOCK)
 
 
-def _seqsum(terms):
-    """Sum of float64 terms added one by one from +0.0, in order."""
-    return float(np.cumsum(np.concatenate([[0.0], terms]))[-1])
+POWERSGD_LANES = 8         # interleaved partial sums per block
 
 
 def _blocked_sum(terms):
-    """Block sums (POWERSGD_BLOCK rows each, added row by row) added in
-    block order, as the C core adds them."""
+    """The C core's sum of float64 terms: per block of POWERSGD_BLOCK rows,
+    row k adds into lane k % 8 (from +0.0, in row order); a block's sum is
+    0.0 + lane 0 + ... + lane 7; the total 0.0 + block 0 + block 1 + ..."""
     total = 0.0
     for lo in range(0, len(terms), POWERSGD_BLOCK):
-        total += _seqsum(terms[lo:lo + POWERSGD_BLOCK])
+        block = terms[lo:lo + POWERSGD_BLOCK]
+        pad = -len(block) % POWERSGD_LANES
+        rows = np.concatenate([block, np.zeros(pad)]).reshape(-1, POWERSGD_LANES)
+        lanes = np.cumsum(np.vstack([np.zeros(POWERSGD_LANES), rows]), axis=0)[-1]
+        bs = 0.0
+        for v in lanes:
+            bs += float(v)
+        total += bs
     return total
 
 
 def powersgd_orthogonalize(a, epsilon=0.0):
     """Modified Gram-Schmidt over the columns of each trailing n x r matrix
     of a (float32/float64); returns a new array with the bytes of the C
-    kernel: column i /= (sqrt(sum c^2) + epsilon) (0 when that is 0), then
+    kernel: column i *= 1 / (sqrt(sum c^2) + epsilon) (0 when that is 0), then
     c_j -= <c_i, c_j> c_i for j > i, sums in float64."""
     a = np.array(a, copy=True)
     dt = a.dtype
@@ -952,7 +958,8 @@ def powersgd_orthogonalize(a, epsilon=0.0):
         for i in range(r):
             d = math.sqrt(total[i]) + epsilon
             col = mat[:, i].astype(np.float64)
-            mat[:, i] = 0 if d == 0 else (col / d).astype(dt)
+            inv = 0.0 if d == 0 else 1.0 / d
+            mat[:, i] = (col * inv).astype(dt)
             c = mat[:, i].astype(np.float64)
             dots = {j: _blocked_sum(c * mat[:, j].astype(np.float64)) for j in range(i + 1, r)}
             for j in range(i + 1, r):
