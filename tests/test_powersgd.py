@@ -107,6 +107,7 @@ def _reference_run(grads_per_step, shapes, world, rank, ef=True, warm=True, seed
             r = min(n, m, rank)
             if (n + m) * r * min_rate < n * m:
                 mats.append((i, n, m, r))
+    mats = sorted(mats, key=lambda mm: [mm2[1:3] for mm2 in mats].index(mm[1:3]))   # grouped by shape
     unc = [i for i in range(len(shapes)) if i not in [mm[0] for mm in mats]]
     err = [np.zeros(offs[-1], dtype) for _ in range(world)]
     qs, draws, outs = None, 0, []
@@ -147,7 +148,7 @@ def sum_rank_order(items):
     return total
 
 
-SHAPES = [(16, 12), (12,), (40, 3, 3), (5, 2), (3,)]
+SHAPES = [(16, 12), (12,), (40, 3, 3), (5, 2), (3,), (16, 12)]
 
 
 def _grads(steps, world, shapes, dtype, seed=0):
@@ -190,8 +191,9 @@ def test_compression_decisions_and_accounting():
         return psgd
     psgd = cluster.run(worker)[0]
     # (16, 12): (16+12)*1*2 < 192 yes; (12,) no; (40, 9): 98 < 360 yes; (5, 2): 14 < 10 no; (3,) no
-    assert psgd.compressed == [True, False, True, False, False]
-    u, p, q = 12 + 10 + 3, 16 + 40, 12 + 9
+    assert psgd.compressed == [True, False, True, False, False, True]
+    assert [i for i, *_ in psgd.matrices] == [0, 5, 2]          # grouped by shape
+    u, p, q = 12 + 10 + 3, 16 + 40 + 16, 12 + 9 + 12
     assert (psgd.u_size, psgd.p_size, psgd.q_size) == (u, p, q)
     assert psgd.elements_sent == 2 * (u + p + q)
     assert psgd.bytes_sent == 4 * 2 * (u + p + q)
@@ -354,3 +356,72 @@ def test_bad_arguments():
 
 def test_exported():
     assert lowband.PowerSGD is PowerSGD
+
+
+class _Bucket:
+    """What torch's powerSGD_hook reads of a DDP GradBucket."""
+
+    def __init__(self, buf, shapes):
+        self.buf, self.shapes = buf, shapes
+
+    def buffer(self):
+        return self.buf
+
+    def gradients(self):
+        out, at = [], 0
+        for s in self.shapes:
+            k = int(np.prod(s))
+            out.append(self.buf[at:at + k].view(s))
+            at += k
+        return out
+
+    def index(self):
+        return 0
+
+    def is_last(self):
+        return True
+
+
+@pytest.mark.parametrize("rank,warm", [(1, True), (2, True), (2, False)])
+def test_matches_torch_powersgd_hook(rank, warm):
+    """Given the same initial Q, lowband's PowerSGD follows torch's
+    powerSGD_hook step for step (one rank: EF, warm start, uncompressed
+    tensors, shape grouping), to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    dist = pytest.importorskip("torch.distributed")
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
+    if not dist.is_available() or dist.is_initialized():
+        pytest.skip("needs torch.distributed, not initialised")
+    shapes = [(16, 12), (12,), (40, 3, 3), (5, 2), (3,), (16, 12)]
+    n = sum(int(np.prod(s)) for s in shapes)
+    grads = [np.random.default_rng(t).standard_normal(n).astype(np.float32) for t in range(4)]
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        state = ph.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
+                                 warm_start=warm, random_seed=0)
+        for _ in range(2):              # torch's plain-allreduce iterations
+            ph.powerSGD_hook(state, _Bucket(torch.zeros(n), shapes)).wait()
+        expect = []
+        for g in grads:
+            expect.append(ph.powerSGD_hook(state, _Bucket(torch.from_numpy(g.copy()), shapes)).wait().numpy().copy())
+    finally:
+        dist.destroy_process_group()
+    seeds = np.random.RandomState(0)
+
+    def worker(comm):
+        psgd = PowerSGD(shapes, comm, rank=rank, warm_start=warm)
+        out = []
+        for g in grads:
+            if not psgd.have_q or not warm:       # torch's draw for this step
+                torch.manual_seed(seeds.randint(1_000_000_000))
+                for q in psgd.q_matrices:
+                    q[:] = torch.randn(1, *q.shape).numpy()[0]
+                psgd.have_q, psgd.warm_start = True, True
+                out.append(psgd.step(g))
+                psgd.warm_start = warm
+            else:
+                out.append(psgd.step(g))
+        return out
+    got = Cluster(1).run(worker)[0]
+    for t, (a, b) in enumerate(zip(got, expect)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"step {t}")

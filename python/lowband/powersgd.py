@@ -160,6 +160,12 @@ class PowerSGD:
             self.compressed.append(ok)
             if ok:
                 self.matrices.append((i, n, m, r))
+        # P and Q memories hold the matrices grouped by shape, in order of
+        # first appearance (the layout and draw order of torch's hook)
+        groups: dict = {}
+        for item in self.matrices:
+            groups.setdefault(item[1:3], []).append(item)
+        self.matrices = [item for group in groups.values() for item in group]
         self.p_size = sum(n * r for _, n, _, r in self.matrices)
         self.q_size = sum(m * r for _, _, m, r in self.matrices)
         self.uncompressed = [i for i, ok in enumerate(self.compressed) if not ok]
@@ -184,7 +190,9 @@ class PowerSGD:
 
     @property
     def p_matrices(self) -> list:
-        """The P matrices (n x r views of ``p_memory``), one per compressed tensor."""
+        """The P matrices (n x r views of ``p_memory``), one per compressed
+        tensor, grouped by shape in order of first appearance (as torch's
+        hook lays them out); ``matrices[j]`` = (tensor index, n, m, r)."""
         return self._views(self.p_memory, "p")
 
     @property
