@@ -431,8 +431,14 @@ class DGCSGD(Optimizer):
         x, f = self.flat, self.flat.dtype.type
         mu = f(self.momentum)
         d = np.empty_like(x)
-        for s, memory in self.memories:
-            d[s] = reduce_payloads(self.comm.allgather(memory.step(g[s])), "mean")
+        payloads = [memory.step(g[s]) for s, memory in self.memories]
+        if len(payloads) > 1 and hasattr(self.comm, "allgather_many"):
+            rows = self.comm.allgather_many(payloads)      # one exchange for every tensor
+            gathered = [[row[t] for row in rows] for t in range(len(payloads))]
+        else:
+            gathered = [self.comm.allgather(p) for p in payloads]
+        for (s, _), got in zip(self.memories, gathered):
+            d[s] = reduce_payloads(got, "mean")
         if self.dense:
             local = [g[s] if self.clip is None else _clip_norm(g[s], self.clip) for s in self.dense]
             avg = self.comm.allreduce(np.concatenate(local), "mean")

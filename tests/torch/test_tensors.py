@@ -220,3 +220,33 @@ def test_powersgd_with_tensors(name):
         return out.numpy().copy(), p_a.step(g.numpy())
     for got, expect in Cluster(2).run(worker):
         _same(got, expect)
+
+
+def test_moe_layer_with_tensors():
+    layer_t = moe.MoELayer(6, 8, 4, 2, seed=1)
+    layer_a = moe.MoELayer(6, 8, 4, 2, seed=1)
+    x = torch.randn(10, 6, dtype=torch.float64)
+    _same(layer_t.forward(x), layer_a.forward(x.numpy().copy()))
+    g = torch.randn(10, 6, dtype=torch.float64)
+    _same(layer_t.backward(g), layer_a.backward(g.numpy().copy()))
+    with pytest.raises(TypeError, match=r"x\.detach\(\)"):
+        layer_t.forward(x.requires_grad_())
+
+
+def test_compressed_allreduce_with_tensor_errors():
+    def worker(comm, as_tensor):
+        from lowband.sim import chunk_bounds
+        bounds = chunk_bounds(40, comm.world_size)
+        x = torch.full((40,), float(comm.rank) - 0.5) + torch.arange(40) / 40
+        we = torch.zeros(40)
+        se = torch.zeros(bounds[comm.rank + 1] - bounds[comm.rank])
+        if not as_tensor:
+            x, we, se = x.numpy(), we.numpy(), se.numpy()
+        out = comm.compressed_allreduce(x, "sign:rms", we, se)
+        return np.asarray(out).copy(), np.asarray(we).copy(), np.asarray(se).copy()
+    a = Cluster(2).run(worker, True)
+    b = Cluster(2).run(worker, False)
+    for ra, rb in zip(a, b):
+        for u, v in zip(ra, rb):
+            _same(u, v)
+    assert np.abs(a[0][1]).sum() > 0          # the tensor error buffer was written in place
