@@ -442,9 +442,15 @@ def compression_hook(state: CompressionState, bucket: dist.GradBucket) -> torch.
 # ---------------------------------------------------------------------------
 
 def _orthogonalize(m, eps=0.0):
-    """Gram-Schmidt on the columns of m (n x r), in place, as torch's
-    powerSGD_hook does for rank <= 2 (and we do for every rank, so that the
-    result does not depend on a LAPACK build)."""
+    """Modified Gram-Schmidt on the columns of m (n x r), in place, as
+    torch's powerSGD_hook does for rank <= 2 (we do it for every rank, so
+    the result does not depend on a LAPACK build).  CPU tensors go through
+    lowband's deterministic C kernel (``lowband.powersgd.orthogonalize``,
+    zero-copy), others through torch."""
+    if m.device.type == "cpu" and m.dtype in _FLOATS and m.is_contiguous():
+        from ..powersgd import orthogonalize
+        orthogonalize(m, eps)
+        return
     for i in range(m.shape[1]):
         col = m[:, i:i + 1]
         if eps == 0:
