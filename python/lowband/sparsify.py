@@ -163,6 +163,6 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
     if out is None:
         result = np.empty(shape, dtype=dtype)
     else:
-        result = check_out(out, shape, dtype)
+        result = check_out(out, shape, dtype)    # a tensor: a view of it
     _core.aggregate([p.scatter_pair(dtype) for p in payloads], op, result.reshape(-1), threads)
-    return result
+    return result if out is None else out

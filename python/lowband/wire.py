@@ -21,7 +21,7 @@ from . import _core
 from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_BITMAP, IDX_RAW, IDX_SEEDED, IDX_VARINT,
                        MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
                        index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
-from ._validate import check_int
+from ._validate import check_int, from_torch
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
 
@@ -280,7 +280,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     if max_size is not None:
         max_size = check_int(max_size, "max_size", 0)
     try:
-        buf = memoryview(data).cast("B")
+        buf = memoryview(from_torch(data, "data")).cast("B")
     except TypeError:
         raise TypeError(f"data: expected a bytes-like object, got {type(data).__name__}") from None
     n = len(buf)
