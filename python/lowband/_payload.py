@@ -366,7 +366,7 @@ class Sparse:
         dtype = self.dtype if self.dtype in FLOAT_DTYPES else np.dtype(np.float32)
         result = np.empty(self.shape, dtype=dtype) if out is None else check_out(out, self.shape, dtype)
         _core.aggregate([self.scatter_pair(dtype)], "sum", result.reshape(-1), threads)
-        return result
+        return result if out is None else out   # a tensor `out` comes back as itself
 
     def scatter_pair(self, dtype):
         """(indices, values) as the C scatter takes them: contiguous indices
