@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from . import moe as _moe
+from . import _moe_core as _moe
 from ._validate import check_choice, check_finite_number, check_int
 
 _ACTIVATIONS = ("relu", "silu")
