@@ -375,28 +375,55 @@ class LoadBalancer:
     micro-batches of one optimizer step and, through ``allreduce``, across
     data-parallel workers: ``allreduce(a)`` takes an int64 array (the E
     counts and the valid-token count, E + 1 numbers: all that travels) and
-    returns the element-wise sum over workers (``comm.allreduce`` of
-    ``lowband.sim.Cluster``, or torch.distributed adapted).  None: one
-    worker.
+    returns the element-wise sum over workers.  ``comm`` (a
+    ``lowband.sim`` communicator, e.g. the ``comm`` of ``Cluster.run``, or a
+    ``TorchCommunicator``) sets both ``allreduce`` and ``world_size`` from
+    the communicator.  None and None: one worker.
 
     Per micro-batch: ``accumulate(routing, mask, micro_batch=i)`` adds its
     (all-reduced) counts, then ``loss(routing, micro_batch=i)`` returns
     ``E * sum_i f_i * P_i`` with f from the buffer so far (this step's
     micro-batches up to this one, all workers) and P from this worker's
-    micro-batch, and its gradient with respect to the logits.  The mean
-    over workers of their losses is the global loss, so data-parallel
-    gradient averaging gives its gradient.  Accumulating the same
-    ``micro_batch`` id again (activation recomputation) changes nothing
-    and ``loss`` reuses that micro-batch's snapshot.  ``reset()`` at the
-    optimizer step.
+    micro-batch, and its gradient with respect to the logits.
+
+    Gradient contract.  ``world_size=None``: the plain per-worker loss; the
+    mean over workers of the losses is the global loss when every worker
+    has the same number of valid tokens.  ``world_size=W`` (set by
+    ``comm``): the loss is multiplied by ``W * T_j / N`` (T_j this worker's
+    valid tokens, N all workers' in this micro-batch), so that the usual
+    data-parallel gradient *averaging* gives exactly the gradient of the
+    loss over the concatenated global micro-batch, whatever the padding;
+    the mean of the returned losses is that loss.
+
+    ``sync="micro"`` (default): one ``allreduce`` per new micro-batch (E + 1
+    numbers).  ``sync="step"``: ``accumulate`` only counts locally; after
+    the step's last micro-batch has been accumulated, ``sync()`` makes one
+    ``allreduce`` of E + M numbers (counts and the M micro-batches' valid
+    tokens; every worker must have the same M) and every ``loss`` then uses
+    f of the whole step (for loops that run all forwards before the
+    backwards, e.g. one backward of the summed loss).
+
+    Accumulating the same ``micro_batch`` id again (activation
+    recomputation) changes nothing and ``loss`` reuses that micro-batch's
+    snapshot.  ``reset()`` at the optimizer step.
     """
 
-    def __init__(self, num_experts, k, allreduce=None):
+    def __init__(self, num_experts, k, allreduce=None, *, world_size=None, comm=None,
+                 sync="micro"):
         self.num_experts = check_int(num_experts, "num_experts", 1)
         self.k = check_int(k, "k", 1, self.num_experts)
+        if comm is not None:
+            if allreduce is not None or world_size is not None:
+                raise TypeError("comm: give comm, or allreduce (and world_size), not both")
+            if not (callable(getattr(comm, "allreduce", None)) and hasattr(comm, "world_size")):
+                raise TypeError(f"comm: expected a communicator with allreduce() and world_size, "
+                                f"got {type(comm).__name__}")
+            allreduce, world_size = comm.allreduce, comm.world_size
         if allreduce is not None and not callable(allreduce):
             raise TypeError(f"allreduce: expected None or a callable, got {type(allreduce).__name__}")
         self.allreduce = allreduce
+        self.world_size = None if world_size is None else check_int(world_size, "world_size", 1)
+        self.sync_mode = check_choice(sync, "sync", ("micro", "step"))
         self._auto = itertools.count()
         self.reset()
 
@@ -406,6 +433,9 @@ class LoadBalancer:
         self._tokens = 0
         self._records = {}
         self._last = None
+        self._pending = []          # sync="step": (key, local counts, local valid) per micro-batch
+        self._step_masks = {}
+        self._synced = False
 
     @property
     def counts(self):
@@ -431,6 +461,13 @@ class LoadBalancer:
                              f"got E={r.num_experts}, k={r.k}")
         return r
 
+    def _local(self, r, mask, threads):
+        c, v, _ = _core.moe_balance_stats(None, 0, r.experts, self.num_experts, mask,
+                                          max(r.num_tokens, 1), check_threads(threads))
+        if c.shape[0]:
+            return c[0], int(v[0])
+        return np.zeros(self.num_experts, np.int64), 0
+
     def accumulate(self, routing, mask=None, *, micro_batch=None, threads=None):
         """Adds this micro-batch's valid counts (summed over workers) to the
         buffer and returns its id (``micro_batch``, or a new one).  A known
@@ -445,17 +482,42 @@ class LoadBalancer:
         if key in self._records:
             self._last = (r, key)
             return key
-        c, v, _ = _core.moe_balance_stats(None, 0, r.experts, self.num_experts, mask,
-                                          max(r.num_tokens, 1), check_threads(threads))
-        local = np.zeros(self.num_experts + 1, np.int64)
-        if c.shape[0]:
-            local[:-1], local[-1] = c[0], v[0]
-        total = local if self.allreduce is None else _allreduced(self.allreduce, local)
-        self._counts += total[:-1]
-        self._tokens += int(total[-1])
-        self._records[key] = (self._counts.copy(), self._tokens, mask)
+        counts, valid = self._local(r, mask, threads)
+        if self.sync_mode == "step":
+            if self._synced:
+                raise RuntimeError("accumulate: sync='step' and this step is already synced; "
+                                   "call reset() at the optimizer step first")
+            self._pending.append((key, counts, valid))
+            self._records[key] = None       # filled by sync()
+            self._step_masks[key] = mask
+        else:
+            local = np.zeros(self.num_experts + 1, np.int64)
+            local[:-1], local[-1] = counts, valid
+            total = local if self.allreduce is None else _allreduced(self.allreduce, local)
+            self._counts += total[:-1]
+            self._tokens += int(total[-1])
+            self._records[key] = (self._counts.copy(), self._tokens, mask, int(total[-1]))
         self._last = (r, key)
         return key
+
+    def sync(self):
+        """sync="step": one allreduce of the step's counts and per-micro-batch
+        valid tokens (E + M numbers); afterwards every ``loss`` of the step
+        uses f of the whole step.  A no-op with sync="micro"."""
+        if self.sync_mode == "micro" or self._synced:
+            return
+        E, M = self.num_experts, len(self._pending)
+        local = np.zeros(E + M, np.int64)
+        for m, (_, counts, valid) in enumerate(self._pending):
+            local[:E] += counts
+            local[E + m] = valid
+        total = local if self.allreduce is None else _allreduced(self.allreduce, local)
+        self._counts = total[:E].copy()
+        self._tokens = int(total[E:].sum())
+        for m, (key, _, _) in enumerate(self._pending):
+            self._records[key] = (self._counts, self._tokens, self._step_masks[key],
+                                  int(total[E + m]))
+        self._synced = True
 
     def loss(self, routing, mask=None, *, micro_batch=None, threads=None):
         """(loss, gradient with respect to the logits) for this micro-batch.
@@ -468,7 +530,10 @@ class LoadBalancer:
             key = self._last[1]
         else:
             key = self.accumulate(r, mask, micro_batch=micro_batch, threads=threads)
-        counts, tokens, stored = self._records[key]
+        if self._records[key] is None:
+            raise RuntimeError("loss: sync='step' needs sync() after the step's last "
+                               "accumulate (f is that of the whole step)")
+        counts, tokens, stored, global_valid = self._records[key]
         mask = _mask(mask, r.num_tokens)
         if mask is not None and (stored is None or not np.array_equal(mask, stored)):
             raise ValueError(f"mask: differs from the mask accumulated for micro-batch {key!r}")
@@ -478,6 +543,9 @@ class LoadBalancer:
             return 0.0, np.zeros(r.scores.shape, r.dtype)
         _, valid, sums = _stats(r, stored, T, r.experts, threads)
         loss, g = _balance_terms(counts[None], [tokens], sums, valid, self.k)
+        if self.world_size is not None:
+            scale = self.world_size * float(valid[0]) / global_valid if global_valid else 0.0
+            loss, g = loss * scale, g * scale
         grad = _core.moe_balance_grad(r.scores, _SCORES.index(r.score), g, max(T, 1), stored,
                                       threads)
         return loss, grad
