@@ -227,7 +227,7 @@ class Routing:
 
 
 def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=None,
-          group_k=None, threads=None):
+          group_k=None, group_by="scores", threads=None):
     """Routes T tokens to k of E experts.  ``logits`` [T, E], float32 or
     float64 (finite; ValueError naming the first bad flat index).
 
@@ -247,6 +247,13 @@ def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=Non
     highest are selectable (group-limited routing).  Ties go to the lower
     expert (or group) index.  Computed in the logits' precision, selection
     keys in double.
+
+    ``group_by="logits"`` (softmax, no bias): a group's score is the sum of
+    its top-(k // group_k) *logits* instead of scores, which is what
+    Megatron-Core's group-limited routing does with softmax unless
+    ``moe_router_pre_softmax`` is set (its top-k runs on the raw logits).
+    The groups' order can differ from the scores' (a sum of logits is not
+    a sum of their exponentials).
     """
     z = _logits(logits)
     T, E = z.shape
@@ -279,11 +286,46 @@ def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=Non
         if k < gk or k > gk * (E // g):
             raise ValueError(f"k: group-limited routing needs group_k <= k <= group_k * E / groups "
                              f"= {gk * (E // g)}, got k={k}")
+    check_choice(group_by, "group_by", ("scores", "logits"))
+    if group_by == "logits" and g > 1:
+        if score != "softmax" or b is not None:
+            raise ValueError("group_by: 'logits' is Megatron's softmax grouping; it takes "
+                             f"score='softmax' and no bias, got score={score!r}, "
+                             f"bias={'None' if b is None else 'given'}")
+        return _route_grouped_by_logits(z, k, renormalize, g, gk, check_threads(threads))
     experts, weights, scores, counts, sums = _core.moe_route(
         z, k, _SCORES.index(score), bool(renormalize), b, g, gk, check_threads(threads))
     return Routing(experts, weights, scores, score=score, renormalize=renormalize, bias=b,
                    groups=g if g > 1 else None, group_k=gk if g > 1 else None,
                    _counts=counts, _sums=sums, _logits=z)
+
+
+def _route_grouped_by_logits(z, k, renormalize, groups, group_k, threads):
+    """Softmax routing whose groups rank by the sum of their top-(k //
+    group_k) logits (Megatron-Core without pre-softmax).  Ties go to the
+    lower group and expert index."""
+    T, E = z.shape
+    per, m = E // groups, k // group_k
+    z64 = z.astype(np.float64)
+    top = -np.sort(-z64.reshape(T, groups, per), axis=2)[:, :, :m]
+    group_score = np.zeros((T, groups))
+    for j in range(m):                       # largest first, like the kernel's sums
+        group_score += top[:, :, j]
+    chosen = np.argsort(-group_score, axis=1, kind="stable")[:, :group_k]
+    allowed = np.zeros((T, groups), bool)
+    allowed[np.arange(T)[:, None], chosen] = True
+    key = np.where(np.repeat(allowed, per, axis=1), z64, -np.inf)
+    experts = np.ascontiguousarray(np.argsort(-key, axis=1, kind="stable")[:, :k], np.int32)
+    _, _, scores, _, _ = _core.moe_route(z, k, 0, False, None, 0, 0, threads)
+    rows = np.arange(T)[:, None]
+    if renormalize:                          # softmax over the selected logits
+        zs = z[rows, experts]
+        w = np.exp(zs - zs.max(axis=1, keepdims=True)) if T else zs
+        weights = np.ascontiguousarray(w / w.sum(axis=1, keepdims=True), z.dtype)
+    else:
+        weights = np.ascontiguousarray(scores[rows, experts])
+    return Routing(experts, weights, scores, score="softmax", renormalize=renormalize,
+                   groups=groups, group_k=group_k, _logits=z)
 
 
 # --------------------------------------------------------------------------

@@ -403,3 +403,38 @@ def test_every_isa_path_gives_the_same_bytes(isa):
     loss2.backward()
     assert torch.equal(r.weights, r2.weights) and float(loss.detach()) == float(loss2.detach())
     assert torch.equal(z.grad, z2.grad)
+
+
+def megatron_group_limited_topk(scores, topk, num_groups, group_topk):
+    """Megatron-Core moe_utils.group_limited_topk (sorted group indices)."""
+    Tn, En = scores.shape
+    group_scores = scores.view(Tn, num_groups, -1).topk(topk // group_topk, dim=-1)[0].sum(-1)
+    group_idx = torch.topk(group_scores, k=group_topk, dim=-1)[1]
+    group_mask = torch.zeros_like(group_scores).scatter_(1, group_idx, 1)
+    score_mask = group_mask.unsqueeze(-1).expand(Tn, num_groups, En // num_groups).reshape(Tn, -1)
+    masked = scores.masked_fill(~score_mask.bool(), float("-inf"))
+    return torch.topk(masked, k=topk, dim=-1)
+
+
+def test_group_by_logits_is_megatrons_softmax_grouping():
+    # group A logits [2, 2] (sum 4), group B [4.5, -1] (sum 3.5, but far more probability)
+    z = torch.tensor([[2.0, 2.0, 4.5, -1.0]], dtype=torch.float64)
+    by_scores = moe.route(z, 2, groups=2, group_k=1)
+    by_logits = moe.route(z, 2, groups=2, group_k=1, group_by="logits")
+    assert sorted(by_scores.experts[0].tolist()) == [2, 3]
+    assert sorted(by_logits.experts[0].tolist()) == [0, 1]
+    assert nmoe.route(z.numpy(), 2, groups=2, group_k=1, group_by="logits").experts.tolist() \
+        == by_logits.experts.tolist()
+    zz = logits(T=40, E=8, seed=16)
+    r = moe.route(zz, 4, groups=4, group_k=2, group_by="logits")
+    vals, idx = megatron_group_limited_topk(zz.detach(), 4, 4, 2)
+    assert torch.equal(r.experts.long().sort(-1).values, idx.sort(-1).values)
+    torch.testing.assert_close(r.weights.sort(-1).values, torch.softmax(vals, -1).sort(-1).values)
+    assert torch.autograd.gradcheck(
+        lambda z: (moe.route(z, 4, groups=4, group_k=2, group_by="logits").weights ** 2).sum()
+        + moe.load_balancing_loss(moe.route(z, 4, groups=4, group_k=2, group_by="logits",
+                                            renormalize=False)), (zz,))
+    with pytest.raises(ValueError, match="group_by"):
+        moe.route(zz, 4, groups=4, group_k=2, group_by="logits", score="sigmoid")
+    with pytest.raises(ValueError, match="group_by"):
+        moe.route(zz, 4, groups=4, group_k=2, group_by="probs")

@@ -234,10 +234,10 @@ def _scores_backward(r, gs):
 
 class _RouteFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits, z, k, score, renormalize, bias, groups, group_k, scaling_factor,
-                threads, holder):
+    def forward(ctx, logits, z, k, score, renormalize, bias, groups, group_k, group_by,
+                scaling_factor, threads, holder):
         r = _np_moe.route(z, k, score=score, renormalize=renormalize, bias=bias,
-                          groups=groups, group_k=group_k, threads=threads)
+                          groups=groups, group_k=group_k, group_by=group_by, threads=threads)
         holder.append(r)
         ctx.r, ctx.sf, ctx.dtype = r, scaling_factor, logits.dtype
         ctx.set_materialize_grads(False)
@@ -259,11 +259,11 @@ class _RouteFn(torch.autograd.Function):
             gz = g2 if gz is None else gz + g2
         if gz is not None:
             gz = gz.to(device=gw.device if gw is not None else gs.device, dtype=ctx.dtype)
-        return (gz,) + (None,) * 10
+        return (gz,) + (None,) * 11
 
 
 def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=None,
-          group_k=None, scaling_factor=1.0, threads=None):
+          group_k=None, group_by="scores", scaling_factor=1.0, threads=None):
     """Routes T tokens to k of E experts (``lowband.moe.route`` with
     gradients): ``logits`` [T, E] float32/float64/bfloat16/float16.
 
@@ -272,7 +272,9 @@ def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=Non
     logits) or "sigmoid" (DeepSeek-V3; ``renormalize``: divide by the sum of
     the selected scores + 1e-20); ``bias`` [E] chooses but never weighs
     (aux-loss-free balancing; a tensor or array); ``groups``/``group_k``
-    group-limited routing.  ``scaling_factor`` multiplies the weights
+    group-limited routing (``group_by="logits"``: groups ranked by their
+    top logits, as Megatron-Core's softmax without pre-softmax).
+    ``scaling_factor`` multiplies the weights
     (Megatron's ``moe_router_topk_scaling_factor``, DeepSeek's
     ``routed_scaling_factor``).  ``weights`` and ``scores`` of the result
     are differentiable with respect to the logits; selection, bias and
@@ -284,7 +286,7 @@ def route(logits, k, *, score="softmax", renormalize=None, bias=None, groups=Non
         bias = _view(bias.to("cpu", torch.float64))
     holder = []
     w, s, ex = _RouteFn.apply(logits, z, k, score, renormalize, bias, groups, group_k,
-                              float(sf), check_threads(threads), holder)
+                              group_by, float(sf), check_threads(threads), holder)
     return Routing(holder[0], logits, ex, w, s, float(sf))
 
 

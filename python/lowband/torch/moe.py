@@ -247,7 +247,8 @@ _AUX_SCOPES = ("micro", "sequence", "global")
 
 class _MoEBase(nn.Module):
     def __init__(self, hidden, ffn_hidden, num_experts, k, routers, *, score, renormalize,
-                 groups, group_k, scaling_factor, router, activation, bias, shared_expert,
+                 groups, group_k, group_by, scaling_factor, router, activation, bias,
+                 shared_expert,
                  capacity_factor, drop, pad_to_capacity, aux_coef, aux_scope, seq_len,
                  process_group, sync, z_coef, aux_scale, expert_parallel_group, dtype, device):
         super().__init__()
@@ -257,7 +258,7 @@ class _MoEBase(nn.Module):
         self.k = check_int(k, "k", 1, E)
         self.score = check_choice(score, "score", _np_moe._SCORES)
         self.renormalize = renormalize
-        self.groups, self.group_k = groups, group_k
+        self.groups, self.group_k, self.group_by = groups, group_k, group_by
         self.scaling_factor = check_finite_number(scaling_factor, "scaling_factor", lo=0.0,
                                                   lo_open=True)
         self.router_kind = check_choice(router, "router", ("topk", "sinkhorn"))
@@ -313,7 +314,7 @@ class _MoEBase(nn.Module):
             return sinkhorn_route(logits, self.k, balanced=self.training,
                                   scaling_factor=self.scaling_factor)
         return route(logits, self.k, score=self.score, renormalize=self.renormalize,
-                     groups=self.groups, group_k=self.group_k,
+                     groups=self.groups, group_k=self.group_k, group_by=self.group_by,
                      scaling_factor=self.scaling_factor)
 
     def _run_experts(self, plan):
@@ -393,7 +394,7 @@ class _MoEBase(nn.Module):
 
 
 _DOC_OPTIONS = """
-    Options: ``score``/``renormalize``/``groups``/``group_k``/
+    Options: ``score``/``renormalize``/``groups``/``group_k``/``group_by``/
     ``scaling_factor`` as :func:`route`; ``router="sinkhorn"`` Megatron's
     Sinkhorn router instead (:func:`sinkhorn_route`, balanced in training);
     ``activation`` "swiglu" (w2 (silu(x w1) * x w3)), "relu", "gelu" or
@@ -425,7 +426,8 @@ class MoE(_MoEBase):
     """ + _DOC_OPTIONS
 
     def __init__(self, hidden, ffn_hidden, num_experts, k, *, score="softmax",
-                 renormalize=None, groups=None, group_k=None, scaling_factor=1.0,
+                 renormalize=None, groups=None, group_k=None, group_by="scores",
+                 scaling_factor=1.0,
                  router="topk", activation="swiglu", bias=False, shared_expert=False,
                  capacity_factor=None, drop="probs", pad_to_capacity=False, aux_coef=1e-2,
                  aux_scope="micro", seq_len=None, process_group=None, sync="micro",
@@ -433,6 +435,7 @@ class MoE(_MoEBase):
                  device=None):
         super().__init__(hidden, ffn_hidden, num_experts, k, 1, score=score,
                          renormalize=renormalize, groups=groups, group_k=group_k,
+                         group_by=group_by,
                          scaling_factor=scaling_factor, router=router, activation=activation,
                          bias=bias, shared_expert=shared_expert, capacity_factor=capacity_factor,
                          drop=drop, pad_to_capacity=pad_to_capacity, aux_coef=aux_coef,
@@ -462,7 +465,8 @@ class ChainOfExperts(_MoEBase):
 
     def __init__(self, hidden, ffn_hidden, num_experts, k, *, iterations=2,
                  inner_residual=True, outer_residual=False, score="softmax",
-                 renormalize=False, groups=None, group_k=None, scaling_factor=1.0,
+                 renormalize=False, groups=None, group_k=None, group_by="scores",
+                 scaling_factor=1.0,
                  router="topk", activation="swiglu", bias=False, shared_expert=False,
                  capacity_factor=None, drop="probs", pad_to_capacity=False, aux_coef=1e-2,
                  aux_scope="micro", seq_len=None, process_group=None, sync="micro",
@@ -471,6 +475,7 @@ class ChainOfExperts(_MoEBase):
         self_iterations = check_int(iterations, "iterations", 1)
         super().__init__(hidden, ffn_hidden, num_experts, k, self_iterations, score=score,
                          renormalize=renormalize, groups=groups, group_k=group_k,
+                         group_by=group_by,
                          scaling_factor=scaling_factor, router=router, activation=activation,
                          bias=bias, shared_expert=shared_expert, capacity_factor=capacity_factor,
                          drop=drop, pad_to_capacity=pad_to_capacity, aux_coef=aux_coef,
