@@ -1,5 +1,5 @@
 """Load balancing: the canonical loss and its gradient against the twins and
-finite differences, the known answers of algorithms.md section 6, the
+finite differences, hand-checked known answers (Demons in the Detail, Megatron), the
 global-batch LoadBalancer over simulated workers and micro-batches, the
 conversions to other frameworks, z-loss, bias update, capacity."""
 import numpy as np

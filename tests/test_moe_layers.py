@@ -1,5 +1,5 @@
 """MoELayer and ChainOfExperts: gradients by finite differences, the
-Chain-of-Experts toy of algorithms.md 6.9, C = 1 equivalence, training on a
+Chain-of-Experts toy (x = 1, experts 2x and -x), C = 1 equivalence, training on a
 compositional task (both must learn) and the specialisation metrics."""
 import numpy as np
 import pytest

@@ -69,7 +69,7 @@ def test_ties_go_to_the_lower_expert(dtype):
 
 
 def test_known_score_functions():
-    # algorithms.md section 6.1: z = [1, 2, 3, 0], k = 2 selects [2, 1]
+    # hand-checked: z = [1, 2, 3, 0], k = 2 selects [2, 1]
     z = np.array([[1.0, 2.0, 3.0, 0.0]])
     cases = {("softmax", True): [0.731059, 0.268941], ("softmax", False): [0.643914, 0.236883],
              ("sigmoid", True): [0.519575, 0.480425]}

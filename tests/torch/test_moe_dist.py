@@ -136,7 +136,39 @@ def ep_data(rank):
 def two_rank_scenario(rank, world):
     """Everything that runs on 2 ranks, in one spawn (processes are slow to start)."""
     return dict(micro=balancer_rank(rank, world, "micro"), step=balancer_rank(rank, world, "step"),
-                ep=ep_rank(rank, world))
+                ep=ep_rank(rank, world), ddp=ddp_rank(rank, world))
+
+
+def ddp_model():
+    torch.manual_seed(9)
+    return moe.MoE(HE, FE, EE, 2, aux_scope="global", aux_coef=0.3, aux_scale=1.0 / 2,
+                   dtype=torch.float64)
+
+
+def ddp_data(m, rank):
+    g = torch.Generator().manual_seed(300 + 10 * m + rank)
+    x = torch.randn(7 + rank, HE, generator=g, dtype=torch.float64)
+    return x, torch.randn(7 + rank, HE, generator=g, dtype=torch.float64)
+
+
+def ddp_rank(rank, world):
+    """The documented loop: DDP, 2 micro-batches under no_sync, main loss / M,
+    aux_scale = 1 / M, balancers reset by the optimizer step."""
+    import contextlib
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    layer = ddp_model()
+    model = DDP(layer)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    layer.balancers[0].reset_on_step(opt)
+    for m in range(2):
+        ctx = model.no_sync() if m == 0 else contextlib.nullcontext()
+        with ctx:
+            x, R = ddp_data(m, rank)
+            ((model(x, micro_batch=m) * R).sum() / 2).backward()
+    grads = {n: p.grad.clone() for n, p in layer.named_parameters()}
+    opt.step()
+    assert layer.balancers[0].tokens == 0
+    return grads
 
 
 def ep_rank(rank, world):
@@ -164,6 +196,16 @@ def test_two_ranks_balancer_and_expert_parallelism():
     all_results = spawn(two_rank_scenario, world, timeout=180)
     for sync in ("micro", "step"):
         check_balancer([r[sync] for r in all_results], world, sync)
+    # DDP + gradient accumulation + global balancer = one process, whole batch
+    single = ddp_model()
+    for m in range(2):
+        parts = [ddp_data(m, r) for r in range(world)]
+        x = torch.cat([p[0] for p in parts])
+        R = torch.cat([p[1] for p in parts])
+        ((single(x, micro_batch=m) * R).sum() / (2 * world)).backward()
+    for res in all_results:
+        for n, p in single.named_parameters():
+            torch.testing.assert_close(res["ddp"][n], p.grad, rtol=1e-10, atol=1e-12, msg=n)
     results = [r["ep"] for r in all_results]
     for kind in ("moe", "coe"):
         full, _ = layers(kind, None, 1.0)
