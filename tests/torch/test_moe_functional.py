@@ -438,3 +438,23 @@ def test_group_by_logits_is_megatrons_softmax_grouping():
         moe.route(zz, 4, groups=4, group_k=2, group_by="logits", score="sigmoid")
     with pytest.raises(ValueError, match="group_by"):
         moe.route(zz, 4, groups=4, group_k=2, group_by="probs")
+
+
+def test_custom_ops_pass_opcheck_and_gradcheck():
+    from lowband.torch._moe_functional import (moe_combine, moe_combine_dot, moe_scatter,
+                                               moe_z_loss)
+    x = torch.randn(T, 5, dtype=torch.float64, requires_grad=True)
+    r = moe.route(logits(seed=17, grad=False), 2)
+    plan = moe.dispatch(x, r, capacity=4)
+    pos, n = plan.position, plan.tokens.shape[0]
+    w = r.weights.detach().clone().requires_grad_(True)
+    y = torch.randn(n, 5, dtype=torch.float64, requires_grad=True)
+    torch.library.opcheck(moe_scatter, (x, pos, n, None, None))
+    torch.library.opcheck(moe_scatter, (x, pos, n, w, None))
+    torch.library.opcheck(moe_combine, (y, pos, w, None))
+    torch.library.opcheck(moe_combine, (y, pos, None, 1))
+    torch.library.opcheck(moe_combine_dot, (torch.randn(T, 5, dtype=torch.float64),
+                                            y.detach(), pos, None))
+    torch.library.opcheck(moe_z_loss, (logits(seed=18), torch.arange(T) % 3 > 0, None))
+    assert torch.autograd.gradcheck(lambda x, w: moe_scatter(x, pos, n, w, None), (x, w))
+    assert torch.autograd.gradcheck(lambda y, w: moe_combine(y, pos, w, None), (y, w))

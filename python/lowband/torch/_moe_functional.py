@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+from typing import Optional
+
 from torch.autograd.function import once_differentiable
 
 from .. import _core
@@ -369,78 +371,133 @@ def load_balancing_loss(routing, *, scope="micro", seq_len=None, mask=None,
     return _loss_tensor(r.logits, loss, grad)
 
 
+@torch.library.custom_op("lowband::moe_z_loss", mutates_args=(), device_types="cpu")
+def moe_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+               threads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean over valid tokens of logsumexp(logits_t)^2 as a 0-dim tensor of
+    the logits' dtype, its gradient [T, E])."""
+    z = _view(logits)
+    loss, grad = _np_moe.z_loss(z, None if mask is None else _view(mask), threads=threads)
+    return torch.tensor(loss, dtype=logits.dtype), torch.from_numpy(grad)
+
+
+@moe_z_loss.register_fake
+def _(logits, mask=None, threads=None):
+    return logits.new_empty(()), torch.empty_like(logits)
+
+
+def _z_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+
+
+def _z_backward(ctx, g_loss, g_grad):
+    grad, = ctx.saved_tensors
+    return grad * g_loss, None, None
+
+
+torch.library.register_autograd("lowband::moe_z_loss", _z_backward, setup_context=_z_setup)
+
+
 def z_loss(logits, mask=None, *, threads=None):
     """Router z-loss (ST-MoE): the mean over valid tokens of
     logsumexp(logits_t)^2, a 0-dim tensor differentiable with respect to
-    ``logits``."""
-    z = _logits_view(logits)
-    loss, grad = _np_moe.z_loss(z, _mask_view(mask, z.shape[0]), threads=threads)
-    return _loss_tensor(logits, loss, grad)
+    ``logits`` (the ``lowband::moe_z_loss`` op; bfloat16/float16 logits in
+    float32, other devices in torch ops)."""
+    z = _tensor(logits, "logits")
+    _logits_view(z)                                   # argument checks
+    m = None
+    if mask is not None:
+        m = torch.from_numpy(_mask_view(mask, z.shape[0]))
+    if z.device.type != "cpu":
+        lse = torch.logsumexp(z.float(), dim=-1) ** 2
+        return lse.mean() if m is None else lse[m.to(z.device)].mean()
+    zk = z if _kernel_dtype(z) else z.float()
+    return moe_z_loss(zk, m, check_threads(threads))[0]
 
 
 # --------------------------------------------------------------------------
 # dispatch and combine
 # --------------------------------------------------------------------------
 
-class _ScatterFn(torch.autograd.Function):
-    """x [T, H] -> tokens [n, H] (row position[t, s] = x[t]) and back."""
+# The dispatch / combine kernels as torch.library custom ops (opaque nodes
+# under torch.compile, checked with torch.library.opcheck).  position [T, k]
+# int64 maps assignment (t, s) to its row, -1 when dropped; the kept rows
+# cover [0, n) once.
 
-    @staticmethod
-    def forward(ctx, x, plan):
-        ctx.plan = plan
-        if plan.native:
-            return x.index_select(0, plan.token_index_t(x.device))
-        return _back(_core.moe_scatter(_view(x), plan.position, plan.rows.size, None,
-                                       plan.threads), x)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        plan = ctx.plan
-        if plan.native:
-            out = g.new_zeros((plan.num_tokens, g.shape[1]))
-            return out.index_add_(0, plan.token_index_t(g.device), g), None
-        return _back(_core.moe_combine(_view(g), plan.position, None, plan.threads), g), None
+@torch.library.custom_op("lowband::moe_scatter", mutates_args=(), device_types="cpu")
+def moe_scatter(x: torch.Tensor, position: torch.Tensor, n: int,
+                weights: Optional[torch.Tensor] = None,
+                threads: Optional[int] = None) -> torch.Tensor:
+    """[n, H]: row position[t, s] = x[t] (times weights[t, s] when given)."""
+    w = None if weights is None else _view(weights)
+    return torch.from_numpy(_core.moe_scatter(_view(x), _view(position), n, w, threads))
 
 
-class _CombineFn(torch.autograd.Function):
-    """tokens y [n, H], weights [T, k] -> out [T, H], out[t] = sum_s
-    weights[t, s] y[position[t, s]] over the kept slots."""
-
-    @staticmethod
-    def forward(ctx, y, weights, plan):
-        ctx.plan = plan
-        w = weights.detach().to(y.dtype)
-        ctx.save_for_backward(y, w)
-        ctx.w_dtype = weights.dtype
-        if plan.native:
-            return _native_combine(y, w, plan)
-        return _back(_core.moe_combine(_view(y), plan.position, _view(w), plan.threads), y)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g):
-        plan = ctx.plan
-        y, w = ctx.saved_tensors
-        if plan.native:
-            tok = plan.token_index_t(g.device)
-            wk = w.reshape(-1)[plan.rows_t(g.device)]
-            gsel = g.index_select(0, tok)
-            gy = gsel * wk[:, None]
-            gw = torch.zeros(w.numel(), dtype=torch.float64, device=g.device)
-            gw.index_copy_(0, plan.rows_t(g.device), (gsel.double() * y.double()).sum(dim=1))
-            return gy, gw.reshape(w.shape).to(ctx.w_dtype), None
-        gv = _view(g)
-        gy = _core.moe_scatter(gv, plan.position, plan.rows.size, _view(w), plan.threads)
-        gw = _core.moe_combine_dot(gv, _view(y), plan.position, plan.threads)
-        return _back(gy, g), _back(gw, g).to(ctx.w_dtype), None
+@torch.library.custom_op("lowband::moe_combine", mutates_args=(), device_types="cpu")
+def moe_combine(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                threads: Optional[int] = None) -> torch.Tensor:
+    """[T, H]: out[t] = sum over kept slots s of weights[t, s] * y[position[t, s]]
+    (added in slot order onto zero; one writer per token)."""
+    w = None if weights is None else _view(weights)
+    return torch.from_numpy(_core.moe_combine(_view(y), _view(position), w, threads))
 
 
-def _native_combine(y, w, plan):
-    tok = plan.token_index_t(y.device)
-    wk = w.reshape(-1)[plan.rows_t(y.device)]
-    out = y.new_zeros((plan.num_tokens, y.shape[1]))
-    return out.index_add_(0, tok, y * wk[:, None])
+@torch.library.custom_op("lowband::moe_combine_dot", mutates_args=(), device_types="cpu")
+def moe_combine_dot(g: torch.Tensor, y: torch.Tensor, position: torch.Tensor,
+                    threads: Optional[int] = None) -> torch.Tensor:
+    """[T, k]: <g[t], y[position[t, s]]> (0 for dropped slots)."""
+    return torch.from_numpy(_core.moe_combine_dot(_view(g), _view(y), _view(position), threads))
+
+
+@moe_scatter.register_fake
+def _(x, position, n, weights=None, threads=None):
+    return x.new_empty((n, x.shape[1]))
+
+
+@moe_combine.register_fake
+def _(y, position, weights=None, threads=None):
+    return y.new_empty((position.shape[0], y.shape[1]))
+
+
+@moe_combine_dot.register_fake
+def _(g, y, position, threads=None):
+    return y.new_empty(tuple(position.shape))
+
+
+def _scatter_setup(ctx, inputs, output):
+    x, position, n, weights, threads = inputs
+    ctx.threads = threads
+    ctx.save_for_backward(x if weights is not None else None, position, weights)
+
+
+def _scatter_backward(ctx, g):
+    x, position, weights = ctx.saved_tensors
+    gx = moe_combine(g, position, weights, ctx.threads) if ctx.needs_input_grad[0] else None
+    gw = None
+    if weights is not None and ctx.needs_input_grad[3]:
+        gw = moe_combine_dot(x, g, position, ctx.threads)
+    return gx, None, None, gw, None
+
+
+def _combine_setup(ctx, inputs, output):
+    y, position, weights, threads = inputs
+    ctx.threads, ctx.n = threads, y.shape[0]
+    ctx.save_for_backward(y if weights is not None else None, position, weights)
+
+
+def _combine_backward(ctx, g):
+    y, position, weights = ctx.saved_tensors
+    gy = moe_scatter(g, position, ctx.n, weights, ctx.threads) if ctx.needs_input_grad[0] else None
+    gw = None
+    if weights is not None and ctx.needs_input_grad[2]:
+        gw = moe_combine_dot(g, y, position, ctx.threads)
+    return gy, None, gw, None
+
+
+torch.library.register_autograd("lowband::moe_scatter", _scatter_backward,
+                                setup_context=_scatter_setup)
+torch.library.register_autograd("lowband::moe_combine", _combine_backward,
+                                setup_context=_combine_setup)
 
 
 class _Plan:
@@ -462,6 +519,25 @@ class _Plan:
 
     def token_index_t(self, device):
         return self._t("tok", lambda: self.rows // self.k, device)
+
+    def position_t(self):
+        return self._t("pos", lambda: self.position, "cpu")
+
+    def scatter(self, x):
+        """tokens [n, H] (differentiable)."""
+        if self.native:
+            return x.index_select(0, self.token_index_t(x.device))
+        return moe_scatter(x, self.position_t(), int(self.rows.size), None, self.threads)
+
+    def combine(self, y, weights):
+        """[T, H] (differentiable in y and weights); the kernel when y is a
+        CPU float32/float64 tensor, else torch's index_add_."""
+        w = weights.to(y.dtype)
+        if _kernel_dtype(y):
+            return moe_combine(y, self.position_t(), w, self.threads)
+        wk = w.reshape(-1).index_select(0, self.rows_t(y.device))
+        out = y.new_zeros((self.num_tokens, y.shape[1]))
+        return out.index_add(0, self.token_index_t(y.device), y * wk[:, None])
 
 
 
@@ -515,11 +591,7 @@ class Dispatch:
                              f"{tuple(y.shape)}")
         if self.padded:
             y = y.index_select(0, self._dest.to(y.device))
-        plan = self._plan
-        if not plan.native and not (_kernel_dtype(y) and y.dtype == self.tokens.dtype):
-            plan = _Plan(plan.offsets, plan.rows, plan.position, plan.k, plan.num_tokens,
-                         plan.threads, True)
-        return _CombineFn.apply(y, self._weights, plan)
+        return self._plan.combine(y, self._weights)
 
 
 def dispatch(x, routing, capacity=None, drop="probs", *, mask=None, pad_to_capacity=False,
@@ -556,7 +628,7 @@ def dispatch(x, routing, capacity=None, drop="probs", *, mask=None, pad_to_capac
                                              _np_moe._DROPS.index(drop), w_sel, threads)
     native = not _kernel_dtype(x)
     plan = _Plan(offsets, rows, position, k, T, threads, native)
-    tokens = _ScatterFn.apply(x, plan)
+    tokens = plan.scatter(x)
     dest = None
     if pad_to_capacity:
         counts = np.diff(offsets)
