@@ -12,10 +12,10 @@ backward.
 """
 from __future__ import annotations
 
+from typing import Optional, Tuple
+
 import numpy as np
 import torch
-from typing import Optional
-
 from torch.autograd.function import once_differentiable
 
 from .. import _core
@@ -80,6 +80,43 @@ def _back(a, like):
     """A tensor over the array a, on like's device."""
     t = torch.from_numpy(a)
     return t if like.device.type == "cpu" else t.to(like.device)
+
+
+# --------------------------------------------------------------------------
+# C kernels as torch.library custom ops (torch >= 2.4), else autograd.Function
+# --------------------------------------------------------------------------
+
+_HAS_CUSTOM_OP = hasattr(torch.library, "custom_op")
+
+
+def _custom_op(name, impl, fake, setup=None, backward=None):
+    """``impl`` as the custom op ``name`` (with its fake kernel and
+    autograd), or as an autograd.Function with the same formulas."""
+    if _HAS_CUSTOM_OP:
+        op = torch.library.custom_op(name, mutates_args=(), device_types="cpu")(impl)
+        op.register_fake(fake)
+        if backward is not None:
+            torch.library.register_autograd(name, backward, setup_context=setup)
+        return op
+    if backward is None:
+        return impl
+
+    class _Fn(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):
+            out = impl(*args)
+            setup(ctx, args, out)
+            return out
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    def call(*args):
+        return _Fn.apply(*args)
+    call.__name__ = call.__qualname__ = impl.__name__
+    call.__doc__ = impl.__doc__
+    return call
 
 
 # --------------------------------------------------------------------------
@@ -371,9 +408,8 @@ def load_balancing_loss(routing, *, scope="micro", seq_len=None, mask=None,
     return _loss_tensor(r.logits, loss, grad)
 
 
-@torch.library.custom_op("lowband::moe_z_loss", mutates_args=(), device_types="cpu")
-def moe_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
-               threads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def _moe_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
+                threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
     """(mean over valid tokens of logsumexp(logits_t)^2 as a 0-dim tensor of
     the logits' dtype, its gradient [T, E])."""
     z = _view(logits)
@@ -381,8 +417,7 @@ def moe_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,
     return torch.tensor(loss, dtype=logits.dtype), torch.from_numpy(grad)
 
 
-@moe_z_loss.register_fake
-def _(logits, mask=None, threads=None):
+def _z_fake(logits, mask=None, threads=None):
     return logits.new_empty(()), torch.empty_like(logits)
 
 
@@ -395,7 +430,7 @@ def _z_backward(ctx, g_loss, g_grad):
     return grad * g_loss, None, None
 
 
-torch.library.register_autograd("lowband::moe_z_loss", _z_backward, setup_context=_z_setup)
+moe_z_loss = _custom_op("lowband::moe_z_loss", _moe_z_loss, _z_fake, _z_setup, _z_backward)
 
 
 def z_loss(logits, mask=None, *, threads=None):
@@ -424,43 +459,37 @@ def z_loss(logits, mask=None, *, threads=None):
 # int64 maps assignment (t, s) to its row, -1 when dropped; the kept rows
 # cover [0, n) once.
 
-@torch.library.custom_op("lowband::moe_scatter", mutates_args=(), device_types="cpu")
-def moe_scatter(x: torch.Tensor, position: torch.Tensor, n: int,
-                weights: Optional[torch.Tensor] = None,
-                threads: Optional[int] = None) -> torch.Tensor:
+def _moe_scatter(x: torch.Tensor, position: torch.Tensor, n: int,
+                 weights: Optional[torch.Tensor] = None,
+                 threads: Optional[int] = None) -> torch.Tensor:
     """[n, H]: row position[t, s] = x[t] (times weights[t, s] when given)."""
     w = None if weights is None else _view(weights)
     return torch.from_numpy(_core.moe_scatter(_view(x), _view(position), n, w, threads))
 
 
-@torch.library.custom_op("lowband::moe_combine", mutates_args=(), device_types="cpu")
-def moe_combine(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor] = None,
-                threads: Optional[int] = None) -> torch.Tensor:
+def _moe_combine(y: torch.Tensor, position: torch.Tensor, weights: Optional[torch.Tensor] = None,
+                 threads: Optional[int] = None) -> torch.Tensor:
     """[T, H]: out[t] = sum over kept slots s of weights[t, s] * y[position[t, s]]
     (added in slot order onto zero; one writer per token)."""
     w = None if weights is None else _view(weights)
     return torch.from_numpy(_core.moe_combine(_view(y), _view(position), w, threads))
 
 
-@torch.library.custom_op("lowband::moe_combine_dot", mutates_args=(), device_types="cpu")
-def moe_combine_dot(g: torch.Tensor, y: torch.Tensor, position: torch.Tensor,
-                    threads: Optional[int] = None) -> torch.Tensor:
+def _moe_combine_dot(g: torch.Tensor, y: torch.Tensor, position: torch.Tensor,
+                     threads: Optional[int] = None) -> torch.Tensor:
     """[T, k]: <g[t], y[position[t, s]]> (0 for dropped slots)."""
     return torch.from_numpy(_core.moe_combine_dot(_view(g), _view(y), _view(position), threads))
 
 
-@moe_scatter.register_fake
-def _(x, position, n, weights=None, threads=None):
+def _scatter_fake(x, position, n, weights=None, threads=None):
     return x.new_empty((n, x.shape[1]))
 
 
-@moe_combine.register_fake
-def _(y, position, weights=None, threads=None):
+def _combine_fake(y, position, weights=None, threads=None):
     return y.new_empty((position.shape[0], y.shape[1]))
 
 
-@moe_combine_dot.register_fake
-def _(g, y, position, threads=None):
+def _combine_dot_fake(g, y, position, threads=None):
     return y.new_empty(tuple(position.shape))
 
 
@@ -494,10 +523,11 @@ def _combine_backward(ctx, g):
     return gy, None, gw, None
 
 
-torch.library.register_autograd("lowband::moe_scatter", _scatter_backward,
-                                setup_context=_scatter_setup)
-torch.library.register_autograd("lowband::moe_combine", _combine_backward,
-                                setup_context=_combine_setup)
+moe_combine_dot = _custom_op("lowband::moe_combine_dot", _moe_combine_dot, _combine_dot_fake)
+moe_scatter = _custom_op("lowband::moe_scatter", _moe_scatter, _scatter_fake, _scatter_setup,
+                         _scatter_backward)
+moe_combine = _custom_op("lowband::moe_combine", _moe_combine, _combine_fake, _combine_setup,
+                         _combine_backward)
 
 
 class _Plan:
