@@ -1,11 +1,11 @@
 """Load balancing: the canonical loss and its gradient against the twins and
-finite differences, the known answers of algorithms.md section 6, the
+finite differences, hand-checked known answers (Demons in the Detail, Megatron), the
 global-batch LoadBalancer over simulated workers and micro-batches, the
 conversions to other frameworks, z-loss, bias update, capacity."""
 import numpy as np
 import pytest
 
-from lowband import _core, moe
+from lowband import _core, _moe_core, moe
 from lowband import _reference as ref
 from helpers import FLOATS, THREADS, assert_same
 from test_moe_support import FakeWorld, assert_grad, logits
@@ -19,7 +19,7 @@ def twin_loss(r, scope="micro", seq_len=None, mask=None):
     seg = T if scope == "micro" else seq_len
     counts, valid, sums = ref.moe_balance_stats(r.scores, r.score, r.experts, r.num_experts,
                                                 mask, seg)
-    loss, g = moe._balance_terms(counts, valid, sums, valid, r.k)
+    loss, g = _moe_core._balance_terms(counts, valid, sums, valid, r.k)
     return loss, ref.moe_balance_grad(r.scores, r.score, g, seg, mask)
 
 

@@ -3,7 +3,7 @@ bias and group limits, thread counts, the routing gradient and bad input."""
 import numpy as np
 import pytest
 
-from lowband import _core, moe
+from lowband import _core, _moe_core, moe
 from lowband import _reference as ref
 from helpers import FLOATS, THREADS, assert_same, unchanged
 from test_moe_support import assert_grad, logits
@@ -69,7 +69,7 @@ def test_ties_go_to_the_lower_expert(dtype):
 
 
 def test_known_score_functions():
-    # algorithms.md section 6.1: z = [1, 2, 3, 0], k = 2 selects [2, 1]
+    # hand-checked: z = [1, 2, 3, 0], k = 2 selects [2, 1]
     z = np.array([[1.0, 2.0, 3.0, 0.0]])
     cases = {("softmax", True): [0.731059, 0.268941], ("softmax", False): [0.643914, 0.236883],
              ("sigmoid", True): [0.519575, 0.480425]}
@@ -147,7 +147,7 @@ def test_every_isa_path_agrees(isa):
         r = moe.route(z, 4)
         loss, grad = moe.load_balancing_loss(r, scope="sequence", seq_len=3001)
         counts, valid, sums = ref.moe_balance_stats(r.scores, "softmax", r.experts, 64, None, 3001)
-        want_loss, g = moe._balance_terms(counts, valid, sums, valid, 4)
+        want_loss, g = _moe_core._balance_terms(counts, valid, sums, valid, 4)
         assert loss == want_loss
         assert_same(grad, ref.moe_balance_grad(r.scores, "softmax", g, 3001, None))
         total, zg = ref.moe_z_loss(z, None, 1 / 3001)

@@ -12,14 +12,19 @@ inner_residual], output x(C) [+ x with outer_residual].  With C = 1 and the
 inner residual it equals x + MoELayer(x).
 
 Both keep ``params`` and ``grads`` dicts of arrays (the same keys), so any
-optimizer can step them; ``backward`` includes the gradients of the
-auxiliary losses (``aux_coef`` * load balancing + ``z_coef`` * z-loss).
+optimizer can step them; ``backward`` *adds* the gradients (including those
+of the auxiliary losses, ``aux_coef`` * load balancing + ``z_coef`` *
+z-loss) into ``grads``, like torch's ``.grad``: call ``zero_grad()`` after
+each optimizer step, and gradient accumulation over micro-batches is just
+several forward/backward pairs.  ``eval()`` switches to evaluation forwards
+(no auxiliary losses, the global-batch balancers untouched), ``train()``
+back.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from . import moe as _moe
+from . import _moe_core as _moe
 from ._validate import check_choice, check_finite_number, check_int, from_torch
 
 _ACTIVATIONS = ("relu", "silu")
@@ -58,7 +63,7 @@ class _MoEBase:
 
     def __init__(self, d_model, d_ff, num_experts, k, routers, *, score, renormalize,
                  shared_expert, capacity_factor, drop, aux_coef, aux_scope, seq_len,
-                 allreduce, z_coef, activation, seed, dtype):
+                 allreduce, world_size, comm, z_coef, activation, seed, dtype):
         H = self.d_model = check_int(d_model, "d_model", 1)
         F = self.d_ff = check_int(d_ff, "d_ff", 1)
         E = self.num_experts = check_int(num_experts, "num_experts", 1)
@@ -79,8 +84,10 @@ class _MoEBase:
         self.dtype = np.dtype(dtype)
         if self.dtype not in (np.float32, np.float64):
             raise TypeError(f"dtype: expected float32 or float64, got {self.dtype}")
-        self.balancers = [_moe.LoadBalancer(E, self.k, allreduce) for _ in range(routers)] \
+        self.balancers = [_moe.LoadBalancer(E, self.k, allreduce, world_size=world_size,
+                                            comm=comm) for _ in range(routers)] \
             if self.aux_scope == "global" else []
+        self.training = True
         rng = np.random.default_rng(seed)
 
         def init(shape, fan_in):
@@ -104,8 +111,19 @@ class _MoEBase:
             b.reset()
 
     def zero_grad(self):
+        """Sets every gradient to 0 (backward adds into ``grads``)."""
         for g in self.grads.values():
             g[...] = 0
+
+    def train(self, mode=True):
+        """Training forwards (auxiliary losses, balancers counted) when
+        ``mode``, else evaluation forwards; returns self."""
+        self.training = bool(mode)
+        return self
+
+    def eval(self):
+        """Evaluation forwards: no auxiliary losses, no balancer counts."""
+        return self.train(False)
 
     def _input(self, x):
         x = np.asarray(from_torch(x, "x"))
@@ -136,7 +154,7 @@ class _MoEBase:
                                       P["b2"][e], self.activation)
         out = plan.combine(y)
         gz = np.zeros_like(logits)
-        if self.aux_coef:
+        if self.aux_coef and self.training:
             if self.aux_scope == "global":
                 bal = self.balancers[i]
                 mb = bal.accumulate(r, mask, micro_batch=micro_batch)
@@ -148,7 +166,7 @@ class _MoEBase:
                     mask=mask)
             self.aux_loss += self.aux_coef * loss
             gz += self.aux_coef * g
-        if self.z_coef:
+        if self.z_coef and self.training:
             loss, g = _moe.z_loss(logits, mask)
             self.aux_loss += self.z_coef * loss
             gz += self.z_coef * g
@@ -203,18 +221,23 @@ class MoELayer(_MoEBase):
 
     score/renormalize: see :func:`lowband.moe.route`.  ``capacity_factor``
     None: dropless.  ``aux_scope``: "micro", "sequence" (needs ``seq_len``)
-    or "global" (a :class:`LoadBalancer` with ``allreduce``; call
-    ``reset_balance()`` at each optimizer step).
+    or "global" (one :class:`LoadBalancer` per router, built from
+    ``allreduce``/``world_size`` or ``comm``, e.g. the communicator of a
+    ``lowband.sim.Cluster`` worker; call ``reset_balance()`` at each
+    optimizer step).  Pass ``micro_batch`` ids to ``forward`` when a
+    micro-batch is recomputed (it is then not counted twice).
     """
 
     def __init__(self, d_model, d_ff, num_experts, k, *, score="softmax", renormalize=None,
                  shared_expert=False, capacity_factor=None, drop="probs", aux_coef=1e-2,
-                 aux_scope="micro", seq_len=None, allreduce=None, z_coef=0.0,
+                 aux_scope="micro", seq_len=None, allreduce=None, world_size=None, comm=None,
+                 z_coef=0.0,
                  activation="relu", seed=0, dtype=np.float64):
         super().__init__(d_model, d_ff, num_experts, k, 1, score=score, renormalize=renormalize,
                          shared_expert=shared_expert, capacity_factor=capacity_factor, drop=drop,
                          aux_coef=aux_coef, aux_scope=aux_scope, seq_len=seq_len,
-                         allreduce=allreduce, z_coef=z_coef, activation=activation, seed=seed,
+                         allreduce=allreduce, world_size=world_size, comm=comm, z_coef=z_coef,
+                         activation=activation, seed=seed,
                          dtype=dtype)
         self.routing = None
         self._cache = None
@@ -230,7 +253,6 @@ class MoELayer(_MoEBase):
     def backward(self, grad_out):
         if self._cache is None:
             raise RuntimeError("backward: call forward first")
-        self.zero_grad()
         return self._step_backward(self._cache, np.asarray(from_torch(grad_out, "grad_out"), self.dtype))
 
 
@@ -240,19 +262,27 @@ class ChainOfExperts(_MoEBase):
     a comparable MoE for matched compute), the shared expert (if any) run
     every iteration, and the load-balancing loss per iteration (summed
     into ``aux_loss``).  ``routings`` holds each iteration's Routing.
+
+    The defaults are the authors' configuration (ZihanWang314/CoE,
+    coe_deepseekv2): ``renormalize=False`` (norm_topk_prob false: the
+    weights are the selected softmax scores, also for k > 1), the inner
+    residual, no outer residual.  Their experts are SwiGLU MLPs (the torch
+    layer has them; this NumPy layer has relu/silu MLPs).
     """
 
     def __init__(self, d_model, d_ff, num_experts, iterations, k, *, inner_residual=True,
-                 outer_residual=False, score="softmax", renormalize=None, shared_expert=False,
+                 outer_residual=False, score="softmax", renormalize=False, shared_expert=False,
                  capacity_factor=None, drop="probs", aux_coef=1e-2, aux_scope="micro",
-                 seq_len=None, allreduce=None, z_coef=0.0, activation="relu", seed=0,
+                 seq_len=None, allreduce=None, world_size=None, comm=None, z_coef=0.0,
+                 activation="relu", seed=0,
                  dtype=np.float64):
         self.iterations = check_int(iterations, "iterations", 1)
         super().__init__(d_model, d_ff, num_experts, k, self.iterations, score=score,
                          renormalize=renormalize, shared_expert=shared_expert,
                          capacity_factor=capacity_factor, drop=drop, aux_coef=aux_coef,
                          aux_scope=aux_scope, seq_len=seq_len, allreduce=allreduce,
-                         z_coef=z_coef, activation=activation, seed=seed, dtype=dtype)
+                         world_size=world_size, comm=comm, z_coef=z_coef,
+                         activation=activation, seed=seed, dtype=dtype)
         self.inner_residual = bool(inner_residual)
         self.outer_residual = bool(outer_residual)
         self.routings = []
@@ -274,7 +304,6 @@ class ChainOfExperts(_MoEBase):
     def backward(self, grad_out):
         if self._caches is None:
             raise RuntimeError("backward: call forward first")
-        self.zero_grad()
         g = np.asarray(from_torch(grad_out, "grad_out"), self.dtype)
         top = g
         for cache in reversed(self._caches):

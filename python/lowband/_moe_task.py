@@ -83,6 +83,9 @@ class Residual:
     def forward(self, x, mask=None):
         return x + self.layer.forward(x, mask)
 
+    def zero_grad(self):
+        self.layer.zero_grad()
+
     def backward(self, g):
         return g + self.layer.backward(g)
 
@@ -105,6 +108,7 @@ def train(model, task, steps=300, batch=256, lr=3e-3, seed=1, test_tokens=2048):
         out = model.forward(x)
         g = np.zeros_like(out)
         g[:, 2 * task.P:] = 2.0 * (out[:, 2 * task.P:] - y) / y.size
+        model.zero_grad()
         model.backward(g)
         opt.step(model.grads)
         if (step + 1) % 50 == 0:

@@ -1,5 +1,5 @@
 """lowband for PyTorch: tensors in and out, torch.distributed collectives,
-DDP communication hooks.
+DDP communication hooks, torch optimizers, MoE autograd and modules.
 
 ``import lowband`` never imports torch; this subpackage does, and needs it
 installed (``pip install torch``)::
@@ -17,6 +17,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
                       f"(or pip install 'lowband[torch]'); importing it failed: {_exc}") from _exc
 
 from .comm import ProcessGroupCommunicator
-from . import hooks
+from . import hooks, moe, optim
 
-__all__ = ["ProcessGroupCommunicator", "hooks"]
+__all__ = ["ProcessGroupCommunicator", "hooks", "moe", "optim"]
