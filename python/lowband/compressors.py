@@ -261,7 +261,8 @@ def _q():
 
 class Sign(Compressor):
     """Scaled sign, 1 bit per element: scale "l1" (EF-signSGD), "rms"
-    (1-bit Adam) or "none"; per tensor or per ``block``."""
+    (1-bit Adam), "two_means" (Seide et al.'s 1-bit SGD: the mean of each
+    sign's elements) or "none"; per tensor or per ``block``."""
 
     name = "sign"
     _args = ("scale",)
@@ -269,7 +270,7 @@ class Sign(Compressor):
 
     def __init__(self, scale="l1", *, block=None, threads=None):
         super().__init__(threads)
-        self.scale = check_choice(scale, "scale", ("l1", "rms", "none"))
+        self.scale = check_choice(scale, "scale", ("l1", "rms", "none", "two_means"))
         self.block = None if block is None else check_int(block, "block", 1)
 
     def _defaults(self):
