@@ -994,16 +994,21 @@ def dither_indices(x, levels, natural, l2, seed, step):
 
 def gamma_stream(signed_levels):
     """(stream bytes, nbits): Elias gamma of m + 1, then a sign bit when m > 0."""
-    bits = []
-    for v in signed_levels.tolist():
-        m = abs(v)
-        g = m + 1
-        b = g.bit_length() - 1
-        bits += [0] * b + [(g >> (b - k)) & 1 for k in range(b + 1)]
-        if m:
-            bits.append(1 if v < 0 else 0)
-    arr = np.array(bits, dtype=np.uint8)
-    return np.packbits(arr, bitorder="little"), len(bits)
+    v = np.asarray(signed_levels, dtype=np.int64)
+    g = np.abs(v) + 1
+    b = np.zeros(v.size, np.int64)
+    while True:
+        more = (g >> (b + 1)) > 0
+        if not more.any():
+            break
+        b += more
+    length = 2 * b + 1 + (g > 1)
+    k = np.arange(int(length.max()) if v.size else 0)[None, :]
+    B, G = b[:, None], g[:, None]
+    shift = np.clip(2 * B - k, 0, 62)
+    bit = np.where(k < B, 0, np.where(k <= 2 * B, (G >> shift) & 1, (v[:, None] < 0)))
+    bits = bit[k < length[:, None]].astype(np.uint8)
+    return np.packbits(bits, bitorder="little"), int(length.sum())
 
 
 def dither(x, levels, natural, l2, seed, step):

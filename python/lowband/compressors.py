@@ -31,7 +31,7 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
-    "Sign", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
+    "Sign", "Signum", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
     "Chain", "from_spec",
 ]
 
@@ -280,6 +280,42 @@ class Sign(Compressor):
         return _q().sign(x, scale=self.scale, block=self.block, threads=self.threads)
 
 
+class Signum(Compressor):
+    """Signum (Bernstein et al., ICML 2018): the sign of a momentum of the
+    inputs, m = beta * m + (1 - beta) * x, sent as ``sign(m, scale="none")``
+    (1 bit per element, decoding to +-1); beta = 0 is signSGD.  The
+    momentum is this object's state (bound to the first input's shape;
+    ``reset()`` clears it).  Aggregate with ``lowband.majority_vote``."""
+
+    name = "signum"
+    _args = ("beta",)
+
+    def __init__(self, beta=0.9, *, threads=None):
+        super().__init__(threads)
+        self.beta = check_finite_number(beta, "beta", 0.0, 1.0, hi_open=True)
+        self.momentum = None
+
+    def reset(self):
+        self.momentum = None
+        self.step = 0
+
+    def _compress(self, x, step):
+        arr = np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"x: expected a float array, got dtype {arr.dtype}")
+        wd = arr.dtype if arr.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        m = self.momentum
+        if m is None:
+            m = self.momentum = np.zeros(arr.shape, wd)
+        elif m.shape != arr.shape or m.dtype != wd:
+            raise ValueError(f"x: expected shape {m.shape} and dtype {m.dtype} (the momentum's), "
+                             f"got {arr.shape} and {wd}")
+        f = wd.type
+        m *= f(self.beta)
+        m += f(1 - self.beta) * arr.astype(wd, copy=False)
+        return _q().sign(m, scale="none", threads=self.threads)
+
+
 class Blockwise(Compressor):
     """Symmetric blockwise absmax quantization to ``bits`` in {1,2,3,4,8},
     nearest or stochastic rounding (stochastic: unbiased, seeded)."""
@@ -455,7 +491,7 @@ class Chain(Compressor):
 # Specs
 # --------------------------------------------------------------------------
 
-_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign,
+_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum,
                                  Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit, Cast)}
 _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast", "bfloat16"),
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}

@@ -41,7 +41,7 @@ from .feedback import DGC, DecayedFeedback
 from .sim import chunk_bounds, reduce_payloads
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
-           "perturbation", "ZO_DOMAIN"]
+           "perturbation", "ZO_DOMAIN", "Signum"]
 
 _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "compressed_allreduce")
 
@@ -741,3 +741,51 @@ class SeedReplayZO(Optimizer):
                     x -= v
         self.t += 1
         return float(np.mean(losses))
+
+
+# --------------------------------------------------------------------------
+# signSGD / Signum with majority vote
+# --------------------------------------------------------------------------
+
+class Signum(Optimizer):
+    """signSGD and Signum with majority vote (Bernstein et al., "signSGD:
+    Compressed Optimisation for Non-Convex Problems", ICML 2018; "signSGD
+    with Majority Vote is Communication Efficient and Fault Tolerant", ICLR
+    2019).
+
+    Each rank keeps its own momentum m = beta * m + (1 - beta) * grad
+    (beta = 0: signSGD, m = grad) and sends sign(m), 1 bit per element,
+    through an allgather; every rank takes the elementwise majority
+    s = sign(sum of the signs) in C on the packed bits (a tie, possible
+    with an even world size, gives +1) and steps x -= lr * (s + wd * x).
+    Without ``comm`` (or with one rank) it is single-worker Signum.
+    Wire: d/8 bytes (plus a small header) sent to each other rank per step.
+    """
+
+    def __init__(self, params, comm=None, lr=1e-4, beta=0.9, weight_decay=0.0):
+        super().__init__(params, comm, comm_required=False)
+        self.lr = _check_lr(lr)
+        self.beta = check_finite_number(beta, "beta", 0.0, 1.0, hi_open=True)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.momentum = self._new_state("momentum")
+
+    def _hyper(self):
+        return {"lr": self.lr, "beta": self.beta, "weight_decay": self.weight_decay}
+
+    def step(self, grad):
+        from .quantize import sign
+        from .vote import majority_vote
+        g = self._grad(grad)
+        x, f, m = self.flat, self.flat.dtype.type, self.momentum
+        m *= f(self.beta)
+        m += f(1 - self.beta) * g
+        mine = sign(m, scale="none")
+        if self.comm is not None and self.comm.world_size > 1:
+            vote = majority_vote(self.comm.allgather(mine))
+        else:
+            vote = mine
+        d = vote.dequantize().reshape(-1)
+        if self.weight_decay:
+            d = d + f(self.weight_decay) * x
+        x -= f(self.lr) * d
+        self.t += 1
