@@ -31,7 +31,7 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
-    "Sign", "Signum", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
+    "Sign", "Signum", "Dither", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
     "Chain", "from_spec",
 ]
 
@@ -316,6 +316,32 @@ class Signum(Compressor):
         return _q().sign(m, scale="none", threads=self.threads)
 
 
+class Dither(Compressor):
+    """Random dithering with natural (power-of-two) or linear levels
+    (Horvath et al. 2019; BytePS), unbiased, Elias-gamma coded; see
+    ``lowband.dither``."""
+
+    name = "dither"
+    _args = ("levels",)
+    _kwargs = ("partition", "norm", "seed")
+    randomized = True
+    unbiased = True
+
+    def __init__(self, levels, *, partition="natural", norm="max", seed=0, threads=None):
+        super().__init__(threads)
+        self.levels = check_int(levels, "levels", 1, 127)
+        self.partition = check_choice(partition, "partition", ("natural", "linear"))
+        self.norm = check_choice(norm, "norm", ("max", "l2"))
+        self.seed = check_seed(seed)
+
+    def _defaults(self):
+        return {"partition": "natural", "norm": "max", "seed": 0}
+
+    def _compress(self, x, step):
+        return _q().dither(x, self.levels, partition=self.partition, norm=self.norm, seed=self.seed,
+                           step=step, threads=self.threads)
+
+
 class Blockwise(Compressor):
     """Symmetric blockwise absmax quantization to ``bits`` in {1,2,3,4,8},
     nearest or stochastic rounding (stochastic: unbiased, seeded)."""
@@ -491,7 +517,7 @@ class Chain(Compressor):
 # Specs
 # --------------------------------------------------------------------------
 
-_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum,
+_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither,
                                  Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit, Cast)}
 _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast", "bfloat16"),
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}
