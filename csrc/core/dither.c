@@ -38,8 +38,10 @@ static double up_f32(double v)
     return (double)f;
 }
 
-/* Level index of r in [0, 1] (see the file comment). */
-static unsigned level_of(double r, unsigned s, int natural, uint32_t u24)
+/* Level index of r in [0, 1] (see the file comment).  Natural levels read
+ * floor(log2 r) and the fraction r / 2^a - 1 straight from the bits of r
+ * (exact, as frexp/ldexp would give).                                    */
+static inline unsigned level_of(double r, unsigned s, int natural, uint32_t u24)
 {
     double t;
     unsigned lo;
@@ -52,15 +54,17 @@ static unsigned level_of(double r, unsigned s, int natural, uint32_t u24)
         lo = (unsigned)f;
         t = v - f;
     } else {
-        int e;
-        frexp(r, &e);                 /* 2^(e-1) <= r < 2^e, e <= 0       */
-        int a = e - 1;                /* floor(log2 r)                    */
+        uint64_t bits;
+        memcpy(&bits, &r, 8);
+        int a = (int)((bits >> 52) & 0x7FF) - 1023;   /* subnormal r: -1023 */
         if (a < 1 - (int)s) {         /* below the smallest level 2^(1-s) */
             lo = 0;
             t = ldexp(r, (int)s - 1);
         } else {
+            uint64_t fb = (bits & 0xFFFFFFFFFFFFFull) | ((uint64_t)1023 << 52);
+            memcpy(&t, &fb, 8);
+            t -= 1.0;
             lo = (unsigned)(a + (int)s);
-            t = ldexp(r, -a) - 1.0;
         }
     }
     unsigned m = lo + ((double)u24 < t * 16777216.0);
@@ -177,6 +181,9 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
         return LB_ENOMEM;
     }
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_DITHER);
+    int plen[128];
+    for (unsigned m = 0; m <= levels; m++)
+        plen[m] = (int)gamma_len(m + 1) + (m ? 1 : 0);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t c = 0; c < nchunks; c++) {
         uint32_t rnd[DITHER_TILE];
@@ -189,7 +196,7 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
                                         : ((const double *)x)[t + j];
                 unsigned lvl = nv > 0.0 ? level_of(fabs(v) / nv, levels, natural, rnd[j] >> 8) : 0;
                 lv[t + j] = (uint8_t)(lvl | (lvl && v < 0.0 ? 0x80u : 0u));
-                bits += gamma_len(lvl + 1) + (lvl ? 1 : 0);
+                bits += (uint64_t)plen[lvl];
             }
         }
         cbits[c] = bits;
@@ -203,13 +210,20 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
         lb_scratch_free(lv);
         return LB_ENOMEM;
     }
-    /* pass 2: the stream (serial: variable-length codes) */
+    /* pass 2: the stream (serial: variable-length codes), from a table of
+     * every level's gamma code with the sign slot as its top bit          */
+    uint32_t pat[128];
+    for (unsigned m = 0; m <= levels; m++) {
+        uint8_t tmp[8] = {0};
+        bitw t = {tmp, 0, 0, 0};
+        put_gamma(&t, m + 1);
+        pat[m] = (uint32_t)(t.acc << (8 * t.pos)) | (uint32_t)tmp[0] | ((uint32_t)tmp[1] << 8);
+    }
     bitw w = {out, 0, 0, 0};
     for (uint64_t i = 0; i < n; i++) {
         unsigned lvl = lv[i] & 0x7Fu;
-        put_gamma(&w, lvl + 1);
-        if (lvl)
-            put_bits(&w, lv[i] >> 7, 1);
+        uint64_t code = pat[lvl] | ((uint64_t)(lv[i] >> 7) << (plen[lvl] - 1));
+        put_bits(&w, code, plen[lvl]);
     }
     if (w.nacc)
         out[w.pos++] = (uint8_t)w.acc;

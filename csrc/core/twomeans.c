@@ -11,6 +11,7 @@
  */
 #include <math.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "lowband.h"
 #include "quant.h"
@@ -28,36 +29,66 @@ static void fold16(double *lane)
             lane[l] += lane[l + w];
 }
 
+/* Splits v by its sign bit: *p = v, *q = +0 when the sign bit is clear,
+ * *p = +0, *q = v when it is set (masks, no branch, so the 16 lanes
+ * vectorise).  -0 goes to q, where the twin puts it on the p side: both
+ * add a zero to lanes that start at +0, so the sums are the same.        */
+static inline void split_sign(double v, double *p, double *q)
+{
+    uint64_t b, m, pb, qb;
+    memcpy(&b, &v, 8);
+    m = (uint64_t)((int64_t)b >> 63);
+    pb = b & ~m;
+    qb = b & m;
+    memcpy(p, &pb, 8);
+    memcpy(q, &qb, 8);
+}
+
 /* Sums of the non-negative and of the negative elements of x[0..m) in the
- * 16-lane order, and the count of non-negative ones (NaN counts as
- * negative and poisons the negative sum).                                 */
+ * 16-lane order (a NaN poisons one of them).                             */
 #define TM_SUMS(NAME, T)                                                       \
-    static tm_stat NAME(const T *x, uint64_t m)                                \
+    static void NAME(const T *x, uint64_t m, double *pos, double *neg)         \
     {                                                                          \
         double lp[16] = {0}, ln[16] = {0};                                     \
-        uint64_t c = 0, j = 0;                                                 \
+        uint64_t j = 0;                                                        \
         for (; j + 16 <= m; j += 16)                                           \
             for (int l = 0; l < 16; l++) {                                     \
-                double v = (double)x[j + l];                                   \
-                int ge = v >= 0.0;                                             \
-                lp[l] += ge ? v : 0.0;                                         \
-                ln[l] += ge ? 0.0 : v;                                         \
-                c += (uint64_t)ge;                                             \
+                double p, q;                                                   \
+                split_sign((double)x[j + l], &p, &q);                          \
+                lp[l] += p;                                                    \
+                ln[l] += q;                                                    \
             }                                                                  \
         for (int l = 0; j + (uint64_t)l < m; l++) {                            \
-            double v = (double)x[j + l];                                       \
-            int ge = v >= 0.0;                                                 \
-            lp[l] += ge ? v : 0.0;                                             \
-            ln[l] += ge ? 0.0 : v;                                             \
-            c += (uint64_t)ge;                                                 \
+            double p, q;                                                       \
+            split_sign((double)x[j + l], &p, &q);                              \
+            lp[l] += p;                                                        \
+            ln[l] += q;                                                        \
         }                                                                      \
         fold16(lp);                                                            \
         fold16(ln);                                                            \
-        tm_stat s = {lp[0], ln[0], c};                                         \
-        return s;                                                              \
+        *pos = lp[0];                                                          \
+        *neg = ln[0];                                                          \
     }
 TM_SUMS(tm_sums32, float)
 TM_SUMS(tm_sums64, double)
+
+/* Set bits in stream bits [s, s + m) of codes. */
+static uint64_t count_ones(const uint8_t *codes, uint64_t s, uint64_t m)
+{
+    uint64_t c = 0, e = s + m;
+    while (s < e && (s & 7)) {
+        c += (codes[s >> 3] >> (s & 7)) & 1u;
+        s++;
+    }
+    for (; s + 64 <= e; s += 64) {
+        uint64_t w;
+        memcpy(&w, codes + (s >> 3), 8);
+        c += (uint64_t)__builtin_popcountll(w);
+    }
+    for (; s < e; s++)
+        c += (codes[s >> 3] >> (s & 7)) & 1u;
+    return c;
+}
 
 static uint64_t first_bad(const void *x, lb_dtype dt, uint64_t n)
 {
@@ -92,18 +123,8 @@ lb_status lb_sign_two_means(const void *x, uint64_t n, lb_dtype dt,
     tm_stat *part = malloc((size_t)(npieces ? npieces : 1) * sizeof(tm_stat));
     if (!part)
         return LB_ENOMEM;
-    int team = lb_team(nthreads, n / LB_CHUNK);
-    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-    for (uint64_t p = 0; p < npieces; p++) {
-        uint64_t b = p / ppb, s = b * B + (p % ppb) * piece;
-        uint64_t e = (b + 1) * B < n ? (b + 1) * B : n;
-        uint64_t m = s < e ? (e - s < piece ? e - s : piece) : 0;
-        tm_stat z = {0.0, 0.0, 0};
-        part[p] = !m ? z : dt == LB_F32 ? tm_sums32((const float *)x + s, m)
-                                        : tm_sums64((const double *)x + s, m);
-    }
     uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
-    team = lb_team(nthreads, nchunks);
+    int team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t c = 0; c < nchunks; c++) {
         uint64_t s = c * LB_CHUNK, m = n - s < LB_CHUNK ? n - s : LB_CHUNK;
@@ -111,6 +132,22 @@ lb_status lb_sign_two_means(const void *x, uint64_t n, lb_dtype dt,
             fns->signbits32((const float *)x + s, m, codes + s / 8);
         else
             fns->signbits64((const double *)x + s, m, codes + s / 8);
+    }
+    team = lb_team(nthreads, n / LB_CHUNK);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t p = 0; p < npieces; p++) {
+        uint64_t b = p / ppb, s = b * B + (p % ppb) * piece;
+        uint64_t e = (b + 1) * B < n ? (b + 1) * B : n;
+        uint64_t m = s < e ? (e - s < piece ? e - s : piece) : 0;
+        tm_stat z = {0.0, 0.0, 0};
+        if (m) {
+            if (dt == LB_F32)
+                tm_sums32((const float *)x + s, m, &z.pos, &z.neg);
+            else
+                tm_sums64((const double *)x + s, m, &z.pos, &z.neg);
+            z.npos = count_ones(codes, s, m);
+        }
+        part[p] = z;
     }
     lb_status st = LB_OK;
     for (uint64_t b = 0; b < nblocks; b++) {
