@@ -41,7 +41,7 @@ from .feedback import DGC, DecayedFeedback
 from .sim import chunk_bounds, reduce_payloads
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
-           "perturbation", "ZO_DOMAIN", "Signum"]
+           "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb"]
 
 _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "compressed_allreduce")
 
@@ -788,4 +788,326 @@ class Signum(Optimizer):
         if self.weight_decay:
             d = d + f(self.weight_decay) * x
         x -= f(self.lr) * d
+        self.t += 1
+
+
+# --------------------------------------------------------------------------
+# 0/1 Adam and 1-bit LAMB (DeepSpeed's other compressed optimizers)
+# --------------------------------------------------------------------------
+
+def _momentum_mask(opt, mask):
+    if mask is None:
+        return None
+    arr = np.asarray(mask)
+    if arr.size != opt.flat.size:
+        raise ValueError(f"momentum_mask: expected {opt.flat.size} elements, got {arr.size}")
+    out = opt._new_state("momentum_mask")
+    out[:] = arr.reshape(-1)
+    return out
+
+
+def _error_buffers(opt):
+    bounds = chunk_bounds(opt.flat.size, opt.comm.world_size)
+    return (opt._new_state("worker_error"),
+            opt._new_state("server_error", bounds[opt.comm.rank + 1] - bounds[opt.comm.rank]))
+
+
+class ZeroOneAdam(Optimizer):
+    """0/1 Adam (Lu et al. 2022, "Maximizing Communication Efficiency for
+    Large-scale Training via 0/1 Adam"), DeepSpeed's update rule.
+
+    Steps are counted as DeepSpeed counts them (its first call only
+    allocates): step k of this object is DeepSpeed's step s = k + 1.
+
+    Phase A, the first ``var_freeze_step`` steps.  On variance steps
+    (s % var_interval == 0) the gradient is averaged by a dense allreduce
+    and v = b2 v + (1-b2) g^2, m = b1 m + (1-b1) g; on the other steps only
+    m moves, with the gradient averaged by the 1-bit compressed allreduce
+    (``comm.compressed_allreduce``, worker and server error feedback).
+    Every step x -= lr (m / (sqrt(v) + eps) + wd x), without bias
+    correction.  After every ``var_update_scaler`` variance steps the
+    interval doubles, so full-precision rounds thin out exponentially.
+    Phase B (v frozen; both error buffers are zeroed once when it starts):
+    local steps m = b1 m + (1-b1) g_local, x -= lr d, u -= lr d (d the
+    update above), lrs += lr; every ``local_step_interval`` steps the ranks
+    synchronise: x -= u; u *= sqrt(v) + eps; u = compressed_allreduce(u);
+    m = -u / lrs; x += u / (sqrt(v) + eps); u = 0, lrs = 0.  The interval
+    doubles every ``local_step_scaler`` steps up to ``local_step_clipper``.
+
+    As in DeepSpeed, with one rank nothing is compressed: phase A moves m
+    only on variance steps and the phase-B synchronisation leaves u as it
+    is.  ``momentum_mask`` (0/1 per element, DeepSpeed's exp_avg_mask)
+    multiplies every compressed average.
+    """
+
+    def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 var_freeze_step, var_update_scaler=16, local_step_scaler=32678,
+                 local_step_clipper=16, compressor="sign:rms", momentum_mask=None):
+        super().__init__(params, comm)
+        self.lr = _check_lr(lr)
+        self.betas = _check_betas(betas)
+        self.eps = check_finite_number(eps, "eps", 0.0)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.var_freeze_step = check_int(var_freeze_step, "var_freeze_step", 0)
+        self.var_update_scaler = check_int(var_update_scaler, "var_update_scaler", 1)
+        self.local_step_scaler = check_int(local_step_scaler, "local_step_scaler", 1)
+        self.local_step_clipper = check_int(local_step_clipper, "local_step_clipper", 1)
+        self.compressor = from_spec(compressor)
+        self.momentum_mask = _momentum_mask(self, momentum_mask)
+        self.exp_avg = self._new_state("exp_avg")
+        self.exp_avg_sq = self._new_state("exp_avg_sq")
+        self.accumulator = self._new_state("momentum_accumulator")
+        self.worker_error, self.server_error = _error_buffers(self)
+        self._counters = {"var_interval": 1, "var_counter": 0, "local_step_interval": 1,
+                          "local_step_counter": 0, "frozen": False}
+        self.lrs = 0.0
+
+    def _hyper(self):
+        return {"betas": self.betas, "eps": self.eps,
+                "weight_decay": self.weight_decay, "var_freeze_step": self.var_freeze_step,
+                "var_update_scaler": self.var_update_scaler,
+                "local_step_scaler": self.local_step_scaler,
+                "local_step_clipper": self.local_step_clipper, "compressor": self.compressor.spec,
+                "momentum_mask": self.momentum_mask is not None}
+
+    def _extra_state(self):
+        return dict(self._counters, lrs=self.lrs)
+
+    def _load_extra_state(self, extra):
+        for k in self._counters:
+            self._counters[k] = type(self._counters[k])(extra[k])
+        self.lrs = float(extra["lrs"])
+
+    @property
+    def frozen(self):
+        """Whether the next step is in phase B (variance frozen, local steps)."""
+        return self._counters["frozen"]
+
+    @property
+    def var_interval(self):
+        return self._counters["var_interval"]
+
+    @property
+    def local_step_interval(self):
+        return self._counters["local_step_interval"]
+
+    def _compressed_mean(self, a):
+        out = self.comm.compressed_allreduce(a, self.compressor, self.worker_error, self.server_error)
+        if self.momentum_mask is not None:
+            out *= self.momentum_mask
+        return out
+
+    def _denom(self):
+        return np.sqrt(self.exp_avg_sq) + self.flat.dtype.type(self.eps)
+
+    def step(self, grad):
+        g = self._grad(grad)
+        x, f, c = self.flat, self.flat.dtype.type, self._counters
+        b1, b2 = self.betas
+        m, v, u = self.exp_avg, self.exp_avg_sq, self.accumulator
+        s = self.t + 2
+        multi = self.comm.world_size > 1
+        if not c["frozen"]:
+            var_step = s % c["var_interval"] == 0
+            if var_step:
+                _adam_moments(m, v, self.comm.allreduce(g, "mean"), b1, b2)
+            elif multi:
+                m *= f(b1)
+                m += f(1 - b1) * self._compressed_mean(g)
+            update = m / self._denom()
+            if self.weight_decay:
+                update += f(self.weight_decay) * x
+            x -= f(self.lr) * update
+            if var_step:
+                c["var_counter"] += 1
+                if c["var_counter"] == self.var_update_scaler:
+                    c["var_counter"] = 0
+                    c["var_interval"] *= 2
+            if s > self.var_freeze_step:
+                c["frozen"] = True
+                self.worker_error[:] = 0
+                self.server_error[:] = 0
+        else:
+            m *= f(b1)
+            m += f(1 - b1) * g
+            self.lrs += self.lr
+            update = m / self._denom()
+            if self.weight_decay:
+                update += f(self.weight_decay) * x
+            x -= f(self.lr) * update
+            u -= f(self.lr) * update
+            if s % c["local_step_interval"] == 0:
+                denom = self._denom()
+                x -= u
+                u *= denom
+                if multi:
+                    u[:] = self._compressed_mean(u)
+                m[:] = -(u / f(self.lrs))
+                x += u / denom
+                u[:] = 0
+                self.lrs = 0.0
+            c["local_step_counter"] += 1
+            if c["local_step_counter"] == self.local_step_scaler:
+                c["local_step_counter"] = 0
+                c["local_step_interval"] = min(self.local_step_clipper, c["local_step_interval"] * 2)
+        self.t += 1
+
+
+def _layer_bounds(n, layers):
+    if layers is None:
+        return [0, n]
+    sizes = [check_int(s, f"layers[{i}]", 1) for i, s in enumerate(layers)]
+    if sum(sizes) != n:
+        raise ValueError(f"layers: the sizes add up to {sum(sizes)}, params has {n}")
+    return [0, *np.cumsum(sizes).tolist()]
+
+
+def _norm(a):
+    return math.sqrt(float(np.dot(a, a)))
+
+
+class OneBitLamb(Optimizer):
+    """1-bit LAMB (Li et al. 2021, "1-bit LAMB: Communication Efficient
+    Large-Scale Large-Batch Training with LAMB's Convergence Speed"),
+    DeepSpeed's update rule on a flat vector cut into ``layers`` (sizes;
+    default one layer).
+
+    Warm-up, the first ``freeze_step`` steps: LAMB on the dense-averaged
+    gradient without bias correction, per layer: m, v as Adam; d = m /
+    (sqrt(v) + eps) + wd x; trust ratio c = clamp(||x|| / ||d||, min_coeff,
+    max_coeff) (1 when either norm is 0); x -= lr c d; the frozen ratio
+    follows r = coeff_beta r + (1 - coeff_beta) c (when c != 1).  The last
+    warm-up step copies v into v_fresh.
+
+    Compression stage (v frozen): once, each layer's momentum scale
+    s_j = ||m_j|| / sqrt(n_j) gives scaling_coeff_j = mean(s) / s_j (1 for
+    a zero momentum), so one 1-bit scale suits every layer.  Each step m_j =
+    (b1 m_j + (1-b1) g_j) * scaling_coeff_j with the local gradient; the
+    whole m goes through one compressed allreduce (``comm.compressed_
+    allreduce``, worker and server error feedback), is divided back and
+    masked; g~ = (m - b1 m_prev) / (1-b1) refreshes v_fresh = b2 v_fresh +
+    (1-b2) g~^2; per layer d = m / (sqrt(v) + eps) (+ wd x) and factor =
+    max((sqrt(v) + eps) / (sqrt(v_fresh) + eps)), blended towards 1 by
+    min(1, ||m/(sqrt v + eps)|| / ||d||) with weight decay, clamped to
+    [factor_min, factor_max] and to +-factor_threshold of the last factor;
+    x -= lr r factor d.  With one rank nothing is compressed (as DeepSpeed).
+    """
+
+    def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
+                 freeze_step, layers=None, max_coeff=10.0, min_coeff=0.01, coeff_beta=0.9,
+                 factor_max=4.0, factor_min=0.5, factor_threshold=0.1, compressor="sign:rms",
+                 momentum_mask=None):
+        super().__init__(params, comm)
+        self.lr = _check_lr(lr)
+        self.betas = _check_betas(betas)
+        self.eps = check_finite_number(eps, "eps", 0.0)
+        self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
+        self.freeze_step = check_int(freeze_step, "freeze_step", 0)
+        self.bounds = _layer_bounds(self.flat.size, layers)
+        self.max_coeff = check_finite_number(max_coeff, "max_coeff", 0.0, lo_open=True)
+        self.min_coeff = check_finite_number(min_coeff, "min_coeff", 0.0, self.max_coeff)
+        self.coeff_beta = check_finite_number(coeff_beta, "coeff_beta", 0.0, 1.0)
+        self.factor_max = check_finite_number(factor_max, "factor_max", 0.0, lo_open=True)
+        self.factor_min = check_finite_number(factor_min, "factor_min", 0.0, self.factor_max)
+        self.factor_threshold = check_finite_number(factor_threshold, "factor_threshold", 0.0)
+        self.compressor = from_spec(compressor)
+        self.momentum_mask = _momentum_mask(self, momentum_mask)
+        self.exp_avg = self._new_state("exp_avg")
+        self.exp_avg_sq = self._new_state("exp_avg_sq")
+        self.exp_avg_sq_fresh = self._new_state("exp_avg_sq_fresh")
+        self.worker_error, self.server_error = _error_buffers(self)
+        L = len(self.bounds) - 1
+        self.coeff_freeze = [0.0] * L
+        self.last_factor = [1.0] * L
+        self.scaling_coeff = None
+        self.lamb_coeffs = []
+
+    def _hyper(self):
+        return {"betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
+                "freeze_step": self.freeze_step, "layers": list(np.diff(self.bounds).tolist()),
+                "max_coeff": self.max_coeff, "min_coeff": self.min_coeff,
+                "coeff_beta": self.coeff_beta, "factor_max": self.factor_max,
+                "factor_min": self.factor_min, "factor_threshold": self.factor_threshold,
+                "compressor": self.compressor.spec, "momentum_mask": self.momentum_mask is not None}
+
+    def _extra_state(self):
+        return {"coeff_freeze": list(self.coeff_freeze), "last_factor": list(self.last_factor),
+                "scaling_coeff": None if self.scaling_coeff is None else list(self.scaling_coeff)}
+
+    def _load_extra_state(self, extra):
+        self.coeff_freeze = [float(c) for c in extra["coeff_freeze"]]
+        self.last_factor = [float(c) for c in extra["last_factor"]]
+        sc = extra["scaling_coeff"]
+        self.scaling_coeff = None if sc is None else [float(c) for c in sc]
+
+    @property
+    def compressing(self):
+        """Whether the next step is in the compression stage."""
+        return self.t >= self.freeze_step
+
+    def _layers(self):
+        return [slice(a, b) for a, b in zip(self.bounds[:-1], self.bounds[1:])]
+
+    def step(self, grad):
+        g = self._grad(grad)
+        x, f = self.flat, self.flat.dtype.type
+        b1, b2 = self.betas
+        m, v, vf = self.exp_avg, self.exp_avg_sq, self.exp_avg_sq_fresh
+        self.lamb_coeffs = []
+        if not self.compressing:
+            _adam_moments(m, v, self.comm.allreduce(g, "mean"), b1, b2)
+            if self.t + 1 == self.freeze_step:
+                vf[:] = v
+            for j, sl in enumerate(self._layers()):
+                w_norm = _norm(x[sl])
+                update = m[sl] / (np.sqrt(v[sl]) + f(self.eps))
+                if self.weight_decay:
+                    update += f(self.weight_decay) * x[sl]
+                u_norm = _norm(update)
+                coeff = 1.0
+                if w_norm != 0 and u_norm != 0:
+                    coeff = min(max(w_norm / u_norm, self.min_coeff), self.max_coeff)
+                if coeff != 1.0:
+                    self.coeff_freeze[j] = (self.coeff_beta * self.coeff_freeze[j]
+                                            + (1 - self.coeff_beta) * coeff)
+                self.lamb_coeffs.append(coeff)
+                x[sl] -= f(self.lr * coeff) * update
+            self.t += 1
+            return
+        layers = self._layers()
+        if self.scaling_coeff is None:
+            scales = [_norm(m[sl]) / math.sqrt(sl.stop - sl.start) for sl in layers]
+            united = sum(scales) / len(scales)
+            self.scaling_coeff = [united / s if s else 1.0 for s in scales]
+        m_prev = m.copy()
+        m *= f(b1)
+        m += f(1 - b1) * g
+        for sl, sc in zip(layers, self.scaling_coeff):
+            m[sl] *= f(sc)
+        m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error,
+                                              self.server_error) if self.comm.world_size > 1 else m
+        for sl, sc in zip(layers, self.scaling_coeff):
+            m[sl] /= f(sc)
+        if self.momentum_mask is not None:
+            m *= self.momentum_mask
+        g_rec = (m - m_prev * f(b1)) / f(1 - b1)
+        vf *= f(b2)
+        vf += f(1 - b2) * (g_rec * g_rec)
+        for j, sl in enumerate(layers):
+            denom = np.sqrt(v[sl]) + f(self.eps)
+            prelim = m[sl] / denom
+            update = prelim + f(self.weight_decay) * x[sl] if self.weight_decay else prelim
+            u_norm = _norm(update)
+            factor = float(np.max(denom / (np.sqrt(vf[sl]) + f(self.eps))))
+            if self.weight_decay:
+                ratio = min(1.0, _norm(prelim) / u_norm)
+                factor = factor * ratio + (1.0 - ratio)
+            factor = min(max(factor, self.factor_min), self.factor_max)
+            last = self.last_factor[j]
+            factor = min(max(factor, last * (1.0 - self.factor_threshold)),
+                         last * (1.0 + self.factor_threshold))
+            self.last_factor[j] = factor
+            coeff = self.coeff_freeze[j] * factor
+            self.lamb_coeffs.append(coeff)
+            x[sl] -= f(self.lr * coeff) * update
         self.t += 1
