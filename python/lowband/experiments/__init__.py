@@ -73,6 +73,10 @@ REGISTRY = {
     "sparseloco": "sparseloco",
     "streaming-diloco": "streaming_diloco",
     "one-byte": "one_byte",
+    "signum": "signum",
+    "dithering": "dithering",
+    "zero-one-adam": "zero_one_adam",
+    "onebit-lamb": "onebit_lamb",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)
