@@ -878,6 +878,12 @@ class Signum(Optimizer):
 def _momentum_mask(opt, mask):
     if mask is None:
         return None
+    out = None
+    if isinstance(mask, str):
+        check_choice(mask, "momentum_mask", ("auto",))
+        out = opt._new_state("momentum_mask")
+        out[:] = 1
+        return out
     arr = np.asarray(mask)
     if arr.size != opt.flat.size:
         raise ValueError(f"momentum_mask: expected {opt.flat.size} elements, got {arr.size}")
@@ -917,7 +923,10 @@ class ZeroOneAdam(Optimizer):
     As in DeepSpeed, with one rank nothing is compressed: phase A moves m
     only on variance steps and the phase-B synchronisation leaves u as it
     is.  ``momentum_mask`` (0/1 per element, DeepSpeed's exp_avg_mask)
-    multiplies every compressed average.
+    multiplies every compressed average; "auto" (a lowband addition) masks
+    the entries whose variance is still exactly 0 after each variance step
+    (gradients that are always zero: signs cannot encode 0, so their
+    momentum would become +-scale and their update scale / eps).
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
@@ -934,6 +943,7 @@ class ZeroOneAdam(Optimizer):
         self.local_step_clipper = check_int(local_step_clipper, "local_step_clipper", 1)
         self.compressor = from_spec(compressor)
         self.momentum_mask = _momentum_mask(self, momentum_mask)
+        self._auto_mask = isinstance(momentum_mask, str)
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.accumulator = self._new_state("momentum_accumulator")
@@ -948,7 +958,7 @@ class ZeroOneAdam(Optimizer):
                 "var_update_scaler": self.var_update_scaler,
                 "local_step_scaler": self.local_step_scaler,
                 "local_step_clipper": self.local_step_clipper, "compressor": self.compressor.spec,
-                "momentum_mask": self.momentum_mask is not None}
+                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None}
 
     def _extra_state(self):
         return dict(self._counters, lrs=self.lrs)
@@ -991,6 +1001,8 @@ class ZeroOneAdam(Optimizer):
             var_step = s % c["var_interval"] == 0
             if var_step:
                 _adam_moments(m, v, self.comm.allreduce(g, "mean"), b1, b2)
+                if self._auto_mask:
+                    self.momentum_mask[:] = v != 0
             elif multi:
                 m *= f(b1)
                 m += f(1 - b1) * self._compressed_mean(g)
