@@ -1083,6 +1083,9 @@ class OneBitLamb(Optimizer):
     min(1, ||m/(sqrt v + eps)|| / ||d||) with weight decay, clamped to
     [factor_min, factor_max] and to +-factor_threshold of the last factor;
     x -= lr r factor d.  With one rank nothing is compressed (as DeepSpeed).
+    ``momentum_mask``: 0/1 per element (DeepSpeed's exp_avg_mask), or
+    "auto" (a lowband addition) for the entries whose variance is exactly 0
+    when the compression stage starts.
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
@@ -1104,6 +1107,7 @@ class OneBitLamb(Optimizer):
         self.factor_threshold = check_finite_number(factor_threshold, "factor_threshold", 0.0)
         self.compressor = from_spec(compressor)
         self.momentum_mask = _momentum_mask(self, momentum_mask)
+        self._auto_mask = isinstance(momentum_mask, str)
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.exp_avg_sq_fresh = self._new_state("exp_avg_sq_fresh")
@@ -1120,7 +1124,8 @@ class OneBitLamb(Optimizer):
                 "max_coeff": self.max_coeff, "min_coeff": self.min_coeff,
                 "coeff_beta": self.coeff_beta, "factor_max": self.factor_max,
                 "factor_min": self.factor_min, "factor_threshold": self.factor_threshold,
-                "compressor": self.compressor.spec, "momentum_mask": self.momentum_mask is not None}
+                "compressor": self.compressor.spec,
+                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None}
 
     def _extra_state(self):
         return {"coeff_freeze": list(self.coeff_freeze), "last_factor": list(self.last_factor),
@@ -1168,6 +1173,8 @@ class OneBitLamb(Optimizer):
             return
         layers = self._layers()
         if self.scaling_coeff is None:
+            if self._auto_mask:
+                self.momentum_mask[:] = v != 0
             scales = [_norm(m[sl]) / math.sqrt(sl.stop - sl.start) for sl in layers]
             united = sum(scales) / len(scales)
             self.scaling_coeff = [united / s if s else 1.0 for s in scales]
