@@ -41,7 +41,7 @@ from .feedback import DGC, DecayedFeedback
 from .sim import chunk_bounds, reduce_payloads
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
-           "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb"]
+           "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb", "weights_digest"]
 
 _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "compressed_allreduce")
 
@@ -760,9 +760,21 @@ class SeedReplayZO(Optimizer):
     ``mode="full"``: each rank sends its c*z vectors instead (the
     full-vector reference, same result bit for bit, d times the bytes).
 
-    ``step(loss_fn)``: ``loss_fn(x) -> float`` is this rank's loss at the
-    parameter vector x (an array shaped like params); returns the mean of
-    this rank's 2*samples loss evaluations.  Defaults are the code's:
+    ``step(loss_fn, participate=True)``: ``loss_fn(x) -> float`` is this
+    rank's loss at the parameter vector x (an array shaped like params);
+    returns the mean of this rank's 2*samples loss evaluations (nan when it
+    does not participate).  ``scalar_dtype="int8"``: the paper's one byte
+    per scalar: each machine's scalars travel as 8-bit codes with one
+    float32 scale (``lowband.quantize(p, 8, block=None)``: step d = max|p|
+    / 127 rounded up, code round(p / d)), and every rank, the sender
+    included, replays the decoded values, so replicas stay identical.
+    Joining and leaving (replay mode): a rank that calls ``step(...,
+    participate=False)`` sends no scalars this round but replays the
+    others'; N is the number of scalars actually sent; ``join(root)``
+    copies the parameters and the round counter from ``root`` (a new or
+    returning machine); ``digest()`` / ``replicas_agree()`` check that
+    the replicas hold the same weights (SHA-256 of the raw bytes, or of
+    the weights rounded to ``decimals`` as the authors' MD5 check does).  Defaults are the code's:
     eps 1e-3, lr 0.1, 30 samples per machine per round.
     """
 
@@ -775,7 +787,7 @@ class SeedReplayZO(Optimizer):
         self.seed = check_seed(seed)
         self.mode = check_choice(mode, "mode", ("replay", "full"))
         self.scalar_dtype = np.dtype(check_choice(str(scalar_dtype), "scalar_dtype",
-                                                  ("float64", "float32", "float16")))
+                                                  ("float64", "float32", "float16", "int8")))
         if self.comm.world_size > _MAX_MACHINES:
             raise ValueError(f"comm: at most {_MAX_MACHINES} ranks, got {self.comm.world_size}")
         self._scratch = np.empty_like(self.params)
@@ -791,7 +803,7 @@ class SeedReplayZO(Optimizer):
     def _coefficient(self, p, total):
         return self.flat.dtype.type((self.lr / total) * float(p) * self.eps)
 
-    def step(self, loss_fn):
+    def step(self, loss_fn, *, participate=True):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
         x, f = self.flat, self.flat.dtype.type
@@ -799,6 +811,10 @@ class SeedReplayZO(Optimizer):
         eps = f(self.eps)
         W, rank = self.comm.world_size, self.comm.rank
         total = W * self.samples
+        if self.mode == "replay":
+            return self._replay_round(loss_fn, self.samples if participate else 0)
+        if not participate or self.scalar_dtype.kind == "i":
+            raise ValueError("participate=False and scalar_dtype='int8' need mode='replay'")
         scalars, losses = np.empty(self.samples, self.scalar_dtype), []
         for s in range(self.samples):
             z = self._z(rank, s)
@@ -808,19 +824,65 @@ class SeedReplayZO(Optimizer):
             minus = float(loss_fn(self._scratch))
             scalars[s] = (plus - minus) / (2.0 * self.eps)
             losses += [plus, minus]
-        if self.mode == "replay":
-            gathered = [d.array for d in self.comm.allgather(Dense(scalars))]
-            for m in range(W):
-                for s in range(self.samples):
-                    x -= self._coefficient(gathered[m][s], total) * self._z(m, s)
-        else:
-            mine = np.stack([self._coefficient(scalars[s], total) * self._z(rank, s)
-                             for s in range(self.samples)])
-            for vectors in self.comm.allgather(Dense(mine)):
-                for v in vectors.array:
-                    x -= v
+        mine = np.stack([self._coefficient(scalars[s], total) * self._z(rank, s)
+                         for s in range(self.samples)])
+        for vectors in self.comm.allgather(Dense(mine)):
+            for v in vectors.array:
+                x -= v
         self.t += 1
         return float(np.mean(losses))
+
+    def _replay_round(self, loss_fn, count):
+        """One replay-mode round: this rank's ``count`` scalars (0: it sits
+        out) are allgathered and every rank replays all the decoded
+        scalars in (rank, sample) order, N being how many were sent."""
+        from .quantize import quantize
+        scalars = np.empty(count, np.float64 if self.scalar_dtype.kind == "i" else self.scalar_dtype)
+        losses = []
+        x, f = self.flat, self.flat.dtype.type
+        scratch = self._scratch.reshape(-1)
+        eps = f(self.eps)
+        for s in range(scalars.size):
+            z = self._z(self.comm.rank, s)
+            np.add(x, eps * z, out=scratch)
+            plus = float(loss_fn(self._scratch))
+            np.subtract(x, eps * z, out=scratch)
+            minus = float(loss_fn(self._scratch))
+            scalars[s] = (plus - minus) / (2.0 * self.eps)
+            losses += [plus, minus]
+        if self.scalar_dtype.kind == "i":
+            payload = quantize(scalars, 8, block=None)
+        else:
+            payload = Dense(scalars.astype(self.scalar_dtype))
+        gathered = []
+        for p in self.comm.allgather(payload):
+            gathered.append(p.array if isinstance(p, Dense) else p.dequantize())
+        total = sum(g.size for g in gathered)
+        for m, values in enumerate(gathered):
+            for s in range(values.size):
+                x -= self._coefficient(values[s], total) * self._z(m, s)
+        self.t += 1
+        return float(np.mean(losses)) if losses else float("nan")
+
+    def join(self, root=0):
+        """Copy the parameters and the round counter from rank ``root`` (a
+        collective: every rank calls it; a machine that joins or returns
+        starts from the root's replica)."""
+        state = self.comm.broadcast(Dense(np.concatenate([[float(self.t)], self.flat.astype(np.float64)])),
+                                    root)
+        arr = state.array
+        self.t = int(arr[0])
+        self.flat[:] = arr[1:].astype(self.flat.dtype)
+
+    def digest(self, decimals=None):
+        """``weights_digest`` of this replica's parameters."""
+        return weights_digest(self.flat, decimals)
+
+    def replicas_agree(self, decimals=None):
+        """Whether every rank's digest equals this rank's (a collective)."""
+        mine = np.frombuffer(bytes.fromhex(self.digest(decimals)), np.uint8).astype(np.float64)
+        digests = [d.array for d in self.comm.allgather(Dense(mine))]
+        return all(np.array_equal(d, digests[0]) for d in digests)
 
 
 # --------------------------------------------------------------------------
@@ -878,7 +940,6 @@ class Signum(Optimizer):
 def _momentum_mask(opt, mask):
     if mask is None:
         return None
-    out = None
     if isinstance(mask, str):
         check_choice(mask, "momentum_mask", ("auto",))
         out = opt._new_state("momentum_mask")
@@ -1210,3 +1271,14 @@ class OneBitLamb(Optimizer):
             self.lamb_coeffs.append(coeff)
             x[sl] -= f(self.lr * coeff) * update
         self.t += 1
+
+
+def weights_digest(x, decimals=None):
+    """SHA-256 hex digest of an array's float64 values (C order), rounded
+    to ``decimals`` first when given (Just One Byte's replica check hashes
+    the weights rounded to 3 decimals; None hashes the exact bits)."""
+    import hashlib
+    a = np.ascontiguousarray(np.asarray(x, dtype=np.float64)).reshape(-1)
+    if decimals is not None:
+        a = np.round(a, check_int(decimals, "decimals", 0, 17)) + 0.0   # + 0.0: -0 -> +0
+    return hashlib.sha256(a.tobytes()).hexdigest()
