@@ -29,6 +29,7 @@
 #include "threads.h"
 
 #define DITHER_TILE 2048
+#define DITHER_PEEK 12
 
 static double up_f32(double v)
 {
@@ -258,31 +259,63 @@ lb_status lb_dither_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
     if (out && dt == LB_F32)
         for (unsigned m = 0; m <= levels; m++)
             magf[m] = (float)mag[m];
+    /* Every 12-bit window (stream order from bit 0) -> its first code when
+     * that code fits in 12 bits: bits 0-4 the length with the sign bit,
+     * 5-11 the level, 12 the sign; 0 otherwise (longer codes and
+     * malformed prefixes take the bit-by-bit path).  8 KB: stays in L1.  */
+    uint16_t table[1u << DITHER_PEEK];
+    for (uint32_t w = 0; w < (1u << DITHER_PEEK); w++) {
+        unsigned b = 0;
+        while (b < DITHER_PEEK && !((w >> b) & 1u))
+            b++;
+        uint16_t e = 0;
+        if (b <= maxb && 2 * b + 1 <= DITHER_PEEK) {
+            unsigned v = 0;
+            for (unsigned k = 0; k <= b; k++)
+                v = (v << 1) | ((w >> (b + k)) & 1u);
+            unsigned m = v - 1, clen = 2 * b + 1 + (m ? 1 : 0);
+            if (m <= levels && clen <= DITHER_PEEK)
+                e = (uint16_t)(clen | (m << 5) | ((m ? (w >> (2 * b + 1)) & 1u : 0u) << 12));
+        }
+        table[w] = e;
+    }
     uint64_t pos = 0;
 #define BIT(p) ((buf[(p) >> 3] >> ((p) & 7)) & 1u)
     for (uint64_t i = 0; i < n; i++) {
-        unsigned b = 0;
-        while (pos < nbits && !BIT(pos) && b <= maxb) {
-            b++;
-            pos++;
+        uint64_t byte = pos >> 3, word = 0;
+        if (byte + 8 <= len)
+            memcpy(&word, buf + byte, 8);
+        else if (byte < len)
+            memcpy(&word, buf + byte, len - byte);
+        uint16_t e = table[(word >> (pos & 7)) & ((1u << DITHER_PEEK) - 1)];
+        unsigned m, neg = 0;
+        if (e && pos + (e & 31u) <= nbits) {
+            pos += e & 31u;
+            m = (e >> 5) & 127u;
+            neg = (e >> 12) & 1u;
+        } else {                      /* a long code, or an error */
+            unsigned b = 0;
+            while (pos < nbits && !BIT(pos) && b <= maxb) {
+                b++;
+                pos++;
+            }
+            if (b > maxb || pos + b + 1 > nbits) {
+                if (err)
+                    err->index = i;
+                return LB_EFORMAT;
+            }
+            unsigned v = 0;
+            for (unsigned k = 0; k <= b; k++, pos++)
+                v = (v << 1) | BIT(pos);
+            m = v - 1;
+            if (m > levels || (m && pos >= nbits)) {
+                if (err)
+                    err->index = i;
+                return LB_EFORMAT;
+            }
+            if (m)
+                neg = BIT(pos), pos++;
         }
-        if (b > maxb || pos + b + 1 > nbits) {
-            if (err)
-                err->index = i;
-            return LB_EFORMAT;
-        }
-        unsigned v = 0;
-        for (unsigned k = 0; k <= b; k++, pos++)
-            v = (v << 1) | BIT(pos);
-        unsigned m = v - 1;
-        unsigned neg = 0;
-        if (m > levels || (m && pos >= nbits)) {
-            if (err)
-                err->index = i;
-            return LB_EFORMAT;
-        }
-        if (m)
-            neg = BIT(pos), pos++;
         if (!out)
             continue;
         if (dt == LB_F32) {
