@@ -230,3 +230,19 @@ def test_bad_arguments():
         lowband.dither(np.array([1e300, 1e300]), 4, norm="l2", seed=1)
     with pytest.raises(TypeError, match="x"):
         lowband.dither(np.arange(4), 4, seed=1)
+
+
+def test_mutated_wire_bytes_decode_or_raise_format_error():
+    """Mutation fuzzing of the new wire forms (dither streams, two-means
+    signs, majority votes): every mutation decodes to a payload that
+    re-encodes to the same bytes, or raises FormatError."""
+    from fuzzing import fuzz
+    x = make_vector(301, np.float32, "heavy", seed=5)
+    seeds = [lowband.encode(p) for p in (
+        lowband.dither(x, 3, seed=1), lowband.dither(x, 127, partition="linear", norm="l2", seed=2),
+        lowband.dither(x[:5].astype(np.float64), 1, seed=3), lowband.sign(x, scale="two_means", block=16),
+        lowband.majority_vote([lowband.sign(x), lowband.sign(-x), lowband.sign(x * 0.5)]),
+        lowband.Sparse(np.arange(0, 301, 7), lowband.dither(x[::7], 5, seed=4), x.shape))]
+    accepted = fuzz(seeds, 3000, seed=11,
+                    check=lambda p: p.to_dense() if isinstance(p, lowband.Sparse) else p.dequantize())
+    assert accepted > 0
