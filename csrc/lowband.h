@@ -604,6 +604,45 @@ lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
                                     uint64_t r, lb_dtype dt, double epsilon,
                                     int nthreads, lb_error *err);
 
+/* ------------------------------------------------------------------------ */
+/* Two-means sign, majority vote, dithering (core/twomeans.c, vote.c,        */
+/* dither.c)                                                                 */
+/* ------------------------------------------------------------------------ */
+
+/* Random-stream domain of lb_dither. */
+#define LB_DOMAIN_DITHER 7
+
+/* Seide et al.'s 1-bit quantizer: sign bits (code 1 when x >= 0) into
+ * codes[0..ceil(n/8)), and per block of `block` elements (0: one block)
+ * scales[2b] = mean of the non-negative elements, scales[2b+1] = minus the
+ * mean of the negative ones (float32; 0 for an empty side).  Sums in the
+ * 16-lane order over LB_CHUNK pieces (see twomeans.c).                     */
+lb_status lb_sign_two_means(const void *x, uint64_t n, lb_dtype dt,
+                            uint64_t block, int check_finite, int nthreads,
+                            uint8_t *codes, float *scales, lb_error *err);
+
+/* Bitwise majority of W packed 1-bit streams of n bits: out bit i is 1 when
+ * at least `thresh` (0: ceil(W/2), so ties give 1) streams have bit i set.
+ * Bit-sliced counting on 64-bit words; no unpacking.                      */
+lb_status lb_majority_vote(const uint8_t *const *codes, uint64_t W, uint64_t n,
+                           uint64_t thresh, int nthreads, uint8_t *out);
+
+/* Random dithering to `levels` in [1, 127] linear (natural = 0) or natural
+ * (power-of-two) levels of |x| / norm (l2 = 1: ||x||_2, else max |x|),
+ * unbiased, Elias-gamma coded (see dither.c).  *stream is malloc'd (free()
+ * it), *nbits its exact length in bits, *norm the float32 norm.          */
+lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
+                    int natural, int l2, uint64_t seed, uint64_t step,
+                    int nthreads, float *norm, uint8_t **stream,
+                    uint64_t *nbits, lb_error *err);
+
+/* Checks (out NULL) or decodes an untrusted dither stream of n elements in
+ * exactly nbits bits into out (+-mag[level]; out -= that when subtract).
+ * LB_EFORMAT with err->index = the element for any malformation.         */
+lb_status lb_dither_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
+                           uint64_t n, unsigned levels, const double *mag,
+                           lb_dtype dt, void *out, int subtract, lb_error *err);
+
 #ifdef __cplusplus
 }
 #endif

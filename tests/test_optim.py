@@ -608,7 +608,7 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="mode: expected one of 'replay', 'full'"):
         O.SeedReplayZO(x, comm, mode="vector")
     with pytest.raises(ValueError, match="scalar_dtype"):
-        O.SeedReplayZO(x, comm, scalar_dtype="int8")
+        O.SeedReplayZO(x, comm, scalar_dtype="int16")
     with pytest.raises(ValueError, match="eps: expected a finite number in \\(0.0, inf\\]"):
         O.SeedReplayZO(x, comm, eps=0)
     with pytest.raises(TypeError, match="seed"):

@@ -165,7 +165,7 @@ def test_e3m0_relative_error_is_bounded():
 
 
 @pytest.mark.parametrize("fn,kwargs,exc,msg", [
-    ("sign", dict(scale="l2"), ValueError, "scale: expected one of 'l1', 'rms', 'none', got 'l2'"),
+    ("sign", dict(scale="l2"), ValueError, "scale: expected one of 'l1', 'rms', 'none', 'two_means', got 'l2'"),
     ("sign", dict(scale=1), TypeError, "scale"),
     ("sign", dict(block=0), ValueError, r"block: expected an int in \[1, "),
     ("sign", dict(block=2.0), TypeError, "block: expected an int, got float"),

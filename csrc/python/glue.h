@@ -97,5 +97,7 @@ extern PyMethodDef lb_wire_methods[];
 extern PyMethodDef lb_quant_methods[];
 extern PyMethodDef lb_feedback_methods[];
 extern PyMethodDef lb_moe_methods[];
+extern PyMethodDef lb_sign_methods[];
+extern PyMethodDef lb_dither_methods[];
 
 #endif /* LB_GLUE_H */

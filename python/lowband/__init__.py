@@ -44,6 +44,7 @@ from ._validate import check_int as _check_int
 from ._version import __version__
 from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
 from .wire import decode, encode
+from .vote import majority_vote
 from . import compressors as _compressors, feedback as _feedback, moe, optim, sim
 from . import powersgd
 from .powersgd import PowerSGD
@@ -58,8 +59,9 @@ from .feedback import *  # noqa: F401,F403  (ErrorFeedback, EF21, ..., DGC)
 __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
-    "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa", "release_memory",
-    "moe", "optim", "sim", "powersgd", "PowerSGD", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
+    "aggregate", "majority_vote", "encode", "decode", "set_num_threads", "get_num_threads", "isa",
+    "release_memory", "moe", "optim", "sim", "powersgd", "PowerSGD",
+    *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
 

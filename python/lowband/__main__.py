@@ -1,6 +1,8 @@
-"""Command line: ``python -m lowband bench [...]`` runs the benchmarks;
-``python -m lowband info`` prints the build facts; ``python -m lowband fuzz
---inputs N [--seed S]`` fuzzes the wire decoder."""
+"""Command line: ``python -m lowband reproduce [...]`` runs the papers'
+claims as experiments with reports and plots (``lowband.experiments``);
+``python -m lowband bench [...]`` times the kernels; ``python -m lowband fuzz
+--inputs N [--seed S]`` fuzzes the wire decoder; ``python -m lowband info``
+prints the build facts."""
 import os
 import sys
 
@@ -13,13 +15,17 @@ def _info():
           f"sanitizer build: {bool(lowband._core.SANITIZE)}")
 
 
+_USAGE = """usage: python -m lowband {reproduce,bench,fuzz,info} [options]
+  reproduce  run the papers' claims as experiments, with reports and plots (see reproduce --help)
+  bench      time the kernels against NumPy, torch and a copy (see bench --help)
+  fuzz       fuzz lowband.decode with hostile bytes (see fuzz --help)
+  info       print version, instruction set and threads"""
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lowband {bench,info,fuzz} [options]\n"
-              "  bench   time the kernels against NumPy, torch and a copy (see bench --help)\n"
-              "  info    print version, instruction set and threads\n"
-              "  fuzz    fuzz lowband.decode (see fuzz --help)")
+        print(_USAGE)
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -30,13 +36,17 @@ def main(argv=None):
             os.execve(sys.executable, [sys.executable, "-m", "lowband", *argv], env)
         from lowband.bench.harness import main as bench_main
         return bench_main(rest)
-    if cmd == "info":
-        _info()
-        return 0
+    if cmd == "reproduce":
+        from lowband.experiments import main as reproduce_main
+        return reproduce_main(rest)
     if cmd == "fuzz":
         from lowband._fuzz import main as fuzz_main
         return fuzz_main(rest)
-    print(f"python -m lowband: unknown command {cmd!r} (expected bench, info or fuzz)", file=sys.stderr)
+    if cmd == "info":
+        _info()
+        return 0
+    print(f"python -m lowband: unknown command {cmd!r} (expected reproduce, bench, fuzz or info)",
+          file=sys.stderr)
     return 2
 
 

@@ -967,3 +967,112 @@ def powersgd_orthogonalize(a, epsilon=0.0):
             if i + 1 < r:
                 total[i + 1] = _blocked_sum(mat[:, i + 1].astype(np.float64) ** 2)
     return a
+
+
+# --------------------------------------------------------------------------
+# Two-means sign, majority vote, dithering
+# --------------------------------------------------------------------------
+
+DOMAIN_DITHER = 7
+
+
+def sign_two_means(x, block):
+    """Twin of lb_sign_two_means: (codes, scales[2 per block])."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    codes = np.packbits(x >= 0, bitorder="little")
+    _, spans = _blocks(x.size, block)
+    out = []
+    for s, e in spans:
+        v = x[s:e].astype(np.float64)
+        pos = neg = 0.0
+        for p in range(0, v.size, CHUNK):
+            w = v[p:p + CHUNK]
+            pos += lanesum(np.where(w >= 0, w, 0.0))
+            neg += lanesum(np.where(w >= 0, 0.0, w))
+        npos = int((v >= 0).sum())
+        nneg = v.size - npos
+        out += [pos / npos if npos else 0.0, -neg / nneg if nneg else 0.0]
+    if not spans and not block:
+        out = [0.0, 0.0]
+    return codes, np.array(out, dtype=np.float64).astype(np.float32)
+
+
+def majority_vote(code_arrays, n, thresh=0):
+    """Twin of lb_majority_vote: packed bits, 1 where >= thresh (0: ceil(W/2)) are set."""
+    W = len(code_arrays)
+    t = thresh or (W + 1) // 2
+    bits = sum(np.unpackbits(c, count=n, bitorder="little").astype(np.int64) for c in code_arrays)
+    return np.packbits(bits >= t, bitorder="little")
+
+
+def dither_levels(levels, natural):
+    """The level values l_0 .. l_s (float64)."""
+    m = np.arange(levels + 1, dtype=np.float64)
+    if natural:
+        out = np.ldexp(1.0, (m - levels).astype(int))
+        out[0] = 0.0
+        return out
+    return m / levels
+
+
+def dither_indices(x, levels, natural, l2, seed, step):
+    """(signed level index per element, float32 norm) of lb_dither."""
+    x = np.ascontiguousarray(x).reshape(-1)
+    if l2:
+        tot = sum(lanesum(_terms(x[s:s + CHUNK], "sq")) for s in range(0, x.size, CHUNK))
+        norm = f32_up(math.sqrt(tot))
+    else:
+        norm = f32_up(float(np.abs(x).max()) if x.size else 0.0)
+    nv = float(norm)
+    if x.size == 0:
+        return np.zeros(0, np.int64), np.float32(norm)
+    r = np.abs(x.astype(np.float64)) / nv if nv > 0 else np.zeros(x.size)
+    u = uniforms24(seed, step, DOMAIN_DITHER, x.size).astype(np.float64)
+    s = levels
+    if natural:
+        _, e = np.frexp(r)
+        a = e - 1
+        small = a < 1 - s
+        lo = np.where(small, 0, a + s)
+        t = np.where(small, np.ldexp(r, s - 1), np.ldexp(r, -a) - 1.0)
+    else:
+        v = r * s
+        f = np.floor(v)
+        lo, t = f.astype(np.int64), v - f
+    m = lo + (u < t * 16777216.0)
+    m = np.where(r <= 0, 0, np.where(r >= 1, s, np.minimum(m, s)))
+    return np.where(x < 0, -m, m).astype(np.int64), np.float32(norm)
+
+
+def gamma_stream(signed_levels):
+    """(stream bytes, nbits): Elias gamma of m + 1, then a sign bit when m > 0."""
+    v = np.asarray(signed_levels, dtype=np.int64)
+    g = np.abs(v) + 1
+    b = np.zeros(v.size, np.int64)
+    while True:
+        more = (g >> (b + 1)) > 0
+        if not more.any():
+            break
+        b += more
+    length = 2 * b + 1 + (g > 1)
+    k = np.arange(int(length.max()) if v.size else 0)[None, :]
+    B, G = b[:, None], g[:, None]
+    shift = np.clip(2 * B - k, 0, 62)
+    bit = np.where(k < B, 0, np.where(k <= 2 * B, (G >> shift) & 1, (v[:, None] < 0)))
+    bits = bit[k < length[:, None]].astype(np.uint8)
+    return np.packbits(bits, bitorder="little"), int(length.sum())
+
+
+def dither(x, levels, natural, l2, seed, step):
+    """Twin of lb_dither: (stream, norm, nbits)."""
+    idx, norm = dither_indices(x, levels, natural, l2, seed, step)
+    stream, nbits = gamma_stream(idx)
+    return stream, np.array([norm], np.float32), nbits
+
+
+def dither_decode(signed_levels, levels, natural, norm, dtype):
+    """Decoded values: sign * l_m * norm (float64 product, then dtype)."""
+    mag = dither_levels(levels, natural) * float(norm)
+    wd = np.float64 if np.dtype(dtype) == np.float64 else np.float32
+    v = mag.astype(wd)[np.abs(signed_levels)]
+    return np.where(signed_levels < 0, -v, v).astype(dtype)

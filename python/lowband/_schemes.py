@@ -157,19 +157,27 @@ class _Linear(_Table):
 
 
 class SignScheme(_Linear):
+    """1-bit signs.  Scale modes none/l1/rms: code c means (2c - 1) * scale[block]
+    (one float32 per block, none for "none").  Mode two_means (Seide et al.
+    2014): two float32 per block, code 1 means +scales[2b] (the mean of the
+    non-negative elements) and code 0 means -scales[2b + 1] (minus the mean
+    of the negative ones)."""
     name, wire_id = "sign", 1
     params = (("scale", "u"), ("block", "u"))
-    MODES = ("none", "l1", "rms")
+    MODES = ("none", "l1", "rms", "two_means")
+    TWO_MEANS = 3
 
     def bits(self, params):
         return 1
 
     def layout(self, params, size, dtype):
-        _u(params, "scale", 0, 2)
+        _u(params, "scale", 0, 3)
         _u(params, "block", 0, MAX_BLOCK)
         lay = super().layout(params, size, dtype)
         if params["scale"] == 0:
             lay["scales"] = (np.float32, 0)
+        elif params["scale"] == self.TWO_MEANS:
+            lay["scales"] = (np.float32, 2 * nblocks(size, params["block"]))
         return lay
 
     def max_code(self, q):
@@ -184,9 +192,37 @@ class SignScheme(_Linear):
         mult = q.arrays["scales"] if q.params["scale"] else None
         return 1, [-1.0, 1.0], mult, q.params["block"]
 
+    def _two_means(self, q, out, threads, subtract):
+        """out = D(q) (or out -= D(q)): two table passes, one per scale, each
+        adding exactly 0 where the other side's code is."""
+        wd = work_dtype(q.dtype)
+        sc = q.arrays["scales"].astype(wd)
+        args = (q.arrays["codes"], q.size, 1)
+        block = q.params["block"]
+        pos, neg = np.ascontiguousarray(sc[0::2]), np.ascontiguousarray(sc[1::2])
+        one, zero = wd.type(1), wd.type(0)
+        if subtract:
+            _core.table_decode(*args, np.array([zero, one], wd), pos, block, out, threads, True)
+            _core.table_decode(*args, np.array([-one, zero], wd), neg, block, out, threads, True)
+            return
+        tmp = out if out.dtype == wd else np.empty(out.shape, wd)
+        _core.table_decode(*args, np.array([zero, one], wd), pos, block, tmp, threads)
+        _core.table_decode(*args, np.array([one, zero], wd), neg, block, tmp, threads, True)
+        if tmp is not out:
+            out[...] = tmp.astype(out.dtype)
+
+    def dequantize(self, q, out, threads):
+        if q.params["scale"] == self.TWO_MEANS:
+            self._two_means(q, out, threads, False)
+        else:
+            super().dequantize(q, out, threads)
+
     def residual(self, q, e, threads):
         """e = e - D(q) for q = sign(e): the code of e[i] is e[i]'s own sign,
         so no codes are read (the same bytes as the table decode)."""
+        if q.params["scale"] == self.TWO_MEANS:
+            self._two_means(q, e, threads, True)
+            return
         mult = q.arrays["scales"] if q.params["scale"] else None
         _core.ef_sign_residual(e, mult, q.params["block"], threads)
 
@@ -401,6 +437,66 @@ class Bfloat16Scheme(CastScheme):
     name, wire_id, code = "bfloat16", 10, 4
 
 
+class DitherScheme(Scheme):
+    """Random dithering (linear or natural levels, Horvath et al. 2019) with
+    an Elias-gamma coded stream of ``nbits`` bits: per element the gamma
+    code of m + 1 (m the level index), then a sign bit when m > 0; one
+    float32 norm.  Decoded value: sign * l_m * norm, l_m = m / s (linear)
+    or 2^(m - s) for m > 0 (natural)."""
+    name, wire_id, unbiased = "dither", 11, True
+    params = (("levels", "u"), ("partition", "u"), ("norm", "u"), ("nbits", "u"))
+    arrays = ("codes", "scales")
+    PARTITIONS = ("natural", "linear")
+    NORMS = ("max", "l2")
+    MAX_LEVELS = 127
+
+    @staticmethod
+    def max_bits(levels):
+        """Longest code of one element: gamma of s + 1 plus the sign bit."""
+        return 2 * (int(levels + 1).bit_length() - 1) + 2
+
+    def layout(self, params, size, dtype):
+        s = _u(params, "levels", 1, self.MAX_LEVELS)
+        _u(params, "partition", 0, 1)
+        _u(params, "norm", 0, 1)
+        nbits = _u(params, "nbits", size, size * self.max_bits(s))
+        return {"codes": (np.uint8, packed_bytes(nbits, 1)), "scales": (np.float32, 1)}
+
+    @classmethod
+    def magnitudes(cls, q):
+        """l_m * norm for m = 0 .. s (float64)."""
+        s = q.params["levels"]
+        m = np.arange(s + 1, dtype=np.float64)
+        if q.params["partition"] == 0:
+            lv = np.ldexp(1.0, (m - s).astype(np.int64))
+            lv[0] = 0.0
+        else:
+            lv = m / s
+        return np.ascontiguousarray(lv * float(q.arrays["scales"][0]))
+
+    def check(self, q):
+        _check_scales(q.arrays["scales"], "scales")
+        _core.dither_decode(q.arrays["codes"], q.params["nbits"], q.size, q.params["levels"],
+                            None, None)
+
+    def _run(self, q, out, subtract):
+        mag = self.magnitudes(q)
+        _core.dither_decode(q.arrays["codes"], q.params["nbits"], q.size, q.params["levels"],
+                            mag, out, subtract)
+
+    def dequantize(self, q, out, threads):
+        wd = work_dtype(q.dtype)
+        tmp = out if out.dtype == wd else np.empty(out.shape, wd)
+        self._run(q, tmp, False)
+        if tmp is not out:
+            out[...] = tmp.astype(out.dtype)
+
+    def residual(self, q, e, threads):
+        """e = e - D(q) in place (e float32/float64)."""
+        self._run(q, e, True)
+
+
 SCHEMES = {s.name: register_scheme(s) for s in (
     SignScheme(), BlockwiseScheme(), BlockwiseSRScheme(), QSGDScheme(), TernGradScheme(),
-    NaturalScheme(), MinifloatScheme(), Lut2bitScheme(), Float16Scheme(), Bfloat16Scheme())}
+    NaturalScheme(), MinifloatScheme(), Lut2bitScheme(), Float16Scheme(), Bfloat16Scheme(),
+    DitherScheme())}

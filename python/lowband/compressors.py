@@ -32,7 +32,7 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
-    "Sign", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
+    "Sign", "Signum", "Dither", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
     "Chain", "from_spec",
 ]
 
@@ -263,7 +263,8 @@ def _q():
 
 class Sign(Compressor):
     """Scaled sign, 1 bit per element: scale "l1" (EF-signSGD), "rms"
-    (1-bit Adam) or "none"; per tensor or per ``block``."""
+    (1-bit Adam), "two_means" (Seide et al.'s 1-bit SGD: the mean of each
+    sign's elements) or "none"; per tensor or per ``block``."""
 
     name = "sign"
     _args = ("scale",)
@@ -271,7 +272,7 @@ class Sign(Compressor):
 
     def __init__(self, scale="l1", *, block=None, threads=None):
         super().__init__(threads)
-        self.scale = check_choice(scale, "scale", ("l1", "rms", "none"))
+        self.scale = check_choice(scale, "scale", ("l1", "rms", "none", "two_means"))
         self.block = None if block is None else check_int(block, "block", 1)
 
     def _defaults(self):
@@ -279,6 +280,68 @@ class Sign(Compressor):
 
     def _compress(self, x, step):
         return _q().sign(x, scale=self.scale, block=self.block, threads=self.threads)
+
+
+class Signum(Compressor):
+    """Signum (Bernstein et al., ICML 2018): the sign of a momentum of the
+    inputs, m = beta * m + (1 - beta) * x, sent as ``sign(m, scale="none")``
+    (1 bit per element, decoding to +-1); beta = 0 is signSGD.  The
+    momentum is this object's state (bound to the first input's shape;
+    ``reset()`` clears it).  Aggregate with ``lowband.majority_vote``."""
+
+    name = "signum"
+    _args = ("beta",)
+
+    def __init__(self, beta=0.9, *, threads=None):
+        super().__init__(threads)
+        self.beta = check_finite_number(beta, "beta", 0.0, 1.0, hi_open=True)
+        self.momentum = None
+
+    def reset(self):
+        self.momentum = None
+        self.step = 0
+
+    def _compress(self, x, step):
+        arr = np.asarray(x)
+        if arr.dtype.kind != "f":
+            raise TypeError(f"x: expected a float array, got dtype {arr.dtype}")
+        wd = arr.dtype if arr.dtype in (np.float32, np.float64) else np.dtype(np.float32)
+        m = self.momentum
+        if m is None:
+            m = self.momentum = np.zeros(arr.shape, wd)
+        elif m.shape != arr.shape or m.dtype != wd:
+            raise ValueError(f"x: expected shape {m.shape} and dtype {m.dtype} (the momentum's), "
+                             f"got {arr.shape} and {wd}")
+        f = wd.type
+        m *= f(self.beta)
+        m += f(1 - self.beta) * arr.astype(wd, copy=False)
+        return _q().sign(m, scale="none", threads=self.threads)
+
+
+class Dither(Compressor):
+    """Random dithering with natural (power-of-two) or linear levels
+    (Horvath et al. 2019; BytePS), unbiased, Elias-gamma coded; see
+    ``lowband.dither``."""
+
+    name = "dither"
+    _args = ("levels",)
+    _kwargs = ("partition", "norm", "seed")
+    randomized = True
+    unbiased = True
+
+    def __init__(self, levels, *, partition="natural", norm="max", seed=0, threads=None):
+        super().__init__(threads)
+        self.levels = check_int(levels, "levels", 1, 127)
+        self.partition = check_choice(partition, "partition", ("natural", "linear"))
+        self.norm = check_choice(norm, "norm", ("max", "l2"))
+        self.seed = check_seed(seed)
+
+    def _defaults(self):
+        return {"partition": "natural", "norm": "max", "seed": 0}
+
+    def _compress(self, x, step):
+        return _q().dither(x, self.levels, partition=self.partition, norm=self.norm, seed=self.seed,
+                           step=step, threads=self.threads)
 
 
 class Blockwise(Compressor):
@@ -456,7 +519,7 @@ class Chain(Compressor):
 # Specs
 # --------------------------------------------------------------------------
 
-_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign,
+_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither,
                                  Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit, Cast)}
 _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast", "bfloat16"),
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}

@@ -30,13 +30,13 @@ import threading
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
-from ._validate import (FLOAT_DTYPES, as_float_array, check_finite_array, check_finite_number,
-                        check_int, check_ratio, check_seed, check_state_arrays, check_state_step,
-                        check_threads, from_torch)
+from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_array,
+                        check_finite_number, check_int, check_ratio, check_seed, check_state_arrays,
+                        check_state_step, check_threads, from_torch)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
 __all__ = ["ErrorFeedback", "DecayedFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
-           "DGC_WARMUP_DENSITIES"]
+           "DGC_WARMUP_DENSITIES", "ef21_step_size", "ef21w_weights"]
 
 
 def _like(like, name="like"):
@@ -418,3 +418,45 @@ class DGC(_Stateful):
                 u[payload.indices] = 0
             self.t += 1
             return payload
+
+
+def _smoothness(smoothness):
+    try:
+        Ls = [float(v) for v in smoothness]
+    except TypeError:
+        raise TypeError(f"smoothness: expected a sequence of numbers, got {type(smoothness).__name__}") from None
+    if not Ls:
+        raise ValueError("smoothness: expected at least one constant, got none")
+    return [check_finite_number(v, f"smoothness[{i}]", 0.0, lo_open=True) for i, v in enumerate(Ls)]
+
+
+def ef21w_weights(smoothness):
+    """EF21-W's client weights n * w_i with w_i = L_i / sum_j L_j (Richtarik,
+    Gasanov, Burlachenko 2024, "Error Feedback Reloaded"), for
+    ``EF21W(weight=...)`` and ``EF21Server(weights=...)``."""
+    Ls = _smoothness(smoothness)
+    total = math.fsum(Ls)
+    return [len(Ls) * L / total for L in Ls]
+
+
+def ef21_step_size(L, smoothness, alpha, *, rule="am"):
+    """EF21's step size gamma = 1 / (L + L_r * xi(alpha)), xi(alpha) =
+    sqrt(1 - alpha) / (1 - sqrt(1 - alpha)).
+
+    ``L``: smoothness of the average f; ``smoothness``: the clients'
+    constants L_i; ``alpha`` in (0, 1]: the compressor's contraction (k/d
+    for top-k; 1: no compression, gamma = 1/L).  ``rule``: "am" uses the
+    arithmetic mean L_AM = mean(L_i) (EF21-W's rule, Richtarik et al. 2024;
+    their Theorem 3 shows it also holds for plain EF21), "qm" the quadratic
+    mean L_QM = sqrt(mean(L_i^2)) of the original EF21 analysis.  L_AM <=
+    L_QM, so "am" allows a larger step (up to L_QM / L_AM times) when the
+    L_i are heterogeneous.
+    """
+    L = check_finite_number(L, "L", 0.0, lo_open=True)
+    Ls = _smoothness(smoothness)
+    alpha = check_finite_number(alpha, "alpha", 0.0, 1.0, lo_open=True)
+    rule = check_choice(rule, "rule", ("am", "qm"))
+    Lr = math.fsum(Ls) / len(Ls) if rule == "am" else math.sqrt(math.fsum(v * v for v in Ls) / len(Ls))
+    r = math.sqrt(1.0 - alpha)
+    xi = r / (1.0 - r)
+    return 1.0 / (L + Lr * xi)

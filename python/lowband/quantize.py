@@ -21,12 +21,13 @@ import numpy as np
 
 from . import _core
 from ._payload import DTYPE_CODES, Quantized
-from ._schemes import SCHEMES, MinifloatScheme, QSGDScheme, emax_of, nblocks, packed_bytes
+from ._schemes import (SCHEMES, DitherScheme, MinifloatScheme, QSGDScheme, emax_of, nblocks,
+                       packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
-           "cast", "pack_bits", "unpack_bits"]
+           "cast", "pack_bits", "unpack_bits", "dither"]
 
 F16 = np.dtype(np.float16)
 INPUT_DTYPES = ANY_FLOAT_DTYPES
@@ -65,19 +66,28 @@ def _payload(scheme, shape, dtype, params, arrays):
 
 
 def sign(x, *, scale="l1", block=None, check_finite=True, threads=None):
-    """1-bit signs with an optional scale (EF-signSGD, 1-bit Adam).
+    """1-bit signs with an optional scale (EF-signSGD, 1-bit Adam, Seide et
+    al.'s 1-bit SGD).
 
-    Code 1 means x >= 0 (so sign(+-0) = +1), decoded as +scale, code 0 as
-    -scale.  ``scale``: "l1" (mean |x|), "rms" (||x||_2 / sqrt(n)) or
-    "none" (decodes to +-1); one float32 scale per ``block`` elements, or
-    for the whole tensor when ``block`` is None.  1 bit per element plus 32
-    bits per block.
+    Code 1 means x >= 0 (so sign(+-0) = +1).  ``scale``: "l1" (mean |x|),
+    "rms" (||x||_2 / sqrt(n)) or "none" (decodes to +-1): code 1 decodes as
+    +scale, code 0 as -scale, one float32 scale per ``block`` elements (or
+    for the whole tensor when ``block`` is None), 1 bit per element plus 32
+    bits per block.  "two_means" (Seide et al., Interspeech 2014): per block
+    code 1 decodes to the mean of the non-negative elements and code 0 to
+    the mean of the negative ones (the reconstruction that minimises the
+    squared error for the sign partition; an empty side gets 0); 1 bit per
+    element plus 64 bits per block.
     """
-    mode = SCHEMES["sign"].MODES.index(check_choice(scale, "scale", ("l1", "rms", "none")))
+    mode = SCHEMES["sign"].MODES.index(
+        check_choice(scale, "scale", ("l1", "rms", "none", "two_means")))
     block = _block(block)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, scales = _core.sign(work, mode, block, bool(check_finite), threads)
+    if mode == SCHEMES["sign"].TWO_MEANS:
+        codes, scales = _core.sign_two_means(work, block, bool(check_finite), threads)
+    else:
+        codes, scales = _core.sign(work, mode, block, bool(check_finite), threads)
     return _payload("sign", shape, dtype, {"scale": mode, "block": block},
                     {"codes": codes, "scales": scales})
 
@@ -253,3 +263,30 @@ def unpack_bits(buf, bits, n, *, threads=None):
                          f"got {arr.size}")
     return _core.unpack_bits(arr, bits, n, threads)
 
+
+
+def dither(x, levels, *, partition="natural", norm="max", seed, step=0, threads=None):
+    """Random dithering (Horvath et al. 2019, "Natural Compression for
+    Distributed Deep Learning"; BytePS): unbiased, Elias-gamma coded.
+
+    r = |x| / norm (``norm``: "max" = max |x| or "l2" = ||x||_2, float32
+    rounded up) is rounded at random to one of its two neighbouring levels,
+    up with probability proportional to the distance from the lower one, so
+    E[decoded] = x.  ``partition``: "natural" (levels 0, 2^(1-s), ..., 1/2,
+    1: power-of-two spacing) or "linear" (0, 1/s, ..., 1, as QSGD), with s
+    = ``levels`` in [1, 127].  Randomness: Philox keyed by (seed, step).
+    Wire: per element the Elias-gamma code of the level index m + 1 plus a
+    sign bit when m > 0 (1 bit for a zero), then one float32 norm; the bit
+    count is ``payload.params["nbits"]`` and ``payload.nbytes`` is exact.
+    Non-finite input raises ValueError.
+    """
+    levels = check_int(levels, "levels", 1, DitherScheme.MAX_LEVELS)
+    part = DitherScheme.PARTITIONS.index(check_choice(partition, "partition", DitherScheme.PARTITIONS))
+    nrm = DitherScheme.NORMS.index(check_choice(norm, "norm", DitherScheme.NORMS))
+    seed, step = check_seed(seed), check_step(step)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    codes, scale, nbits = _core.dither(work, levels, part == 0, nrm == 1, seed, step, threads)
+    return _payload("dither", shape, dtype,
+                    {"levels": levels, "partition": part, "norm": nrm, "nbits": nbits},
+                    {"codes": codes, "scales": scale})
