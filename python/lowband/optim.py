@@ -869,12 +869,27 @@ class SeedReplayZO(Optimizer):
     def _coefficient(self, p, total):
         return self.flat.dtype.type((self.lr / total) * float(p) * self.eps)
 
+    def _probe(self, loss_fn, s, losses):
+        """This rank's projected gradient for sample `s`: the central
+        difference of loss_fn at x +- eps z (both losses appended to
+        `losses`); a non-finite loss raises before anything changed."""
+        x, eps = self.flat, self.flat.dtype.type(self.eps)
+        scratch = self._scratch.reshape(-1)
+        z = self._z(self.comm.rank, s)
+        np.add(x, eps * z, out=scratch)
+        plus = float(loss_fn(self._scratch))
+        np.subtract(x, eps * z, out=scratch)
+        minus = float(loss_fn(self._scratch))
+        if not (math.isfinite(plus) and math.isfinite(minus)):
+            raise ValueError(f"loss_fn: returned a non-finite loss ({plus!r}, {minus!r}) "
+                             f"for sample {s}; the step was not taken")
+        losses += [plus, minus]
+        return (plus - minus) / (2.0 * self.eps)
+
     def step(self, loss_fn, *, participate=True):
         if not callable(loss_fn):
             raise TypeError(f"loss_fn: expected a callable, got {type(loss_fn).__name__}")
-        x, f = self.flat, self.flat.dtype.type
-        scratch = self._scratch.reshape(-1)
-        eps = f(self.eps)
+        x = self.flat
         W, rank = self.comm.world_size, self.comm.rank
         total = W * self.samples
         if self.mode == "replay":
@@ -883,16 +898,7 @@ class SeedReplayZO(Optimizer):
             raise ValueError("participate=False and scalar_dtype='int8' need mode='replay'")
         scalars, losses = np.empty(self.samples, self.scalar_dtype), []
         for s in range(self.samples):
-            z = self._z(rank, s)
-            np.add(x, eps * z, out=scratch)
-            plus = float(loss_fn(self._scratch))
-            np.subtract(x, eps * z, out=scratch)
-            minus = float(loss_fn(self._scratch))
-            if not (math.isfinite(plus) and math.isfinite(minus)):
-                raise ValueError(f"loss_fn: returned a non-finite loss ({plus!r}, {minus!r}) "
-                                 f"for sample {s}; the step was not taken")
-            scalars[s] = (plus - minus) / (2.0 * self.eps)
-            losses += [plus, minus]
+            scalars[s] = self._probe(loss_fn, s, losses)
         mine = np.stack([self._coefficient(scalars[s], total) * self._z(rank, s)
                          for s in range(self.samples)])
         for vectors in self.comm.allgather(Dense(mine)):
@@ -908,17 +914,8 @@ class SeedReplayZO(Optimizer):
         from .quantize import quantize
         scalars = np.empty(count, np.float64 if self.scalar_dtype.kind == "i" else self.scalar_dtype)
         losses = []
-        x, f = self.flat, self.flat.dtype.type
-        scratch = self._scratch.reshape(-1)
-        eps = f(self.eps)
         for s in range(scalars.size):
-            z = self._z(self.comm.rank, s)
-            np.add(x, eps * z, out=scratch)
-            plus = float(loss_fn(self._scratch))
-            np.subtract(x, eps * z, out=scratch)
-            minus = float(loss_fn(self._scratch))
-            scalars[s] = (plus - minus) / (2.0 * self.eps)
-            losses += [plus, minus]
+            scalars[s] = self._probe(loss_fn, s, losses)
         if self.scalar_dtype.kind == "i":
             payload = quantize(scalars, 8, block=None)
         else:
