@@ -923,7 +923,7 @@ class SeedReplayZO(Optimizer):
         gathered = []
         for p in self.comm.allgather(payload):
             gathered.append(p.array if isinstance(p, Dense) else p.dequantize())
-        total = sum(g.size for g in gathered)
+        total, x = sum(g.size for g in gathered), self.flat
         for m, values in enumerate(gathered):
             for s in range(values.size):
                 x -= self._coefficient(values[s], total) * self._z(m, s)
