@@ -413,9 +413,9 @@ def test_matches_torch_powersgd_hook(rank, warm):
         out = []
         for g in grads:
             if not psgd.have_q or not warm:       # torch's draw for this step
-                torch.manual_seed(seeds.randint(1_000_000_000))
+                gen = torch.Generator().manual_seed(seeds.randint(1_000_000_000))
                 for q in psgd.q_matrices:
-                    q[:] = torch.randn(1, *q.shape).numpy()[0]
+                    q[:] = torch.randn(1, *q.shape, generator=gen).numpy()[0]
                 psgd.have_q, psgd.warm_start = True, True
                 out.append(psgd.step(g))
                 psgd.warm_start = warm
