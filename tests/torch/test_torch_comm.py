@@ -79,6 +79,7 @@ def test_two_ranks_match_the_cluster():
     check_against_cluster(2, False)
 
 
+@pytest.mark.slow
 def test_four_ranks_deterministic_match_the_cluster_bitwise():
     check_against_cluster(4, True)
 

@@ -17,5 +17,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
                       f"(or pip install 'lowband[torch]'); importing it failed: {_exc}") from _exc
 
 from .comm import ProcessGroupCommunicator
+from . import hooks
 
-__all__ = ["ProcessGroupCommunicator"]
+__all__ = ["ProcessGroupCommunicator", "hooks"]
