@@ -8,6 +8,7 @@ installed (``pip install torch``)::
     comm = lowband.torch.ProcessGroupCommunicator()          # after init_process_group
     state = lowband.torch.hooks.CompressionState(compressor="topk:0.01", feedback="ef")
     ddp.register_comm_hook(state, lowband.torch.hooks.compression_hook)
+    opt = lowband.torch.optim.OneBitAdam(model.parameters(), lr=1e-3, freeze_step=100)
 """
 try:
     import torch as _torch  # noqa: F401
@@ -17,6 +18,6 @@ except ImportError as _exc:  # pragma: no cover - depends on the environment
                       f"(or pip install 'lowband[torch]'); importing it failed: {_exc}") from _exc
 
 from .comm import ProcessGroupCommunicator
-from . import hooks
+from . import hooks, optim
 
-__all__ = ["ProcessGroupCommunicator", "hooks"]
+__all__ = ["ProcessGroupCommunicator", "hooks", "optim"]
