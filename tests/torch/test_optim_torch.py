@@ -201,6 +201,20 @@ def test_lr_from_param_groups():
     assert Cluster(2).run(run, 0.02)[0].tobytes() != b.tobytes()
 
 
+def test_lr_scheduler_drives_the_core():
+    def run(comm):
+        model = _model()
+        opt = DGC(list(model.parameters()), lr=0.1, ratio=0.1, comm=comm)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        rates = []
+        for t in range(3):
+            opt.step(_closure(model, comm.rank, t))
+            rates.append(opt.core.lr)
+            sched.step()
+        return rates
+    assert Cluster(2).run(run)[0] == [0.1, 0.05, 0.025]
+
+
 def test_bad_arguments():
     def run(comm):
         model = _model()
