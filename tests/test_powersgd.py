@@ -261,6 +261,7 @@ def test_out_in_place():
         a, b = PowerSGD(SHAPES, comm), PowerSGD(SHAPES, comm)
         g = grads[comm.rank].copy()
         expect = a.step(g)
+        assert_same(g, grads[comm.rank], "grad unchanged without out=")
         assert b.step(g, out=g) is g
         return expect, g
     for expect, g in Cluster(2).run(worker):
