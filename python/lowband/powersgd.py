@@ -116,8 +116,9 @@ class PowerSGD:
 
     ``step(grad, out=None)``: ``grad`` is this rank's flat buffer (``size``
     elements) or a list of arrays with the shapes of ``like``; returns the
-    mean approximation in the same form (``out``: where to write it, may be
-    ``grad`` itself, torch tensors accepted).  Every rank must call ``step``
+    mean approximation in the same form (``out``: where to write it; torch
+    tensors accepted; ``out=grad`` works in grad's memory without a
+    gradient-size copy, otherwise grad is left unchanged).  Every rank must call ``step``
     in lockstep.
 
     Accounting (this rank, cumulative): ``elements_sent`` / ``bytes_sent``
