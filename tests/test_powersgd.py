@@ -2,6 +2,9 @@
 orthogonalisation against its NumPy twin, determinism, bad input, and the
 PowerSGD object on lowband.sim.Cluster against a plain NumPy transcription of
 the algorithm."""
+import os
+import sys
+
 import numpy as np
 import pytest
 
@@ -261,6 +264,7 @@ def test_out_in_place():
         a, b = PowerSGD(SHAPES, comm), PowerSGD(SHAPES, comm)
         g = grads[comm.rank].copy()
         expect = a.step(g)
+        assert_same(g, grads[comm.rank], "grad unchanged without out=")
         assert b.step(g, out=g) is g
         return expect, g
     for expect, g in Cluster(2).run(worker):
@@ -382,46 +386,61 @@ class _Bucket:
         return True
 
 
-@pytest.mark.parametrize("rank,warm", [(1, True), (2, True), (2, False)])
-def test_matches_torch_powersgd_hook(rank, warm):
-    """Given the same initial Q, lowband's PowerSGD follows torch's
-    powerSGD_hook step for step (one rank: EF, warm start, uncompressed
-    tensors, shape grouping), to float32 rounding."""
-    torch = pytest.importorskip("torch")
-    dist = pytest.importorskip("torch.distributed")
+HOOK_SHAPES = [(16, 12), (12,), (40, 3, 3), (5, 2), (3,), (16, 12)]
+HOOK_CONFIGS = [(1, True), (2, True), (2, False)]
+
+
+def _hook_grads():
+    n = sum(int(np.prod(s)) for s in HOOK_SHAPES)
+    return [np.random.default_rng(t).standard_normal(n).astype(np.float32) for t in range(4)]
+
+
+def torch_hook_outputs(process_rank, world):
+    """torch's powerSGD_hook on one gloo rank (a spawned process: a gloo
+    group is never created in the test process), for each configuration."""
+    import torch
     from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
-    if not dist.is_available() or dist.is_initialized():
-        pytest.skip("needs torch.distributed, not initialised")
-    shapes = [(16, 12), (12,), (40, 3, 3), (5, 2), (3,), (16, 12)]
-    n = sum(int(np.prod(s)) for s in shapes)
-    grads = [np.random.default_rng(t).standard_normal(n).astype(np.float32) for t in range(4)]
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    try:
+    n = sum(int(np.prod(s)) for s in HOOK_SHAPES)
+    results = []
+    for rank, warm in HOOK_CONFIGS:
         state = ph.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
                                  warm_start=warm, random_seed=0)
         for _ in range(2):              # torch's plain-allreduce iterations
-            ph.powerSGD_hook(state, _Bucket(torch.zeros(n), shapes)).wait()
-        expect = []
-        for g in grads:
-            expect.append(ph.powerSGD_hook(state, _Bucket(torch.from_numpy(g.copy()), shapes)).wait().numpy().copy())
-    finally:
-        dist.destroy_process_group()
-    seeds = np.random.RandomState(0)
+            ph.powerSGD_hook(state, _Bucket(torch.zeros(n), HOOK_SHAPES)).wait()
+        results.append([ph.powerSGD_hook(state, _Bucket(torch.from_numpy(g.copy()), HOOK_SHAPES)).wait()
+                        .numpy().copy() for g in _hook_grads()])
+    return results
 
-    def worker(comm):
-        psgd = PowerSGD(shapes, comm, rank=rank, warm_start=warm)
-        out = []
-        for g in grads:
-            if not psgd.have_q or not warm:       # torch's draw for this step
-                torch.manual_seed(seeds.randint(1_000_000_000))
-                for q in psgd.q_matrices:
-                    q[:] = torch.randn(1, *q.shape).numpy()[0]
-                psgd.have_q, psgd.warm_start = True, True
-                out.append(psgd.step(g))
-                psgd.warm_start = warm
-            else:
-                out.append(psgd.step(g))
-        return out
-    got = Cluster(1).run(worker)[0]
-    for t, (a, b) in enumerate(zip(got, expect)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"step {t}")
+
+def test_matches_torch_powersgd_hook():
+    """Given the same initial Q, lowband's PowerSGD follows torch's
+    powerSGD_hook step for step (one rank: EF, warm start on and off, rank 1
+    and 2, uncompressed tensors, shape grouping), to float32 rounding."""
+    torch = pytest.importorskip("torch")
+    dist = pytest.importorskip("torch.distributed")
+    if not dist.is_available():
+        pytest.skip("needs torch.distributed")
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "torch"))
+    from _dist import spawn
+    expected = spawn(torch_hook_outputs, 1, timeout=180)[0]
+    grads = _hook_grads()
+    for (rank, warm), expect in zip(HOOK_CONFIGS, expected):
+        seeds = np.random.RandomState(0)
+
+        def worker(comm):
+            psgd = PowerSGD(HOOK_SHAPES, comm, rank=rank, warm_start=warm)
+            out = []
+            for g in grads:
+                if not psgd.have_q or not warm:       # torch's draw for this step
+                    gen = torch.Generator().manual_seed(seeds.randint(1_000_000_000))
+                    for q in psgd.q_matrices:
+                        q[:] = torch.randn(1, *q.shape, generator=gen).numpy()[0]
+                    psgd.have_q, psgd.warm_start = True, True
+                    out.append(psgd.step(g))
+                    psgd.warm_start = warm
+                else:
+                    out.append(psgd.step(g))
+            return out
+        got = Cluster(1).run(worker)[0]
+        for t, (a, b) in enumerate(zip(got, expect)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5, err_msg=f"rank {rank} warm {warm} step {t}")

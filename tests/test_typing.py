@@ -15,6 +15,7 @@ def test_py_typed_is_shipped():
     assert re.search(r'\[tool\.setuptools\.package-data\]\s*\nlowband = \["py\.typed"\]', pyproject)
 
 
+@pytest.mark.slow      # mypy reads numpy's and torch's stubs: ~25 s of CPU
 @pytest.mark.skipif(not os.path.exists(README), reason="README not available")
 def test_readme_examples_type_check(tmp_path):
     api = pytest.importorskip("mypy.api")

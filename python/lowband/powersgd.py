@@ -116,8 +116,9 @@ class PowerSGD:
 
     ``step(grad, out=None)``: ``grad`` is this rank's flat buffer (``size``
     elements) or a list of arrays with the shapes of ``like``; returns the
-    mean approximation in the same form (``out``: where to write it, may be
-    ``grad`` itself, torch tensors accepted).  Every rank must call ``step``
+    mean approximation in the same form (``out``: where to write it; torch
+    tensors accepted; ``out=grad`` works in grad's memory without a
+    gradient-size copy, otherwise grad is left unchanged).  Every rank must call ``step``
     in lockstep.
 
     Accounting (this rank, cumulative): ``elements_sent`` / ``bytes_sent``
@@ -241,14 +242,17 @@ class PowerSGD:
         a = as_float_array(grad, "grad", (self.dtype,))
         if a.size != self.size:
             raise ValueError(f"grad: expected {self.size} elements (the flat buffer), got {a.size}")
-        return a.reshape(-1).copy()
+        return a.reshape(-1)      # a view of grad when it is contiguous: copied in step
 
     def step(self, grad: Any, out: Any = None) -> Any:
         """This rank's gradient in, the mean approximation out (class doc)."""
         as_list = isinstance(grad, (list, tuple))
         g = self._flat_input(grad)
+        in_place = False
         if out is not None and not as_list:
-            check_out(out, (self.size,), self.dtype)
+            target = check_out(out, (self.size,), self.dtype).reshape(-1)
+            # out is grad itself: work in its memory (no gradient-size copy)
+            in_place = target.ctypes.data == g.ctypes.data
         if out is not None and as_list:
             if not isinstance(out, (list, tuple)) or len(out) != len(self.shapes):
                 raise TypeError(f"out: expected a list of {len(self.shapes)} arrays (as grad), "
@@ -258,6 +262,10 @@ class PowerSGD:
         if not np.isfinite(g).all():
             bad = int(np.flatnonzero(~np.isfinite(g))[0])
             raise ValueError(f"grad: expected finite values, got {g[bad]!r} at flat index {bad}")
+        if in_place:
+            g = target
+        elif not as_list:
+            g = g.copy()              # grad itself stays unchanged
         W = self.comm.world_size
         if self.error_feedback:
             g += self.error
@@ -303,7 +311,8 @@ class PowerSGD:
                 return out
             return res
         if out is not None:
-            check_out(out, (self.size,), self.dtype).reshape(-1)[:] = g
+            if not in_place:
+                target[:] = g
             return out
         return g.reshape(np.shape(grad)) if hasattr(grad, "shape") else g
 

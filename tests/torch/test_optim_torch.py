@@ -6,6 +6,7 @@ import io
 import math
 import os
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -22,9 +23,15 @@ from _dist import spawn  # noqa: E402
 STEPS = 6
 
 
+_SEED_LOCK = threading.Lock()
+
+
 def _model():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    # simulated ranks are threads: seeding torch's global generator and
+    # drawing the initial weights must not interleave between them
+    with _SEED_LOCK:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
 
 
 def _closure(model, rank, step):
@@ -194,6 +201,20 @@ def test_lr_from_param_groups():
     assert Cluster(2).run(run, 0.02)[0].tobytes() != b.tobytes()
 
 
+def test_lr_scheduler_drives_the_core():
+    def run(comm):
+        model = _model()
+        opt = DGC(list(model.parameters()), lr=0.1, ratio=0.1, comm=comm)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        rates = []
+        for t in range(3):
+            opt.step(_closure(model, comm.rank, t))
+            rates.append(opt.core.lr)
+            sched.step()
+        return rates
+    assert Cluster(2).run(run)[0] == [0.1, 0.05, 0.025]
+
+
 def test_bad_arguments():
     def run(comm):
         model = _model()
@@ -325,11 +346,26 @@ def gloo_worker(rank, world, names, steps, folder=None, mode="plain"):
                 opt.step(_closure(model, rank, t))
             assert opt.process_group is None and opt.comm.world_size == world
         out[name] = _flat(model)
+    if mode == "save":
+        from lowband.torch import ProcessGroupCommunicator
+        out["powersgd"] = powersgd_run(ProcessGroupCommunicator(deterministic=True))
     return out
+
+
+def powersgd_run(comm):
+    """lowband.PowerSGD for 3 steps on fixed per-rank gradients."""
+    from lowband import PowerSGD
+    shapes = [(12, 10), (10,), (8, 3, 3)]
+    psgd = PowerSGD(shapes, comm, rank=2)
+    rng = np.random.default_rng(comm.rank)
+    return [psgd.step(rng.standard_normal(202).astype(np.float32)) for _ in range(3)]
 
 
 @pytest.mark.slow
 def test_gloo_two_ranks_match_sim_and_resume(tmp_path):
+    """Every optimizer (and lowband.PowerSGD) on 2 gloo ranks equals the
+    simulator, and a checkpoint resumed in fresh processes equals the
+    uninterrupted run."""
     names = NAMES
     res = spawn(gloo_worker, 2, names, STEPS, str(tmp_path), "save", timeout=180)
     resumed = spawn(gloo_worker, 2, names, STEPS, str(tmp_path), "resume", timeout=180)
@@ -342,6 +378,10 @@ def test_gloo_two_ranks_match_sim_and_resume(tmp_path):
             assert res[w][name].tobytes() == sim[w].tobytes(), f"{name}: gloo != sim"
             _assert_close(res[w][name], ref[w], EXACT[name], name)
             assert resumed[w][name].tobytes() == res[w][name].tobytes(), f"{name}: resume differs"
+    sim = Cluster(2).run(powersgd_run)
+    for w in range(2):
+        for t in range(3):
+            assert res[w]["powersgd"][t].tobytes() == sim[w][t].tobytes() == sim[0][t].tobytes()
 
 
 @pytest.mark.slow

@@ -192,6 +192,10 @@ def test_moe_with_tensors(name):
     d_t = moe.dispatch(x, r_t, mask=mask)
     d_a = moe.dispatch(x.numpy().copy(), r_a, mask=mask.numpy())
     _same(d_t.tokens, d_a.tokens)
+    buf = torch.empty(40, 4, dtype=dt)
+    d_o = moe.dispatch(x, r_t, mask=mask, out=buf)
+    assert d_o.tokens.ctypes.data == buf.data_ptr()            # written into the tensor
+    _same(buf.numpy()[:d_o.tokens.shape[0]], d_a.tokens)
     out = torch.empty(20, 4, dtype=dt)
     assert d_t.combine(torch.from_numpy(d_t.tokens.copy()), out=out) is out
     _same(out.numpy(), d_a.combine(d_a.tokens))

@@ -8,6 +8,7 @@ installed (``pip install torch``)::
     comm = lowband.torch.ProcessGroupCommunicator()          # after init_process_group
     state = lowband.torch.hooks.CompressionState(compressor="topk:0.01", feedback="ef")
     ddp.register_comm_hook(state, lowband.torch.hooks.compression_hook)
+    opt = lowband.torch.optim.OneBitAdam(model.parameters(), lr=1e-3, freeze_step=100)
 """
 try:
     import torch as _torch  # noqa: F401

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 
 from .. import optim as _np_optim
-from .._validate import FLOAT_DTYPES, check_int
+from .._validate import check_int
 
 __all__ = ["OneBitAdam", "DGC", "DiLoCo"]
 
@@ -113,7 +113,6 @@ class _FlatOptimizer(torch.optim.Optimizer):
             comm = ProcessGroupCommunicator(process_group, deterministic=deterministic)
         self.comm = comm
         self.core = self._make_core(flat.numpy(), comm)
-        assert np.dtype(self.core.flat.dtype) in FLOAT_DTYPES
 
     def _make_core(self, flat: np.ndarray, comm: Any) -> Any:
         raise NotImplementedError
