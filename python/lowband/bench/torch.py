@@ -212,6 +212,10 @@ def rows(ctx, reps):
     ddp = {name: (max(r["ddp"][i][1] for r in results), results[0]["ddp"][i][2])
            for i, (name, _, _) in enumerate(HOOKS)}
     comm = {k: max(r["comm"][k] for r in results) for k in results[0]["comm"]}
+    print(f"DDP on 2 gloo ranks, MLP {ctx.quick and 256 or 1024} wide x 4, one bucket; "
+          f"median step of the slower rank, bytes handed to torch per step (rank 0):")
+    for name, (ms, nbytes) in ddp.items():
+        print(f"  {name:<28} {ms:9.2f} ms/step {nbytes:>12,d} bytes/step")
     out = []
     for name, (ms, nbytes) in ddp.items():
         out.append({"suite": "torch", "case": f"DDP step: {name}", "nbytes": nbytes, "lowband_ms": ms,
