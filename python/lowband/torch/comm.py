@@ -44,6 +44,7 @@ import torch
 import torch.distributed as dist
 
 from .._validate import as_float_array, check_choice, check_int
+from .._payload import Dense, Quantized
 from ..compressors import from_spec
 from ..sim import (Communicator, _as_payload, _check_error, _reduce_array, chunk_bounds, decoded,
                    reduce_payloads)
@@ -231,20 +232,25 @@ class ProcessGroupCommunicator(Communicator):
         memoryview).  Two collectives: the sizes, then the padded bytes."""
         return self._run(self._allgather_bytes(blobs), False)
 
-    def _allgather_bytes(self, blobs):
+    def _allgather_bytes(self, blobs, table=None):
+        """``table`` (W x T sizes), when every rank can compute it, saves the
+        size exchange."""
         blobs = [memoryview(b).cast("B") for b in blobs]
         W, T = self.world_size, len(blobs)
         if W == 1:
             return [list(blobs)]
         if T == 0:
             return [[] for _ in range(W)]
-        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
-        all_sizes = torch.empty(W * T, dtype=torch.int64)
-        yield self._all_gather(all_sizes, sizes)
-        table = all_sizes.view(W, T).numpy()
+        if table is None:
+            sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+            all_sizes = torch.empty(W * T, dtype=torch.int64)
+            yield self._all_gather(all_sizes, sizes)
+            table = all_sizes.view(W, T).numpy()
+        table = np.asarray(table, dtype=np.int64).reshape(W, T)
         totals = table.sum(axis=1)
-        if int(totals[self.rank]) != int(sizes.sum()):
-            raise RuntimeError("allgather: the size exchange returned inconsistent sizes")
+        if [int(s) for s in table[self.rank]] != [len(b) for b in blobs]:
+            raise RuntimeError(f"allgather: rank {self.rank}'s sizes {[len(b) for b in blobs]} differ "
+                               f"from the size table's {table[self.rank].tolist()}")
         width = int(totals.max())
         send = np.zeros(width, dtype=np.uint8)
         pos = 0
@@ -270,7 +276,9 @@ class ProcessGroupCommunicator(Communicator):
         ``all_to_all_single`` with uneven splits."""
         return self._run(self._alltoall_bytes(blobs), False)
 
-    def _alltoall_bytes(self, blobs):
+    def _alltoall_bytes(self, blobs, table=None):
+        """``table[i][t]``: the size of what rank i sends here as blob t, when
+        every rank can compute it (saves the size exchange)."""
         W = self.world_size
         if not isinstance(blobs, (list, tuple)) or len(blobs) != W:
             raise ValueError(f"blobs: expected {W} lists (one per rank), got {len(blobs)}")
@@ -281,11 +289,13 @@ class ProcessGroupCommunicator(Communicator):
                              f"{[len(row) for row in rows]}")
         if W == 1 or T == 0:
             return rows if W == 1 else [[] for _ in range(W)]
-        sizes = torch.tensor([[len(b) for b in row] for row in rows], dtype=torch.int64).view(-1)
-        got_sizes = torch.empty_like(sizes)
-        yield self._all_to_all(got_sizes, sizes)
-        mine = sizes.view(W, T).numpy()
-        table = got_sizes.view(W, T).numpy()
+        mine = np.array([[len(b) for b in row] for row in rows], dtype=np.int64)
+        if table is None:
+            sizes = torch.from_numpy(mine.reshape(-1).copy())
+            got_sizes = torch.empty_like(sizes)
+            yield self._all_to_all(got_sizes, sizes)
+            table = got_sizes.view(W, T).numpy()
+        table = np.asarray(table, dtype=np.int64).reshape(W, T)
         in_splits = [int(s) for s in mine.sum(axis=1)]
         out_splits = [int(s) for s in table.sum(axis=1)]
         send = np.empty(sum(in_splits), dtype=np.uint8)
@@ -393,6 +403,7 @@ class ProcessGroupCommunicator(Communicator):
         W, rank = self.world_size, self.rank
         comps, flats, bounds = [], [], []
         to_rank = [[] for _ in range(W)]
+        fixed = True
         for t in range(T):
             comp = from_spec(compressors[t])
             x = as_float_array(arrays[t], f"arrays[{t}]").reshape(-1)
@@ -403,13 +414,19 @@ class ProcessGroupCommunicator(Communicator):
             z = x + we.reshape(-1) if we is not None else x
             for j in range(W):
                 p = comp.compress(z[b[j]:b[j + 1]])
+                fixed = fixed and isinstance(p, (Quantized, Dense))
                 if we is not None:
                     we.reshape(-1)[b[j]:b[j + 1]] = z[b[j]:b[j + 1]] - decoded(p)
                 to_rank[j].append(encode(p))
             comps.append(comp)
             flats.append(x)
             bounds.append(b)
-        got = self.alltoall_bytes(to_rank)
+        # Quantized and Dense payloads have a size fixed by compressor, shape and
+        # dtype: what rank i sends here for chunk `rank` has the size of this
+        # rank's own chunk-`rank` message, and rank i's reply in phase 2 the
+        # size of chunk i's message, so neither phase exchanges sizes
+        got = self._run(self._alltoall_bytes(to_rank, [[len(b) for b in to_rank[self.rank]]] * W
+                                             if fixed else None), False)
         replies = []
         for t in range(T):
             x, b, comp, se = flats[t], bounds[t], comps[t], server_errors[t]
@@ -422,7 +439,8 @@ class ProcessGroupCommunicator(Communicator):
             if se is not None:
                 se.reshape(-1)[:] = mine - decoded(reply)
             replies.append(encode(reply))
-        rows = self.allgather_bytes(replies)
+        table = [[len(b) for b in to_rank[i]] for i in range(W)] if fixed else None
+        rows = self._run(self._allgather_bytes(replies, table), False)
         results = []
         for t in range(T):
             x, b = flats[t], bounds[t]
