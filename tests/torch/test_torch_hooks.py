@@ -81,6 +81,8 @@ def test_replicas_identical_and_bytes_counted(two_ranks):
                 assert summary["iter"] == STEPS, name
                 assert summary["bytes_dense"] == sum(sum(g.nbytes for g in call[1]) for call in record), name
                 assert summary["bytes_sent"] < summary["bytes_dense"] or name == "off", name
+                # the future resolves to bucket.buffer() itself: decompressed in place
+                assert all(call[4] for call in record), name
                 init_bytes = sum(p.nbytes for p in a[0])
                 assert sent - summary["bytes_sent"] <= init_bytes + 4096, name
 
@@ -101,7 +103,7 @@ def twin(comm, records, opts, start_iter):
     spec, feedback = opts["compressor"], opts.get("feedback", "ef")
     comp0 = lowband.from_spec(spec)
     state, outs, it = {}, [], 0
-    for pidx, grads, _, is_last in records:
+    for pidx, grads, _, is_last, _ in records:
         call = []
         for i, g in zip(pidx, grads):
             flat = g.reshape(-1)

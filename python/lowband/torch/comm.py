@@ -39,6 +39,8 @@ collectives.  A one-rank group calls no collective and counts nothing.
 """
 from __future__ import annotations
 
+from typing import Any, List, Optional, Sequence
+
 import numpy as np
 import torch
 import torch.distributed as dist
@@ -77,7 +79,7 @@ class ProcessGroupCommunicator(Communicator):
     on gloo with CPU tensors and on any backend whose collectives take the
     tensors' device."""
 
-    def __init__(self, group=None, deterministic=False):
+    def __init__(self, group: Optional[Any] = None, deterministic: bool = False) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ProcessGroupCommunicator: torch.distributed is not initialised "
@@ -154,13 +156,13 @@ class ProcessGroupCommunicator(Communicator):
         return result
 
     # -- allreduce -------------------------------------------------------------
-    def allreduce(self, array, op="sum", *, out=None):
+    def allreduce(self, array: Any, op: str = "sum", *, out: Any = None) -> Any:
         """The sum (or mean) of every rank's array, as a new array (or in
         ``out``, which may be ``array`` itself).  Takes an ndarray or a
         tensor (any device) and returns the same kind."""
         return self._run(self._allreduce(array, op, out), False)
 
-    def allreduce_async(self, array, op="sum", *, out=None):
+    def allreduce_async(self, array: Any, op: str = "sum", *, out: Any = None) -> torch.futures.Future:
         """``allreduce`` as a torch Future resolving to the result."""
         return self._run(self._allreduce(array, op, out), True)
 
@@ -226,7 +228,7 @@ class ProcessGroupCommunicator(Communicator):
         flat.copy_(gathered[:n])
 
     # -- bytes: the batched transports -----------------------------------------
-    def allgather_bytes(self, blobs):
+    def allgather_bytes(self, blobs: Sequence[Any]) -> List[List[memoryview]]:
         """Every rank's list of byte strings (same count on every rank), in
         rank order: ``result[r][t]`` is rank r's ``blobs[t]`` (a read-only
         memoryview).  Two collectives: the sizes, then the padded bytes."""
@@ -269,7 +271,7 @@ class ProcessGroupCommunicator(Communicator):
             rows.append(row)
         return rows
 
-    def alltoall_bytes(self, blobs):
+    def alltoall_bytes(self, blobs: Sequence[Sequence[Any]]) -> List[List[memoryview]]:
         """``blobs[j]`` (a list of T byte strings, T the same for every j
         and rank) goes to rank j; ``result[i][t]`` is what rank i sent this
         rank as its t-th blob.  Two collectives: the sizes, then one uint8
@@ -317,31 +319,31 @@ class ProcessGroupCommunicator(Communicator):
         return result
 
     # -- payload collectives (the Communicator interface) -----------------------
-    def allgather(self, payload):
+    def allgather(self, payload: Any) -> list:
         """Every rank's payload (decoded copies), in rank order."""
         return [row[0] for row in self.allgather_many([payload])]
 
-    def allgather_async(self, payload):
+    def allgather_async(self, payload: Any) -> torch.futures.Future:
         """``allgather`` as a Future resolving to the list of payloads."""
         wire = encode(_as_payload(payload))
         return self._run(self._allgather_bytes([wire]), True).then(
             lambda f: [decode(row[0]) for row in f.value()])
 
-    def allgather_many(self, payloads):
+    def allgather_many(self, payloads: Sequence[Any]) -> List[list]:
         """``result[r][t]``: rank r's ``payloads[t]``; every rank passes the
         same number of payloads; one size exchange and one byte gather for
         all of them."""
         wires = [encode(_as_payload(p, f"payloads[{t}]")) for t, p in enumerate(payloads)]
         return [[decode(b) for b in row] for row in self.allgather_bytes(wires)]
 
-    def alltoall(self, payloads):
+    def alltoall(self, payloads: Sequence[Any]) -> list:
         """Send ``payloads[j]`` to rank j; item j of the result is what rank
         j sent to this rank."""
         self._check_alltoall(payloads)
         wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
         return [decode(row[0]) for row in self.alltoall_bytes(wires)]
 
-    def alltoall_async(self, payloads):
+    def alltoall_async(self, payloads: Sequence[Any]) -> torch.futures.Future:
         """``alltoall`` as a Future resolving to the list of payloads."""
         self._check_alltoall(payloads)
         wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
@@ -354,11 +356,11 @@ class ProcessGroupCommunicator(Communicator):
         if len(payloads) != self.world_size:
             raise ValueError(f"payloads: expected {self.world_size} payloads (one per rank), got {len(payloads)}")
 
-    def broadcast(self, payload=None, root=0):
+    def broadcast(self, payload: Any = None, root: int = 0) -> Any:
         """The root's payload on every rank (other ranks' ``payload`` is ignored)."""
         return self._run(self._broadcast_payload(payload, root), False)
 
-    def broadcast_async(self, payload=None, root=0):
+    def broadcast_async(self, payload: Any = None, root: int = 0) -> torch.futures.Future:
         """``broadcast`` as a Future resolving to the payload."""
         return self._run(self._broadcast_payload(payload, root), True)
 
@@ -375,21 +377,24 @@ class ProcessGroupCommunicator(Communicator):
         yield self._broadcast(torch.from_numpy(buf), root)
         return decode(buf)
 
-    def barrier(self):
+    def barrier(self) -> None:
         """Wait until every rank reaches the barrier."""
         if self.world_size > 1:
             dist.barrier(group=self.group)
 
     # -- the two-phase compressed allreduce -------------------------------------
-    def compressed_allreduce(self, array, compressor, worker_error=None, server_error=None):
+    def compressed_allreduce(self, array: Any, compressor: Any, worker_error: Optional[np.ndarray] = None,
+                             server_error: Optional[np.ndarray] = None) -> np.ndarray:
         """The mean of every rank's array through DeepSpeed's two-phase
         compressed allreduce, with ``lowband.sim``'s arithmetic (see its
         module doc); ``worker_error`` / ``server_error`` are updated in place."""
         out = self.compressed_allreduce_many([array], [compressor], [worker_error], [server_error])[0]
         return out.reshape(np.shape(array))
 
-    def compressed_allreduce_many(self, arrays, compressors, worker_errors=None, server_errors=None,
-                                  outs=None):
+    def compressed_allreduce_many(self, arrays: Sequence[Any], compressors: Sequence[Any],
+                                  worker_errors: Optional[Sequence[Optional[np.ndarray]]] = None,
+                                  server_errors: Optional[Sequence[Optional[np.ndarray]]] = None,
+                                  outs: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[np.ndarray]:
         """``compressed_allreduce`` of several arrays at once: each array is
         chunked and compressed on its own (results identical to one call
         per array), but all chunks bound for one rank travel as one message
@@ -402,7 +407,7 @@ class ProcessGroupCommunicator(Communicator):
             raise ValueError(f"compressors, worker_errors, server_errors: expected {T} each (one per array)")
         W, rank = self.world_size, self.rank
         comps, flats, bounds = [], [], []
-        to_rank = [[] for _ in range(W)]
+        to_rank: List[List[bytes]] = [[] for _ in range(W)]
         fixed = True
         for t in range(T):
             comp = from_spec(compressors[t])
@@ -444,7 +449,8 @@ class ProcessGroupCommunicator(Communicator):
         results = []
         for t in range(T):
             x, b = flats[t], bounds[t]
-            out = np.empty(x.size, dtype=x.dtype) if outs is None or outs[t] is None else outs[t].reshape(-1)
+            given = None if outs is None else outs[t]
+            out = np.empty(x.size, dtype=x.dtype) if given is None else given.reshape(-1)
             for i in range(W):
                 p = decode(rows[i][t], expect_shape=(b[i + 1] - b[i],))
                 out[b[i]:b[i + 1]] = decoded(p)
@@ -453,7 +459,7 @@ class ProcessGroupCommunicator(Communicator):
 
     # -- tensors -----------------------------------------------------------------
     @staticmethod
-    def as_numpy(tensor, name="tensor"):
+    def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
         """A zero-copy NumPy view of a contiguous CPU tensor (bfloat16 as
         ``ml_dtypes.bfloat16`` through a uint16 view)."""
         return as_numpy(tensor, name)
