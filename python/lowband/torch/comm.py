@@ -89,6 +89,17 @@ class ProcessGroupCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.calls = 0
+        self._scratch = {}
+
+    def _buffer(self, name, n, reuse):
+        """n bytes of uint8: fresh, or (``reuse``) from a buffer kept between
+        calls (no page faults for repeated large messages)."""
+        if not reuse:
+            return np.empty(n, dtype=np.uint8)
+        buf = self._scratch.get(name)
+        if buf is None or buf.size < n:
+            buf = self._scratch[name] = np.empty(max(n, int(1.25 * (0 if buf is None else buf.size))), np.uint8)
+        return buf[:n]
 
     def __repr__(self):
         return (f"ProcessGroupCommunicator(rank={self.rank}, world_size={self.world_size}, "
@@ -228,13 +239,15 @@ class ProcessGroupCommunicator(Communicator):
         flat.copy_(gathered[:n])
 
     # -- bytes: the batched transports -----------------------------------------
-    def allgather_bytes(self, blobs: Sequence[Any]) -> List[List[memoryview]]:
+    def allgather_bytes(self, blobs: Sequence[Any], *, reuse: bool = False) -> List[List[memoryview]]:
         """Every rank's list of byte strings (same count on every rank), in
         rank order: ``result[r][t]`` is rank r's ``blobs[t]`` (a read-only
-        memoryview).  Two collectives: the sizes, then the padded bytes."""
-        return self._run(self._allgather_bytes(blobs), False)
+        memoryview).  Two collectives: the sizes, then the padded bytes.
+        ``reuse=True``: the views point into a buffer that the next call
+        overwrites (for callers that decode at once)."""
+        return self._run(self._allgather_bytes(blobs, reuse=reuse), False)
 
-    def _allgather_bytes(self, blobs, table=None):
+    def _allgather_bytes(self, blobs, table=None, reuse=False):
         """``table`` (W x T sizes), when every rank can compute it, saves the
         size exchange."""
         blobs = [memoryview(b).cast("B") for b in blobs]
@@ -254,12 +267,13 @@ class ProcessGroupCommunicator(Communicator):
             raise RuntimeError(f"allgather: rank {self.rank}'s sizes {[len(b) for b in blobs]} differ "
                                f"from the size table's {table[self.rank].tolist()}")
         width = int(totals.max())
-        send = np.zeros(width, dtype=np.uint8)
+        send = self._buffer("gather-send", width, reuse)
         pos = 0
         for b in blobs:
             send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
             pos += len(b)
-        out = np.empty(W * width, dtype=np.uint8)
+        send[pos:] = 0
+        out = self._buffer("gather-recv", W * width, reuse)
         yield self._all_gather(torch.from_numpy(out), torch.from_numpy(send))
         view = memoryview(out).toreadonly()
         rows = []
@@ -271,14 +285,15 @@ class ProcessGroupCommunicator(Communicator):
             rows.append(row)
         return rows
 
-    def alltoall_bytes(self, blobs: Sequence[Sequence[Any]]) -> List[List[memoryview]]:
+    def alltoall_bytes(self, blobs: Sequence[Sequence[Any]], *, reuse: bool = False) -> List[List[memoryview]]:
         """``blobs[j]`` (a list of T byte strings, T the same for every j
         and rank) goes to rank j; ``result[i][t]`` is what rank i sent this
         rank as its t-th blob.  Two collectives: the sizes, then one uint8
-        ``all_to_all_single`` with uneven splits."""
-        return self._run(self._alltoall_bytes(blobs), False)
+        ``all_to_all_single`` with uneven splits.  ``reuse`` as in
+        ``allgather_bytes``."""
+        return self._run(self._alltoall_bytes(blobs, reuse=reuse), False)
 
-    def _alltoall_bytes(self, blobs, table=None):
+    def _alltoall_bytes(self, blobs, table=None, reuse=False):
         """``table[i][t]``: the size of what rank i sends here as blob t, when
         every rank can compute it (saves the size exchange)."""
         W = self.world_size
@@ -300,13 +315,13 @@ class ProcessGroupCommunicator(Communicator):
         table = np.asarray(table, dtype=np.int64).reshape(W, T)
         in_splits = [int(s) for s in mine.sum(axis=1)]
         out_splits = [int(s) for s in table.sum(axis=1)]
-        send = np.empty(sum(in_splits), dtype=np.uint8)
+        send = self._buffer("a2a-send", sum(in_splits), reuse)
         pos = 0
         for row in rows:
             for b in row:
                 send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
                 pos += len(b)
-        out = np.empty(sum(out_splits), dtype=np.uint8)
+        out = self._buffer("a2a-recv", sum(out_splits), reuse)
         yield self._all_to_all(torch.from_numpy(out), torch.from_numpy(send), out_splits, in_splits)
         view = memoryview(out).toreadonly()
         result, pos = [], 0
@@ -334,14 +349,14 @@ class ProcessGroupCommunicator(Communicator):
         same number of payloads; one size exchange and one byte gather for
         all of them."""
         wires = [encode(_as_payload(p, f"payloads[{t}]")) for t, p in enumerate(payloads)]
-        return [[decode(b) for b in row] for row in self.allgather_bytes(wires)]
+        return [[decode(b) for b in row] for row in self.allgather_bytes(wires, reuse=True)]
 
     def alltoall(self, payloads: Sequence[Any]) -> list:
         """Send ``payloads[j]`` to rank j; item j of the result is what rank
         j sent to this rank."""
         self._check_alltoall(payloads)
         wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
-        return [decode(row[0]) for row in self.alltoall_bytes(wires)]
+        return [decode(row[0]) for row in self.alltoall_bytes(wires, reuse=True)]
 
     def alltoall_async(self, payloads: Sequence[Any]) -> torch.futures.Future:
         """``alltoall`` as a Future resolving to the list of payloads."""
@@ -431,7 +446,7 @@ class ProcessGroupCommunicator(Communicator):
         # rank's own chunk-`rank` message, and rank i's reply in phase 2 the
         # size of chunk i's message, so neither phase exchanges sizes
         got = self._run(self._alltoall_bytes(to_rank, [[len(b) for b in to_rank[self.rank]]] * W
-                                             if fixed else None), False)
+                                             if fixed else None, reuse=True), False)
         replies = []
         for t in range(T):
             x, b, comp, se = flats[t], bounds[t], comps[t], server_errors[t]
@@ -445,7 +460,7 @@ class ProcessGroupCommunicator(Communicator):
                 se.reshape(-1)[:] = mine - decoded(reply)
             replies.append(encode(reply))
         table = [[len(b) for b in to_rank[i]] for i in range(W)] if fixed else None
-        rows = self._run(self._allgather_bytes(replies, table), False)
+        rows = self._run(self._allgather_bytes(replies, table, reuse=True), False)
         results = []
         for t in range(T):
             x, b = flats[t], bounds[t]

@@ -437,7 +437,7 @@ class CompressionState(_BucketState):
 
     def _allgather(self, states, flats):
         wires = [encode(st.message(g)) for st, g in zip(states, flats)]
-        rows = self.comm.allgather_bytes(wires)
+        rows = self.comm.allgather_bytes(wires, reuse=True)
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
             ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype) for r in range(W)]
