@@ -89,7 +89,7 @@ class ProcessGroupCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.calls = 0
-        self._scratch = {}
+        self._scratch: dict = {}
 
     def _buffer(self, name, n, reuse):
         """n bytes of uint8: fresh, or (``reuse``) from a buffer kept between
