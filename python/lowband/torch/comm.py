@@ -46,7 +46,10 @@ import torch
 import torch.distributed as dist
 
 from .._validate import as_float_array, check_choice, check_int
-from .._payload import Dense, Quantized
+from .. import _core
+from .._fused import _TABLE_QUANTIZERS
+from .._payload import Dense, Quantized, get_scheme
+from .._validate import FLOAT_DTYPES
 from ..compressors import from_spec
 from ..sim import (Communicator, _as_payload, _check_error, _reduce_array, chunk_bounds, decoded,
                    reduce_payloads)
@@ -61,6 +64,23 @@ _REDUCE_OPS = ("sum", "mean")
 def _gather_fn():
     # all_gather_into_tensor was renamed all_gather_single in torch 2.6+
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _residual_step(comp, e, g):
+    """e <- e + g; payload = C(e); e <- e - D(payload); returns the payload
+    (the two-phase allreduce's worker and server steps, exactly
+    ``lowband.sim``'s arithmetic).  The table quantizers (sign, blockwise,
+    ...) run it as lowband's fused error-feedback pass in C, which gives
+    the same bytes without temporaries."""
+    if type(comp) in _TABLE_QUANTIZERS and e.dtype in FLOAT_DTYPES and e.dtype == g.dtype:
+        _core.ef_axpby(e, g, 1.0, 1.0, True, comp.threads)
+        p = comp.compress(e)
+        get_scheme(p.scheme).residual(p, e, comp.threads)
+        return p
+    e += g
+    p = comp.compress(e)
+    e -= decoded(p).astype(e.dtype, copy=False)
+    return p
 
 
 def _done(value):
@@ -431,12 +451,12 @@ class ProcessGroupCommunicator(Communicator):
             _check_error(worker_errors[t], f"worker_errors[{t}]", x.size, x.dtype)
             _check_error(server_errors[t], f"server_errors[{t}]", b[rank + 1] - b[rank], x.dtype)
             we = worker_errors[t]
-            z = x + we.reshape(-1) if we is not None else x
             for j in range(W):
-                p = comp.compress(z[b[j]:b[j + 1]])
-                fixed = fixed and isinstance(p, (Quantized, Dense))
                 if we is not None:
-                    we.reshape(-1)[b[j]:b[j + 1]] = z[b[j]:b[j + 1]] - decoded(p)
+                    p = _residual_step(comp, we.reshape(-1)[b[j]:b[j + 1]], x[b[j]:b[j + 1]])
+                else:
+                    p = comp.compress(x[b[j]:b[j + 1]])
+                fixed = fixed and isinstance(p, (Quantized, Dense))
                 to_rank[j].append(encode(p))
             comps.append(comp)
             flats.append(x)
@@ -454,10 +474,9 @@ class ProcessGroupCommunicator(Communicator):
             mine = reduce_payloads([decode(got[i][t], expect_shape=shape) for i in range(W)],
                                    "mean").astype(x.dtype, copy=False)
             if se is not None:
-                mine = mine + se.reshape(-1)
-            reply = comp.compress(mine)
-            if se is not None:
-                se.reshape(-1)[:] = mine - decoded(reply)
+                reply = _residual_step(comp, se.reshape(-1), mine)
+            else:
+                reply = comp.compress(mine)
             replies.append(encode(reply))
         table = [[len(b) for b in to_rank[i]] for i in range(W)] if fixed else None
         rows = self._run(self._allgather_bytes(replies, table, reuse=True), False)
