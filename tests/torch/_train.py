@@ -85,9 +85,10 @@ def train(rank, world, kind, steps, *, opts=None, ddp_opts=None, lr=0.1, seed=0,
             def recording(st, bucket):
                 grads = [g.clone().numpy() for g in bucket.gradients()]
                 fut = inner(st, bucket)
-                fut.wait()
+                value = fut.wait()
+                in_place = value.data_ptr() == bucket.buffer().data_ptr() and value.shape == bucket.buffer().shape
                 record.append(([index[p] for p in bucket.parameters()], grads,
-                               [g.clone().numpy() for g in bucket.gradients()], bucket.is_last()))
+                               [g.clone().numpy() for g in bucket.gradients()], bucket.is_last(), in_place))
                 return fut
             ddp.register_comm_hook(hook_state if hook_state is not None else None, recording)
         else:

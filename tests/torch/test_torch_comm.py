@@ -154,3 +154,10 @@ def test_one_rank_group_sends_nothing(tmp_path):
 def test_import_lowband_does_not_import_torch():
     code = "import sys, lowband, lowband.sim; assert 'torch' not in sys.modules, 'torch imported'"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_lowband_torch_without_torch_says_how_to_install():
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "try:\n    import lowband.torch\nexcept ImportError as e:\n    print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert "pip install torch" in out

@@ -31,7 +31,9 @@ CONFIGS = {
                    dict(static_graph=True), 1),
     "fp16": ("compression", dict(compressor="fp16", feedback="none", start_iter=2, min_numel=MIN), {}, 1),
     "topk_ef21": ("compression", dict(compressor="topk:0.1", feedback="ef21", start_iter=2, min_numel=MIN),
-                  dict(bucket_cap_mb=0.001), 1),
+                  dict(bucket_cap_mb=0.001, find_unused_parameters=True), 1),
+    "sign_econtrol": ("compression", dict(compressor="sign", feedback="econtrol", eta=0.5, start_iter=2,
+                                          min_numel=MIN), {}, 1),
     "blockwise_nosync": ("compression", dict(compressor="blockwise:4", feedback="ef", start_iter=2,
                                              min_numel=MIN), {}, 4),
     "topk_torch": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=2, min_numel=MIN,
@@ -79,6 +81,8 @@ def test_replicas_identical_and_bytes_counted(two_ranks):
                 assert summary["iter"] == STEPS, name
                 assert summary["bytes_dense"] == sum(sum(g.nbytes for g in call[1]) for call in record), name
                 assert summary["bytes_sent"] < summary["bytes_dense"] or name == "off", name
+                # the future resolves to bucket.buffer() itself: decompressed in place
+                assert all(call[4] for call in record), name
                 init_bytes = sum(p.nbytes for p in a[0])
                 assert sent - summary["bytes_sent"] <= init_bytes + 4096, name
 
@@ -99,7 +103,7 @@ def twin(comm, records, opts, start_iter):
     spec, feedback = opts["compressor"], opts.get("feedback", "ef")
     comp0 = lowband.from_spec(spec)
     state, outs, it = {}, [], 0
-    for pidx, grads, _, is_last in records:
+    for pidx, grads, _, is_last, _ in records:
         call = []
         for i, g in zip(pidx, grads):
             flat = g.reshape(-1)
@@ -107,16 +111,18 @@ def twin(comm, records, opts, start_iter):
                 call.append(comm.allreduce(flat / np.float32(W)).reshape(g.shape))
                 continue
             like = ((flat.size,), flat.dtype)
-            if isinstance(comp0, lowband.Sign) or (isinstance(comp0, lowband.Blockwise) and feedback == "ef"):
+            if isinstance(comp0, (lowband.Sign, lowband.Blockwise)) and feedback in ("ef", "none"):
                 if i not in state:
                     b = sim.chunk_bounds(flat.size, W)
                     state[i] = (lowband.from_spec(spec), np.zeros_like(flat),
                                 np.zeros(b[comm.rank + 1] - b[comm.rank], flat.dtype))
                 c, we, se = state[i]
                 res = comm.compressed_allreduce(flat, c, we, se)
-            elif feedback == "ef21":
+            elif feedback in ("ef21", "econtrol"):
                 if i not in state:
-                    state[i] = (lowband.EF21(spec, like), np.zeros_like(flat))
+                    fb = (lowband.EF21(spec, like) if feedback == "ef21"
+                          else lowband.EControl(spec, like, opts["eta"]))
+                    state[i] = (fb, np.zeros_like(flat))
                 fb, srv = state[i]
                 srv += sim.reduce_payloads(comm.allgather(fb.step(flat)), "mean")
                 res = srv.copy()
@@ -139,7 +145,8 @@ def twin(comm, records, opts, start_iter):
     return outs
 
 
-@pytest.mark.parametrize("name", ["topk_ef", "sign_ef", "randomk_ef", "fp16", "topk_ef21", "blockwise_nosync"])
+@pytest.mark.parametrize("name", ["topk_ef", "sign_ef", "randomk_ef", "fp16", "topk_ef21", "sign_econtrol",
+                                  "blockwise_nosync"])
 def test_hook_equals_the_sim_cluster(two_ranks, name):
     _, opts, _, _ = CONFIGS[name]
     records = [two_ranks[r][name][3] for r in range(2)]

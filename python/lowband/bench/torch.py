@@ -7,7 +7,8 @@ SGD step; median over the timed steps after warm-up) with no hook, torch's
 + EF, sign + EF, PowerSGD), and the bytes per step each hands to torch;
 then the communicator against bare torch.distributed: an allreduce of 16 Mi
 float32 against ``dist.all_reduce``, and a 4 MB payload allgather against
-``all_gather_object``.
+``all_gather_object`` (with lowband's encode/decode: CRC-32C and copies),
+and the same for the bare bytes (the transport alone).
 
 Targets: lowband's PowerSGD step no slower than torch's at the same rank;
 top-k 1% + EF within 1.3x of the fp16 hook's step; the allreduce within
@@ -93,12 +94,15 @@ class _Counting:
 
 
 def _ddp_times(rank, width, depth, batch):
+    """Every configuration's DDP model is built first; the timed steps then
+    take turns (one step of each per round), so that a load change on the
+    machine hits all of them alike."""
     import torch
     import torch.distributed as dist
     import torch.nn as nn
-    rows = []
     x = torch.randn(batch, width, generator=torch.Generator().manual_seed(rank))
     y = torch.randint(0, 10, (batch,), generator=torch.Generator().manual_seed(rank))
+    runs = []
     for name, kind, opts in HOOKS:
         model = _model(width, depth)
         # one bucket: torch's powerSGD_hook can mismatch on gloo with several
@@ -106,9 +110,9 @@ def _ddp_times(rank, width, depth, batch):
         state, hook = _hook(kind, opts)
         if hook is not None:
             ddp.register_comm_hook(state, hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01)
-        times, counted = [], 0
-        for step in range(WARMUP + STEPS):
+        runs.append((name, ddp, torch.optim.SGD(model.parameters(), lr=0.01), [], [0]))
+    for step in range(WARMUP + STEPS):
+        for name, ddp, opt, times, counted in runs:
             with _Counting(dist) as c:
                 dist.barrier()
                 t0 = time.perf_counter()
@@ -118,39 +122,43 @@ def _ddp_times(rank, width, depth, batch):
                 dt = time.perf_counter() - t0
             if step >= WARMUP:
                 times.append(dt)
-                counted += c.bytes
-        rows.append((name, statistics.median(times) * 1e3, counted // STEPS))
-    return rows
+                counted[0] += c.bytes
+    return [(name, statistics.median(times) * 1e3, counted[0] // STEPS) for name, _, _, times, counted in runs]
 
 
 def _comm_times(rank, reps):
+    """Each pair of implementations alternates rep by rep (medians)."""
     import numpy as np
     import torch
     import torch.distributed as dist
     import lowband
     import lowband.torch as lt
     comm = lt.ProcessGroupCommunicator()
-    out = {}
 
-    def med(fn):
-        fn()
-        ts = []
-        for _ in range(reps):
-            dist.barrier()
-            t0 = time.perf_counter()
+    def pair(fns):
+        for fn in fns.values():
             fn()
-            ts.append(time.perf_counter() - t0)
-        return statistics.median(ts) * 1e3
+        ts = {k: [] for k in fns}
+        for _ in range(reps):
+            for k, fn in fns.items():
+                dist.barrier()
+                t0 = time.perf_counter()
+                fn()
+                ts[k].append(time.perf_counter() - t0)
+        return {k: statistics.median(v) * 1e3 for k, v in ts.items()}
 
     a = np.random.default_rng(rank).standard_normal(16 << 20, dtype=np.float32)
     t = torch.from_numpy(a.copy())
-    out["allreduce 16 Mi float32: dist.all_reduce"] = med(lambda: dist.all_reduce(t))
-    out["allreduce 16 Mi float32: comm.allreduce(out=a)"] = med(lambda: comm.allreduce(a, out=a))
-    out["allreduce 16 Mi float32: comm.allreduce (new array)"] = med(lambda: comm.allreduce(a))
+    out = pair({"allreduce 16 Mi float32: dist.all_reduce": lambda: dist.all_reduce(t),
+                "allreduce 16 Mi float32: comm.allreduce(out=a)": lambda: comm.allreduce(a, out=a),
+                "allreduce 16 Mi float32: comm.allreduce (new array)": lambda: comm.allreduce(a)})
     p = lowband.Dense(np.random.default_rng(rank).standard_normal(1 << 20, dtype=np.float32))
     objs = [None, None]
-    out["allgather 4 MB payload: all_gather_object"] = med(lambda: dist.all_gather_object(objs, p))
-    out["allgather 4 MB payload: comm.allgather"] = med(lambda: comm.allgather(p))
+    wire = lowband.encode(p)
+    out.update(pair({"allgather 4 MB payload: all_gather_object": lambda: dist.all_gather_object(objs, p),
+                     "allgather 4 MB payload: comm.allgather": lambda: comm.allgather(p),
+                     "allgather 4 MB bytes: all_gather_object": lambda: dist.all_gather_object(objs, wire),
+                     "allgather 4 MB bytes: comm.allgather_bytes": lambda: comm.allgather_bytes([wire])}))
     return out
 
 
@@ -208,10 +216,15 @@ def measure(width=1024, depth=4, batch=64, threads=1, reps=5, timeout=900):
 def rows(ctx, reps):
     """The suite's rows for the harness (measured once, in two processes)."""
     width = 1024 if not ctx.quick else 256
-    results = measure(width=width, threads=ctx.threads, reps=reps)
+    # two ranks share the machine: each gets half of --threads
+    results = measure(width=width, threads=max(1, ctx.threads // 2), reps=max(reps, 9))
     ddp = {name: (max(r["ddp"][i][1] for r in results), results[0]["ddp"][i][2])
            for i, (name, _, _) in enumerate(HOOKS)}
     comm = {k: max(r["comm"][k] for r in results) for k in results[0]["comm"]}
+    print(f"DDP on 2 gloo ranks ({max(1, ctx.threads // 2)} thread(s) each), MLP {width} wide x 4, one bucket; "
+          f"median step of the slower rank, bytes handed to torch per step (rank 0):")
+    for name, (ms, nbytes) in ddp.items():
+        print(f"  {name:<28} {ms:9.2f} ms/step {nbytes:>12,d} bytes/step")
     out = []
     for name, (ms, nbytes) in ddp.items():
         out.append({"suite": "torch", "case": f"DDP step: {name}", "nbytes": nbytes, "lowband_ms": ms,
@@ -243,6 +256,12 @@ def rows(ctx, reps):
            "torch_ms": obj, "gbps": None, "note": "torch = all_gather_object", "targets": []}
     target(row, ">=1.8x all_gather_object", obj / mine >= 1.8, obj / mine)
     out.append(row)
+    obj = comm["allgather 4 MB bytes: all_gather_object"]
+    mine = comm["allgather 4 MB bytes: comm.allgather_bytes"]
+    out.append({"suite": "torch", "case": "allgather 4 MB bytes (transport)", "nbytes": 4 << 20,
+                "lowband_ms": mine, "torch_ms": obj, "gbps": None,
+                "note": "allgather_bytes vs all_gather_object of the same bytes (no encode/decode)",
+                "targets": []})
     return out
 
 

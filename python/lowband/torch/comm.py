@@ -39,11 +39,17 @@ collectives.  A one-rank group calls no collective and counts nothing.
 """
 from __future__ import annotations
 
+from typing import Any, List, Optional, Sequence
+
 import numpy as np
 import torch
 import torch.distributed as dist
 
 from .._validate import as_float_array, check_choice, check_int
+from .. import _core
+from .._fused import _TABLE_QUANTIZERS
+from .._payload import Dense, Quantized, get_scheme
+from .._validate import FLOAT_DTYPES
 from ..compressors import from_spec
 from ..sim import (Communicator, _as_payload, _check_error, _reduce_array, chunk_bounds, decoded,
                    reduce_payloads)
@@ -58,6 +64,23 @@ _REDUCE_OPS = ("sum", "mean")
 def _gather_fn():
     # all_gather_into_tensor was renamed all_gather_single in torch 2.6+
     return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _residual_step(comp, e, g):
+    """e <- e + g; payload = C(e); e <- e - D(payload); returns the payload
+    (the two-phase allreduce's worker and server steps, exactly
+    ``lowband.sim``'s arithmetic).  The table quantizers (sign, blockwise,
+    ...) run it as lowband's fused error-feedback pass in C, which gives
+    the same bytes without temporaries."""
+    if type(comp) in _TABLE_QUANTIZERS and e.dtype in FLOAT_DTYPES and e.dtype == g.dtype:
+        _core.ef_axpby(e, g, 1.0, 1.0, True, comp.threads)
+        p = comp.compress(e)
+        get_scheme(p.scheme).residual(p, e, comp.threads)
+        return p
+    e += g
+    p = comp.compress(e)
+    e -= decoded(p).astype(e.dtype, copy=False)
+    return p
 
 
 def _done(value):
@@ -76,7 +99,7 @@ class ProcessGroupCommunicator(Communicator):
     on gloo with CPU tensors and on any backend whose collectives take the
     tensors' device."""
 
-    def __init__(self, group=None, deterministic=False):
+    def __init__(self, group: Optional[Any] = None, deterministic: bool = False) -> None:
         super().__init__()
         if not (dist.is_available() and dist.is_initialized()):
             raise RuntimeError("ProcessGroupCommunicator: torch.distributed is not initialised "
@@ -86,6 +109,17 @@ class ProcessGroupCommunicator(Communicator):
         self.rank = dist.get_rank(group)
         self.world_size = dist.get_world_size(group)
         self.calls = 0
+        self._scratch: dict = {}
+
+    def _buffer(self, name, n, reuse):
+        """n bytes of uint8: fresh, or (``reuse``) from a buffer kept between
+        calls (no page faults for repeated large messages)."""
+        if not reuse:
+            return np.empty(n, dtype=np.uint8)
+        buf = self._scratch.get(name)
+        if buf is None or buf.size < n:
+            buf = self._scratch[name] = np.empty(max(n, int(1.25 * (0 if buf is None else buf.size))), np.uint8)
+        return buf[:n]
 
     def __repr__(self):
         return (f"ProcessGroupCommunicator(rank={self.rank}, world_size={self.world_size}, "
@@ -153,13 +187,13 @@ class ProcessGroupCommunicator(Communicator):
         return result
 
     # -- allreduce -------------------------------------------------------------
-    def allreduce(self, array, op="sum", *, out=None):
+    def allreduce(self, array: Any, op: str = "sum", *, out: Any = None) -> Any:
         """The sum (or mean) of every rank's array, as a new array (or in
         ``out``, which may be ``array`` itself).  Takes an ndarray or a
         tensor (any device) and returns the same kind."""
         return self._run(self._allreduce(array, op, out), False)
 
-    def allreduce_async(self, array, op="sum", *, out=None):
+    def allreduce_async(self, array: Any, op: str = "sum", *, out: Any = None) -> torch.futures.Future:
         """``allreduce`` as a torch Future resolving to the result."""
         return self._run(self._allreduce(array, op, out), True)
 
@@ -225,33 +259,41 @@ class ProcessGroupCommunicator(Communicator):
         flat.copy_(gathered[:n])
 
     # -- bytes: the batched transports -----------------------------------------
-    def allgather_bytes(self, blobs):
+    def allgather_bytes(self, blobs: Sequence[Any], *, reuse: bool = False) -> List[List[memoryview]]:
         """Every rank's list of byte strings (same count on every rank), in
         rank order: ``result[r][t]`` is rank r's ``blobs[t]`` (a read-only
-        memoryview).  Two collectives: the sizes, then the padded bytes."""
-        return self._run(self._allgather_bytes(blobs), False)
+        memoryview).  Two collectives: the sizes, then the padded bytes.
+        ``reuse=True``: the views point into a buffer that the next call
+        overwrites (for callers that decode at once)."""
+        return self._run(self._allgather_bytes(blobs, reuse=reuse), False)
 
-    def _allgather_bytes(self, blobs):
+    def _allgather_bytes(self, blobs, table=None, reuse=False):
+        """``table`` (W x T sizes), when every rank can compute it, saves the
+        size exchange."""
         blobs = [memoryview(b).cast("B") for b in blobs]
         W, T = self.world_size, len(blobs)
         if W == 1:
             return [list(blobs)]
         if T == 0:
             return [[] for _ in range(W)]
-        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
-        all_sizes = torch.empty(W * T, dtype=torch.int64)
-        yield self._all_gather(all_sizes, sizes)
-        table = all_sizes.view(W, T).numpy()
+        if table is None:
+            sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+            all_sizes = torch.empty(W * T, dtype=torch.int64)
+            yield self._all_gather(all_sizes, sizes)
+            table = all_sizes.view(W, T).numpy()
+        table = np.asarray(table, dtype=np.int64).reshape(W, T)
         totals = table.sum(axis=1)
-        if int(totals[self.rank]) != int(sizes.sum()):
-            raise RuntimeError("allgather: the size exchange returned inconsistent sizes")
+        if [int(s) for s in table[self.rank]] != [len(b) for b in blobs]:
+            raise RuntimeError(f"allgather: rank {self.rank}'s sizes {[len(b) for b in blobs]} differ "
+                               f"from the size table's {table[self.rank].tolist()}")
         width = int(totals.max())
-        send = np.zeros(width, dtype=np.uint8)
+        send = self._buffer("gather-send", width, reuse)
         pos = 0
         for b in blobs:
             send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
             pos += len(b)
-        out = np.empty(W * width, dtype=np.uint8)
+        send[pos:] = 0
+        out = self._buffer("gather-recv", W * width, reuse)
         yield self._all_gather(torch.from_numpy(out), torch.from_numpy(send))
         view = memoryview(out).toreadonly()
         rows = []
@@ -263,14 +305,17 @@ class ProcessGroupCommunicator(Communicator):
             rows.append(row)
         return rows
 
-    def alltoall_bytes(self, blobs):
+    def alltoall_bytes(self, blobs: Sequence[Sequence[Any]], *, reuse: bool = False) -> List[List[memoryview]]:
         """``blobs[j]`` (a list of T byte strings, T the same for every j
         and rank) goes to rank j; ``result[i][t]`` is what rank i sent this
         rank as its t-th blob.  Two collectives: the sizes, then one uint8
-        ``all_to_all_single`` with uneven splits."""
-        return self._run(self._alltoall_bytes(blobs), False)
+        ``all_to_all_single`` with uneven splits.  ``reuse`` as in
+        ``allgather_bytes``."""
+        return self._run(self._alltoall_bytes(blobs, reuse=reuse), False)
 
-    def _alltoall_bytes(self, blobs):
+    def _alltoall_bytes(self, blobs, table=None, reuse=False):
+        """``table[i][t]``: the size of what rank i sends here as blob t, when
+        every rank can compute it (saves the size exchange)."""
         W = self.world_size
         if not isinstance(blobs, (list, tuple)) or len(blobs) != W:
             raise ValueError(f"blobs: expected {W} lists (one per rank), got {len(blobs)}")
@@ -281,20 +326,22 @@ class ProcessGroupCommunicator(Communicator):
                              f"{[len(row) for row in rows]}")
         if W == 1 or T == 0:
             return rows if W == 1 else [[] for _ in range(W)]
-        sizes = torch.tensor([[len(b) for b in row] for row in rows], dtype=torch.int64).view(-1)
-        got_sizes = torch.empty_like(sizes)
-        yield self._all_to_all(got_sizes, sizes)
-        mine = sizes.view(W, T).numpy()
-        table = got_sizes.view(W, T).numpy()
+        mine = np.array([[len(b) for b in row] for row in rows], dtype=np.int64)
+        if table is None:
+            sizes = torch.from_numpy(mine.reshape(-1).copy())
+            got_sizes = torch.empty_like(sizes)
+            yield self._all_to_all(got_sizes, sizes)
+            table = got_sizes.view(W, T).numpy()
+        table = np.asarray(table, dtype=np.int64).reshape(W, T)
         in_splits = [int(s) for s in mine.sum(axis=1)]
         out_splits = [int(s) for s in table.sum(axis=1)]
-        send = np.empty(sum(in_splits), dtype=np.uint8)
+        send = self._buffer("a2a-send", sum(in_splits), reuse)
         pos = 0
         for row in rows:
             for b in row:
                 send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
                 pos += len(b)
-        out = np.empty(sum(out_splits), dtype=np.uint8)
+        out = self._buffer("a2a-recv", sum(out_splits), reuse)
         yield self._all_to_all(torch.from_numpy(out), torch.from_numpy(send), out_splits, in_splits)
         view = memoryview(out).toreadonly()
         result, pos = [], 0
@@ -307,31 +354,31 @@ class ProcessGroupCommunicator(Communicator):
         return result
 
     # -- payload collectives (the Communicator interface) -----------------------
-    def allgather(self, payload):
+    def allgather(self, payload: Any) -> list:
         """Every rank's payload (decoded copies), in rank order."""
         return [row[0] for row in self.allgather_many([payload])]
 
-    def allgather_async(self, payload):
+    def allgather_async(self, payload: Any) -> torch.futures.Future:
         """``allgather`` as a Future resolving to the list of payloads."""
         wire = encode(_as_payload(payload))
         return self._run(self._allgather_bytes([wire]), True).then(
             lambda f: [decode(row[0]) for row in f.value()])
 
-    def allgather_many(self, payloads):
+    def allgather_many(self, payloads: Sequence[Any]) -> List[list]:
         """``result[r][t]``: rank r's ``payloads[t]``; every rank passes the
         same number of payloads; one size exchange and one byte gather for
         all of them."""
         wires = [encode(_as_payload(p, f"payloads[{t}]")) for t, p in enumerate(payloads)]
-        return [[decode(b) for b in row] for row in self.allgather_bytes(wires)]
+        return [[decode(b) for b in row] for row in self.allgather_bytes(wires, reuse=True)]
 
-    def alltoall(self, payloads):
+    def alltoall(self, payloads: Sequence[Any]) -> list:
         """Send ``payloads[j]`` to rank j; item j of the result is what rank
         j sent to this rank."""
         self._check_alltoall(payloads)
         wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
-        return [decode(row[0]) for row in self.alltoall_bytes(wires)]
+        return [decode(row[0]) for row in self.alltoall_bytes(wires, reuse=True)]
 
-    def alltoall_async(self, payloads):
+    def alltoall_async(self, payloads: Sequence[Any]) -> torch.futures.Future:
         """``alltoall`` as a Future resolving to the list of payloads."""
         self._check_alltoall(payloads)
         wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
@@ -344,11 +391,11 @@ class ProcessGroupCommunicator(Communicator):
         if len(payloads) != self.world_size:
             raise ValueError(f"payloads: expected {self.world_size} payloads (one per rank), got {len(payloads)}")
 
-    def broadcast(self, payload=None, root=0):
+    def broadcast(self, payload: Any = None, root: int = 0) -> Any:
         """The root's payload on every rank (other ranks' ``payload`` is ignored)."""
         return self._run(self._broadcast_payload(payload, root), False)
 
-    def broadcast_async(self, payload=None, root=0):
+    def broadcast_async(self, payload: Any = None, root: int = 0) -> torch.futures.Future:
         """``broadcast`` as a Future resolving to the payload."""
         return self._run(self._broadcast_payload(payload, root), True)
 
@@ -365,21 +412,24 @@ class ProcessGroupCommunicator(Communicator):
         yield self._broadcast(torch.from_numpy(buf), root)
         return decode(buf)
 
-    def barrier(self):
+    def barrier(self) -> None:
         """Wait until every rank reaches the barrier."""
         if self.world_size > 1:
             dist.barrier(group=self.group)
 
     # -- the two-phase compressed allreduce -------------------------------------
-    def compressed_allreduce(self, array, compressor, worker_error=None, server_error=None):
+    def compressed_allreduce(self, array: Any, compressor: Any, worker_error: Optional[np.ndarray] = None,
+                             server_error: Optional[np.ndarray] = None) -> np.ndarray:
         """The mean of every rank's array through DeepSpeed's two-phase
         compressed allreduce, with ``lowband.sim``'s arithmetic (see its
         module doc); ``worker_error`` / ``server_error`` are updated in place."""
         out = self.compressed_allreduce_many([array], [compressor], [worker_error], [server_error])[0]
         return out.reshape(np.shape(array))
 
-    def compressed_allreduce_many(self, arrays, compressors, worker_errors=None, server_errors=None,
-                                  outs=None):
+    def compressed_allreduce_many(self, arrays: Sequence[Any], compressors: Sequence[Any],
+                                  worker_errors: Optional[Sequence[Optional[np.ndarray]]] = None,
+                                  server_errors: Optional[Sequence[Optional[np.ndarray]]] = None,
+                                  outs: Optional[Sequence[Optional[np.ndarray]]] = None) -> List[np.ndarray]:
         """``compressed_allreduce`` of several arrays at once: each array is
         chunked and compressed on its own (results identical to one call
         per array), but all chunks bound for one rank travel as one message
@@ -392,7 +442,8 @@ class ProcessGroupCommunicator(Communicator):
             raise ValueError(f"compressors, worker_errors, server_errors: expected {T} each (one per array)")
         W, rank = self.world_size, self.rank
         comps, flats, bounds = [], [], []
-        to_rank = [[] for _ in range(W)]
+        to_rank: List[List[bytes]] = [[] for _ in range(W)]
+        fixed = True
         for t in range(T):
             comp = from_spec(compressors[t])
             x = as_float_array(arrays[t], f"arrays[{t}]").reshape(-1)
@@ -400,16 +451,22 @@ class ProcessGroupCommunicator(Communicator):
             _check_error(worker_errors[t], f"worker_errors[{t}]", x.size, x.dtype)
             _check_error(server_errors[t], f"server_errors[{t}]", b[rank + 1] - b[rank], x.dtype)
             we = worker_errors[t]
-            z = x + we.reshape(-1) if we is not None else x
             for j in range(W):
-                p = comp.compress(z[b[j]:b[j + 1]])
                 if we is not None:
-                    we.reshape(-1)[b[j]:b[j + 1]] = z[b[j]:b[j + 1]] - decoded(p)
+                    p = _residual_step(comp, we.reshape(-1)[b[j]:b[j + 1]], x[b[j]:b[j + 1]])
+                else:
+                    p = comp.compress(x[b[j]:b[j + 1]])
+                fixed = fixed and isinstance(p, (Quantized, Dense))
                 to_rank[j].append(encode(p))
             comps.append(comp)
             flats.append(x)
             bounds.append(b)
-        got = self.alltoall_bytes(to_rank)
+        # Quantized and Dense payloads have a size fixed by compressor, shape and
+        # dtype: what rank i sends here for chunk `rank` has the size of this
+        # rank's own chunk-`rank` message, and rank i's reply in phase 2 the
+        # size of chunk i's message, so neither phase exchanges sizes
+        got = self._run(self._alltoall_bytes(to_rank, [[len(b) for b in to_rank[self.rank]]] * W
+                                             if fixed else None, reuse=True), False)
         replies = []
         for t in range(T):
             x, b, comp, se = flats[t], bounds[t], comps[t], server_errors[t]
@@ -417,16 +474,17 @@ class ProcessGroupCommunicator(Communicator):
             mine = reduce_payloads([decode(got[i][t], expect_shape=shape) for i in range(W)],
                                    "mean").astype(x.dtype, copy=False)
             if se is not None:
-                mine = mine + se.reshape(-1)
-            reply = comp.compress(mine)
-            if se is not None:
-                se.reshape(-1)[:] = mine - decoded(reply)
+                reply = _residual_step(comp, se.reshape(-1), mine)
+            else:
+                reply = comp.compress(mine)
             replies.append(encode(reply))
-        rows = self.allgather_bytes(replies)
+        table = [[len(b) for b in to_rank[i]] for i in range(W)] if fixed else None
+        rows = self._run(self._allgather_bytes(replies, table, reuse=True), False)
         results = []
         for t in range(T):
             x, b = flats[t], bounds[t]
-            out = np.empty(x.size, dtype=x.dtype) if outs is None or outs[t] is None else outs[t].reshape(-1)
+            given = None if outs is None else outs[t]
+            out = np.empty(x.size, dtype=x.dtype) if given is None else given.reshape(-1)
             for i in range(W):
                 p = decode(rows[i][t], expect_shape=(b[i + 1] - b[i],))
                 out[b[i]:b[i + 1]] = decoded(p)
@@ -435,7 +493,7 @@ class ProcessGroupCommunicator(Communicator):
 
     # -- tensors -----------------------------------------------------------------
     @staticmethod
-    def as_numpy(tensor, name="tensor"):
+    def as_numpy(tensor: torch.Tensor, name: str = "tensor") -> np.ndarray:
         """A zero-copy NumPy view of a contiguous CPU tensor (bfloat16 as
         ``ml_dtypes.bfloat16`` through a uint16 view)."""
         return as_numpy(tensor, name)

@@ -32,8 +32,8 @@ Both hooks share one bucket machinery (``_BucketState``):
   (without the process group) checkpoint everything.
 """
 # no `from __future__ import annotations`: DDP checks the hooks' annotation objects
-import math
 import warnings
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -156,7 +156,7 @@ class _BucketState:
     def _config(self):
         return {"start_iter": self.start_iter, "min_numel": self.min_numel}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         """Iteration, byte counters, configuration and every tensor's state
         (keyed by slot: the order in which DDP first passed the parameters)."""
         slots = dict(self._pending)
@@ -165,7 +165,7 @@ class _BucketState:
         return {"kind": type(self).__name__, "config": self._config(), "iter": self.iter,
                 "bytes_sent": self.bytes_sent, "bytes_dense": self.bytes_dense, "slots": slots}
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         """Restore a state_dict of the same kind and configuration; each
         tensor's state is installed when its parameter is first seen."""
         if not isinstance(state, dict) or state.get("kind") != type(self).__name__:
@@ -177,8 +177,7 @@ class _BucketState:
         self.iter = check_int(state["iter"], "state['iter']", 0)
         self.bytes_sent = int(state["bytes_sent"])
         self.bytes_dense = int(state["bytes_dense"])
-        self._clear_slots()
-        self._slots = {}
+        self._clear_slots()          # (the parameter slots stay: same model, same order)
         self._pending = dict(state["slots"])
 
     def __getstate__(self):
@@ -196,6 +195,26 @@ class _BucketState:
         self.load_state_dict(saved)
         warnings.warn(f"{type(self).__name__} unpickled: it uses the default process group",
                       stacklevel=2)
+
+    # -- per-slot state (subclasses) ---------------------------------------------
+    def _init_slots(self):
+        raise NotImplementedError
+
+    def _slot_states(self):
+        raise NotImplementedError
+
+    def _clear_slots(self):
+        raise NotImplementedError
+
+    @staticmethod
+    def _save_slot(st):
+        raise NotImplementedError
+
+    def _compressible(self, grad):
+        raise NotImplementedError
+
+    def _compress(self, items):
+        raise NotImplementedError
 
     def _take_pending(self, slot):
         return self._pending.pop(slot, None)
@@ -312,8 +331,8 @@ class CompressionState(_BucketState):
     averaged in C (``lowband.aggregate``).
     """
 
-    def __init__(self, process_group=None, compressor="topk:0.01", feedback="ef", start_iter=10, *,
-                 min_numel=1024, eta=0.1, backend="auto"):
+    def __init__(self, process_group: Optional[Any] = None, compressor: Any = "topk:0.01", feedback: str = "ef",
+                 start_iter: int = 10, *, min_numel: int = 1024, eta: float = 0.1, backend: str = "auto") -> None:
         super().__init__(process_group, start_iter, min_numel)
         comp = from_spec(compressor)
         self.compressor = comp.spec
@@ -372,7 +391,9 @@ class CompressionState(_BucketState):
     def _compress(self, items):
         torch_side = self.backend == "torch" or (self.backend == "auto" and items[0][1].device.type != "cpu")
         if torch_side:
-            from ._codecs import compress_bucket
+            from ._codecs import check_supported, compress_bucket
+            if self.backend == "auto":
+                check_supported(from_spec(self.compressor), self.feedback)
             compress_bucket(self.comm, [(self._state(s, g, True), g) for s, g in items], self.collective)
             return
         states = [self._state(s, g, False) for s, g in items]
@@ -416,7 +437,7 @@ class CompressionState(_BucketState):
 
     def _allgather(self, states, flats):
         wires = [encode(st.message(g)) for st, g in zip(states, flats)]
-        rows = self.comm.allgather_bytes(wires)
+        rows = self.comm.allgather_bytes(wires, reuse=True)
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
             ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype) for r in range(W)]
@@ -483,8 +504,9 @@ class PowerSGDState(_BucketState):
     to completion in the hook call.
     """
 
-    def __init__(self, process_group=None, rank=1, start_iter=10, min_compression_rate=2,
-                 error_feedback=True, warm_start=True, seed=0, *, orthogonalization_epsilon=0.0):
+    def __init__(self, process_group: Optional[Any] = None, rank: int = 1, start_iter: int = 10,
+                 min_compression_rate: float = 2, error_feedback: bool = True, warm_start: bool = True,
+                 seed: int = 0, *, orthogonalization_epsilon: float = 0.0) -> None:
         super().__init__(process_group, start_iter, 0)
         self.rank = check_int(rank, "rank", 1)
         self.min_compression_rate = check_finite_number(min_compression_rate, "min_compression_rate", 0.0)
@@ -509,12 +531,12 @@ class PowerSGDState(_BucketState):
     def _save_slot(st):
         return {k: (None if v is None else v.detach().cpu().clone()) for k, v in st.items()}
 
-    def state_dict(self):
+    def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["rng"] = self.rng.get_state()
         return sd
 
-    def load_state_dict(self, state):
+    def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.rng.set_state(state["rng"])
 
