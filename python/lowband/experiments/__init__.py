@@ -73,6 +73,7 @@ REGISTRY = {
     "sparseloco": "sparseloco",
     "streaming-diloco": "streaming_diloco",
     "one-byte": "one_byte",
+    "global-lbl": "global_lbl",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)
