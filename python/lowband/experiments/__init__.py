@@ -74,6 +74,7 @@ REGISTRY = {
     "streaming-diloco": "streaming_diloco",
     "one-byte": "one_byte",
     "global-lbl": "global_lbl",
+    "chain-of-experts": "chain_of_experts",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)

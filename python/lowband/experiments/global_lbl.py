@@ -368,7 +368,7 @@ def judge(m, t):
 
 EXPERIMENT = Experiment(
     name="global-lbl", title="Global-batch load balancing (Demons in the Detail)",
-    paper="Qiu et al., 2025 (arXiv 2501.11873)",
+    paper="Qiu et al., ACL 2025 (arXiv 2501.11873)",
     claim="Computing the load-balancing loss over the global batch instead of each micro-batch "
           "lets experts specialise by domain clearly more, at similar overall balance, and "
           "improves the model.",
