@@ -1,5 +1,5 @@
-"""Chain-of-Experts (Wang et al. 2025) against a plain MoE at matched
-compute and parameters: the computational core.
+"""Chain-of-Experts (Wang et al., 2025, arXiv 2506.18945) against a plain
+MoE at matched compute and parameters: the ``chain-of-experts`` experiment.
 
 Claim (CoE paper): with the same experts and the same number of expert
 passes per token, 2 sequential iterations of top-k/2 routing (one router
@@ -9,7 +9,9 @@ loss than one MoE pass of top-k (math validation loss 1.20 -> 1.12).
 Configuration as in the authors' code: softmax scores without top-k
 renormalisation (``norm_topk_prob=false``), the shared expert run in every
 iteration, the inner residual ``x(c) = sum_i g_ci E_i(x(c-1)) + shared +
-x(c-1)``, a load-balancing loss per iteration (coefficient 1e-3).  The MoE
+x(c-1)``, a load-balancing loss per iteration (coefficient 1e-3; over the
+micro-batch, as the tokens here are independent, where the authors use
+DeepSeek's per-sequence loss).  The MoE
 baseline is the same block with one iteration of top-k: ``x + MoE(x)``.
 Both have the same experts; CoE has one extra router (E * d_model
 parameters) and runs the shared expert twice.

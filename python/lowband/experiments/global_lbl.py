@@ -1,5 +1,5 @@
 """Global-batch vs micro-batch load balancing (Demons in the Detail, Qiu et
-al. 2025): the computational core.
+al., ACL 2025): the ``global-lbl`` experiment.
 
 Claim: computing the load-balancing loss over the global batch (counts
 summed over all micro-batches and data-parallel ranks of an optimizer step)
@@ -26,9 +26,14 @@ mean of the ranks' losses, eq. 3), the global loss by a
 ``lowband.moe.LoadBalancer`` whose buffer accumulates the counts of every
 micro-step and rank of the optimizer step (Algorithm 1: what an all-reduce
 of E + 1 counts delivers; P over the concatenation is the mean of the
-ranks' P, so the gradient is the data-parallel average).  ``ranks_equivalence``
-checks this against W separate ranks with a real all-reduce
-(``lowband.sim.Cluster``).
+ranks' P, so the gradient is the data-parallel average); the tests check
+this against W separate ranks with a real all-reduce (``lowband.sim.Cluster``).
+
+Metrics (``specialisation``): the mutual information between a token's
+domain and its picked experts over H(domain), the top expert's share per
+domain, and the busiest expert's load over the mean.  The full size also
+sweeps the load-balancing coefficient and pools the loss over 2 ranks'
+micro-batches (the paper's "balance batch size" between micro and global).
 """
 from __future__ import annotations
 
@@ -38,7 +43,6 @@ from .. import moe
 from .._moe_task import Adam, Residual
 from ..sim import _ring_bytes
 from .framework import Check, Curve, Experiment, Result, _pyplot, plot_heatmap, progress
-
 
 _NAMES = {1: "micro-batch LBL", "global": "global-batch LBL"}
 
@@ -200,7 +204,7 @@ _COMMON = {"num_domains": 4, "num_experts": 8, "k": 2, "d_ff": 16, "seq_len": 32
            "aux_coef": 0.1, "lr": 3e-3, "eval_every": 25}
 SIZES = {
     "smoke": dict(_COMMON, steps=250, seeds=1, sweep_coef=[], sweep_balance=[]),
-    "quick": dict(_COMMON, steps=600, seeds=2, sweep_coef=[], sweep_balance=[]),
+    "quick": dict(_COMMON, steps=600, seeds=3, sweep_coef=[], sweep_balance=[]),
     "full": dict(_COMMON, steps=1500, seeds=3, sweep_coef=[0.01, 0.03, 0.3], sweep_balance=[2]),
 }
 
@@ -266,7 +270,7 @@ def run(config):
                 "MI(domain; expert) / H(domain)": _mean(rs, "mi"),
                 "top expert's share per domain": _mean(rs, "top_share"),
                 "busiest expert / mean load": _mean(rs, "max_load"), "test MSE": _mean(rs, "test_mse")}
-    for b in p["sweep_balance"]:
+    for b in [b for b in p["sweep_balance"] if b < W and W % b == 0]:   # pools of b ranks
         rs = [_train_arm(p, b, s, W, bar=bar) for s in seeds]
         sweep[f"balance {b}"] = rs
         table[f"LBL over {b} ranks' micro-batches"] = {
@@ -312,12 +316,13 @@ def _plot_specialisation(path, runs, sweep, p):
     ncols = 2 if p["sweep_coef"] else 1
     fig, axes = plt.subplots(1, ncols, figsize=(5.5 * ncols, 4.0), squeeze=False)
     ax = axes[0][0]
-    for arm, label in ARMS.items():
+    for (arm, label), color in zip(ARMS.items(), ("C0", "C1")):
         rs = runs[arm]
         h = rs[0]["history"]
-        ax.plot(h["step"], np.mean([r["history"]["mi"] for r in rs], axis=0), label=f"{label}: MI")
+        ax.plot(h["step"], np.mean([r["history"]["mi"] for r in rs], axis=0), color=color,
+                label=f"{label}: MI(domain; expert) / H(domain)")
         ax.plot(h["step"], np.mean([r["history"]["top_share"] for r in rs], axis=0), "--",
-                label=f"{label}: top expert share")
+                color=color, label=f"{label}: top expert's share per domain")
     ax.set_xlabel("step")
     ax.set_ylabel("specialisation by domain")
     ax.grid(alpha=0.3)
