@@ -334,6 +334,10 @@ def _plot_specialisation(path, runs, sweep, p):
             mi = [_mean(runs[arm] if c == p["aux_coef"] else sweep[f"{arm}, coef {c}"], "mi")
                   for c in coefs]
             ax.plot(coefs, mi, marker="o", label=label)
+        for key, rs in sweep.items():
+            if key.startswith("balance "):
+                ax.plot([p["aux_coef"]], [_mean(rs, "mi")], "s", color="C2",
+                        label=f"LBL pooled over {key.split()[1]} ranks' micro-batches")
         ax.set_xscale("log")
         ax.set_xlabel("load-balancing coefficient")
         ax.set_ylabel("MI(domain; expert) / H(domain)")
