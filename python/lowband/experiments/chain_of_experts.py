@@ -335,13 +335,14 @@ def _ablation_phrase(m, t):
     if not abl:
         return ("The full size varies learning rate, top-k renormalisation, the shared expert, "
                 "k, expert width, the number of primitives and training length one at a time")
-    ratios = {f: v["ratio"] for f, v in abl.items()}
-    wins = [f for f, r in ratios.items() if r <= t["max_loss_ratio"]]
-    span = f"CoE / MoE {min(ratios.values()):.2f} to {max(ratios.values()):.2f}"
-    if not wins:
-        return f"No single factor of the ablation turns it around ({span})"
-    return f"In the ablation ({span}) CoE wins only with: " + "; ".join(
-        f"{f} ({ratios[f]:.2f})" for f in wins)
+    ratios = sorted((v["ratio"], f) for f, v in abl.items())
+    wins = [f for r, f in ratios if r <= t["max_loss_ratio"]]
+    listed = "; ".join(f"{f} {r:.2f}" for r, f in ratios)
+    head = ("No single factor turns it around" if not wins else
+            "CoE wins with " + ", ".join(wins))
+    return (f"{head} (CoE / MoE per ablation row: {listed}): CoE gains where the task outgrows "
+            "one pass of the experts (more compositions, narrower experts) and with a larger "
+            "learning rate (its chain trains slower)")
 
 
 def _routing_phrase(m):
