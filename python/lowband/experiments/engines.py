@@ -44,6 +44,11 @@ def _free_port():
 def _torch_rank(rank, world_size, port, fn, args, path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, "blas")
+    except ImportError:
+        pass
+    try:
         import torch
         import torch.distributed as dist
         torch.set_num_threads(1)
