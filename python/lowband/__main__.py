@@ -36,7 +36,7 @@ def main(argv=None):
         # lowband uses no BLAS, but NumPy's idle OpenBLAS pool competes
         # with the timed kernels for cores: run the benchmark with one.
         _with_one_blas_thread(argv)
-        from lowband._bench import main as bench_main
+        from lowband.bench.harness import main as bench_main
         return bench_main(rest)
     if cmd == "reproduce":
         # the simulated workers are threads that each multiply small
