@@ -115,7 +115,7 @@ def run_arm(config, key, arm, label):
 
 
 SIZES = {
-    "smoke": {"chars": 100_000, "steps": 300, "batch": 64, "eval_every": 30, "lr": 3e-3, "H": 15},
+    "smoke": {"chars": 50_000, "steps": 90, "batch": 32, "eval_every": 30, "lr": 3e-3, "H": 15},
     "quick": {"chars": 200_000, "steps": 600, "batch": 64, "eval_every": 30, "lr": 3e-3, "H": 15},
     "full": {"chars": 400_000, "steps": 3000, "batch": 64, "eval_every": 100, "lr": 3e-3, "H": 15},
 }

@@ -19,7 +19,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"rounds": 120, "samples": 8, "batch": 64, "lr": 100.0, "eps": 1e-3, "eval_every": 20},
+    "smoke": {"rounds": 50, "samples": 4, "batch": 32, "lr": 100.0, "eps": 1e-3, "eval_every": 10},
     "quick": {"rounds": 300, "samples": 8, "batch": 64, "lr": 100.0, "eps": 1e-3, "eval_every": 20},
     "full": {"rounds": 2000, "samples": 8, "batch": 64, "lr": 100.0, "eps": 1e-3, "eval_every": 50},
 }

@@ -23,7 +23,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 300, "hidden": 64, "batch": 32, "lr": 0.05, "eval_every": 50, "ranks": (1, 2)},
+    "smoke": {"steps": 120, "hidden": 32, "batch": 32, "lr": 0.05, "eval_every": 40, "ranks": (1, 2)},
     "quick": {"steps": 600, "hidden": 128, "batch": 32, "lr": 0.05, "eval_every": 50, "ranks": (1, 2, 4)},
     "full": {"steps": 3000, "hidden": 256, "batch": 32, "lr": 0.05, "eval_every": 100, "ranks": (1, 2, 4, 8)},
 }
