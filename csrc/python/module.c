@@ -35,10 +35,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
 {
-    if (lb_glue_forked_child)
-        return PyLong_FromLong(1);
-    return PyLong_FromLong(lb_glue_default_threads > 0 ? lb_glue_default_threads
-                                                       : lb_max_threads());
+    return PyLong_FromLong(lb_glue_auto_threads());
 }
 
 static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)
@@ -170,6 +167,8 @@ PyMethodDef lb_core_methods[] = {
 
 /* ---- module definition --------------------------------------------------- */
 
+extern PyMethodDef lb_powersgd_methods[];   /* powersgd_glue.c */
+
 static PyMethodDef all_methods[256];
 
 static int core_exec(PyObject *m)
@@ -229,7 +228,8 @@ PyMODINIT_FUNC PyInit__core(void)
     if (!filled) {
         const PyMethodDef *tables[] = {lb_core_methods,     lb_sparsify_methods,
                                         lb_wire_methods,     lb_quant_methods,
-                                        lb_feedback_methods, lb_moe_methods};
+                                        lb_feedback_methods, lb_moe_methods,
+                                        lb_powersgd_methods};
         int at = 0;
         for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
             at = append_methods(at, tables[t]);

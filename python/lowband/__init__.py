@@ -18,13 +18,35 @@ method for parallel worker processes.
 """
 import os as _os
 
-from . import _core
+
+def _load_core():
+    """Import the extension with a short OpenMP spin (GOMP_SPINCOUNT=1000)
+    unless the user chose a wait policy: libgomp reads it once, when it is
+    loaded with the extension.  Spinning idle workers for libgomp's default
+    (about 300,000 spins) make a team of two on two cores shared with
+    another busy process up to 10x slower than one thread; a short spin
+    costs nothing measurable on a quiet machine.  The environment is left as
+    it was for child processes."""
+    if "OMP_WAIT_POLICY" in _os.environ or "GOMP_SPINCOUNT" in _os.environ:
+        from . import _core
+        return _core
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+    try:
+        from . import _core
+    finally:
+        _os.environ.pop("GOMP_SPINCOUNT", None)
+    return _core
+
+
+_core = _load_core()
 from ._payload import Dense, FormatError, Quantized, Scheme, Sparse, register_scheme
 from ._validate import check_int as _check_int
 from ._version import __version__
 from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
 from .wire import decode, encode
 from . import compressors as _compressors, feedback as _feedback, moe, optim, sim
+from . import powersgd
+from .powersgd import PowerSGD
 from . import quantize as _quantize
 from .quantize import *  # noqa: F401,F403  (sign, quantize, qsgd, ... pack_bits)
 from .compressors import *  # noqa: F401,F403  (TopK, RandomK, ..., Chain, from_spec)
@@ -37,7 +59,7 @@ __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
     "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa", "release_memory",
-    "moe", "optim", "sim", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
+    "moe", "optim", "sim", "powersgd", "PowerSGD", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
 
