@@ -82,6 +82,14 @@ DIRECTIONS = {
                  "one_scalar_per_sample": lambda m: m["replay_bytes"] < m["full_bytes"],
                  "replay_is_exact": lambda m: m["replay_vs_full_max_difference"] == 0,
                  "fp16_scalars": lambda m: m["replay_fp16_loss"] <= 1.05 * m["replay_loss"]},
+    "global-lbl": {"mi_gain": lambda m: m["global_mi"] > m["micro_mi"],
+                   "top_share_gain": lambda m: m["global_top_share"] > m["micro_top_share"],
+                   "balance": lambda m: m["global_max_load"] <= 1.5,
+                   "quality": lambda m: m["global_test_mse"] < m["micro_test_mse"]},
+    "chain-of-experts": {"coe_beats_moe": lambda m: m["coe_val"] < m["moe_val"],
+                         "coe_beats_moe_P8": lambda m: m["coe-P8_val"] < m["moe-P8_val"],
+                         "inner_beats_outer": lambda m: m["coe_val"] < m["coe-outer_val"],
+                         "per_iteration_routers": lambda m: m["coe_val"] < m["coe-shared-router_val"]},
 }
 
 

@@ -168,7 +168,7 @@ ABLATION = {
 # steps: the 4-primitive arms and the ablation; steps_P8: the 8-primitive arms (a harder
 # task, trained longer)
 SIZES = {
-    "smoke": {"steps": 200, "steps_P8": 200, "seeds": 1, "ablation": [], "eval_every": 50},
+    "smoke": {"steps": 100, "steps_P8": 100, "seeds": 1, "ablation": [], "eval_every": 25},
     "quick": {"steps": 500, "steps_P8": 1000, "seeds": 2, "ablation": [], "eval_every": 50},
     "full": {"steps": 1200, "steps_P8": 2400, "seeds": 3, "ablation": list(ABLATION),
              "eval_every": 100},
@@ -347,7 +347,10 @@ def _ablation_phrase(m, t):
 
 def _routing_phrase(m):
     """What the CoE routers do, from the measured mutual information."""
-    (a1, b1), (a2, b2) = [(r["a"], r["b"]) for r in m["coe_routing"]]
+    routing = m.get("coe_routing")
+    if not isinstance(routing, list) or len(routing) != 2:
+        return "the routing of the two passes was not measured"
+    (a1, b1), (a2, b2) = [(r["a"], r["b"]) for r in routing]
     split = a1 > b1 and b2 > a2
     return (("the routers do split the work into 'a, then b' (MI(a), MI(b): pass 1 "
              f"{a1:.2f}, {b1:.2f}; pass 2 {a2:.2f}, {b2:.2f}) without catching up")
