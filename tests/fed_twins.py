@@ -120,3 +120,61 @@ def fed_twin(method, x0, grads, rounds, *, lr, K, S=None, seed=0, server_lr=1.0,
         elif method == "fedspeed":
             x = x + server_lr * (sum(ups) / len(chosen) - x)
     return x
+
+
+def dpsgd_twin(W, X0, grads, steps, lr, compressor=None, gamma=1.0):
+    """D-PSGD / CHOCO-SGD for all nodes at once: X is n x d, one row per node."""
+    X = X0.copy()
+    n = len(X)
+    hat = np.zeros_like(X)
+    C = None if compressor is None else lowband.from_spec(compressor)
+    for t in range(steps):
+        G = np.stack([grads[i](X[i]) for i in range(n)])
+        if C is None:
+            X = W @ X - lr * G
+        else:
+            X = X - lr * G
+            Q = np.stack([_comp(C, X[i] - hat[i], t) for i in range(n)])
+            hat = hat + Q
+            X = X + gamma * (W @ hat - hat)
+    return X
+
+
+def dadao_twin(topology, L, mu, grads, t_end, seed, comm_rate, x0):
+    """DADAO for all nodes in one process: rows of six n x d arrays."""
+    from lowband.decentral import dadao_events
+    n = topology.n
+    nu = mu / 2
+    a, at, eta, th = np.sqrt(nu / L) / 4, np.sqrt(nu / L) / 8, np.sqrt(nu / L) / 8, np.sqrt(L / nu) / 2
+    M = np.array([[-eta, eta, 0, 0, 0, 0], [eta, -eta, 0, 0, 0, 0], [0, 0, -a, a, 0, 0],
+                  [0, -th * nu, -th, 0, -th, 0], [0, 0, 0, 0, -a, a], [0, 0, 0, 0, at, -at]])
+    S = np.zeros((n, 6, len(x0)))
+    S[:, 0] = x0
+    last = np.zeros(n)
+    k = topology.dadao_constants()
+    chi1s = k["chi1"] / comm_rate if comm_rate > 0 else 0.0
+    gam, gamt, dl = 1 / (4 * L), 1 / (4 * np.sqrt(L * nu)), np.sqrt(nu / L) / 4
+    bet, bett = 0.5, 2 * chi1s * np.sqrt(L / nu)
+
+    lam, V = np.linalg.eig(M)            # exp(M dt) = V diag(exp(lam dt)) V^-1
+    Vinv = np.linalg.inv(V)
+
+    def integrate(i, t):
+        S[i] = ((V * np.exp(lam * (t - last[i]))) @ Vinv).real @ S[i]
+        last[i] = t
+    for t, i, j in dadao_events(n, topology.edges, t_end, n, comm_rate, seed):
+        if j < 0:
+            integrate(i, t)
+            r = grads[i](S[i, 0].copy()) - nu * S[i, 0] - S[i, 3]
+            S[i, 0] -= gam * r
+            S[i, 1] -= gamt * r
+            S[i, 3] += (dl + 1) * r
+        else:
+            integrate(i, t)
+            integrate(j, t)
+            m = (S[i, 2] + S[i, 4]) - (S[j, 2] + S[j, 4])
+            S[i, 4] -= bet * m
+            S[i, 5] -= bett * m
+            S[j, 4] += bet * m
+            S[j, 5] += bett * m
+    return S[:, 0]

@@ -45,7 +45,7 @@ from ._version import __version__
 from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
 from .wire import decode, encode
 from . import compressors as _compressors, feedback as _feedback, moe, optim, sim
-from . import federated
+from . import federated, decentral
 from . import quantize as _quantize
 from .quantize import *  # noqa: F401,F403  (sign, quantize, qsgd, ... pack_bits)
 from .compressors import *  # noqa: F401,F403  (TopK, RandomK, ..., Chain, from_spec)
@@ -58,7 +58,7 @@ __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
     "aggregate", "encode", "decode", "set_num_threads", "get_num_threads", "isa", "release_memory",
-    "moe", "optim", "sim", "federated", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
+    "moe", "optim", "sim", "federated", "decentral", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
 
