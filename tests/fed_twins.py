@@ -178,3 +178,36 @@ def dadao_twin(topology, L, mu, grads, t_end, seed, comm_rate, x0):
             S[j, 4] += bet * m
             S[j, 5] += bett * m
     return S[:, 0]
+
+
+def co2_twin(x0, grads, steps, lr, H, outer_lr, mu, staleness, gap_penalty=None, clip=None):
+    """CO2 with plain SGD inner steps, all workers in one loop."""
+    n = len(grads)
+    X = np.tile(x0, (n, 1))
+    theta, m = x0.copy(), np.zeros_like(x0)
+    start = x0.copy()
+    flight = None                      # (average, the anchor its round started from)
+    for t in range(1, steps + 1):
+        for i in range(n):
+            X[i] = X[i] - lr * grads[i](X[i].copy())
+        if t % H:
+            continue
+        avg = X.sum(0) / n
+        if staleness == 0:
+            use = (avg, start.copy())
+        else:
+            use, flight = flight, (avg, start.copy())
+        if use is not None:
+            d = theta - use[0]
+            if gap_penalty == "adaptive":
+                size = np.linalg.norm(d)
+                d = d / (1 + (np.linalg.norm(theta - use[1]) / size if size > 0 else 0))
+            elif gap_penalty is not None:
+                d = d / gap_penalty
+            m = mu * m + d
+            if clip is not None:
+                m = np.clip(m, -clip, clip)
+            theta = theta - outer_lr * m
+        X[:] = theta
+        start = theta.copy()
+    return X
