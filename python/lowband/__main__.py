@@ -1,5 +1,7 @@
 """Command line: ``python -m lowband bench [...]`` runs the benchmarks;
-``python -m lowband info`` prints the build facts."""
+``python -m lowband info`` prints the build facts;
+``python -m lowband reproduce [...]`` runs the papers' claims as
+experiments (``lowband.experiments``)."""
 import os
 import sys
 
@@ -15,9 +17,11 @@ def _info():
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
-        print("usage: python -m lowband {bench,info} [options]\n"
-              "  bench   time the kernels against NumPy, torch and a copy (see bench --help)\n"
-              "  info    print version, instruction set and threads")
+        print("usage: python -m lowband {bench,info,reproduce} [options]\n"
+              "  bench      time the kernels against NumPy, torch and a copy (see bench --help)\n"
+              "  info       print version, instruction set and threads\n"
+              "  reproduce  run the papers' claims as experiments, with reports and plots "
+              "(see reproduce --help)")
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
@@ -28,10 +32,13 @@ def main(argv=None):
             os.execve(sys.executable, [sys.executable, "-m", "lowband", *argv], env)
         from lowband.bench.harness import main as bench_main
         return bench_main(rest)
+    if cmd == "reproduce":
+        from lowband.experiments import main as reproduce_main
+        return reproduce_main(rest)
     if cmd == "info":
         _info()
         return 0
-    print(f"python -m lowband: unknown command {cmd!r} (expected bench or info)", file=sys.stderr)
+    print(f"python -m lowband: unknown command {cmd!r} (expected bench, info or reproduce)", file=sys.stderr)
     return 2
 
 

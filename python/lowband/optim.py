@@ -464,6 +464,43 @@ def _fragments(n, fragments, layers):
     return out
 
 
+def _frag_size(frag):
+    return frag.stop - frag.start if isinstance(frag, slice) else len(frag)
+
+
+def _piece_shape(shape, size):
+    """The shape a piece is compressed as: 2-D for tensors of two or more
+    dimensions, flat otherwise."""
+    if shape is None or len(shape) < 2:
+        return (size,)
+    return (shape[0], size // shape[0])
+
+
+def _largest_divisor(n, cap):
+    return max(d for d in range(1, min(n, cap) + 1) if n % d == 0)
+
+
+def _tensor_compressor(compressor, shape):
+    """SparseLoCo's per-tensor tiling of a ``ChunkedTopK(C, k)`` sparsifier
+    (alone or first in a Chain): 2-D tiles of the largest divisors up to
+    sqrt(C), 1-D chunks of min(C, n); k scaled to the tile size (at least
+    1).  Any other compressor is returned as is."""
+    first = compressor.first if isinstance(compressor, Chain) else compressor
+    if not isinstance(first, ChunkedTopK) or isinstance(first.chunk, tuple):
+        return compressor
+    C, k = first.chunk, first.k_per_chunk
+    if len(shape) >= 2:
+        side = max(1, math.isqrt(C))
+        rows, cols = shape[0], math.prod(shape[1:])
+        h, w = _largest_divisor(rows, side), _largest_divisor(cols, side)
+        tile, kt = (h, w), max(1, round(h * w * k / C))
+    else:
+        tile = min(C, shape[0])
+        kt = max(1, round(tile * k / C))
+    sparsifier = ChunkedTopK(tile, kt, threads=first.threads)
+    return Chain(sparsifier, compressor.then) if isinstance(compressor, Chain) else sparsifier
+
+
 class DiLoCo(Optimizer):
     """DiLoCo (Douillard et al. 2023) and its compressed variants.
 
@@ -482,6 +519,17 @@ class DiLoCo(Optimizer):
     - after ``overlap`` (tau) more inner steps: x_local = alpha*x_local +
       (1-alpha)*x_global on the fragment (tau = 0, alpha = 0: plain DiLoCo).
 
+    ``tensors``: the shapes of the tensors packed into params (``layers``
+    defaults to their sizes).  With a compressor, each tensor of a fragment
+    is then compressed on its own (its own payload, statistics and error
+    buffer, as SparseLoCo's authors do): a ``ChunkedTopK(C, k)``
+    sparsifier becomes, per 2-D tensor (r, c) (more dimensions: (r, rest)),
+    tiles of h x w with h, w the largest divisors of r, c up to sqrt(C)
+    keeping round(h*w*k/C) (at least 1) each, and per 1-D tensor of n
+    elements chunks of min(C, n) keeping round(min(C, n)*k/C); tiles never
+    cross a tensor boundary.  Other compressors run unchanged on each
+    tensor.  Without ``tensors`` the fragment is one flat vector.
+
     ``inner``: an optimizer over the same params array, or a factory
     ``inner(params) -> optimizer``.  x_global starts as params when DiLoCo
     is built: build it once params hold the (identical) initial values.  Defaults are DiLoCo's (outer Nesterov
@@ -491,7 +539,7 @@ class DiLoCo(Optimizer):
 
     def __init__(self, params, comm, inner, H, *, outer_lr=0.7, outer_momentum=0.9, nesterov=True,
                  compressor=None, feedback=None, aggregate="mean", fragments=1, layers=None,
-                 overlap=0, alpha=0.0):
+                 overlap=0, alpha=0.0, tensors=None):
         super().__init__(params, comm)
         if isinstance(inner, type) or (callable(inner) and not hasattr(inner, "step")):
             inner = inner(self.params)          # a factory (or an optimizer class)
@@ -519,6 +567,13 @@ class DiLoCo(Optimizer):
                              f"(top-k ...), got {self.compressor.spec if self.compressor else None!r}")
         self.overlap = check_int(overlap, "overlap", 0, self.H - 1)
         self.alpha = check_finite_number(alpha, "alpha", 0.0, 1.0)
+        self.tensors = None
+        if tensors is not None:
+            self.tensors, _ = _segments(tensors, self.flat.size)
+            sizes = [math.prod(t) for t in self.tensors]
+            if layers is not None and [int(s) for s in layers] != sizes:
+                raise ValueError(f"layers: expected the tensors' sizes {sizes} (or None), got {list(layers)}")
+            layers = sizes
         self.layers = None if layers is None else [int(s) for s in layers]
         self.fragments = _fragments(self.flat.size, fragments, layers)
         P = len(self.fragments)
@@ -528,24 +583,43 @@ class DiLoCo(Optimizer):
         self.x_global = self._new_state("x_global")
         self.x_global[:] = self.flat
         self.outer_buf = self._new_state("outer_momentum") if self.outer_momentum else None
+        # parts[p]: (offset in the fragment, size, shape, compressor) of each
+        # separately compressed piece of fragment p
+        self.parts = [[(0, _frag_size(frag), None, self.compressor)] for frag in self.fragments]
+        if self.tensors is not None and self.compressor is not None:
+            P = len(self.fragments)
+            self.parts = []
+            for p in range(P):
+                off, pieces = 0, []
+                for shape in self.tensors[p::P]:
+                    size = math.prod(shape)
+                    pieces.append((off, size, shape, _tensor_compressor(self.compressor, shape)))
+                    off += size
+                self.parts.append(pieces)
         self.feedbacks = []
         if self.beta is not None:
-            self.feedbacks = [DecayedFeedback(self.compressor, self.x_global[frag], self.beta)
-                              for frag in self.fragments]
+            dtype = self.flat.dtype
+            self.feedbacks = [DecayedFeedback(comp, np.empty(_piece_shape(shape, size), dtype), self.beta)
+                              for pieces in self.parts for _, size, shape, comp in pieces]
         self.pending = []     # (inner step at which to mix, fragment)
 
     # -- configurations ------------------------------------------------------
     @classmethod
-    def sparseloco(cls, params, comm, inner, H=15, *, chunk=4096, k=128, values="lut2bit", beta=0.95):
+    def sparseloco(cls, params, comm, inner, H=15, *, chunk=4096, k=128, values="lut2bit", beta=0.95,
+                   tensors=None):
         """SparseLoCo (Sarfi et al. 2025): top-``k`` per ``chunk`` (128 of
         4096, 3.1%), kept values as 2-bit LUT codes (``values=None``: raw),
         decayed error feedback beta = 0.95, contributor-mean aggregation,
         and no outer momentum: x_global -= agg (outer lr 1).  Paper setup:
-        H = 15, inner AdamW lr 1e-3, wd 0.1, gradient clipping 1.0."""
+        H = 15, inner AdamW lr 1e-3, wd 0.1, gradient clipping 1.0.
+        ``tensors`` (the shapes packed into params): each tensor tiled on
+        its own (64 x 64 tiles of 2-D tensors for chunk 4096) with its own
+        2-bit statistics, as the authors' code does; without it, chunks of
+        the flat vector and one set of statistics."""
         sparsifier = ChunkedTopK(chunk, k)
         compressor = sparsifier if values is None else Chain(sparsifier, values)
         return cls(params, comm, inner, H, outer_lr=1.0, outer_momentum=0.0, nesterov=False,
-                   compressor=compressor, feedback=beta, aggregate="contributor_mean")
+                   compressor=compressor, feedback=beta, aggregate="contributor_mean", tensors=tensors)
 
     @classmethod
     def streaming(cls, params, comm, inner, H, fragments, *, layers=None, overlap=1, alpha=0.5,
@@ -560,10 +634,13 @@ class DiLoCo(Optimizer):
 
     # -- state ---------------------------------------------------------------
     def _hyper(self):
-        return {"H": self.H, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+        hyper = {"H": self.H, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
                 "nesterov": self.nesterov, "compressor": self.compressor.spec if self.compressor else None,
                 "feedback": self.beta, "aggregate": self.aggregate, "fragments": len(self.fragments),
                 "layers": self.layers, "overlap": self.overlap, "alpha": self.alpha}
+        if self.tensors is not None:
+            hyper["tensors"] = [list(t) for t in self.tensors]
+        return hyper
 
     def _children(self):
         kids = {"inner": self.inner}
@@ -605,9 +682,12 @@ class DiLoCo(Optimizer):
         if self.compressor is None:
             agg = self.comm.allreduce(delta, "mean")
         else:
-            payload = self.feedbacks[p].step(delta) if self.feedbacks else self.compressor.compress(delta)
-            agg = reduce_payloads(self.comm.allgather(payload), self.aggregate)
-            agg = agg.astype(self.flat.dtype, copy=False)
+            agg = np.empty_like(delta)
+            first = sum(len(pieces) for pieces in self.parts[:p])
+            for j, (off, size, shape, comp) in enumerate(self.parts[p]):
+                piece = delta[off:off + size].reshape(_piece_shape(shape, size))
+                payload = self.feedbacks[first + j].step(piece) if self.feedbacks else comp.compress(piece)
+                agg[off:off + size] = reduce_payloads(self.comm.allgather(payload), self.aggregate)
         f = self.flat.dtype.type
         if self.outer_buf is not None:
             mu = f(self.outer_momentum)
