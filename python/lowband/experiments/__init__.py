@@ -73,6 +73,12 @@ REGISTRY = {
     "sparseloco": "sparseloco",
     "streaming-diloco": "streaming_diloco",
     "one-byte": "one_byte",
+    "scafcom": "scafcom",
+    "fedspeed": "fedspeed",
+    "dadao": "dadao",
+    "co2": "co2",
+    "fed-sb": "fed_sb",
+    "dimat": "dimat",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)
