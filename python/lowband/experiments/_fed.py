@@ -10,7 +10,20 @@ from .data import MLP, digits
 from .engines import run_workers
 from .framework import Curve, progress
 
-__all__ = ["label_split", "dirichlet_split", "train_federated", "rounds_to"]
+__all__ = ["label_split", "dirichlet_split", "train_federated", "rounds_to", "one_blas_thread"]
+
+
+def one_blas_thread():
+    """A context in which BLAS uses one thread: the simulator runs one
+    Python thread per rank, and a multi-threaded BLAS call in each of them
+    oversubscribes the cores many times over (threadpoolctl, which
+    scikit-learn installs; without it, nothing changes)."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(1)
 
 
 def label_split(y, clients, classes_per_client=2, seed=0):

@@ -10,6 +10,7 @@ import numpy as np
 
 from .. import decentral as dc
 from .data import LeastSquares
+from ._fed import one_blas_thread
 from .engines import run_workers
 from .framework import Check, Curve, Experiment, Result, progress
 
@@ -56,6 +57,11 @@ def _error(prob, xs):
 
 
 def run(config):
+    with one_blas_thread():
+        return _run(config)
+
+
+def _run(config):
     p = config.params
     n = config.workers
     prob = LeastSquares(W=n, d=p["d"], m=p["m"], spread=1.0, seed=config.seed)
