@@ -254,3 +254,27 @@ def test_bad_input():
         Cluster(2).run(lambda c: dc.DADAO(np.zeros(2), c, dc.Topology.ring(2), L=1.0, mu=2.0))
     with pytest.raises(ValueError, match="topology: DADAO needs a connected graph"):
         dc.Topology(np.zeros((3, 3))).dadao_constants()
+
+
+class _AlltoallOnly(lowband.sim.Communicator):
+    """A transport with its own alltoall and no _gather_all (as
+    lowband.torch.ProcessGroupCommunicator): neighbor_exchange must ride on
+    alltoall."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner, self.rank, self.world_size = inner, inner.rank, inner.world_size
+
+    def alltoall(self, payloads):
+        return self.inner.alltoall(payloads)
+
+
+def test_neighbor_exchange_over_a_transport_without_gather_all():
+    top = dc.Topology.ring(4)
+    payloads = [lowband.Dense(np.full(3, float(r))) for r in range(4)]
+    cl = Cluster(4)
+    got = cl.run(lambda comm: _AlltoallOnly(comm).neighbor_exchange(payloads[comm.rank], top.neighbors(comm.rank)))
+    for r in range(4):
+        assert sorted(got[r]) == top.neighbors(r)
+        assert all(p == payloads[j] for j, p in got[r].items())
+    assert cl.by_collective["alltoall"]["sent"].sum() > 0           # it went through alltoall

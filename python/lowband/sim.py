@@ -268,11 +268,26 @@ class Communicator:
         each neighbour sent, in rank order.  Bytes: the encoded size once
         per neighbour, both ways (module doc)."""
         nb = _check_neighbors(neighbors, self.rank, self.world_size)
-        wire = encode(_as_payload(payload))
+        payload = _as_payload(payload)
+        if type(self)._gather_all is Communicator._gather_all:
+            return self._neighbor_via_alltoall(payload, nb)
+        wire = encode(payload)
         got = self._neighbor_raw(wire, nb)
         self._count("neighbor", len(wire) * len(nb), sum(len(w) for w in got.values()))
         self._count_links(nb, len(wire))
         return {j: decode(got[j]) for j in sorted(got)}
+
+    def _neighbor_via_alltoall(self, payload, nb):
+        """neighbor_exchange for a transport with its own collectives and no
+        ``_gather_all`` (lowband.torch.ProcessGroupCommunicator): one
+        ``alltoall`` in which non-neighbours get an empty Dense (a
+        zero-length split on torch's all_to_all_single apart from its
+        28-byte header), counted by that transport's own rules; only the
+        per-link counters are added here."""
+        empty = Dense(np.zeros(0, dtype=np.float32))
+        got = self.alltoall([payload if j in nb else empty for j in range(self.world_size)])
+        self._count_links(nb, payload.nbytes)
+        return {j: got[j] for j in nb}
 
     def compressed_allreduce(self, array, compressor, worker_error=None, server_error=None):
         """The mean of every rank's array through DeepSpeed's two-phase
