@@ -278,3 +278,29 @@ def test_neighbor_exchange_over_a_transport_without_gather_all():
         assert sorted(got[r]) == top.neighbors(r)
         assert all(p == payloads[j] for j, p in got[r].items())
     assert cl.by_collective["alltoall"]["sent"].sum() > 0           # it went through alltoall
+
+
+def test_dpsgd_choco_state_dict_resumes_the_same_trajectory():
+    top = dc.Topology.ring(3)
+    prob = LeastSquares(3, 4, seed=6)
+    x0s = np.random.default_rng(2).standard_normal((3, 4))
+    straight, _ = _run_nodes(top, lambda x, c: dc.DPSGD(x, c, top, 0.05, compressor="topk:2", gamma=0.4),
+                             6, prob.grad_fns(), x0s)
+    grads = prob.grad_fns()
+
+    def worker(comm):
+        x = x0s[comm.rank].copy()
+        opt = dc.DPSGD(x, comm, top, 0.05, compressor="topk:2", gamma=0.4)
+        for _ in range(3):
+            opt.step(grads[comm.rank](x.copy()))
+        st = opt.state_dict()
+        opt2 = dc.DPSGD(x, comm, top, 0.05, compressor="topk:2", gamma=0.4)
+        opt2.load_state_dict(st)
+        np.testing.assert_array_equal(opt2.hat_neighbors, opt.hat_neighbors)
+        for _ in range(3):
+            opt2.step(grads[comm.rank](x.copy()))
+        return x
+    np.testing.assert_array_equal(np.stack(Cluster(3).run(worker)), straight)
+    with pytest.raises(ValueError, match="hyper-parameters"):
+        st = Cluster(3).run(lambda c: dc.DPSGD(np.zeros(4), c, top, 0.05, compressor="topk:2").state_dict())[0]
+        Cluster(3).run(lambda c: dc.DPSGD(np.zeros(4), c, top, 0.1, compressor="topk:2").load_state_dict(st))

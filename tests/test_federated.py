@@ -219,3 +219,22 @@ def test_bad_input():
             lambda y: np.zeros(3, np.float32)))
     with pytest.raises(ValueError, match="rank"):
         fed.lora_sb_init(np.zeros((3, 4)), 5)
+
+
+@pytest.mark.parametrize("cls,args", [(fed.FedAvg, ()), (fed.Scaffold, ()), (fed.Scafcom, ("topk:2",)),
+                                      (fed.Scallion, ("randomk:2:rescale=True",)), (fed.FedSpeed, ())])
+def test_float32_params_stay_float32_and_replicas_agree(cls, args):
+    prob = LeastSquares(4, D, seed=8, dtype=np.float32)
+    grads = prob.grad_fns()
+
+    def worker(comm):
+        x = np.zeros(D, np.float32)
+        opt = cls(x, comm, *args, lr=0.05, local_steps=2, clients_per_round=2)
+        for _ in range(3):
+            opt.round(grads[comm.rank])
+        assert all(a.dtype == np.float32 for a in opt.state_dict()["arrays"].values())
+        return x
+    xs = Cluster(4).run(worker)
+    assert xs[0].dtype == np.float32 and np.all(np.isfinite(xs[0])) and np.any(xs[0] != 0)
+    for x in xs[1:]:
+        np.testing.assert_array_equal(x, xs[0])
