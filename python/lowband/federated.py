@@ -20,6 +20,10 @@ server state.  ``round(grad_fn)`` runs one communication round:
    bit-identical.  Non-participants keep their client state (control
    variates, momenta) and adopt the new server model.
 
+``client_update(grad_fn)`` and ``server_update(payloads, chosen)`` are the
+two halves of a round, for engines that move the messages themselves
+(``lowband.flower``).
+
 Byte accounting.  ``comm``'s counters hold what this replicated-server
 implementation moves (allgather: each payload counted once per other rank).
 Each object also keeps the star-topology counts a parameter server would
@@ -124,19 +128,6 @@ class _Federated(Optimizer):
             y -= f(self.lr) * g
         return y
 
-    def _exchange(self, payload, chosen):
-        """Allgather this rank's payload (an empty Dense when not chosen);
-        the participants' payloads in rank order."""
-        empty = Dense(np.zeros(0, dtype=self.flat.dtype))
-        got = self.comm.allgather(payload if payload is not None else empty)
-        mine = [got[int(j)] for j in chosen]
-        up = sum(p.nbytes for p in mine)
-        down = len(chosen) * self._down_vectors * Dense(self.flat).nbytes
-        self.bytes_up += up
-        self.bytes_down += down
-        self.last_round = {"clients": [int(j) for j in chosen], "up": up, "down": down}
-        return mine
-
     def _sum(self, payloads, size=None):
         """The decoded payloads added in rank order (float64 accumulation is
         not used: the params' dtype, like the twins)."""
@@ -150,10 +141,49 @@ class _Federated(Optimizer):
         if not callable(grad_fn):
             raise TypeError(f"grad_fn: expected a callable grad_fn(y) -> ndarray, got {type(grad_fn).__name__}")
         chosen = self.clients()
-        payload = self._client(grad_fn) if self.comm.rank in chosen else None
-        self._server(self._exchange(payload, chosen), chosen)
-        self.t += 1
+        payload = self.client_update(grad_fn) if self.comm.rank in chosen else None
+        empty = Dense(np.zeros(0, dtype=self.flat.dtype))
+        got = self.comm.allgather(payload if payload is not None else empty)
+        self.server_update([got[int(j)] for j in chosen], chosen)
         return chosen
+
+    # -- the two halves of a round (what another engine, such as Flower, calls) --
+    def client_update(self, grad_fn):
+        """This client's part of the round: local steps from the current
+        server state (params, and ``c`` for the SCAFFOLD family), client
+        state updated; returns the uplink payload."""
+        if not callable(grad_fn):
+            raise TypeError(f"grad_fn: expected a callable grad_fn(y) -> ndarray, got {type(grad_fn).__name__}")
+        return self._client(grad_fn)
+
+    def server_update(self, payloads, chosen):
+        """The server's part: apply the participants' payloads (in the order
+        of ``chosen``, the sorted client ids) to the server state; counts
+        the star-topology bytes and advances the round."""
+        chosen = np.asarray(chosen, dtype=np.int64).reshape(-1)
+        if len(payloads) != len(chosen) or len(chosen) == 0:
+            raise ValueError(f"payloads: expected one payload per participant ({len(chosen)}), got {len(payloads)}")
+        up = sum(p.nbytes for p in payloads)
+        down = len(chosen) * self._down_vectors * Dense(self.flat).nbytes
+        self.bytes_up += up
+        self.bytes_down += down
+        self.last_round = {"clients": [int(j) for j in chosen], "up": up, "down": down}
+        self._server(list(payloads), chosen)
+        self.t += 1
+
+    #: names of the state arrays that belong to the server (replicated), the
+    #: others belong to the client
+    _server_arrays = ()
+
+    def client_state(self):
+        """Copies of this client's own state arrays."""
+        return {k: v.copy() for k, v in self._arrays.items() if k not in self._server_arrays}
+
+    def server_state(self):
+        """Copies of the server state: "params" and the server's arrays."""
+        out = {"params": self.flat.copy()}
+        out.update({k: self._arrays[k].copy() for k in self._server_arrays})
+        return out
 
     def _client(self, grad_fn):
         raise NotImplementedError
@@ -219,6 +249,7 @@ class Scaffold(_Federated):
     Server: x += server_lr * mean_S dy; c += (1/N) sum_S dc."""
 
     _down_vectors = 2
+    _server_arrays = ("c",)
 
     def __init__(self, params, comm, *, lr, local_steps, clients_per_round=None, seed=0,
                  server_lr=1.0):
@@ -249,6 +280,7 @@ class _Compressed(_Federated):
     c += (alpha/N) sum_S D(delta_i)."""
 
     _down_vectors = 2
+    _server_arrays = ("c",)
 
     def __init__(self, params, comm, compressor, *, lr, local_steps, clients_per_round=None,
                  seed=0, server_lr=1.0):
