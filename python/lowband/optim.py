@@ -43,7 +43,7 @@ from .sim import (chunk_bounds, deepspeed_compressed_allreduce, deepspeed_padded
                   reduce_payloads)
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
-           "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb", "weights_digest"]
+           "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb", "weights_digest", "CO2"]
 
 _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "compressed_allreduce")
 
@@ -1348,3 +1348,137 @@ def weights_digest(x, decimals=None):
     if decimals is not None:
         a = np.round(a, check_int(decimals, "decimals", 0, 17)) + 0.0   # + 0.0: -0 -> +0
     return hashlib.sha256(a.tobytes()).hexdigest()
+
+# --------------------------------------------------------------------------
+# CO2: local SGD with asynchronous, one-round-stale outer momentum
+# --------------------------------------------------------------------------
+
+class CO2(Optimizer):
+    """CO2 (Sun et al., ICLR 2024): local-updating with the parameter
+    average overlapped with the next round of local steps.
+
+    Every ``step(grad)`` is one inner step (``inner``: an optimizer over the
+    same params, or a factory ``inner(params)``).  After every ``H`` inner
+    steps (a round boundary):
+
+    - the average of the local models, x_bar = allreduce mean of params
+      (dense), is started; with ``staleness=1`` it is used only at the next
+      boundary, as an asynchronous all-reduce overlapping the next round
+      would be (the simulator computes it at once and holds it back);
+      ``staleness=0`` uses it at once (synchronous local SGD with outer
+      momentum);
+    - the outer step uses the stale average of the round that just arrived:
+      d = (theta - x_bar_stale) / lambda; m = mu m + d; ``clip`` c given:
+      m clamped to [-c, c] element-wise, in place (the released code's clamp
+      is not in place, a no-op); theta -= outer_lr m; params <- theta.
+      The first boundary with ``staleness=1`` has nothing to apply yet:
+      params <- theta.
+    - lambda, the staleness gap penalty (per layer of ``layers``, a list of
+      sizes; None: one layer): ``gap_penalty=None`` 1; a number: that
+      constant divisor (the released code's ``co2_gap_penalty``, default
+      1.0); "adaptive": lambda = 1 + ||theta - theta_then|| / ||theta -
+      x_bar_stale||, theta_then the anchor that stale round started from,
+      i.e. the outer step is shrunk by how far the anchor moved while the
+      average was in flight (a gap-aware reading after Barkai et al. 2019;
+      the paper's exact per-layer form is not reproduced here).  With
+      staleness 0 the gap is 0 and lambda = 1.
+
+    The outer state (theta, m) is replicated on every rank (CO2 shards it;
+    the result is the same).  Defaults: the released code's (mu 0.5,
+    outer_lr 1.0).
+    """
+
+    def __init__(self, params, comm, inner, H, *, outer_lr=1.0, outer_momentum=0.5, staleness=1,
+                 gap_penalty=None, clip=None, layers=None):
+        super().__init__(params, comm)
+        if isinstance(inner, type) or (callable(inner) and not hasattr(inner, "step")):
+            inner = inner(self.params)
+        self.inner = inner
+        inner_params = getattr(inner, "params", None)
+        if not hasattr(inner, "step") or not hasattr(inner, "state_dict"):
+            raise TypeError(f"inner: expected an optimizer (with step and state_dict) or a factory, "
+                            f"got {type(inner).__name__}")
+        if not (isinstance(inner_params, np.ndarray) and np.shares_memory(inner_params, self.params)):
+            raise ValueError("inner: the inner optimizer must update the same params array")
+        self.H = check_int(H, "H", 1)
+        self.outer_lr = _check_lr(outer_lr, "outer_lr")
+        self.outer_momentum = check_finite_number(outer_momentum, "outer_momentum", 0.0, 1.0)
+        self.staleness = check_int(staleness, "staleness", 0, 1)
+        if gap_penalty is None or gap_penalty == "adaptive":
+            self.gap_penalty = gap_penalty
+        elif isinstance(gap_penalty, str):
+            raise ValueError(f"gap_penalty: expected None, a number > 0 or 'adaptive', got {gap_penalty!r}")
+        else:
+            self.gap_penalty = check_finite_number(gap_penalty, "gap_penalty", 0.0, lo_open=True)
+        self.clip = None if clip is None else check_finite_number(clip, "clip", 0.0, lo_open=True)
+        self.layers = None if layers is None else [check_int(s, "layers[i]", 1) for s in layers]
+        if self.layers is not None and sum(self.layers) != self.flat.size:
+            raise ValueError(f"layers: the sizes add up to {sum(self.layers)}, params has {self.flat.size}")
+        bounds = np.cumsum([0] + (self.layers or [self.flat.size]))
+        self._slices = [slice(int(a), int(b)) for a, b in zip(bounds[:-1], bounds[1:])]
+        self.theta = self._new_state("theta")
+        self.theta[:] = self.flat
+        self.momentum = self._new_state("momentum")
+        self.start = self._new_state("start")              # anchor the current round started from
+        self.start[:] = self.flat
+        self.in_flight = self._new_state("in_flight")      # the average held back one round
+        self.in_flight_start = self._new_state("in_flight_start")
+        self.have_in_flight = False
+
+    def _hyper(self):
+        return {"H": self.H, "outer_lr": self.outer_lr, "outer_momentum": self.outer_momentum,
+                "staleness": self.staleness, "gap_penalty": self.gap_penalty, "clip": self.clip,
+                "layers": self.layers}
+
+    def _children(self):
+        return {"inner": self.inner}
+
+    def _extra_state(self):
+        return {"have_in_flight": self.have_in_flight}
+
+    def _load_extra_state(self, extra):
+        self.have_in_flight = bool(extra.get("have_in_flight", False))
+
+    def step(self, grad):
+        """One inner step; at a round boundary the outer step.  Returns True
+        when an outer step was applied."""
+        self.inner.step(grad)
+        self.t += 1
+        if self.t % self.H:
+            return False
+        avg = self.comm.allreduce(self.flat.copy(), "mean")
+        if self.staleness == 0:
+            use, use_start = avg, self.start.copy()
+        elif self.have_in_flight:
+            use, use_start = self.in_flight.copy(), self.in_flight_start.copy()
+        else:
+            use = None
+        if self.staleness:
+            self.in_flight[:] = avg
+            self.in_flight_start[:] = self.start
+            self.have_in_flight = True
+        applied = use is not None
+        if applied:
+            self._outer(use, use_start)
+        self.flat[:] = self.theta
+        self.start[:] = self.theta
+        return applied
+
+    def _outer(self, avg, then):
+        f = self.flat.dtype.type
+        d = self.theta - avg
+        for sl in self._slices:
+            lam = 1.0
+            if self.gap_penalty == "adaptive":
+                gap = float(np.linalg.norm((self.theta[sl] - then[sl]).astype(np.float64)))
+                size = float(np.linalg.norm(d[sl].astype(np.float64)))
+                lam = 1.0 + (gap / size if size > 0 else 0.0)
+            elif self.gap_penalty is not None:
+                lam = self.gap_penalty
+            if lam != 1.0:
+                d[sl] /= f(lam)
+        self.momentum *= f(self.outer_momentum)
+        self.momentum += d
+        if self.clip is not None:
+            np.clip(self.momentum, -self.clip, self.clip, out=self.momentum)
+        self.theta -= f(self.outer_lr) * self.momentum

@@ -14,6 +14,11 @@ on torch.distributed (``lowband.torch.ProcessGroupCommunicator``):
 ``comm.alltoall(payloads) -> list``
     ``payloads[j]`` goes to rank j; item j of the result came from rank j.
 ``comm.broadcast(payload, root=0) -> payload``
+``comm.neighbor_exchange(payload, neighbors) -> {rank: payload}``
+    this rank's payload goes to each rank in ``neighbors``; the result
+    holds what each of them sent back.  The neighbour relation must be
+    symmetric (j lists i whenever i lists j), as in gossip over an
+    undirected graph; ranks with no neighbours pass ``[]``.
 ``comm.barrier()``
 ``comm.compressed_allreduce(array, compressor, worker_error, server_error)``
     DeepSpeed's two-phase compressed allreduce (below), built on alltoall
@@ -33,6 +38,9 @@ Byte accounting (per rank, ``bytes_sent`` / ``bytes_received``):
   rank r sends ``(W-1) * nbytes_r`` and receives ``sum_{j != r} nbytes_j``;
   broadcast: the root sends ``(W-1) * nbytes``, each other rank receives
   ``nbytes``.
+- neighbor_exchange: the encoded size once per neighbour (point-to-point,
+  nothing to or from other ranks); ``Cluster.link_bytes[i, j]`` adds up
+  what rank i sent to rank j this way.
 - allreduce: a ring allreduce of the raw buffer (no lowband header): the
   buffer is cut into W chunks of ``ceil(n / W)`` elements (the last ones
   padded) and each rank sends, and receives, ``2 (W-1)`` chunks:
@@ -76,7 +84,7 @@ __all__ = ["Communicator", "Cluster", "TorchCommunicator", "chunk_bounds", "redu
            "deepspeed_compressed_allreduce", "deepspeed_padded_size",
            "decoded", "COLLECTIVES"]
 
-COLLECTIVES = ("allreduce", "allgather", "alltoall", "broadcast")
+COLLECTIVES = ("allreduce", "allgather", "alltoall", "broadcast", "neighbor")
 _REDUCE_OPS = ("sum", "mean")
 CHUNK_ALIGN = 8
 
@@ -187,6 +195,27 @@ class Communicator:
         self.bytes_sent += sent
         self.bytes_received += received
 
+    def _count_links(self, dests, nbytes):
+        """Per-link counters (the simulator keeps them)."""
+
+    def _neighbor_raw(self, wire, neighbors):
+        """Transport of ``neighbor_exchange``: {source rank: wire} for every
+        rank that listed this one.  The default rides on ``_gather_all``
+        (every rank sees every message, only the listed receivers keep
+        them; the counters follow the point-to-point rule).  A
+        torch.distributed transport would instead post one
+        ``batch_isend_irecv`` per neighbour (sizes, then bytes), which the
+        symmetric neighbour relation makes deadlock-free."""
+        items = self._gather_all("neighbor", (list(neighbors), wire))
+        got = {}
+        for j, (dests, w) in enumerate(items):
+            if (self.rank in dests) != (j in neighbors):
+                raise ValueError(f"neighbors: rank {self.rank} lists {list(neighbors)} but rank {j} lists "
+                                 f"{list(dests)}; the neighbour relation must be symmetric")
+            if self.rank in dests:
+                got[j] = w
+        return got
+
     # -- the collectives ---------------------------------------------------
     def allreduce(self, array, op="sum"):
         """The rank-ordered sum (or mean) of every rank's array."""
@@ -236,6 +265,33 @@ class Communicator:
         else:
             self._count("broadcast", 0, len(wire))
         return decode(wire)
+
+    def neighbor_exchange(self, payload, neighbors):
+        """Send ``payload`` to each rank in ``neighbors`` (distinct, not this
+        rank, symmetric across ranks) and return {rank: payload} of what
+        each neighbour sent, in rank order.  Bytes: the encoded size once
+        per neighbour, both ways (module doc)."""
+        nb = _check_neighbors(neighbors, self.rank, self.world_size)
+        payload = _as_payload(payload)
+        if type(self)._gather_all is Communicator._gather_all:
+            return self._neighbor_via_alltoall(payload, nb)
+        wire = encode(payload)
+        got = self._neighbor_raw(wire, nb)
+        self._count("neighbor", len(wire) * len(nb), sum(len(w) for w in got.values()))
+        self._count_links(nb, len(wire))
+        return {j: decode(got[j]) for j in sorted(got)}
+
+    def _neighbor_via_alltoall(self, payload, nb):
+        """neighbor_exchange for a transport with its own collectives and no
+        ``_gather_all`` (lowband.torch.ProcessGroupCommunicator): one
+        ``alltoall`` in which non-neighbours get an empty Dense (a
+        zero-length split on torch's all_to_all_single apart from its
+        28-byte header), counted by that transport's own rules; only the
+        per-link counters are added here."""
+        empty = Dense(np.zeros(0, dtype=np.float32))
+        got = self.alltoall([payload if j in nb else empty for j in range(self.world_size)])
+        self._count_links(nb, payload.nbytes)
+        return {j: got[j] for j in nb}
 
     def compressed_allreduce(self, array, compressor, worker_error=None, server_error=None):
         """The mean of every rank's array through DeepSpeed's two-phase
@@ -325,6 +381,13 @@ def deepspeed_compressed_allreduce(comm, array, worker_error, server_error):
     server_error.reshape(-1)[:] = c - decoded(reply)
     parts = [decoded(p).astype(x.dtype, copy=False) for p in comm.allgather(reply)]
     return np.concatenate(parts)[:n].reshape(np.shape(array))
+def _check_neighbors(neighbors, rank, world_size):
+    if not isinstance(neighbors, (list, tuple, range, np.ndarray)):
+        raise TypeError(f"neighbors: expected a list of ranks, got {type(neighbors).__name__}")
+    nb = [check_int(j, "neighbors[i]", 0, world_size - 1) for j in neighbors]
+    if len(set(nb)) != len(nb) or rank in nb:
+        raise ValueError(f"neighbors: expected distinct ranks other than {rank}, got {nb}")
+    return sorted(nb)
 
 
 def _check_error(err, name, size, dtype):
@@ -429,6 +492,10 @@ class _SimCommunicator(Communicator):
         super()._count(collective, sent, received)
         self._cluster._count(self.rank, collective, sent, received)
 
+    def _count_links(self, dests, nbytes):
+        for j in dests:
+            self._cluster.link_bytes[self.rank, j] += nbytes
+
 
 class Cluster:
     """W workers in one process, one Python thread per rank.
@@ -450,7 +517,8 @@ class Cluster:
     Counters (numpy int64 arrays indexed by rank, kept across runs until
     ``reset_counters()``): ``bytes_sent``, ``bytes_received``, and
     ``by_collective[name]["sent" | "received"]`` for each name in
-    ``COLLECTIVES``.  The accounting rules are in the module doc.
+    ``COLLECTIVES``, and ``link_bytes`` (W x W, [sender, receiver]) for
+    ``neighbor_exchange``.  The accounting rules are in the module doc.
     """
 
     def __init__(self, world_size, *, timeout=120.0):
@@ -466,6 +534,7 @@ class Cluster:
         self.bytes_received = np.zeros(W, dtype=np.int64)
         self.by_collective = {c: {"sent": np.zeros(W, dtype=np.int64),
                                   "received": np.zeros(W, dtype=np.int64)} for c in COLLECTIVES}
+        self.link_bytes = np.zeros((W, W), dtype=np.int64)
 
     def _count(self, rank, collective, sent, received):
         # each rank writes only its own entries

@@ -79,6 +79,12 @@ REGISTRY = {
     "onebit-lamb": "onebit_lamb",
     "global-lbl": "global_lbl",
     "chain-of-experts": "chain_of_experts",
+    "scafcom": "scafcom",
+    "fedspeed": "fedspeed",
+    "dadao": "dadao",
+    "co2": "co2",
+    "fed-sb": "fed_sb",
+    "dimat": "dimat",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)
