@@ -144,9 +144,9 @@ class GlobalLoadBalancer:
         if micro_batch is None and _in_backward() and not (
                 self._lb._last is not None and self._lb._last[0] is r.numpy):
             raise RuntimeError("loss: called during backward without a micro_batch id")
-        loss, grad = self._lb.loss(r.numpy, _mask_view(mask, r.num_tokens),
-                                   micro_batch=micro_batch)
-        return _loss_tensor(r.logits, loss, grad)
+        loss, grad_fn = self._lb._loss_lazy(r.numpy, _mask_view(mask, r.num_tokens),
+                                            micro_batch, None)
+        return _loss_tensor(r.logits, loss, grad_fn)
 
     def __repr__(self):
         return (f"GlobalLoadBalancer(E={self.num_experts}, k={self.k}, "
