@@ -147,3 +147,16 @@ def test_chain_of_experts_defaults_are_the_authors():
     for r in coe.routings:                         # the selected softmax scores, not renormalised
         np.testing.assert_allclose(r.weights, np.take_along_axis(r.scores, r.experts, 1))
         assert (r.weights.sum(axis=1) < 1).all()
+
+
+def test_a_loss_of_one_does_not_prove_balance():
+    """Flat router probabilities give 1 even when every token picks the same
+    two experts (the documented caveat); the counts show the imbalance."""
+    T, E = 64, 8
+    z = np.zeros((T, E))
+    z[:, :2] = 1e-9                                # every token: experts 0 and 1
+    r = moe.route(z, 2)
+    loss, grad = moe.load_balancing_loss(r)
+    assert abs(loss - 1.0) < 1e-6
+    assert np.array_equal(r.counts(), [T, T, 0, 0, 0, 0, 0, 0])
+    assert (grad[:, :2] > 0).all() and (grad[:, 2:] < 0).all()   # still pushes them apart

@@ -384,8 +384,20 @@ def load_balancing_loss(routing, *, scope="micro", seq_len=None, mask=None, sele
     fresh top-k of the unbiased, ungrouped scores (Megatron's aux scores).
     Balanced routing gives 1; f gets no gradient.
     """
+    loss, grad = _lbl_lazy(routing, scope, seq_len, mask, selection, threads)
+    return loss, grad()
+
+
+def _grad_fn(r, g, seg, mask, threads):
+    """The gradient kernel call, deferred (lowband.torch runs it in backward)."""
+    return lambda: _core.moe_balance_grad(r.scores, _SCORES.index(r.score), g, max(seg, 1),
+                                          mask, threads)
+
+
+def _lbl_lazy(routing, scope, seq_len, mask, selection, threads):
+    """load_balancing_loss as (loss, a callable giving the gradient)."""
     r = _routing(routing)
-    T, E, k = r.num_tokens, r.num_experts, r.k
+    T, k = r.num_tokens, r.k
     seg = _seq_len(scope, seq_len, T)
     mask = _mask(mask, T)
     check_choice(selection, "selection", _SELECTIONS)
@@ -393,8 +405,7 @@ def load_balancing_loss(routing, *, scope="micro", seq_len=None, mask=None, sele
     experts = r.experts if selection == "routed" else r._plain_experts(threads)
     counts, valid, sums = _stats(r, mask, seg, experts, threads)
     loss, g = _balance_terms(counts, valid, sums, valid, k)
-    grad = _core.moe_balance_grad(r.scores, _SCORES.index(r.score), g, max(seg, 1), mask, threads)
-    return loss, grad
+    return loss, _grad_fn(r, g, seg, mask, threads)
 
 
 def _allreduced(allreduce, vec):
@@ -567,6 +578,10 @@ class LoadBalancer:
         ``micro_batch`` given: that micro-batch's snapshot (accumulated now
         if new).  None: the micro-batch just accumulated with this same
         Routing object, else this routing is accumulated as a new one."""
+        loss, grad = self._loss_lazy(routing, mask, micro_batch, threads)
+        return loss, grad()
+
+    def _loss_lazy(self, routing, mask, micro_batch, threads):
         r = self._check(routing)
         if micro_batch is None and self._last is not None and self._last[0] is r:
             key = self._last[1]
@@ -582,15 +597,13 @@ class LoadBalancer:
         threads = check_threads(threads)
         T = r.num_tokens
         if T == 0:
-            return 0.0, np.zeros(r.scores.shape, r.dtype)
+            return 0.0, lambda: np.zeros(r.scores.shape, r.dtype)
         _, valid, sums = _stats(r, stored, T, r.experts, threads)
         loss, g = _balance_terms(counts[None], [tokens], sums, valid, self.k)
         if self.world_size is not None:
             scale = self.world_size * float(valid[0]) / global_valid if global_valid else 0.0
             loss, g = loss * scale, g * scale
-        grad = _core.moe_balance_grad(r.scores, _SCORES.index(r.score), g, max(T, 1), stored,
-                                      threads)
-        return loss, grad
+        return loss, _grad_fn(r, g, T, stored, threads)
 
 
 def z_loss(logits, mask=None, *, threads=None):

@@ -123,31 +123,34 @@ def _custom_op(name, impl, fake, setup=None, backward=None):
 # a precomputed gradient and the aux-loss attachment
 # --------------------------------------------------------------------------
 
-class _Precomputed(torch.autograd.Function):
-    """value (0-dim) whose gradient with respect to ``x`` was computed with
-    it (grad_x, a tensor shaped like x): backward is grad_out * grad_x."""
+class _LazyGrad(torch.autograd.Function):
+    """value (0-dim) whose gradient with respect to ``x`` is grad_fn() (an
+    ndarray shaped like x, computed by the C kernel in backward: nothing
+    for forwards without backward, and a fresh tensor that autograd takes
+    over without a copy): backward is grad_out * grad_fn()."""
 
     @staticmethod
-    def forward(ctx, x, value, grad_x):
-        ctx.save_for_backward(grad_x)
+    def forward(ctx, x, value, grad_fn):
+        ctx.grad_fn, ctx.like = grad_fn, (x.dtype, x.device)
         return value.clone()
 
     @staticmethod
     def backward(ctx, g):
-        grad_x, = ctx.saved_tensors
+        dtype, device = ctx.like
+        grad_x = torch.from_numpy(np.ascontiguousarray(ctx.grad_fn())).to(device, dtype)
         if g.device.type == "cpu" and float(g) == 1.0:
             return grad_x, None, None          # the common case: no T x E multiply
-        return (grad_x * g.to(grad_x.dtype)), None, None
+        return grad_x.mul_(g.to(dtype)), None, None
 
 
-def _loss_tensor(x, loss, grad):
-    """(loss float, grad ndarray) -> a 0-dim tensor with x in its graph."""
+def _loss_tensor(x, loss, grad_fn):
+    """(loss float, callable giving the gradient ndarray) -> a 0-dim tensor
+    with x in its graph."""
     dt = torch.float64 if x.dtype == torch.float64 else torch.float32
     value = torch.tensor(loss, dtype=dt, device=x.device)
-    g = _back(np.ascontiguousarray(grad), x).to(x.dtype)
     if not torch.is_grad_enabled() or not x.requires_grad:
         return value
-    return _Precomputed.apply(x, value, g)
+    return _LazyGrad.apply(x, value, grad_fn)
 
 
 class _AttachAuxLoss(torch.autograd.Function):
@@ -402,10 +405,9 @@ def load_balancing_loss(routing, *, scope="micro", seq_len=None, mask=None,
     (True = valid token) and ``selection`` as ``lowband.moe``.  For the
     global batch use :class:`GlobalLoadBalancer`."""
     r = _routing(routing)
-    loss, grad = _np_moe.load_balancing_loss(
-        r.numpy, scope=scope, seq_len=seq_len, mask=_mask_view(mask, r.num_tokens),
-        selection=selection, threads=threads)
-    return _loss_tensor(r.logits, loss, grad)
+    loss, grad_fn = _np_moe._lbl_lazy(r.numpy, scope, seq_len, _mask_view(mask, r.num_tokens),
+                                      selection, threads)
+    return _loss_tensor(r.logits, loss, grad_fn)
 
 
 def _moe_z_loss(logits: torch.Tensor, mask: Optional[torch.Tensor] = None,

@@ -144,9 +144,9 @@ class GlobalLoadBalancer:
         if micro_batch is None and _in_backward() and not (
                 self._lb._last is not None and self._lb._last[0] is r.numpy):
             raise RuntimeError("loss: called during backward without a micro_batch id")
-        loss, grad = self._lb.loss(r.numpy, _mask_view(mask, r.num_tokens),
-                                   micro_batch=micro_batch)
-        return _loss_tensor(r.logits, loss, grad)
+        loss, grad_fn = self._lb._loss_lazy(r.numpy, _mask_view(mask, r.num_tokens),
+                                            micro_batch, None)
+        return _loss_tensor(r.logits, loss, grad_fn)
 
     def __repr__(self):
         return (f"GlobalLoadBalancer(E={self.num_experts}, k={self.k}, "
@@ -250,7 +250,7 @@ class _MoEBase(nn.Module):
                  groups, group_k, group_by, scaling_factor, router, activation, bias,
                  shared_expert,
                  capacity_factor, drop, pad_to_capacity, aux_coef, aux_scope, seq_len,
-                 process_group, sync, z_coef, aux_scale, expert_parallel_group, dtype, device):
+                 process_group, z_coef, aux_scale, expert_parallel_group, dtype, device):
         super().__init__()
         self.hidden = check_int(hidden, "hidden", 1)
         self.ffn_hidden = check_int(ffn_hidden, "ffn_hidden", 1)
@@ -277,7 +277,7 @@ class _MoEBase(nn.Module):
         self.seq_len = None if seq_len is None else check_int(seq_len, "seq_len", 1)
         if self.aux_scope == "sequence" and self.seq_len is None:
             raise TypeError("seq_len: aux_scope='sequence' needs seq_len")
-        self.balancers = ([GlobalLoadBalancer(E, self.k, process_group, sync=sync)
+        self.balancers = ([GlobalLoadBalancer(E, self.k, process_group)
                            for _ in range(routers)] if self.aux_scope == "global" else [])
         self.ep_group = expert_parallel_group
         if expert_parallel_group is not None:
@@ -404,7 +404,8 @@ _DOC_OPTIONS = """
     :func:`capacity` with ``drop`` and ``pad_to_capacity``; auxiliary
     losses ``aux_coef`` * load balancing (``aux_scope`` "micro",
     "sequence" with ``seq_len``, or "global": a :class:`GlobalLoadBalancer`
-    per router over ``process_group`` with ``sync``) + ``z_coef`` * z-loss,
+    per router over ``process_group``, one all_reduce per micro-batch) +
+    ``z_coef`` * z-loss,
     attached to the output with :func:`attach_aux_loss` and ``aux_scale``
     (pass 1 / micro-batches when you divide the main loss by it) and
     reported in ``aux_loss``.  In ``eval()`` mode no auxiliary loss is
@@ -430,7 +431,7 @@ class MoE(_MoEBase):
                  scaling_factor=1.0,
                  router="topk", activation="swiglu", bias=False, shared_expert=False,
                  capacity_factor=None, drop="probs", pad_to_capacity=False, aux_coef=1e-2,
-                 aux_scope="micro", seq_len=None, process_group=None, sync="micro",
+                 aux_scope="micro", seq_len=None, process_group=None,
                  z_coef=0.0, aux_scale=1.0, expert_parallel_group=None, dtype=None,
                  device=None):
         super().__init__(hidden, ffn_hidden, num_experts, k, 1, score=score,
@@ -440,7 +441,7 @@ class MoE(_MoEBase):
                          bias=bias, shared_expert=shared_expert, capacity_factor=capacity_factor,
                          drop=drop, pad_to_capacity=pad_to_capacity, aux_coef=aux_coef,
                          aux_scope=aux_scope, seq_len=seq_len, process_group=process_group,
-                         sync=sync, z_coef=z_coef, aux_scale=aux_scale,
+                         z_coef=z_coef, aux_scale=aux_scale,
                          expert_parallel_group=expert_parallel_group, dtype=dtype, device=device)
         self.routing = None
 
@@ -469,7 +470,7 @@ class ChainOfExperts(_MoEBase):
                  scaling_factor=1.0,
                  router="topk", activation="swiglu", bias=False, shared_expert=False,
                  capacity_factor=None, drop="probs", pad_to_capacity=False, aux_coef=1e-2,
-                 aux_scope="micro", seq_len=None, process_group=None, sync="micro",
+                 aux_scope="micro", seq_len=None, process_group=None,
                  z_coef=0.0, aux_scale=1.0, expert_parallel_group=None, dtype=None,
                  device=None):
         self_iterations = check_int(iterations, "iterations", 1)
@@ -480,7 +481,7 @@ class ChainOfExperts(_MoEBase):
                          bias=bias, shared_expert=shared_expert, capacity_factor=capacity_factor,
                          drop=drop, pad_to_capacity=pad_to_capacity, aux_coef=aux_coef,
                          aux_scope=aux_scope, seq_len=seq_len, process_group=process_group,
-                         sync=sync, z_coef=z_coef, aux_scale=aux_scale,
+                         z_coef=z_coef, aux_scale=aux_scale,
                          expert_parallel_group=expert_parallel_group, dtype=dtype, device=device)
         self.iterations = self_iterations
         self.inner_residual = bool(inner_residual)
