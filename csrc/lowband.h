@@ -604,6 +604,20 @@ lb_status lb_dither_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
                            uint64_t n, unsigned levels, const double *mag,
                            lb_dtype dt, void *out, int subtract, lb_error *err);
 
+
+/* FedZip (core/fedzip.c): 3-means of x from (min, mid, max) with `iters`
+ * Lloyd iterations (float32 centroids, labels 0..2), and the Huffman
+ * (gaps = 0) or gap-coded (gaps = 1) label stream; see fedzip.c.         */
+lb_status lb_kmeans3(const void *x, uint64_t n, lb_dtype dt, int iters,
+                     int nthreads, float *centroids, uint8_t *labels,
+                     lb_error *err);
+lb_status lb_fedzip_encode(const uint8_t *labels, uint64_t n, int gaps,
+                           unsigned *major, uint8_t **stream, uint64_t *nbits);
+lb_status lb_fedzip_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
+                           uint64_t n, int gaps, unsigned major,
+                           const double *centroids, lb_dtype dt, void *out,
+                           lb_error *err);
+
 #ifdef __cplusplus
 }
 #endif

@@ -31,7 +31,7 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
-    "Sign", "Signum", "Dither", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
+    "Sign", "Signum", "Dither", "FedZip", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
     "Chain", "from_spec",
 ]
 
@@ -342,6 +342,28 @@ class Dither(Compressor):
                            step=step, threads=self.threads)
 
 
+class FedZip(Compressor):
+    """FedZip's pipeline for one layer (top-z, 3-means, Huffman or gap
+    coding of the cluster ids); see ``lowband.fedzip``."""
+
+    name = "fedzip"
+    _args = ("ratio",)
+    _kwargs = ("encoding", "iters")
+
+    def __init__(self, ratio=0.01, *, encoding="gaps", iters=4, threads=None):
+        super().__init__(threads)
+        self.ratio = check_finite_number(ratio, "ratio", 0.0, 1.0, lo_open=True)
+        self.encoding = check_choice(encoding, "encoding", ("huffman", "gaps"))
+        self.iters = check_int(iters, "iters", 0, 1000)
+
+    def _defaults(self):
+        return {"encoding": "gaps", "iters": 4}
+
+    def _compress(self, x, step):
+        return _q().fedzip(x, self.ratio, encoding=self.encoding, iters=self.iters,
+                           threads=self.threads)
+
+
 class Blockwise(Compressor):
     """Symmetric blockwise absmax quantization to ``bits`` in {1,2,3,4,8},
     nearest or stochastic rounding (stochastic: unbiased, seeded)."""
@@ -517,7 +539,7 @@ class Chain(Compressor):
 # Specs
 # --------------------------------------------------------------------------
 
-_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither,
+_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither, FedZip,
                                  Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit, Cast)}
 _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast", "bfloat16"),
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}
