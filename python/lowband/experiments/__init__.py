@@ -77,6 +77,7 @@ REGISTRY = {
     "dithering": "dithering",
     "zero-one-adam": "zero_one_adam",
     "onebit-lamb": "onebit_lamb",
+    "fedzip": "fedzip",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)
