@@ -32,7 +32,7 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
     "Sign", "Signum", "Dither", "FedZip", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
-    "Chain", "from_spec",
+    "Chain", "Zstd", "from_spec",
 ]
 
 
@@ -535,6 +535,33 @@ class Chain(Compressor):
         return Sparse._make(s.indices, q, s.shape, s.dtype, s.seed, s.step)
 
 
+class Zstd(Compressor):
+    """A lossless Zstandard stage after any compressor (spec ``...+zstd``):
+    ``lowband.lossless.zstd(inner.compress(x), level)``."""
+
+    name = "zstd"
+
+    def __init__(self, inner, *, level=3, threads=None):
+        super().__init__(threads)
+        if isinstance(inner, Zstd):
+            raise ValueError("inner: already a zstd stage")
+        self.inner = from_spec(inner)
+        self.level = check_int(level, "level", 1, 22)
+
+    summable = False
+    unbiased = property(lambda self: self.inner.unbiased)
+    randomized = property(lambda self: self.inner.randomized)
+    sparsifier = False
+
+    @property
+    def spec(self):
+        return f"{self.inner.spec}+zstd" + (f":level={self.level}" if self.level != 3 else "")
+
+    def _compress(self, x, step):
+        from .lossless import zstd
+        return zstd(self.inner.compress(x, step=step), self.level)
+
+
 # --------------------------------------------------------------------------
 # Specs
 # --------------------------------------------------------------------------
@@ -610,6 +637,20 @@ def _from_string(text):
     stages = [s.strip() for s in text.split("+")]
     if not text.strip() or any(not s for s in stages):
         raise ValueError(f"spec: expected 'name[:arg...][+name...]', got {text!r}")
+    last, *opts = stages[-1].split(":")
+    if last.strip().lower() == "zstd":
+        if len(stages) == 1:
+            raise ValueError("spec: zstd is a last stage after a compressor, e.g. 'topk:0.01+zstd'")
+        kwargs = {}
+        for item in opts:
+            if "=" not in item:
+                raise ValueError(f"spec: zstd takes only level=N, got {item!r}")
+            k, v = item.split("=", 1)
+            kwargs[k.strip()] = _parse_value(v.strip(), keyword=True)
+        try:
+            return Zstd(_from_string("+".join(stages[:-1])), **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"spec: bad arguments for zstd: {exc}") from None
     built = []
     for stage in stages:
         name, *rest = stage.split(":")
