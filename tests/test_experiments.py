@@ -77,6 +77,7 @@ DIRECTIONS = {
                    "accuracy_at_or_above_diloco": lambda m: m["sparseloco_accuracy"] >= m["diloco_accuracy"],
                    "under_half_a_bit": lambda m: m["sparseloco_payload_bits_per_param_per_sync"] < 0.5},
     "streaming-diloco": {"matches_diloco": lambda m: m["streaming_loss"] <= 1.02 * m["diloco_loss"],
+                         "fragments_e3m0_match": lambda m: m["streaming_a0_loss"] <= 1.02 * m["diloco_loss"],
                          "lower_peak": lambda m: m["streaming_peak_bytes"] < m["diloco_peak_bytes"]},
     "one-byte": {"reaches_loss": lambda m: m["replay_loss"] < m["initial_loss"],
                  "one_scalar_per_sample": lambda m: m["replay_bytes"] < m["full_bytes"],
