@@ -47,6 +47,8 @@ from .wire import decode, encode
 from .vote import majority_vote
 from . import lossless
 from . import compressors as _compressors, feedback as _feedback, moe, optim, sim
+from . import powersgd
+from .powersgd import PowerSGD
 from . import quantize as _quantize
 from .quantize import *  # noqa: F401,F403  (sign, quantize, qsgd, ... pack_bits)
 from .compressors import *  # noqa: F401,F403  (TopK, RandomK, ..., Chain, from_spec)
@@ -59,7 +61,7 @@ __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
     "aggregate", "majority_vote", "encode", "decode", "set_num_threads", "get_num_threads", "isa", "release_memory",
-    "moe", "optim", "sim", "lossless", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
+    "moe", "optim", "sim", "lossless", "powersgd", "PowerSGD", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
 

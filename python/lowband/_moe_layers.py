@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import moe as _moe
-from ._validate import check_choice, check_finite_number, check_int
+from ._validate import check_choice, check_finite_number, check_int, from_torch
 
 _ACTIVATIONS = ("relu", "silu")
 _AUX_SCOPES = ("micro", "sequence", "global")
@@ -108,7 +108,7 @@ class _MoEBase:
             g[...] = 0
 
     def _input(self, x):
-        x = np.asarray(x)
+        x = np.asarray(from_torch(x, "x"))
         if x.dtype != self.dtype:
             raise TypeError(f"x: expected dtype {self.dtype} (the layer's), got {x.dtype}")
         if x.ndim != 2 or x.shape[1] != self.d_model:
@@ -231,7 +231,7 @@ class MoELayer(_MoEBase):
         if self._cache is None:
             raise RuntimeError("backward: call forward first")
         self.zero_grad()
-        return self._step_backward(self._cache, np.asarray(grad_out, self.dtype))
+        return self._step_backward(self._cache, np.asarray(from_torch(grad_out, "grad_out"), self.dtype))
 
 
 class ChainOfExperts(_MoEBase):
@@ -275,7 +275,7 @@ class ChainOfExperts(_MoEBase):
         if self._caches is None:
             raise RuntimeError("backward: call forward first")
         self.zero_grad()
-        g = np.asarray(grad_out, self.dtype)
+        g = np.asarray(from_torch(grad_out, "grad_out"), self.dtype)
         top = g
         for cache in reversed(self._caches):
             gin = self._step_backward(cache, g)

@@ -16,7 +16,7 @@ import operator
 import numpy as np
 
 from . import _core
-from ._validate import BFLOAT16, check_out, check_threads
+from ._validate import BFLOAT16, check_out, check_threads, from_torch
 
 FormatError = _core.FormatError
 
@@ -168,7 +168,7 @@ class Quantized:
             raise ValueError(f"arrays: scheme {sch.name!r} expects {sorted(lay)}, got {sorted(arrays)}")
         self.arrays = {}
         for name, (adt, count) in lay.items():
-            a = arrays[name]
+            a = from_torch(arrays[name], f"arrays[{name!r}]")
             if not isinstance(a, np.ndarray) or a.dtype != adt or a.ndim != 1 or a.size != count:
                 got = (f"{a.dtype} of shape {a.shape}" if isinstance(a, np.ndarray)
                        else type(a).__name__)
@@ -221,8 +221,7 @@ class Quantized:
         if out is None:
             flat = np.empty(self.size, dtype=self.dtype)
         else:
-            check_out(out, self.shape, self.dtype)
-            flat = out.reshape(-1)
+            flat = check_out(out, self.shape, self.dtype).reshape(-1)
         get_scheme(self.scheme).dequantize(self, flat, threads)
         return flat.reshape(self.shape) if out is None else out
 
@@ -263,7 +262,7 @@ class Sparse:
     def __init__(self, indices, values, shape, *, dtype=None, seed=None, step=None):
         self.shape = normalize_shape(shape)
         size = self.size
-        idx = np.asarray(indices)
+        idx = np.asarray(from_torch(indices, "indices"))
         if idx.ndim != 1 or (idx.size and idx.dtype.kind not in "ui"):
             raise TypeError(f"indices: expected a 1-D integer array, got {idx.dtype} of shape {idx.shape}")
         if idx.size and idx.dtype.kind == "i" and idx.min() < 0:
@@ -275,7 +274,7 @@ class Sparse:
                 raise ValueError(f"values: expected a Quantized of {idx.size} elements, got {values.size}")
             vdt = values.dtype
         else:
-            values = np.asarray(values)
+            values = np.asarray(from_torch(values, "values"))
             if values.ndim != 1 or values.size != idx.size:
                 raise ValueError(f"values: expected a 1-D array of {idx.size} elements, got shape {values.shape}")
             if values.dtype.newbyteorder("=") not in DTYPE_CODES:
@@ -372,7 +371,7 @@ class Dense:
     __slots__ = ("array",)
 
     def __init__(self, array):
-        arr = np.asarray(array)
+        arr = np.asarray(from_torch(array, "array"))
         if arr.dtype.newbyteorder("=") not in DTYPE_CODES:
             raise TypeError(f"array: expected float16, bfloat16, float32 or float64, got {arr.dtype}")
         self.array = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("="))
@@ -389,8 +388,7 @@ class Dense:
     def to_dense(self, out=None, *, threads=None):
         if out is None:
             return self.array.copy()
-        check_out(out, self.shape, self.dtype)
-        out.reshape(-1)[:] = self.array.reshape(-1)
+        check_out(out, self.shape, self.dtype).reshape(-1)[:] = self.array.reshape(-1)
         return out
 
     def __repr__(self):

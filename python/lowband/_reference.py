@@ -1103,3 +1103,54 @@ def fedzip(x, ratio, gaps, iters=4):
     cen, lab = kmeans3(v, iters)
     stream, major, nbits = fedzip_stream(lab, gaps)
     return stream, cen, major, nbits, lab
+
+# ==========================================================================
+# PowerSGD
+# ==========================================================================
+
+POWERSGD_BLOCK = 4096      # rows per block of the sums (LB_PSGD_BLOCK)
+
+
+POWERSGD_LANES = 8         # interleaved partial sums per block
+
+
+def _blocked_sum(terms):
+    """The C core's sum of float64 terms: per block of POWERSGD_BLOCK rows,
+    row k adds into lane k % 8 (from +0.0, in row order); a block's sum is
+    0.0 + lane 0 + ... + lane 7; the total 0.0 + block 0 + block 1 + ..."""
+    total = 0.0
+    for lo in range(0, len(terms), POWERSGD_BLOCK):
+        block = terms[lo:lo + POWERSGD_BLOCK]
+        pad = -len(block) % POWERSGD_LANES
+        rows = np.concatenate([block, np.zeros(pad)]).reshape(-1, POWERSGD_LANES)
+        lanes = np.cumsum(np.vstack([np.zeros(POWERSGD_LANES), rows]), axis=0)[-1]
+        bs = 0.0
+        for v in lanes:
+            bs += float(v)
+        total += bs
+    return total
+
+
+def powersgd_orthogonalize(a, epsilon=0.0):
+    """Modified Gram-Schmidt over the columns of each trailing n x r matrix
+    of a (float32/float64); returns a new array with the bytes of the C
+    kernel: column i *= 1 / (sqrt(sum c^2) + epsilon) (0 when that is 0), then
+    c_j -= <c_i, c_j> c_i for j > i, sums in float64."""
+    a = np.array(a, copy=True)
+    dt = a.dtype
+    mats = a.reshape(-1, a.shape[-2], a.shape[-1])
+    for mat in mats:
+        n, r = mat.shape
+        total = [_blocked_sum(mat[:, j].astype(np.float64) ** 2) for j in range(r)]
+        for i in range(r):
+            d = math.sqrt(total[i]) + epsilon
+            col = mat[:, i].astype(np.float64)
+            inv = 0.0 if d == 0 else 1.0 / d
+            mat[:, i] = (col * inv).astype(dt)
+            c = mat[:, i].astype(np.float64)
+            dots = {j: _blocked_sum(c * mat[:, j].astype(np.float64)) for j in range(i + 1, r)}
+            for j in range(i + 1, r):
+                mat[:, j] = (mat[:, j].astype(np.float64) - dots[j] * c).astype(dt)
+            if i + 1 < r:
+                total[i + 1] = _blocked_sum(mat[:, i + 1].astype(np.float64) ** 2)
+    return a

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import math
 import operator
+from typing import Any
 
 import numpy as np
 
 __all__ = [
     "as_float_array", "as_selectable", "HALF_DTYPES", "ANY_FLOAT_DTYPES", "BFLOAT16", "check_int", "check_count", "check_ratio", "check_seed",
     "check_step", "check_threads", "check_choice", "check_finite_number",
-    "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES",
+    "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES", "is_tensor", "from_torch",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -30,6 +31,40 @@ MAX_STEP = 1 << 56
 _U64 = 1 << 64
 
 
+# -- torch tensors ---------------------------------------------------------
+# Every entry point passes array arguments through from_torch() (as_float_array
+# and check_out do it), so CPU tensors are used in place.  torch is never
+# imported here: a tensor is recognised by its type's module.
+
+def is_tensor(x: object) -> bool:
+    """Whether x is a torch tensor (without importing torch)."""
+    return type(x).__module__.startswith("torch") and hasattr(x, "data_ptr") and hasattr(x, "numpy")
+
+
+def from_torch(x: Any, name: str = "x") -> Any:
+    """x itself unless it is a torch tensor; a CPU tensor becomes a
+    zero-copy ndarray view of its memory (bfloat16 through a uint16 view, as
+    an ml_dtypes bfloat16 array).  A tensor that requires grad, lives on
+    another device or has a dtype NumPy cannot view raises TypeError."""
+    if not is_tensor(x):
+        return x
+    if x.requires_grad:
+        raise TypeError(f"{name}: expected a tensor that does not require grad, got one with "
+                        f"requires_grad=True (pass {name}.detach())")
+    if x.device.type != "cpu":
+        raise TypeError(f"{name}: expected a CPU tensor, got one on {x.device} (lowband.torch "
+                        "handles other devices)")
+    import torch
+    if x.dtype == torch.bfloat16:
+        if BFLOAT16 is None:
+            raise TypeError(f"{name}: a bfloat16 tensor needs the ml_dtypes package (pip install ml_dtypes)")
+        return x.view(torch.uint16).numpy().view(BFLOAT16)
+    try:
+        return x.numpy()
+    except (RuntimeError, TypeError) as exc:
+        raise TypeError(f"{name}: expected a tensor NumPy can view, got dtype {x.dtype} ({exc})") from None
+
+
 def _dtype_names(dtypes):
     names = [str(np.dtype(d)) for d in dtypes]
     return names[0] if len(names) == 1 else ", ".join(names[:-1]) + " or " + names[-1]
@@ -41,7 +76,9 @@ def as_float_array(x, name="x", dtypes=FLOAT_DTYPES):
     Arrays of an allowed dtype are used as they are when already contiguous
     (no copy); anything else is copied.  Python lists of floats become
     float64.  Other dtypes (ints, bools, complex, objects) raise TypeError.
+    A torch CPU tensor is viewed without a copy (``from_torch``).
     """
+    x = from_torch(x, name)
     if isinstance(x, np.ndarray):
         arr = x
     else:
@@ -187,7 +224,9 @@ def check_state_arrays(arrays, expected, name="state['arrays']"):
 
 
 def check_out(out, shape, dtype, name="out"):
-    """A writeable C-contiguous ndarray of the given dtype and shape/size."""
+    """A writeable C-contiguous ndarray of the given dtype and shape/size
+    (a torch tensor: a zero-copy view of it, written in place)."""
+    out = from_torch(out, name)
     if not isinstance(out, np.ndarray):
         raise TypeError(f"{name}: expected an ndarray, got {type(out).__name__}")
     if out.dtype != np.dtype(dtype):

@@ -27,7 +27,7 @@ import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (check_choice, check_count, check_finite_number, check_int, check_ratio,
-                        check_seed, check_step, check_threads)
+                        check_seed, check_step, check_threads, from_torch)
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
@@ -61,7 +61,7 @@ class Compressor:
             self.step += 1
         elif step is not None:
             step = check_step(step)
-        return self._compress(x, step)
+        return self._compress(from_torch(x, "x"), step)
 
     def decompress(self, payload, out=None):
         """The dense tensor a payload stands for (into ``out`` if given)."""

@@ -30,6 +30,7 @@ import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_number, check_int,
+                        from_torch,
                         check_ratio, check_seed, check_state_arrays, check_threads)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
@@ -42,7 +43,7 @@ def _like(like, name="like"):
     if isinstance(like, tuple) and len(like) == 2 and not isinstance(like[0], (int, np.integer)):
         shape, dtype = tuple(like[0]), np.dtype(like[1])
     else:
-        arr = np.asarray(like)
+        arr = np.asarray(from_torch(like, name))
         shape, dtype = arr.shape, arr.dtype
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name}: error-feedback state is float32 or float64, got {dtype}")
@@ -80,7 +81,7 @@ def _decoded(payload, n, dtype, threads):
 class _Stateful:
     """Shared machinery: shape/dtype, named state arrays, lock, state_dict."""
 
-    _state_names = ()
+    _state_names: tuple = ()
 
     def __init__(self, like, threads=None):
         self.shape, self.dtype = _like(like)
@@ -133,7 +134,8 @@ class _Stateful:
 class _Residual(_Stateful):
     """p = decay*e + scale*g; send C(p); e = p - D(C(p))."""
 
-    _state_names = ("error",)
+    _state_names: tuple = ("error",)
+    error: np.ndarray
 
     def __init__(self, compressor, like, *, decay=1.0, threads=None):
         super().__init__(like, threads)
@@ -208,7 +210,8 @@ class EF21(_Stateful):
     keeps g = mean_i h_i by adding the mean of the decoded messages
     (``EF21Server``)."""
 
-    _state_names = ("h",)
+    _state_names: tuple = ("h",)
+    h: np.ndarray
 
     def __init__(self, compressor, like, *, threads=None):
         super().__init__(like, threads)
@@ -279,7 +282,8 @@ class EControl(EF21):
     """EControl (Gao, Islamov, Stich): d = C(eta*e + g - h); e += g - h - D(d);
     h += D(d); send d.  With eta = 0 it is EF21 exactly."""
 
-    _state_names = ("h", "e")
+    _state_names: tuple = ("h", "e")
+    e: np.ndarray
 
     def __init__(self, compressor, like, eta, *, threads=None):
         super().__init__(compressor, like, threads=threads)
@@ -321,7 +325,9 @@ class DGC(_Stateful):
     uses one stage per epoch: pass the steps per epoch.
     """
 
-    _state_names = ("u", "v")
+    _state_names: tuple = ("u", "v")
+    u: np.ndarray
+    v: np.ndarray
 
     def __init__(self, like, ratio=0.001, *, momentum=0.9, nesterov=False, clip=None, masking=True,
                  warmup_steps=None, warmup=DGC_WARMUP_DENSITIES, exact=False, sample_ratio=0.01,

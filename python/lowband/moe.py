@@ -28,7 +28,7 @@ from fractions import Fraction
 import numpy as np
 
 from . import _core
-from ._validate import (as_float_array, check_choice, check_finite_number, check_int,
+from ._validate import (from_torch, as_float_array, check_choice, check_finite_number, check_int,
                         check_threads)
 
 __all__ = [
@@ -75,7 +75,7 @@ def _mask(mask, T, name="mask"):
     as a flat contiguous array."""
     if mask is None:
         return None
-    m = np.asarray(mask)
+    m = np.asarray(from_torch(mask, name))
     if m.dtype != np.bool_:
         raise TypeError(f"{name}: expected a bool array (True = valid token), got dtype {m.dtype}")
     if m.size != T:
@@ -140,7 +140,7 @@ class Routing:
         check_choice(score, "score", _SCORES)
         scores = _logits(scores, "scores")
         T, E = scores.shape
-        ex = np.asarray(experts)
+        ex = np.asarray(from_torch(experts, "experts"))
         if not np.issubdtype(ex.dtype, np.integer):
             raise TypeError(f"experts: expected an integer array, got dtype {ex.dtype}")
         if ex.ndim != 2 or ex.shape[0] != T or not 1 <= ex.shape[1] <= E:
@@ -520,7 +520,7 @@ def bias_update(bias, counts, rate=1e-3):
     b = as_float_array(bias, "bias")
     if b.ndim != 1:
         raise ValueError(f"bias: expected a 1-D array [E], got shape {b.shape}")
-    c = np.asarray(counts)
+    c = np.asarray(from_torch(counts, "counts"))
     if not np.issubdtype(c.dtype, np.integer):
         raise TypeError(f"counts: expected an integer array (exact counts, never float), got dtype {c.dtype}")
     if c.shape != b.shape:
@@ -606,8 +606,9 @@ class Dispatch:
         ``out``: an optional [T, H'] array to write (reused buffers avoid
         the page faults of fresh memory)."""
         y = self._rows_like(expert_out, "expert_out")
-        out = _out_rows(out, self.position.shape[0], y, "expert_out")
-        return _core.moe_combine(y, self.position, self.weights, self._threads, out)
+        res = _core.moe_combine(y, self.position, self.weights, self._threads,
+                                _out_rows(out, self.position.shape[0], y, "expert_out"))
+        return res if out is None else out
 
     def combine_backward(self, grad_out, expert_out):
         """(grad_expert_out [N, H'], grad_weights [T, k]) of combine, given
@@ -633,6 +634,7 @@ def _out_rows(out, rows, like, like_name):
     that does not overlap ``like``."""
     if out is None:
         return None
+    out = from_torch(out, "out")
     if not isinstance(out, np.ndarray):
         raise TypeError(f"out: expected None or an ndarray, got {type(out).__name__}")
     if out.dtype != like.dtype:
@@ -685,7 +687,7 @@ def expert_frequency(routing, domains, num_domains=None, mask=None):
     Detail; each row sums to k; a uniform router gives k / E).  ``domains``:
     an int label in [0, D) per token."""
     r = _routing(routing)
-    d = np.asarray(domains)
+    d = np.asarray(from_torch(domains, "domains"))
     if not np.issubdtype(d.dtype, np.integer):
         raise TypeError(f"domains: expected integer labels, got dtype {d.dtype}")
     if d.size != r.num_tokens:

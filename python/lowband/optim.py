@@ -3,7 +3,7 @@
 Every optimizer is one rank's object: it owns nothing but its state, updates
 ``params`` (a float32/float64 ndarray) in place, and talks to the other
 ranks only through ``comm`` (a ``lowband.sim`` communicator: the in-process
-``Cluster`` or ``TorchCommunicator``).  All ranks must call ``step`` in
+``Cluster`` or ``lowband.torch.ProcessGroupCommunicator``).  All ranks must call ``step`` in
 lockstep.  docs/optim.md maps each class to its paper.
 
 ``SGD``, ``AdamW``   local (``comm=None``) or data-parallel (gradients
@@ -34,11 +34,12 @@ import numpy as np
 
 from . import _core
 from ._payload import Dense
-from ._validate import (FLOAT_DTYPES, check_choice, check_finite_number, check_int, check_seed,
+from ._validate import (FLOAT_DTYPES, from_torch, check_choice, check_finite_number, check_int, check_seed,
                         check_state_arrays)
 from .compressors import Chain, ChunkedTopK, from_spec
 from .feedback import DGC, DecayedFeedback
-from .sim import chunk_bounds, reduce_payloads
+from .sim import (chunk_bounds, deepspeed_compressed_allreduce, deepspeed_padded_size,
+                  reduce_payloads)
 
 __all__ = ["Optimizer", "SGD", "AdamW", "OneBitAdam", "DGCSGD", "DiLoCo", "SeedReplayZO",
            "perturbation", "ZO_DOMAIN", "Signum", "ZeroOneAdam", "OneBitLamb", "weights_digest"]
@@ -47,6 +48,7 @@ _COMM_METHODS = ("allreduce", "allgather", "alltoall", "broadcast", "barrier", "
 
 
 def _check_params(params):
+    params = from_torch(params, "params")      # a tensor: updated in place through a view
     if not isinstance(params, np.ndarray):
         raise TypeError(f"params: expected a float32 or float64 ndarray, got {type(params).__name__}")
     if params.dtype not in FLOAT_DTYPES:
@@ -140,6 +142,7 @@ class Optimizer:
 
     # -- helpers -------------------------------------------------------------
     def _grad(self, grad, name="grad"):
+        grad = from_torch(grad, name)
         if not isinstance(grad, np.ndarray):
             raise TypeError(f"{name}: expected an ndarray, got {type(grad).__name__}")
         if grad.dtype != self.flat.dtype:
@@ -253,17 +256,29 @@ class OneBitAdam(Optimizer):
     ablation).  ``freeze_step`` is required: the paper uses 15-25% of the
     total steps.  Unlike DeepSpeed, the error buffers are part of the state
     dict and are restored, not reset, by ``load_state_dict``.
+
+    ``exchange``: "chunked" (``comm.compressed_allreduce``: chunks on
+    8-element boundaries, one RMS scale per chunk, no padding) or
+    "deepspeed" (``lowband.sim.deepspeed_compressed_allreduce``: DeepSpeed's
+    exact exchange, the momentum padded to a multiple of W * lcm(W, 8), one
+    worker scale for the whole buffer, sign codes only, no compression on
+    one rank; ``compressor`` must stay "sign:rms").
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
-                 freeze_step, compressor="sign:rms", error_feedback=True, momentum_mask=None):
+                 freeze_step, compressor="sign:rms", error_feedback=True, momentum_mask=None,
+                 exchange="chunked"):
         super().__init__(params, comm)
+        self.exchange = check_choice(exchange, "exchange", ("chunked", "deepspeed"))
         self.lr = _check_lr(lr)
         self.betas = _check_betas(betas)
         self.eps = check_finite_number(eps, "eps", 0.0)
         self.weight_decay = check_finite_number(weight_decay, "weight_decay", 0.0)
         self.freeze_step = check_int(freeze_step, "freeze_step", 0)
         self.compressor = from_spec(compressor)
+        if self.exchange == "deepspeed" and self.compressor.spec != "sign:rms":
+            raise ValueError(f"compressor: exchange='deepspeed' sends RMS-scaled signs ('sign:rms'), "
+                             f"got {self.compressor.spec!r}")
         self.error_feedback = bool(error_feedback)
         self.mask_mode = None
         self.momentum_mask = None
@@ -273,7 +288,7 @@ class OneBitAdam(Optimizer):
             self.momentum_mask = self._new_state("momentum_mask")
             self.momentum_mask[:] = 1
         elif momentum_mask is not None:
-            mask = np.asarray(momentum_mask)
+            mask = np.asarray(from_torch(momentum_mask, "momentum_mask"))
             if mask.size != self.flat.size:
                 raise ValueError(f"momentum_mask: expected {self.flat.size} elements, got {mask.size}")
             self.mask_mode = "given"
@@ -282,7 +297,11 @@ class OneBitAdam(Optimizer):
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.worker_error = self.server_error = None
-        if self.error_feedback:
+        if self.error_feedback and self.exchange == "deepspeed":
+            padded = deepspeed_padded_size(self.flat.size, self.comm.world_size)
+            self.worker_error = self._new_state("worker_error", padded)
+            self.server_error = self._new_state("server_error", padded // self.comm.world_size)
+        elif self.error_feedback:
             bounds = chunk_bounds(self.flat.size, self.comm.world_size)
             self.worker_error = self._new_state("worker_error")
             self.server_error = self._new_state("server_error",
@@ -291,7 +310,8 @@ class OneBitAdam(Optimizer):
     def _hyper(self):
         return {"lr": self.lr, "betas": self.betas, "eps": self.eps, "weight_decay": self.weight_decay,
                 "freeze_step": self.freeze_step, "compressor": self.compressor.spec,
-                "error_feedback": self.error_feedback, "momentum_mask": self.mask_mode}
+                "error_feedback": self.error_feedback, "momentum_mask": self.mask_mode,
+                "exchange": self.exchange}
 
     @property
     def compressing(self):
@@ -310,7 +330,14 @@ class OneBitAdam(Optimizer):
                 self.momentum_mask[:] = self.exp_avg_sq != 0
             m *= f(b1)
             m += f(1 - b1) * g
-            m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error, self.server_error)
+            if self.exchange == "chunked":
+                m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error, self.server_error)
+            elif self.comm.world_size > 1:
+                we, se = self.worker_error, self.server_error
+                if we is None:          # no error feedback: fresh zeros every step
+                    padded = deepspeed_padded_size(m.size, self.comm.world_size)
+                    we, se = np.zeros(padded, m.dtype), np.zeros(padded // self.comm.world_size, m.dtype)
+                m[:] = deepspeed_compressed_allreduce(self.comm, m, we, se)
             if self.momentum_mask is not None:
                 m *= self.momentum_mask
         update = m / (np.sqrt(self.exp_avg_sq) + f(self.eps))
@@ -404,8 +431,14 @@ class DGCSGD(Optimizer):
         x, f = self.flat, self.flat.dtype.type
         mu = f(self.momentum)
         d = np.empty_like(x)
-        for s, memory in self.memories:
-            d[s] = reduce_payloads(self.comm.allgather(memory.step(g[s])), "mean")
+        payloads = [memory.step(g[s]) for s, memory in self.memories]
+        if len(payloads) > 1 and hasattr(self.comm, "allgather_many"):
+            rows = self.comm.allgather_many(payloads)      # one exchange for every tensor
+            gathered = [[row[t] for row in rows] for t in range(len(payloads))]
+        else:
+            gathered = [self.comm.allgather(p) for p in payloads]
+        for (s, _), got in zip(self.memories, gathered):
+            d[s] = reduce_payloads(got, "mean")
         if self.dense:
             local = [g[s] if self.clip is None else _clip_norm(g[s], self.clip) for s in self.dense]
             avg = self.comm.allreduce(np.concatenate(local), "mean")

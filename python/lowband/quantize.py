@@ -23,7 +23,7 @@ from . import _core
 from ._payload import DTYPE_CODES, Quantized
 from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of, nblocks,
                        packed_bytes)
-from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, check_choice,
+from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
@@ -224,7 +224,7 @@ def pack_bits(codes, bits, *, threads=None):
     bits of the last byte are zero."""
     bits = check_int(bits, "bits", 1, 16)
     threads = check_threads(threads)
-    arr = np.asarray(codes)
+    arr = np.asarray(from_torch(codes, "codes"))
     if arr.dtype.kind not in "ui" or arr.dtype.itemsize > 8:
         raise TypeError(f"codes: expected an integer array, got dtype {arr.dtype}")
     return _core.pack_bits(arr.reshape(-1), bits, threads)
@@ -237,6 +237,7 @@ def unpack_bits(buf, bits, n, *, threads=None):
     bits = check_int(bits, "bits", 1, 16)
     n = check_int(n, "n", 0, 1 << 60)
     threads = check_threads(threads)
+    buf = from_torch(buf, "buf")
     if isinstance(buf, np.ndarray):
         if buf.dtype != np.uint8:
             raise TypeError(f"buf: expected a uint8 array or bytes, got dtype {buf.dtype}")

@@ -3,7 +3,7 @@
 A *communicator* is one rank's view of a group of ``world_size`` workers.
 Its interface is small on purpose, so that the optimizers in
 ``lowband.optim`` run unchanged on the embedded simulator (``Cluster``) or
-on torch.distributed (``TorchCommunicator``):
+on torch.distributed (``lowband.torch.ProcessGroupCommunicator``):
 
 ``comm.rank``, ``comm.world_size``
 ``comm.allreduce(array, op="sum"|"mean") -> ndarray``
@@ -67,11 +67,12 @@ import threading
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
-from ._validate import as_float_array, check_choice, check_finite_number, check_int
+from ._validate import as_float_array, check_choice, check_finite_number, check_int, from_torch
 from .sparsify import aggregate
 from .wire import decode, encode
 
 __all__ = ["Communicator", "Cluster", "TorchCommunicator", "chunk_bounds", "reduce_payloads",
+           "deepspeed_compressed_allreduce", "deepspeed_padded_size",
            "decoded", "COLLECTIVES"]
 
 COLLECTIVES = ("allreduce", "allgather", "alltoall", "broadcast")
@@ -130,6 +131,7 @@ def reduce_payloads(payloads, op="mean"):
 
 
 def _as_payload(payload, name="payload"):
+    payload = from_torch(payload, name)
     if isinstance(payload, (Sparse, Quantized, Dense)):
         return payload
     if isinstance(payload, np.ndarray):
@@ -139,6 +141,7 @@ def _as_payload(payload, name="payload"):
 
 def _reduce_array(array, name="array"):
     """A contiguous float or int ndarray for allreduce."""
+    array = from_torch(array, name)
     if not isinstance(array, np.ndarray):
         raise TypeError(f"{name}: expected an ndarray, got {type(array).__name__}")
     if array.dtype.kind not in "fiu":
@@ -244,6 +247,8 @@ class Communicator:
         n, W = x.size, self.world_size
         bounds = chunk_bounds(n, W)
         lo, hi = bounds[self.rank], bounds[self.rank + 1]
+        worker_error = from_torch(worker_error, "worker_error")
+        server_error = from_torch(server_error, "server_error")
         _check_error(worker_error, "worker_error", n, x.dtype)
         _check_error(server_error, "server_error", hi - lo, x.dtype)
         z = x + worker_error.reshape(-1) if worker_error is not None else x
@@ -260,6 +265,65 @@ class Communicator:
             server_error.reshape(-1)[:] = mine - decoded(reply)
         parts = [decoded(p).astype(x.dtype, copy=False) for p in self.allgather(reply)]
         return np.concatenate(parts).reshape(np.shape(array))
+
+
+def deepspeed_padded_size(n, world_size):
+    """DeepSpeed's 1-bit Adam buffer size: n rounded up to a multiple of
+    W * lcm(W, 8), so that each rank's chunk packs into whole bytes."""
+    n = check_int(n, "n", 0)
+    world_size = check_int(world_size, "world_size", 1)
+    unit = world_size * (world_size * 8 // math.gcd(world_size, 8))
+    return -(-n // unit) * unit
+
+
+def deepspeed_compressed_allreduce(comm, array, worker_error, server_error):
+    """DeepSpeed's ``compressed_allreduce`` (deepspeed/runtime/comm/nccl.py)
+    over a lowband communicator: the mean of every rank's array.
+
+    The array is zero-padded to ``worker_error.size`` (``deepspeed_padded_size``);
+    z = padded + worker_error; ONE scale s = ||z||_2 / sqrt(N) over the
+    whole padded buffer; worker_error = z - s*sign(z) (sign(0) = +1); chunk j
+    of the signs (N/W elements) goes to rank j (alltoall of Sign payloads
+    carrying s).  Rank j: c = sum_i (+-s_i) * (1/W) (rank order) +
+    server_error; s' = ||c|| / sqrt(N/W); server_error = c - s'*sign(c);
+    its signs and s' are allgathered; the result is the decoded buffer
+    without the padding.  Both errors are updated in place."""
+    from ._payload import Quantized
+    from .quantize import sign
+    x = as_float_array(array, "array").reshape(-1)
+    n, W = x.size, comm.world_size
+    worker_error = from_torch(worker_error, "worker_error")
+    server_error = from_torch(server_error, "server_error")
+    N = deepspeed_padded_size(n, W)
+    _check_error(worker_error, "worker_error", N, x.dtype)
+    _check_error(server_error, "server_error", N // W, x.dtype)
+    f, C = x.dtype.type, N // W
+
+    def signs(v, scale):
+        codes = sign(v, scale="none").arrays["codes"]
+        return Quantized("sign", (v.size,), v.dtype, {"scale": 2, "block": 0},
+                         {"codes": codes, "scales": np.array([scale], np.float32)})
+
+    z = np.zeros(N, x.dtype)
+    z[:n] = x
+    z += worker_error.reshape(-1)
+    s = np.float32(np.sqrt(np.dot(z, z)) / math.sqrt(N)) if N else np.float32(0)
+    whole = signs(z, s)
+    worker_error.reshape(-1)[:] = z - decoded(whole)
+    codes = whole.arrays["codes"]
+    sent = [Quantized("sign", (C,), x.dtype, {"scale": 2, "block": 0},
+                      {"codes": codes[j * C // 8:(j + 1) * C // 8], "scales": whole.arrays["scales"]})
+            for j in range(W)]
+    c = np.zeros(C, x.dtype)
+    inv = f(1.0 / W)
+    for p in comm.alltoall(sent):
+        c += decoded(p).astype(x.dtype, copy=False) * inv
+    c += server_error.reshape(-1)
+    s2 = np.float32(np.sqrt(np.dot(c, c)) / math.sqrt(C)) if C else np.float32(0)
+    reply = signs(c, s2)
+    server_error.reshape(-1)[:] = c - decoded(reply)
+    parts = [decoded(p).astype(x.dtype, copy=False) for p in comm.allgather(reply)]
+    return np.concatenate(parts)[:n].reshape(np.shape(array))
 
 
 def _check_error(err, name, size, dtype):
@@ -451,45 +515,12 @@ class Cluster:
 # torch.distributed
 # --------------------------------------------------------------------------
 
-class TorchCommunicator(Communicator):
-    """The same interface over a torch.distributed process group (CPU
-    tensors; gloo works).  Payload bytes travel through
-    ``all_gather_object``; this rank's counters (``bytes_sent``,
-    ``bytes_received``) follow the module's accounting rules, which count
-    the lowband payload bytes, not torch's pickling overhead."""
-
-    def __init__(self, group=None):
-        super().__init__()
-        import torch.distributed as dist
-        if not dist.is_initialized():
-            raise RuntimeError("TorchCommunicator: torch.distributed is not initialised "
-                               "(call torch.distributed.init_process_group first)")
-        self._dist = dist
-        self.group = group
-        self.rank = dist.get_rank(group)
-        self.world_size = dist.get_world_size(group)
-
-    def _gather_all(self, name, item):
-        out = [None] * self.world_size
-        self._dist.all_gather_object(out, (name, item), group=self.group)
-        names = [n for n, _ in out]
-        if len(set(names)) != 1:
-            raise RuntimeError(f"mismatched collectives across ranks: {names}")
-        return [it for _, it in out]
-
-    def _allreduce_raw(self, array, op):
-        # rank-ordered sum: gather every contribution and add in rank order
-        # (a torch all_reduce would sum in an order we do not control)
-        items = self._gather_all("allreduce", array)
-        total = items[0].copy()
-        for a in items[1:]:
-            if a.shape != total.shape or a.dtype != total.dtype:
-                raise ValueError(f"array: ranks passed different shapes/dtypes "
-                                 f"({a.dtype} {a.shape} vs {total.dtype} {total.shape})")
-            total += a
-        if op == "mean":
-            total /= self.world_size
-        return total
-
-    def barrier(self):
-        self._dist.barrier(group=self.group)
+def TorchCommunicator(group=None):
+    """Deprecated alias of ``lowband.torch.ProcessGroupCommunicator(group)``
+    (real collectives, no pickling; imported only when called, so that
+    ``lowband.sim`` never imports torch)."""
+    import warnings
+    warnings.warn("lowband.sim.TorchCommunicator is deprecated; use "
+                  "lowband.torch.ProcessGroupCommunicator", DeprecationWarning, stacklevel=2)
+    from .torch.comm import ProcessGroupCommunicator
+    return ProcessGroupCommunicator(group)

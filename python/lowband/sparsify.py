@@ -163,7 +163,7 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
     if out is None:
         result = np.empty(shape, dtype=dtype)
     else:
-        result = check_out(out, shape, dtype)
+        result = check_out(out, shape, dtype)    # a tensor: a view of it
     idt = index_dtype(first.size)
     pairs = []
     for p in payloads:
@@ -171,4 +171,4 @@ def aggregate(payloads, op="mean", out=None, *, threads=None):
         pairs.append((np.ascontiguousarray(p.indices, dtype=idt),
                       np.ascontiguousarray(vals, dtype=dtype)))
     _core.aggregate(pairs, op, result.reshape(-1), threads)
-    return result
+    return result if out is None else out

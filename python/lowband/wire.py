@@ -20,7 +20,7 @@ import numpy as np
 from . import _core
 from ._payload import (CODE_DTYPES, DTYPE_CODES, Dense, FormatError, Quantized, Sparse,
                        get_scheme, normalize_shape, scheme_by_id, shape_size)
-from ._validate import check_int
+from ._validate import check_int, from_torch
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
 
@@ -289,7 +289,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     if max_size is not None:
         max_size = check_int(max_size, "max_size", 0)
     try:
-        buf = memoryview(data).cast("B")
+        buf = memoryview(from_torch(data, "data")).cast("B")
     except TypeError:
         raise TypeError(f"data: expected a bytes-like object, got {type(data).__name__}") from None
     n = len(buf)

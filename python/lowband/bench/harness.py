@@ -113,6 +113,11 @@ def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdo
     rows = []
     for suite in suites or default_suites():
         mod = importlib.import_module(f"lowband.bench.{suite}")
+        if hasattr(mod, "rows"):   # a suite that measures elsewhere (e.g. in spawned ranks)
+            for row in mod.rows(ctx, reps):
+                rows.append(row)
+                print_row(row, out)
+            continue
         for case in mod.cases(ctx):
             row = {"suite": suite, "case": case.name, "nbytes": case.nbytes, "note": case.note}
             row["lowband_ms"] = time_median(case.lowband, reps) * 1e3

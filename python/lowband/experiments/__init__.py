@@ -125,9 +125,22 @@ def run_one(name, size="quick", *, seed=0, workers=None, engine="sim", out="lowb
     exp = load(name)
     config = configure(exp, size, seed, workers, engine, out, progress)
     t0 = time.perf_counter()
-    result = exp.run(config)
+    with _one_blas_thread():
+        result = exp.run(config)
     checks = exp.judge(result.metrics, exp.thresholds)
     return write_outputs(exp, config, result, checks, time.perf_counter() - t0)
+
+
+def _one_blas_thread():
+    """The workers are threads (or processes) that each call BLAS on small
+    matrices: a multi-threaded BLAS per worker oversubscribes the cores
+    (tens of times slower on two cores), so BLAS runs single-threaded."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:       # scikit-learn (the experiments extra) brings it
+        import contextlib
+        return contextlib.nullcontext()
+    return threadpool_limits(1, "blas")
 
 
 def run_many(selection, size="quick", *, index=False, out="lowband-results", **kwargs):

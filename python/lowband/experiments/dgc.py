@@ -21,7 +21,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 300, "hidden": 64, "batch": 32, "lr": 0.05, "warmup_steps": 15, "eval_every": 50},
+    "smoke": {"steps": 150, "hidden": 32, "batch": 32, "lr": 0.05, "warmup_steps": 8, "eval_every": 50},
     "quick": {"steps": 600, "hidden": 128, "batch": 32, "lr": 0.05, "warmup_steps": 30, "eval_every": 50},
     "full": {"steps": 3000, "hidden": 256, "batch": 32, "lr": 0.05, "warmup_steps": 100, "eval_every": 100},
 }

@@ -6,8 +6,11 @@ return values and the bytes each rank sent, in rank order.
 
 - ``sim``: ``lowband.sim.Cluster``, one thread per rank in this process.
 - ``torch``: one spawned process per rank, a gloo process group on
-  127.0.0.1 and ``lowband.sim.TorchCommunicator`` (payloads cross real
-  process boundaries).  ``fn`` and ``args`` must be picklable (module-level
+  127.0.0.1 and ``lowband.torch.ProcessGroupCommunicator`` with
+  ``deterministic=True`` (rank-ordered sums; payloads cross real process
+  boundaries).  Its byte counters count every tensor handed to torch
+  (padding and size messages included), so bytes differ from ``sim``'s
+  payload accounting while the trained numbers agree.  ``fn`` and ``args`` must be picklable (module-level
   functions, plain data); each rank uses one thread.
 
 The collectives add contributions in rank order on both engines, so a
@@ -44,14 +47,19 @@ def _free_port():
 def _torch_rank(rank, world_size, port, fn, args, path):
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     try:
+        from threadpoolctl import threadpool_limits
+        threadpool_limits(1, "blas")
+    except ImportError:
+        pass
+    try:
         import torch
         import torch.distributed as dist
         torch.set_num_threads(1)
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                                 world_size=world_size)
         try:
-            from ..sim import TorchCommunicator
-            comm = TorchCommunicator()
+            from ..torch.comm import ProcessGroupCommunicator
+            comm = ProcessGroupCommunicator(deterministic=True)
             out = fn(comm, *args)
             payload = ("ok", out, int(comm.bytes_sent))
         finally:

@@ -35,8 +35,8 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"d": 100, "m": 200, "steps": {"none": 300, "ef14": 600, "ef21": 500, "econtrol": 700},
-              "clients": 10, "max_rounds": 2000, "target": 3e-2},
+    "smoke": {"d": 50, "m": 100, "steps": {"none": 100, "ef14": 200, "ef21": 200, "econtrol": 200},
+              "clients": 10, "max_rounds": 500, "target": 1e-1},
     "quick": {"d": 100, "m": 200, "steps": {"none": 600, "ef14": 1500, "ef21": 1000, "econtrol": 1500},
               "clients": 10, "max_rounds": 4000, "target": 1e-2},
     "full": {"d": 200, "m": 400, "steps": {"none": 2000, "ef14": 6000, "ef21": 3000, "econtrol": 4000},

@@ -20,7 +20,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"rounds": 6, "local_steps": 5, "hidden": 32, "batch": 16, "lr": 0.1},
+    "smoke": {"rounds": 3, "local_steps": 5, "hidden": 32, "batch": 16, "lr": 0.1},
     "quick": {"rounds": 15, "local_steps": 10, "hidden": 128, "batch": 16, "lr": 0.1},
     "full": {"rounds": 60, "local_steps": 20, "hidden": 128, "batch": 16, "lr": 0.1},
 }

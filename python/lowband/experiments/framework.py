@@ -246,6 +246,8 @@ def fmt(v):
         return "yes" if v else "no"
     if isinstance(v, (int, np.integer)):
         return f"{int(v):,}"
+    if isinstance(v, (list, tuple)):
+        return ", ".join(fmt(x) for x in v)
     if isinstance(v, (float, np.floating)):
         f = float(v)
         if not math.isfinite(f):
@@ -256,15 +258,19 @@ def fmt(v):
     return str(v)
 
 
+def _cell(text):
+    return str(text).replace("|", "\\|")
+
+
 def _table_md(table):
     if not table:
         return ""
     cols = []
     for row in table.values():
         cols += [c for c in row if c not in cols]
-    lines = ["| arm | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+    lines = ["| arm | " + " | ".join(_cell(c) for c in cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for arm, row in table.items():
-        lines.append(f"| {arm} | " + " | ".join(fmt(row[c]) if c in row else "" for c in cols) + " |")
+        lines.append(f"| {_cell(arm)} | " + " | ".join(_cell(fmt(row[c])) if c in row else "" for c in cols) + " |")
     return "\n".join(lines)
 
 
@@ -313,8 +319,8 @@ def write_outputs(exp, config, result, checks, seconds):
               "| check | measured | threshold | holds |", "|---|---|---|---|"]
     for c in checks:
         measured = c.measured if not isinstance(c.measured, (list, tuple)) else ", ".join(fmt(m) for m in c.measured)
-        lines.append(f"| {c.statement} | {fmt(measured) if not isinstance(measured, str) else measured} "
-                     f"| {fmt(c.threshold)} | {'yes' if c.holds else '**no**'} |")
+        lines.append(f"| {_cell(c.statement)} | {_cell(fmt(measured))} "
+                     f"| {_cell(fmt(c.threshold))} | {'yes' if c.holds else '**no**'} |")
     lines += ["", f"## Verdict: {verdict}", ""]
     failed = [c for c in checks if not c.holds]
     if failed:

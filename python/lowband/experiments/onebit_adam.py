@@ -19,7 +19,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 250, "hidden": 64, "batch": 32, "lr": 1e-3, "eval_every": 25},
+    "smoke": {"steps": 150, "hidden": 32, "batch": 32, "lr": 1e-3, "eval_every": 25},
     "quick": {"steps": 500, "hidden": 64, "batch": 32, "lr": 1e-3, "eval_every": 25},
     "full": {"steps": 3000, "hidden": 256, "batch": 32, "lr": 1e-3, "eval_every": 100},
 }

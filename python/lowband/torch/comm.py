@@ -1,0 +1,441 @@
+"""lowband's ``Communicator`` over a torch.distributed process group.
+
+``ProcessGroupCommunicator(group=None, deterministic=False)`` gives one rank
+the interface of ``lowband.sim`` (``allreduce``, ``allgather``,
+``alltoall``, ``broadcast``, ``barrier``, ``compressed_allreduce``), so the
+NumPy optimizers of ``lowband.optim`` run unchanged on real processes, and
+adds what DDP hooks need: tensors in and out, batched forms that move the
+payloads of many tensors in one collective, and asynchronous forms that
+return ``torch.futures.Future`` objects.
+
+How each collective crosses torch (no pickling anywhere):
+
+``allreduce``            ``dist.all_reduce`` on a zero-copy tensor view of
+                         the array (SUM; "mean" divides afterwards).  With
+                         ``deterministic=True`` the sum is added in rank
+                         order, as ``lowband.sim`` does, and still moves O(n)
+                         per rank: the buffer is padded to W equal chunks,
+                         ``all_to_all_single`` hands chunk j of every rank to
+                         rank j, which adds them in rank order, and
+                         ``all_gather_single`` returns the summed chunks.
+``allgather``            the ``lowband.encode`` bytes: one ``all_gather``
+                         of the int64 sizes, then one padded uint8
+                         ``all_gather_single`` (``all_gather_into_tensor``
+                         on torch < 2.6).
+``alltoall``             an ``all_to_all_single`` of the int64 sizes, then
+                         one uint8 ``all_to_all_single`` with uneven splits.
+``broadcast``            the size, then the bytes (``dist.broadcast``).
+``compressed_allreduce`` DeepSpeed's two-phase compressed allreduce (worker
+                         and server error, exactly ``lowband.sim``'s
+                         arithmetic) on ``alltoall`` and ``allgather``.
+
+Byte counters: ``bytes_sent`` adds the size of every tensor this rank hands
+to torch as an input, ``bytes_received`` of every tensor torch fills for it
+(``all_reduce``: the buffer, both ways; ``all_gather_single``: the input
+sent, the W-times larger output received; ``all_to_all_single``: input and
+output; ``broadcast``: sent by the root, received by the others); padding
+and the int64 size messages included.  ``calls`` counts the torch
+collectives.  A one-rank group calls no collective and counts nothing.
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from .._validate import as_float_array, check_choice, check_int
+from ..compressors import from_spec
+from ..sim import (Communicator, _as_payload, _check_error, _reduce_array, chunk_bounds, decoded,
+                   reduce_payloads)
+from ..wire import decode, encode
+from ._interop import as_numpy, as_tensor
+
+__all__ = ["ProcessGroupCommunicator"]
+
+_REDUCE_OPS = ("sum", "mean")
+
+
+def _gather_fn():
+    # all_gather_into_tensor was renamed all_gather_single in torch 2.6+
+    return getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+
+
+def _done(value):
+    fut = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _nbytes(t):
+    return t.numel() * t.element_size()
+
+
+class ProcessGroupCommunicator(Communicator):
+    """One rank's lowband collectives over ``group`` (None: the default
+    group) of an initialised torch.distributed; see the module doc.  Works
+    on gloo with CPU tensors and on any backend whose collectives take the
+    tensors' device."""
+
+    def __init__(self, group=None, deterministic=False):
+        super().__init__()
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError("ProcessGroupCommunicator: torch.distributed is not initialised "
+                               "(call torch.distributed.init_process_group first)")
+        self.group = group
+        self.deterministic = bool(deterministic)
+        self.rank = dist.get_rank(group)
+        self.world_size = dist.get_world_size(group)
+        self.calls = 0
+
+    def __repr__(self):
+        return (f"ProcessGroupCommunicator(rank={self.rank}, world_size={self.world_size}, "
+                f"deterministic={self.deterministic})")
+
+    # -- the torch calls (every byte counted here) ---------------------------
+    def _tally(self, sent, received):
+        self.bytes_sent += sent
+        self.bytes_received += received
+        self.calls += 1
+
+    def _all_reduce(self, t):
+        self._tally(_nbytes(t), _nbytes(t))
+        return dist.all_reduce(t, group=self.group, async_op=True).get_future()
+
+    def _all_gather(self, out, inp):
+        self._tally(_nbytes(inp), _nbytes(out))
+        return _gather_fn()(out, inp, group=self.group, async_op=True).get_future()
+
+    def _all_to_all(self, out, inp, out_splits=None, in_splits=None):
+        self._tally(_nbytes(inp), _nbytes(out))
+        return dist.all_to_all_single(out, inp, out_splits, in_splits, group=self.group,
+                                      async_op=True).get_future()
+
+    def _broadcast(self, t, root):
+        if self.rank == root:
+            self._tally(_nbytes(t), 0)
+        else:
+            self._tally(0, _nbytes(t))
+        src = root if self.group is None else dist.get_global_rank(self.group, root)
+        return dist.broadcast(t, src, group=self.group, async_op=True).get_future()
+
+    # -- running a protocol synchronously or as a future ---------------------
+    def _run(self, gen, async_op):
+        """Drive a protocol generator: it yields the futures of the torch
+        collectives it launched and returns its result.  Synchronously, or
+        (``async_op``) as a Future whose callbacks launch each next step as
+        soon as the previous collective completes."""
+        if not async_op:
+            try:
+                fut = next(gen)
+                while True:
+                    fut.wait()
+                    fut = gen.send(None)
+            except StopIteration as stop:
+                return stop.value
+        result = torch.futures.Future()
+
+        def advance(prev):
+            try:
+                if prev is not None:
+                    prev.wait()      # re-raises a failed collective
+                    fut = gen.send(None)
+                else:
+                    fut = next(gen)
+            except StopIteration as stop:
+                result.set_result(stop.value)
+                return
+            except BaseException as exc:  # noqa: BLE001 - handed to the future
+                result.set_exception(exc)
+                return
+            fut.then(advance)
+
+        advance(None)
+        return result
+
+    # -- allreduce -------------------------------------------------------------
+    def allreduce(self, array, op="sum", *, out=None):
+        """The sum (or mean) of every rank's array, as a new array (or in
+        ``out``, which may be ``array`` itself).  Takes an ndarray or a
+        tensor (any device) and returns the same kind."""
+        return self._run(self._allreduce(array, op, out), False)
+
+    def allreduce_async(self, array, op="sum", *, out=None):
+        """``allreduce`` as a torch Future resolving to the result."""
+        return self._run(self._allreduce(array, op, out), True)
+
+    def _allreduce(self, array, op, out):
+        check_choice(op, "op", _REDUCE_OPS)
+        if isinstance(array, torch.Tensor):
+            if not array.is_floating_point() and op == "mean":
+                raise TypeError(f"array: op='mean' needs a float tensor, got {array.dtype}")
+            src = array.detach()
+            if out is None:
+                res = src.clone(memory_format=torch.contiguous_format)
+            else:
+                if not isinstance(out, torch.Tensor) or out.shape != src.shape or out.dtype != src.dtype:
+                    raise ValueError(f"out: expected a tensor of shape {tuple(src.shape)} and dtype "
+                                     f"{src.dtype}, got {getattr(out, 'dtype', type(out).__name__)}")
+                if not out.is_contiguous():
+                    raise ValueError("out: expected a contiguous tensor")
+                if out.data_ptr() != src.data_ptr():
+                    out.copy_(src)
+                res = out
+            flat = res.view(-1)
+            result = res
+        else:
+            arr = _reduce_array(array)
+            if op == "mean" and arr.dtype.kind != "f":
+                raise TypeError(f"array: op='mean' needs a float array, got dtype {arr.dtype}")
+            if out is None:
+                res = arr.copy()
+            else:
+                if not isinstance(out, np.ndarray) or out.shape != arr.shape or out.dtype != arr.dtype:
+                    raise ValueError(f"out: expected an array of shape {arr.shape} and dtype {arr.dtype}")
+                if not (out.flags.c_contiguous and out.flags.writeable):
+                    raise ValueError("out: expected a writeable C-contiguous array")
+                if not np.shares_memory(out, arr):
+                    out[...] = arr
+                res = out
+            flat = as_tensor(res.reshape(-1))
+            result = res
+        W = self.world_size
+        if W > 1 and flat.numel() > 0:
+            if self.deterministic:
+                yield from self._ordered_sum(flat)
+            else:
+                yield self._all_reduce(flat)
+        if op == "mean" and W > 1:
+            flat.div_(W)
+        return result
+
+    def _ordered_sum(self, flat):
+        """flat <- the sum of every rank's flat, added in rank order."""
+        W, n = self.world_size, flat.numel()
+        c = -(-n // W)
+        send = flat.new_zeros(W * c)
+        send[:n] = flat
+        recv = torch.empty_like(send)
+        yield self._all_to_all(recv, send)
+        rows = recv.view(W, c)
+        acc = rows[0].clone()
+        for r in range(1, W):
+            acc += rows[r]
+        gathered = torch.empty_like(send)
+        yield self._all_gather(gathered, acc)
+        flat.copy_(gathered[:n])
+
+    # -- bytes: the batched transports -----------------------------------------
+    def allgather_bytes(self, blobs):
+        """Every rank's list of byte strings (same count on every rank), in
+        rank order: ``result[r][t]`` is rank r's ``blobs[t]`` (a read-only
+        memoryview).  Two collectives: the sizes, then the padded bytes."""
+        return self._run(self._allgather_bytes(blobs), False)
+
+    def _allgather_bytes(self, blobs):
+        blobs = [memoryview(b).cast("B") for b in blobs]
+        W, T = self.world_size, len(blobs)
+        if W == 1:
+            return [list(blobs)]
+        if T == 0:
+            return [[] for _ in range(W)]
+        sizes = torch.tensor([len(b) for b in blobs], dtype=torch.int64)
+        all_sizes = torch.empty(W * T, dtype=torch.int64)
+        yield self._all_gather(all_sizes, sizes)
+        table = all_sizes.view(W, T).numpy()
+        totals = table.sum(axis=1)
+        if int(totals[self.rank]) != int(sizes.sum()):
+            raise RuntimeError("allgather: the size exchange returned inconsistent sizes")
+        width = int(totals.max())
+        send = np.zeros(width, dtype=np.uint8)
+        pos = 0
+        for b in blobs:
+            send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
+            pos += len(b)
+        out = np.empty(W * width, dtype=np.uint8)
+        yield self._all_gather(torch.from_numpy(out), torch.from_numpy(send))
+        view = memoryview(out).toreadonly()
+        rows = []
+        for r in range(W):
+            pos, row = r * width, []
+            for s in table[r]:
+                row.append(view[pos:pos + int(s)])
+                pos += int(s)
+            rows.append(row)
+        return rows
+
+    def alltoall_bytes(self, blobs):
+        """``blobs[j]`` (a list of T byte strings, T the same for every j
+        and rank) goes to rank j; ``result[i][t]`` is what rank i sent this
+        rank as its t-th blob.  Two collectives: the sizes, then one uint8
+        ``all_to_all_single`` with uneven splits."""
+        return self._run(self._alltoall_bytes(blobs), False)
+
+    def _alltoall_bytes(self, blobs):
+        W = self.world_size
+        if not isinstance(blobs, (list, tuple)) or len(blobs) != W:
+            raise ValueError(f"blobs: expected {W} lists (one per rank), got {len(blobs)}")
+        rows = [[memoryview(b).cast("B") for b in row] for row in blobs]
+        T = len(rows[0])
+        if any(len(row) != T for row in rows):
+            raise ValueError(f"blobs: every destination needs the same number of blobs, got "
+                             f"{[len(row) for row in rows]}")
+        if W == 1 or T == 0:
+            return rows if W == 1 else [[] for _ in range(W)]
+        sizes = torch.tensor([[len(b) for b in row] for row in rows], dtype=torch.int64).view(-1)
+        got_sizes = torch.empty_like(sizes)
+        yield self._all_to_all(got_sizes, sizes)
+        mine = sizes.view(W, T).numpy()
+        table = got_sizes.view(W, T).numpy()
+        in_splits = [int(s) for s in mine.sum(axis=1)]
+        out_splits = [int(s) for s in table.sum(axis=1)]
+        send = np.empty(sum(in_splits), dtype=np.uint8)
+        pos = 0
+        for row in rows:
+            for b in row:
+                send[pos:pos + len(b)] = np.frombuffer(b, dtype=np.uint8)
+                pos += len(b)
+        out = np.empty(sum(out_splits), dtype=np.uint8)
+        yield self._all_to_all(torch.from_numpy(out), torch.from_numpy(send), out_splits, in_splits)
+        view = memoryview(out).toreadonly()
+        result, pos = [], 0
+        for i in range(W):
+            row = []
+            for s in table[i]:
+                row.append(view[pos:pos + int(s)])
+                pos += int(s)
+            result.append(row)
+        return result
+
+    # -- payload collectives (the Communicator interface) -----------------------
+    def allgather(self, payload):
+        """Every rank's payload (decoded copies), in rank order."""
+        return [row[0] for row in self.allgather_many([payload])]
+
+    def allgather_async(self, payload):
+        """``allgather`` as a Future resolving to the list of payloads."""
+        wire = encode(_as_payload(payload))
+        return self._run(self._allgather_bytes([wire]), True).then(
+            lambda f: [decode(row[0]) for row in f.value()])
+
+    def allgather_many(self, payloads):
+        """``result[r][t]``: rank r's ``payloads[t]``; every rank passes the
+        same number of payloads; one size exchange and one byte gather for
+        all of them."""
+        wires = [encode(_as_payload(p, f"payloads[{t}]")) for t, p in enumerate(payloads)]
+        return [[decode(b) for b in row] for row in self.allgather_bytes(wires)]
+
+    def alltoall(self, payloads):
+        """Send ``payloads[j]`` to rank j; item j of the result is what rank
+        j sent to this rank."""
+        self._check_alltoall(payloads)
+        wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
+        return [decode(row[0]) for row in self.alltoall_bytes(wires)]
+
+    def alltoall_async(self, payloads):
+        """``alltoall`` as a Future resolving to the list of payloads."""
+        self._check_alltoall(payloads)
+        wires = [[encode(_as_payload(p, f"payloads[{j}]"))] for j, p in enumerate(payloads)]
+        return self._run(self._alltoall_bytes(wires), True).then(
+            lambda f: [decode(row[0]) for row in f.value()])
+
+    def _check_alltoall(self, payloads):
+        if not isinstance(payloads, (list, tuple)):
+            raise TypeError(f"payloads: expected a list of {self.world_size} payloads, got {type(payloads).__name__}")
+        if len(payloads) != self.world_size:
+            raise ValueError(f"payloads: expected {self.world_size} payloads (one per rank), got {len(payloads)}")
+
+    def broadcast(self, payload=None, root=0):
+        """The root's payload on every rank (other ranks' ``payload`` is ignored)."""
+        return self._run(self._broadcast_payload(payload, root), False)
+
+    def broadcast_async(self, payload=None, root=0):
+        """``broadcast`` as a Future resolving to the payload."""
+        return self._run(self._broadcast_payload(payload, root), True)
+
+    def _broadcast_payload(self, payload, root):
+        root = check_int(root, "root", 0, self.world_size - 1)
+        wire = encode(_as_payload(payload)) if self.rank == root else None
+        if self.world_size == 1:
+            return decode(wire)
+        size = torch.tensor([len(wire) if wire is not None else 0], dtype=torch.int64)
+        yield self._broadcast(size, root)
+        buf = np.empty(int(size[0]), dtype=np.uint8)
+        if wire is not None:
+            buf[:] = np.frombuffer(wire, dtype=np.uint8)
+        yield self._broadcast(torch.from_numpy(buf), root)
+        return decode(buf)
+
+    def barrier(self):
+        """Wait until every rank reaches the barrier."""
+        if self.world_size > 1:
+            dist.barrier(group=self.group)
+
+    # -- the two-phase compressed allreduce -------------------------------------
+    def compressed_allreduce(self, array, compressor, worker_error=None, server_error=None):
+        """The mean of every rank's array through DeepSpeed's two-phase
+        compressed allreduce, with ``lowband.sim``'s arithmetic (see its
+        module doc); ``worker_error`` / ``server_error`` are updated in place."""
+        out = self.compressed_allreduce_many([array], [compressor], [worker_error], [server_error])[0]
+        return out.reshape(np.shape(array))
+
+    def compressed_allreduce_many(self, arrays, compressors, worker_errors=None, server_errors=None,
+                                  outs=None):
+        """``compressed_allreduce`` of several arrays at once: each array is
+        chunked and compressed on its own (results identical to one call
+        per array), but all chunks bound for one rank travel as one message
+        (two ``alltoall_bytes`` / ``allgather_bytes`` exchanges in all).
+        ``outs[t]`` (optional) receives array t's flat result."""
+        T = len(arrays)
+        worker_errors = [None] * T if worker_errors is None else list(worker_errors)
+        server_errors = [None] * T if server_errors is None else list(server_errors)
+        if len(compressors) != T or len(worker_errors) != T or len(server_errors) != T:
+            raise ValueError(f"compressors, worker_errors, server_errors: expected {T} each (one per array)")
+        W, rank = self.world_size, self.rank
+        comps, flats, bounds = [], [], []
+        to_rank = [[] for _ in range(W)]
+        for t in range(T):
+            comp = from_spec(compressors[t])
+            x = as_float_array(arrays[t], f"arrays[{t}]").reshape(-1)
+            b = chunk_bounds(x.size, W)
+            _check_error(worker_errors[t], f"worker_errors[{t}]", x.size, x.dtype)
+            _check_error(server_errors[t], f"server_errors[{t}]", b[rank + 1] - b[rank], x.dtype)
+            we = worker_errors[t]
+            z = x + we.reshape(-1) if we is not None else x
+            for j in range(W):
+                p = comp.compress(z[b[j]:b[j + 1]])
+                if we is not None:
+                    we.reshape(-1)[b[j]:b[j + 1]] = z[b[j]:b[j + 1]] - decoded(p)
+                to_rank[j].append(encode(p))
+            comps.append(comp)
+            flats.append(x)
+            bounds.append(b)
+        got = self.alltoall_bytes(to_rank)
+        replies = []
+        for t in range(T):
+            x, b, comp, se = flats[t], bounds[t], comps[t], server_errors[t]
+            shape = (b[rank + 1] - b[rank],)
+            mine = reduce_payloads([decode(got[i][t], expect_shape=shape) for i in range(W)],
+                                   "mean").astype(x.dtype, copy=False)
+            if se is not None:
+                mine = mine + se.reshape(-1)
+            reply = comp.compress(mine)
+            if se is not None:
+                se.reshape(-1)[:] = mine - decoded(reply)
+            replies.append(encode(reply))
+        rows = self.allgather_bytes(replies)
+        results = []
+        for t in range(T):
+            x, b = flats[t], bounds[t]
+            out = np.empty(x.size, dtype=x.dtype) if outs is None or outs[t] is None else outs[t].reshape(-1)
+            for i in range(W):
+                p = decode(rows[i][t], expect_shape=(b[i + 1] - b[i],))
+                out[b[i]:b[i + 1]] = decoded(p)
+            results.append(out)
+        return results
+
+    # -- tensors -----------------------------------------------------------------
+    @staticmethod
+    def as_numpy(tensor, name="tensor"):
+        """A zero-copy NumPy view of a contiguous CPU tensor (bfloat16 as
+        ``ml_dtypes.bfloat16`` through a uint16 view)."""
+        return as_numpy(tensor, name)
