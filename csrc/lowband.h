@@ -582,27 +582,6 @@ lb_status lb_index_decode(const uint8_t *buf, uint64_t len, int encoding,
                           uint64_t count, uint64_t n, int width, void *out,
                           lb_error *err);
 
-/* ------------------------------------------------------------------------ */
-/* PowerSGD (core/powersgd.c)                                                */
-/* ------------------------------------------------------------------------ */
-
-/* Rows per block of the PowerSGD orthogonalisation's sums (fixed: the
- * result does not depend on the thread count).                            */
-#define LB_PSGD_BLOCK ((uint64_t)4096)
-
-/* Orthogonalises in place the columns of `batch` row-major n x r matrices
- * (float32 or float64, stored one after the other) by modified
- * Gram-Schmidt, as PyTorch's PowerSGD hook does: for i = 0..r-1,
- * c_i *= 1 / (||c_i|| + epsilon) (a column of norm 0 becomes 0), then
- * every c_j, j > i, loses <c_i, c_j> c_i.  Sums in double: row k of a
- * block of LB_PSGD_BLOCK rows adds into lane k % 8, lanes are added in
- * lane order, blocks in block order.  LB_ENONFINITE (matrix
- * untouched, err->index = flat index of the first NaN/Inf), LB_EOVERFLOW
- * when a norm overflows, LB_EINVAL for another dtype or a negative or
- * non-finite epsilon.                                                      */
-lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
-                                    uint64_t r, lb_dtype dt, double epsilon,
-                                    int nthreads, lb_error *err);
 
 /* ------------------------------------------------------------------------ */
 /* Two-means sign, majority vote, dithering (core/twomeans.c, vote.c,        */
@@ -642,6 +621,41 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
 lb_status lb_dither_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
                            uint64_t n, unsigned levels, const double *mag,
                            lb_dtype dt, void *out, int subtract, lb_error *err);
+
+
+/* FedZip (core/fedzip.c): 3-means of x from (min, mid, max) with `iters`
+ * Lloyd iterations (float32 centroids, labels 0..2), and the Huffman
+ * (gaps = 0) or gap-coded (gaps = 1) label stream; see fedzip.c.         */
+lb_status lb_kmeans3(const void *x, uint64_t n, lb_dtype dt, int iters,
+                     int nthreads, float *centroids, uint8_t *labels,
+                     lb_error *err);
+lb_status lb_fedzip_encode(const uint8_t *labels, uint64_t n, int gaps,
+                           unsigned *major, uint8_t **stream, uint64_t *nbits);
+lb_status lb_fedzip_decode(const uint8_t *buf, uint64_t len, uint64_t nbits,
+                           uint64_t n, int gaps, unsigned major,
+                           const double *centroids, lb_dtype dt, void *out,
+                           lb_error *err);
+/* ------------------------------------------------------------------------ */
+/* PowerSGD (core/powersgd.c)                                                */
+/* ------------------------------------------------------------------------ */
+
+/* Rows per block of the PowerSGD orthogonalisation's sums (fixed: the
+ * result does not depend on the thread count).                            */
+#define LB_PSGD_BLOCK ((uint64_t)4096)
+
+/* Orthogonalises in place the columns of `batch` row-major n x r matrices
+ * (float32 or float64, stored one after the other) by modified
+ * Gram-Schmidt, as PyTorch's PowerSGD hook does: for i = 0..r-1,
+ * c_i *= 1 / (||c_i|| + epsilon) (a column of norm 0 becomes 0), then
+ * every c_j, j > i, loses <c_i, c_j> c_i.  Sums in double: row k of a
+ * block of LB_PSGD_BLOCK rows adds into lane k % 8, lanes are added in
+ * lane order, blocks in block order.  LB_ENONFINITE (matrix
+ * untouched, err->index = flat index of the first NaN/Inf), LB_EOVERFLOW
+ * when a norm overflows, LB_EINVAL for another dtype or a negative or
+ * non-finite epsilon.                                                      */
+lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
+                                    uint64_t r, lb_dtype dt, double epsilon,
+                                    int nthreads, lb_error *err);
 
 #ifdef __cplusplus
 }

@@ -1,4 +1,4 @@
-"""The signum, dithering, zero-one-adam and onebit-lamb experiments run end
+"""The signum, dithering, zero-one-adam, onebit-lamb and fedzip experiments run end
 to end at their smoke size and report every check they declare."""
 import pytest
 
@@ -9,7 +9,7 @@ from lowband import experiments  # noqa: E402
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["signum", "dithering", "zero-one-adam", "onebit-lamb"])
+@pytest.mark.parametrize("name", ["signum", "dithering", "zero-one-adam", "onebit-lamb", "fedzip"])
 def test_smoke_run(name, tmp_path):
     summary = experiments.run_one(name, "smoke", out=str(tmp_path), progress=False)
     assert summary["verdict"] in ("holds", "partly holds", "does not hold")

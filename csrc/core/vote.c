@@ -20,7 +20,10 @@
 static uint64_t load_word(const uint8_t *p, uint64_t nbytes)
 {
     uint64_t w = 0;
-    memcpy(&w, p, nbytes < 8 ? nbytes : 8);   /* little-endian hosts */
+    if (nbytes >= 8)
+        memcpy(&w, p, 8);                 /* little-endian hosts */
+    else
+        memcpy(&w, p, nbytes);
     return w;
 }
 

@@ -99,5 +99,6 @@ extern PyMethodDef lb_feedback_methods[];
 extern PyMethodDef lb_moe_methods[];
 extern PyMethodDef lb_sign_methods[];
 extern PyMethodDef lb_dither_methods[];
+extern PyMethodDef lb_fedzip_methods[];
 
 #endif /* LB_GLUE_H */

@@ -45,6 +45,7 @@ from ._version import __version__
 from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
 from .wire import decode, encode
 from .vote import majority_vote
+from . import lossless
 from . import compressors as _compressors, feedback as _feedback, moe, optim, sim
 from . import powersgd
 from .powersgd import PowerSGD
@@ -61,8 +62,8 @@ __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
     "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
     "aggregate", "majority_vote", "encode", "decode", "set_num_threads", "get_num_threads", "isa",
-    "release_memory", "moe", "optim", "sim", "powersgd", "PowerSGD", "federated", "decentral",
-    *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
+    "release_memory", "moe", "optim", "sim", "lossless", "powersgd", "PowerSGD", "federated",
+    "decentral", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,
 ]
 
 

@@ -917,58 +917,6 @@ def moe_combine_dot(grad_out, y, position):
     return gw
 
 
-# ==========================================================================
-# PowerSGD
-# ==========================================================================
-
-POWERSGD_BLOCK = 4096      # rows per block of the sums (LB_PSGD_BLOCK)
-
-
-POWERSGD_LANES = 8         # interleaved partial sums per block
-
-
-def _blocked_sum(terms):
-    """The C core's sum of float64 terms: per block of POWERSGD_BLOCK rows,
-    row k adds into lane k % 8 (from +0.0, in row order); a block's sum is
-    0.0 + lane 0 + ... + lane 7; the total 0.0 + block 0 + block 1 + ..."""
-    total = 0.0
-    for lo in range(0, len(terms), POWERSGD_BLOCK):
-        block = terms[lo:lo + POWERSGD_BLOCK]
-        pad = -len(block) % POWERSGD_LANES
-        rows = np.concatenate([block, np.zeros(pad)]).reshape(-1, POWERSGD_LANES)
-        lanes = np.cumsum(np.vstack([np.zeros(POWERSGD_LANES), rows]), axis=0)[-1]
-        bs = 0.0
-        for v in lanes:
-            bs += float(v)
-        total += bs
-    return total
-
-
-def powersgd_orthogonalize(a, epsilon=0.0):
-    """Modified Gram-Schmidt over the columns of each trailing n x r matrix
-    of a (float32/float64); returns a new array with the bytes of the C
-    kernel: column i *= 1 / (sqrt(sum c^2) + epsilon) (0 when that is 0), then
-    c_j -= <c_i, c_j> c_i for j > i, sums in float64."""
-    a = np.array(a, copy=True)
-    dt = a.dtype
-    mats = a.reshape(-1, a.shape[-2], a.shape[-1])
-    for mat in mats:
-        n, r = mat.shape
-        total = [_blocked_sum(mat[:, j].astype(np.float64) ** 2) for j in range(r)]
-        for i in range(r):
-            d = math.sqrt(total[i]) + epsilon
-            col = mat[:, i].astype(np.float64)
-            inv = 0.0 if d == 0 else 1.0 / d
-            mat[:, i] = (col * inv).astype(dt)
-            c = mat[:, i].astype(np.float64)
-            dots = {j: _blocked_sum(c * mat[:, j].astype(np.float64)) for j in range(i + 1, r)}
-            for j in range(i + 1, r):
-                mat[:, j] = (mat[:, j].astype(np.float64) - dots[j] * c).astype(dt)
-            if i + 1 < r:
-                total[i + 1] = _blocked_sum(mat[:, i + 1].astype(np.float64) ** 2)
-    return a
-
-
 # --------------------------------------------------------------------------
 # Two-means sign, majority vote, dithering
 # --------------------------------------------------------------------------
@@ -1076,3 +1024,133 @@ def dither_decode(signed_levels, levels, natural, norm, dtype):
     wd = np.float64 if np.dtype(dtype) == np.float64 else np.float32
     v = mag.astype(wd)[np.abs(signed_levels)]
     return np.where(signed_levels < 0, -v, v).astype(dtype)
+
+
+# --------------------------------------------------------------------------
+# FedZip
+# --------------------------------------------------------------------------
+
+def _seq_sum(v):
+    """Sequential float64 sum (left to right), as the C loops add."""
+    return float(np.cumsum(v)[-1]) if len(v) else 0.0
+
+
+def _nearest3(v, c):
+    d = np.abs(v[:, None] - np.asarray(c, np.float64)[None, :])
+    j = np.where(d[:, 1] < d[:, 0], 1, 0)
+    dj = np.where(j == 1, d[:, 1], d[:, 0])
+    return np.where(d[:, 2] < dj, 2, j)
+
+
+def kmeans3(x, iters):
+    """Twin of lb_kmeans3: (float32 centroids[3], labels)."""
+    v = np.ascontiguousarray(x, dtype=np.float64).reshape(-1)
+    lo, hi = (float(v.min()), float(v.max())) if v.size else (0.0, 0.0)
+    cen = [lo, lo + 0.5 * (hi - lo), hi]
+    for _ in range(iters):
+        lab = _nearest3(v, cen)
+        sums, cnts = [0.0] * 3, [0] * 3
+        for s in range(0, v.size, CHUNK):
+            w, lw = v[s:s + CHUNK], lab[s:s + CHUNK]
+            for j in range(3):
+                sums[j] += _seq_sum(w[lw == j])
+                cnts[j] += int((lw == j).sum())
+        cen = [sums[j] / cnts[j] if cnts[j] else cen[j] for j in range(3)]
+    cf = np.array(cen, dtype=np.float64).astype(np.float32)
+    return cf, _nearest3(v, cf.astype(np.float64)).astype(np.uint8)
+
+
+def _elias_gamma_bits(values):
+    out = []
+    for g in values:
+        b = int(g).bit_length() - 1
+        out += [0] * b + [(int(g) >> (b - k)) & 1 for k in range(b + 1)]
+    return out
+
+
+def fedzip_stream(labels, gaps):
+    """Twin of lb_fedzip_encode: (stream, major, nbits)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    cnt = np.bincount(labels, minlength=3)
+    major = int(np.argmax(cnt))
+    minor0 = 1 if major == 0 else 0
+    bits = []
+    if not gaps:
+        for lab in labels.tolist():
+            bits += [0] if lab == major else [1, int(lab != minor0)]
+    else:
+        pos = np.flatnonzero(labels != major)
+        gapv = np.diff(np.concatenate([[-1], pos]))
+        g = _elias_gamma_bits(gapv.tolist())
+        i = 0
+        for gv, p in zip(gapv.tolist(), pos.tolist()):
+            n = 2 * (int(gv).bit_length() - 1) + 1
+            bits += g[i:i + n] + [int(labels[p] != minor0)]
+            i += n
+    arr = np.array(bits, dtype=np.uint8)
+    return np.packbits(arr, bitorder="little"), major, len(bits)
+
+
+def fedzip(x, ratio, gaps, iters=4):
+    """Twin of lowband.fedzip: (stream, centroids, major, nbits, labels)."""
+    v = np.ascontiguousarray(x).reshape(-1)
+    if ratio < 1.0 and v.size:
+        k = min(max(int(math.floor(ratio * v.size + 0.5)), 1), v.size)
+        idx, vals = topk(v, k)
+        dense = np.zeros_like(v)
+        dense[idx] = vals
+        v = dense
+    cen, lab = kmeans3(v, iters)
+    stream, major, nbits = fedzip_stream(lab, gaps)
+    return stream, cen, major, nbits, lab
+
+# ==========================================================================
+# PowerSGD
+# ==========================================================================
+
+POWERSGD_BLOCK = 4096      # rows per block of the sums (LB_PSGD_BLOCK)
+
+
+POWERSGD_LANES = 8         # interleaved partial sums per block
+
+
+def _blocked_sum(terms):
+    """The C core's sum of float64 terms: per block of POWERSGD_BLOCK rows,
+    row k adds into lane k % 8 (from +0.0, in row order); a block's sum is
+    0.0 + lane 0 + ... + lane 7; the total 0.0 + block 0 + block 1 + ..."""
+    total = 0.0
+    for lo in range(0, len(terms), POWERSGD_BLOCK):
+        block = terms[lo:lo + POWERSGD_BLOCK]
+        pad = -len(block) % POWERSGD_LANES
+        rows = np.concatenate([block, np.zeros(pad)]).reshape(-1, POWERSGD_LANES)
+        lanes = np.cumsum(np.vstack([np.zeros(POWERSGD_LANES), rows]), axis=0)[-1]
+        bs = 0.0
+        for v in lanes:
+            bs += float(v)
+        total += bs
+    return total
+
+
+def powersgd_orthogonalize(a, epsilon=0.0):
+    """Modified Gram-Schmidt over the columns of each trailing n x r matrix
+    of a (float32/float64); returns a new array with the bytes of the C
+    kernel: column i *= 1 / (sqrt(sum c^2) + epsilon) (0 when that is 0), then
+    c_j -= <c_i, c_j> c_i for j > i, sums in float64."""
+    a = np.array(a, copy=True)
+    dt = a.dtype
+    mats = a.reshape(-1, a.shape[-2], a.shape[-1])
+    for mat in mats:
+        n, r = mat.shape
+        total = [_blocked_sum(mat[:, j].astype(np.float64) ** 2) for j in range(r)]
+        for i in range(r):
+            d = math.sqrt(total[i]) + epsilon
+            col = mat[:, i].astype(np.float64)
+            inv = 0.0 if d == 0 else 1.0 / d
+            mat[:, i] = (col * inv).astype(dt)
+            c = mat[:, i].astype(np.float64)
+            dots = {j: _blocked_sum(c * mat[:, j].astype(np.float64)) for j in range(i + 1, r)}
+            for j in range(i + 1, r):
+                mat[:, j] = (mat[:, j].astype(np.float64) - dots[j] * c).astype(dt)
+            if i + 1 < r:
+                total[i + 1] = _blocked_sum(mat[:, i + 1].astype(np.float64) ** 2)
+    return a

@@ -496,7 +496,44 @@ class DitherScheme(Scheme):
         self._run(q, e, True)
 
 
+class FedZipScheme(Scheme):
+    """FedZip (Malekijoo et al. 2021): 3 float32 centroids and a label per
+    element, coded as Huffman ("0" for the major label, "10" / "11" for the
+    two others in increasing order) or as gaps (per non-major element the
+    Elias-gamma code of its distance to the previous one, then 1 bit for
+    which minor label); ``nbits`` bits in all."""
+    name, wire_id = "fedzip", 12
+    params = (("encoding", "u"), ("major", "u"), ("nbits", "u"))
+    arrays = ("codes", "centroids")
+    ENCODINGS = ("huffman", "gaps")
+
+    def layout(self, params, size, dtype):
+        enc = _u(params, "encoding", 0, 1)
+        _u(params, "major", 0, 2)
+        lo, hi = (size, 2 * size) if enc == 0 else (0, size * 130)
+        nbits = _u(params, "nbits", lo, hi)
+        return {"codes": (np.uint8, packed_bytes(nbits, 1)), "centroids": (np.float32, 3)}
+
+    def _run(self, q, out):
+        p = q.params
+        cen = None if out is None else np.ascontiguousarray(q.arrays["centroids"], np.float64)
+        _core.fedzip_decode(q.arrays["codes"], p["nbits"], q.size, bool(p["encoding"]), p["major"],
+                            cen, out)
+
+    def check(self, q):
+        if not np.isfinite(q.arrays["centroids"]).all():
+            raise ValueError("centroids: expected finite values")
+        self._run(q, None)
+
+    def dequantize(self, q, out, threads):
+        wd = work_dtype(q.dtype)
+        tmp = out if out.dtype == wd else np.empty(out.shape, wd)
+        self._run(q, tmp)
+        if tmp is not out:
+            out[...] = tmp.astype(out.dtype)
+
+
 SCHEMES = {s.name: register_scheme(s) for s in (
     SignScheme(), BlockwiseScheme(), BlockwiseSRScheme(), QSGDScheme(), TernGradScheme(),
     NaturalScheme(), MinifloatScheme(), Lut2bitScheme(), Float16Scheme(), Bfloat16Scheme(),
-    DitherScheme())}
+    DitherScheme(), FedZipScheme())}

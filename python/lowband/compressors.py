@@ -32,8 +32,8 @@ from ._validate import (check_choice, check_count, check_finite_number, check_in
 
 __all__ = [
     "Compressor", "TopK", "RandomK", "Threshold", "ChunkedTopK", "SampledTopK", "Identity",
-    "Sign", "Signum", "Dither", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
-    "Chain", "from_spec",
+    "Sign", "Signum", "Dither", "FedZip", "Blockwise", "QSGD", "TernGrad", "Natural", "MiniFloat", "Lut2Bit", "Cast",
+    "Chain", "Zstd", "from_spec",
 ]
 
 
@@ -344,6 +344,28 @@ class Dither(Compressor):
                            step=step, threads=self.threads)
 
 
+class FedZip(Compressor):
+    """FedZip's pipeline for one layer (top-z, 3-means, Huffman or gap
+    coding of the cluster ids); see ``lowband.fedzip``."""
+
+    name = "fedzip"
+    _args = ("ratio",)
+    _kwargs = ("encoding", "iters")
+
+    def __init__(self, ratio=0.01, *, encoding="gaps", iters=4, threads=None):
+        super().__init__(threads)
+        self.ratio = check_finite_number(ratio, "ratio", 0.0, 1.0, lo_open=True)
+        self.encoding = check_choice(encoding, "encoding", ("huffman", "gaps"))
+        self.iters = check_int(iters, "iters", 0, 1000)
+
+    def _defaults(self):
+        return {"encoding": "gaps", "iters": 4}
+
+    def _compress(self, x, step):
+        return _q().fedzip(x, self.ratio, encoding=self.encoding, iters=self.iters,
+                           threads=self.threads)
+
+
 class Blockwise(Compressor):
     """Symmetric blockwise absmax quantization to ``bits`` in {1,2,3,4,8},
     nearest or stochastic rounding (stochastic: unbiased, seeded)."""
@@ -515,11 +537,38 @@ class Chain(Compressor):
         return Sparse._make(s.indices, q, s.shape, s.dtype, s.seed, s.step)
 
 
+class Zstd(Compressor):
+    """A lossless Zstandard stage after any compressor (spec ``...+zstd``):
+    ``lowband.lossless.zstd(inner.compress(x), level)``."""
+
+    name = "zstd"
+
+    def __init__(self, inner, *, level=3, threads=None):
+        super().__init__(threads)
+        if isinstance(inner, Zstd):
+            raise ValueError("inner: already a zstd stage")
+        self.inner = from_spec(inner)
+        self.level = check_int(level, "level", 1, 22)
+
+    summable = False
+    unbiased = property(lambda self: self.inner.unbiased)
+    randomized = property(lambda self: self.inner.randomized)
+    sparsifier = False
+
+    @property
+    def spec(self):
+        return f"{self.inner.spec}+zstd" + (f":level={self.level}" if self.level != 3 else "")
+
+    def _compress(self, x, step):
+        from .lossless import zstd
+        return zstd(self.inner.compress(x, step=step), self.level)
+
+
 # --------------------------------------------------------------------------
 # Specs
 # --------------------------------------------------------------------------
 
-_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither,
+_REGISTRY = {c.name: c for c in (TopK, RandomK, Threshold, ChunkedTopK, SampledTopK, Identity, Sign, Signum, Dither, FedZip,
                                  Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit, Cast)}
 _ALIASES = {"quantize": "blockwise", "fp16": ("cast", "float16"), "bf16": ("cast", "bfloat16"),
             "identity": "none", "dgc": "sampled", "topk_chunked": "chunked", "e3m0": ("minifloat", "e3m0")}
@@ -590,6 +639,20 @@ def _from_string(text):
     stages = [s.strip() for s in text.split("+")]
     if not text.strip() or any(not s for s in stages):
         raise ValueError(f"spec: expected 'name[:arg...][+name...]', got {text!r}")
+    last, *opts = stages[-1].split(":")
+    if last.strip().lower() == "zstd":
+        if len(stages) == 1:
+            raise ValueError("spec: zstd is a last stage after a compressor, e.g. 'topk:0.01+zstd'")
+        kwargs = {}
+        for item in opts:
+            if "=" not in item:
+                raise ValueError(f"spec: zstd takes only level=N, got {item!r}")
+            k, v = item.split("=", 1)
+            kwargs[k.strip()] = _parse_value(v.strip(), keyword=True)
+        try:
+            return Zstd(_from_string("+".join(stages[:-1])), **kwargs)
+        except TypeError as exc:
+            raise ValueError(f"spec: bad arguments for zstd: {exc}") from None
     built = []
     for stage in stages:
         name, *rest = stage.split(":")

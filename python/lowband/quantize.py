@@ -21,13 +21,13 @@ import numpy as np
 
 from . import _core
 from ._payload import DTYPE_CODES, Quantized
-from ._schemes import (SCHEMES, DitherScheme, MinifloatScheme, QSGDScheme, emax_of, nblocks,
+from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of, nblocks,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
-           "cast", "pack_bits", "unpack_bits", "dither"]
+           "cast", "pack_bits", "unpack_bits", "dither", "fedzip"]
 
 F16 = np.dtype(np.float16)
 INPUT_DTYPES = ANY_FLOAT_DTYPES
@@ -290,3 +290,39 @@ def dither(x, levels, *, partition="natural", norm="max", seed, step=0, threads=
     return _payload("dither", shape, dtype,
                     {"levels": levels, "partition": part, "norm": nrm, "nbits": nbits},
                     {"codes": codes, "scales": scale})
+
+
+def fedzip(x, ratio=0.01, *, encoding="gaps", iters=4, threads=None):
+    """FedZip's pipeline for one layer (Malekijoo et al. 2021, "FedZip: A
+    Compression Framework for Communication-Efficient Federated Learning").
+
+    1. Top-z: keep the round(ratio * n) largest magnitudes (at least one),
+       zero the rest (``ratio=1``: keep all).
+    2. 3-means on all n values, zeros included (one centroid lands near 0):
+       centroids start at (min, (min + max) / 2, max), ``iters`` Lloyd
+       iterations (the authors use 4), float32 centroids; every value
+       becomes its nearest centroid.
+    3. The labels are coded, with "major" the most frequent label:
+       "huffman": "0" for the major label, "10" / "11" for the two others
+       (a real prefix code: 1 to 2 bits per element); "gaps" (the paper's
+       position encoding): for each element not in the major cluster its
+       distance to the previous one, Elias-gamma coded, plus 1 bit for its
+       cluster: about ratio * (2 log2(1 / ratio) + 2) bits per element.
+    Plus 3 float32 centroids; ``payload.nbytes`` is exact.  Deterministic:
+    the same bytes for every thread count.
+    """
+    ratio = check_finite_number(ratio, "ratio", 0.0, 1.0, lo_open=True)
+    enc = FedZipScheme.ENCODINGS.index(check_choice(encoding, "encoding", FedZipScheme.ENCODINGS))
+    iters = check_int(iters, "iters", 0, 1000)
+    threads = check_threads(threads)
+    work, dtype, shape = _input(x, threads)
+    flat = work.reshape(-1)
+    if ratio < 1.0 and flat.size:
+        from .sparsify import topk
+        from ._validate import k_from_ratio
+        kept = topk(flat, k_from_ratio(flat.size, ratio), threads=threads)
+        flat = np.zeros_like(flat)
+        flat[kept.indices] = kept.values
+    codes, centroids, major, nbits = _core.fedzip(flat, iters, enc == 1, threads)
+    return _payload("fedzip", shape, dtype, {"encoding": enc, "major": major, "nbits": nbits},
+                    {"codes": codes, "centroids": centroids})

@@ -35,6 +35,18 @@ def _numpy_dither_natural(x, levels, rng):
     return np.where(x < 0, -m, m).astype(np.int8), norm
 
 
+def _numpy_fedzip(x, ratio, iters=4):
+    k = max(1, int(ratio * x.size))
+    keep = np.argpartition(np.abs(x), x.size - k)[x.size - k:]
+    v = np.zeros_like(x)
+    v[keep] = x[keep]
+    c = np.array([v.min(), (v.min() + v.max()) / 2, v.max()], np.float64)
+    for _ in range(iters):
+        lab = np.abs(v[:, None] - c[None, :].astype(np.float32)).argmin(axis=1)
+        c = np.array([v[lab == j].mean() if (lab == j).any() else c[j] for j in range(3)])
+    return lab, c
+
+
 def cases(ctx):
     x = ctx.normal()
     n, nb = x.size, x.nbytes
@@ -62,6 +74,9 @@ def cases(ctx):
     out.append(Case("dither decode (8 levels)", lambda: q.dequantize(out=dense), {}, nb, copy))
     out.append(Case("dither linear 4 levels (l2 norm)",
                     lambda: lowband.dither(x, 4, partition="linear", norm="l2", seed=1), {}, nb, copy))
+    out.append(Case("fedzip 1% (top-z, 3-means, gap coding)", lambda: lowband.fedzip(x, 0.01),
+                    {"numpy": lambda: _numpy_fedzip(x, 0.01)}, nb, copy,
+                    note="numpy: argpartition top-z + 4 Lloyd iterations, no coding"))
     tm = lowband.sign(x, scale="two_means", block=4096)
     out.append(Case("dequantize two_means (4096)", lambda: tm.dequantize(out=dense), {}, nb, copy))
     return out

@@ -85,6 +85,7 @@ REGISTRY = {
     "co2": "co2",
     "fed-sb": "fed_sb",
     "dimat": "dimat",
+    "fedzip": "fedzip",
 }
 
 # what `python -m lowband reproduce` runs without names (quick: within 5 minutes)

@@ -19,7 +19,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 100, "hidden": 32, "batch": 128, "lr": 1e-2, "eval_every": 20},
+    "smoke": {"steps": 60, "hidden": 32, "batch": 64, "lr": 1e-2, "eval_every": 20},
     "quick": {"steps": 200, "hidden": 64, "batch": 128, "lr": 1e-2, "eval_every": 20},
     "full": {"steps": 1000, "hidden": 256, "batch": 256, "lr": 1e-2, "eval_every": 50},
 }

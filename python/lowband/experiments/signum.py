@@ -23,7 +23,7 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 150, "hidden": 32, "batch": 32, "lr_sgd": 0.05, "lr_sign": 2e-3, "eval_every": 25},
+    "smoke": {"steps": 60, "hidden": 32, "batch": 32, "lr_sgd": 0.05, "lr_sign": 2e-3, "eval_every": 25},
     "quick": {"steps": 300, "hidden": 64, "batch": 32, "lr_sgd": 0.05, "lr_sign": 2e-3, "eval_every": 25},
     "full": {"steps": 2000, "hidden": 128, "batch": 32, "lr_sgd": 0.05, "lr_sign": 1e-3, "eval_every": 100},
 }

@@ -18,8 +18,8 @@ THRESHOLDS = {
 }
 
 SIZES = {
-    "smoke": {"steps": 200, "hidden": 32, "batch": 32, "lr": 1e-3, "eval_every": 25,
-              "var_update_scaler": 4, "local_step_scaler": 50, "H": 4},
+    "smoke": {"steps": 100, "hidden": 32, "batch": 32, "lr": 1e-3, "eval_every": 25,
+              "var_update_scaler": 4, "local_step_scaler": 25, "H": 4},
     "quick": {"steps": 400, "hidden": 64, "batch": 32, "lr": 1e-3, "eval_every": 25,
               "var_update_scaler": 4, "local_step_scaler": 100, "H": 4},
     "full": {"steps": 3000, "hidden": 256, "batch": 32, "lr": 1e-3, "eval_every": 100,

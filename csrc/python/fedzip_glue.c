@@ -1,0 +1,135 @@
+/* fedzip_glue.c - bindings of core/fedzip.c (FedZip's 3-means and label
+ * coding).  lowband/quantize.py validates the arguments first; these
+ * re-check what the core relies on.                                      */
+#include "glue.h"
+
+/* fedzip(x, iters, gaps, threads) -> (stream uint8, centroids float32[3],
+ *                                     major, nbits)                        */
+static PyObject *py_fedzip(PyObject *self, PyObject *args)
+{
+    PyObject *x_o, *threads;
+    int iters, gaps, nt;
+    if (!PyArg_ParseTuple(args, "OipO:fedzip", &x_o, &iters, &gaps, &threads))
+        return NULL;
+    if (iters < 0 || iters > 1000) {
+        PyErr_Format(PyExc_ValueError, "iters: expected 0..1000, got %d", iters);
+        return NULL;
+    }
+    PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
+    if (!x)
+        return NULL;
+    uint64_t n = (uint64_t)PyArray_SIZE(x);
+    if (lb_py_threads(threads, n, &nt) < 0) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    npy_intp three = 3;
+    PyArrayObject *cen = (PyArrayObject *)lb_py_empty(1, &three, NPY_FLOAT32);
+    uint8_t *labels = malloc(n ? (size_t)n : 1);
+    if (!cen || !labels) {
+        Py_XDECREF(cen);
+        free(labels);
+        Py_DECREF(x);
+        return PyErr_NoMemory();
+    }
+    lb_error err = {0};
+    lb_status st;
+    const void *xd = PyArray_DATA(x);
+    lb_dtype dt = lb_py_dtype_of(x);
+    float *cd = PyArray_DATA(cen);
+    uint8_t *stream = NULL;
+    uint64_t nbits = 0;
+    unsigned major = 0;
+    LB_NOGIL(n, st = lb_kmeans3(xd, n, dt, iters, nt, cd, labels, &err);
+             if (st == LB_OK) st = lb_fedzip_encode(labels, n, gaps, &major, &stream, &nbits));
+    free(labels);
+    if (st != LB_OK) {
+        lb_py_raise(st, &err, "fedzip", "x", x);
+        Py_DECREF(cen);
+        Py_DECREF(x);
+        return NULL;
+    }
+    Py_DECREF(x);
+    PyObject *codes;
+    if (!stream) {
+        npy_intp zero = 0;
+        codes = lb_py_empty(1, &zero, NPY_UINT8);
+    } else {
+        codes = lb_py_adopt(stream, nbits / 8 + (nbits % 8 != 0), NPY_UINT8);
+    }
+    if (!codes) {
+        Py_DECREF(cen);
+        return NULL;
+    }
+    return Py_BuildValue("(NNIK)", codes, cen, major, (unsigned long long)nbits);
+}
+
+/* fedzip_decode(stream, nbits, n, gaps, major, centroids float64[3] or None,
+ *               out float32/float64 of n or None)                          */
+static PyObject *py_fedzip_decode(PyObject *self, PyObject *args)
+{
+    PyObject *buf_o, *cen_o, *out_o;
+    unsigned long long nbits, n;
+    int gaps;
+    unsigned major;
+    if (!PyArg_ParseTuple(args, "OKKpIOO:fedzip_decode", &buf_o, &nbits, &n, &gaps, &major,
+                          &cen_o, &out_o))
+        return NULL;
+    if (!PyArray_Check(buf_o) || PyArray_TYPE((PyArrayObject *)buf_o) != NPY_UINT8 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)buf_o)) {
+        PyErr_SetString(PyExc_TypeError, "codes: expected a contiguous uint8 array");
+        return NULL;
+    }
+    if (major > 2) {
+        PyErr_Format(PyExc_ValueError, "major: expected 0..2, got %u", major);
+        return NULL;
+    }
+    const double *cen = NULL;
+    void *out = NULL;
+    lb_dtype dt = LB_F32;
+    if (out_o != Py_None) {
+        if (!PyArray_Check(cen_o) || PyArray_TYPE((PyArrayObject *)cen_o) != NPY_FLOAT64 ||
+            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)cen_o) ||
+            PyArray_SIZE((PyArrayObject *)cen_o) != 3) {
+            PyErr_SetString(PyExc_ValueError, "centroids: expected 3 float64 values");
+            return NULL;
+        }
+        if (!PyArray_Check(out_o) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)out_o) ||
+            !PyArray_ISWRITEABLE((PyArrayObject *)out_o) ||
+            (uint64_t)PyArray_SIZE((PyArrayObject *)out_o) != n ||
+            (dt = lb_py_dtype_of((PyArrayObject *)out_o)) == 0 || (dt != LB_F32 && dt != LB_F64)) {
+            PyErr_Format(PyExc_TypeError,
+                         "out: expected a writeable contiguous float32/float64 array of %llu "
+                         "elements", n);
+            return NULL;
+        }
+        cen = PyArray_DATA((PyArrayObject *)cen_o);
+        out = PyArray_DATA((PyArrayObject *)out_o);
+    }
+    const uint8_t *b = PyArray_DATA((PyArrayObject *)buf_o);
+    uint64_t len = (uint64_t)PyArray_SIZE((PyArrayObject *)buf_o);
+    lb_error err = {0};
+    lb_status st;
+    LB_NOGIL(n, st = lb_fedzip_decode(b, len, nbits, n, gaps, major, cen, dt, out, &err));
+    if (st == LB_EFORMAT) {
+        if (err.index < n)
+            PyErr_Format(PyExc_ValueError, "codes: malformed fedzip stream at element %llu",
+                         (unsigned long long)err.index);
+        else
+            PyErr_SetString(PyExc_ValueError,
+                            "codes: the fedzip stream does not end after the last element "
+                            "(wrong length or non-zero spare bits)");
+        return NULL;
+    }
+    if (st != LB_OK)
+        return lb_py_raise(st, &err, "fedzip_decode", "codes", NULL);
+    Py_RETURN_NONE;
+}
+
+PyMethodDef lb_fedzip_methods[] = {
+    {"fedzip", py_fedzip, METH_VARARGS,
+     "fedzip(x, iters, gaps, threads) -> (codes, centroids, major, nbits)"},
+    {"fedzip_decode", py_fedzip_decode, METH_VARARGS,
+     "fedzip_decode(codes, nbits, n, gaps, major, centroids, out)"},
+    {NULL, NULL, 0, NULL},
+};
