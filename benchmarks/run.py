@@ -4,7 +4,7 @@
     python benchmarks/run.py sparsify --reps 9     # one suite
     python benchmarks/run.py --json benchmarks/results/latest.json
 
-The suites live in the package (lowband/_bench_*.py) so that
+The suites live in the package (lowband/bench/*.py) so that
 `python -m lowband bench` runs the same code from an installed copy.
 """
 import os
@@ -13,7 +13,7 @@ import sys
 # lowband uses no BLAS; NumPy's idle OpenBLAS pool would compete for cores.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
-from lowband._bench import main  # noqa: E402  (after the environment is set)
+from lowband.bench.harness import main  # noqa: E402  (after the environment is set)
 
 if __name__ == "__main__":
     args = sys.argv[1:]

@@ -97,3 +97,48 @@ def test_sanitizer_build_is_the_one_under_test():
     # .ci/run sets LOWBAND_SANITIZE=1 while running the sanitizer build
     if os.environ.get("LOWBAND_SANITIZE", "") not in ("", "0"):
         assert lowband._core.SANITIZE == 1
+
+
+def _threads_in_child(code, **env):
+    full = dict(os.environ, **env)
+    for name in ("OMP_NUM_THREADS",):
+        if name not in env:
+            full.pop(name, None)
+    out = subprocess.run([sys.executable, "-c", "import lowband\n" + textwrap.dedent(code)],
+                         env=full, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [int(v) for v in out.stdout.split()]
+
+
+def test_default_threads_follow_omp_num_threads():
+    assert _threads_in_child("print(lowband.get_num_threads())", OMP_NUM_THREADS="1") == [1]
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs a CPU affinity mask of at least two CPUs")
+def test_default_threads_follow_cpu_affinity_read_at_call_time():
+    # A launcher may pin a rank to one core after lowband was imported.
+    got = _threads_in_child("""
+        import os
+        cpus = sorted(os.sched_getaffinity(0))
+        print(lowband.get_num_threads())
+        os.sched_setaffinity(0, {cpus[0]})
+        print(lowband.get_num_threads())
+        lowband.set_num_threads(2)          # an explicit setting still wins
+        print(lowband.get_num_threads())
+    """, OMP_NUM_THREADS="2")
+    assert got == [2, 1, 2]
+
+
+def test_default_threads_follow_torch_when_torch_is_loaded():
+    pytest.importorskip("torch")
+    got = _threads_in_child("""
+        import sys
+        print(int("torch" in sys.modules))  # lowband never imports torch
+        import torch
+        torch.set_num_threads(1)
+        print(lowband.get_num_threads())
+        x = __import__("numpy").ones(1 << 17, "float32")
+        print(len(lowband.topk(x, 10).indices))
+    """, OMP_NUM_THREADS="2")
+    assert got == [0, 1, 10]

@@ -2,6 +2,10 @@
  * common.c - status names, dtype sizes, thread defaults, instruction-set
  * detection and the public Philox entry point.
  */
+#ifdef __linux__
+#define _GNU_SOURCE /* CPU_COUNT and sched_getaffinity */
+#include <sched.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
 
@@ -51,9 +55,21 @@ size_t lb_dtype_size(lb_dtype dt)
     return 0;
 }
 
+/* Default team size: omp_get_max_threads() (which honours OMP_NUM_THREADS),
+ * capped by the CPUs in this process's affinity mask read now, so that a
+ * launcher that pins W ranks to W cores after start-up is respected.       */
 int lb_max_threads(void)
 {
-    return omp_get_max_threads();
+    int n = omp_get_max_threads();
+#ifdef __linux__
+    cpu_set_t set;
+    if (sched_getaffinity(0, sizeof set, &set) == 0) {
+        int cpus = CPU_COUNT(&set);
+        if (cpus >= 1 && cpus < n)
+            n = cpus;
+    }
+#endif
+    return n < 1 ? 1 : n;
 }
 
 /* ---- instruction-set selection --------------------------------------- */

@@ -1,7 +1,7 @@
 /*
  * threads.h - internal helpers for OpenMP parallel regions.
  *
- * Rules (DESIGN.md): every parallel region names its team size explicitly
+ * Rules: every parallel region names its team size explicitly
  * with num_threads(); a team of one never enters the OpenMP runtime (so a
  * forked child that is forced serial cannot deadlock in libgomp); work is cut
  * into LB_CHUNK-sized pieces that do not depend on the thread count.

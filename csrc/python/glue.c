@@ -73,6 +73,41 @@ PyArrayObject *lb_py_vector(PyObject *obj, const char *name, unsigned allowed)
     return arr;
 }
 
+/* torch.get_num_threads() when torch is already imported (never imports
+ * it), else 0.  Any failure (torch half-initialised) counts as "no cap".   */
+static int torch_threads(void)
+{
+    static PyObject *name = NULL;
+    if (!name && !(name = PyUnicode_InternFromString("torch")))
+        goto fail;
+    PyObject *torch = PyImport_GetModule(name);
+    if (!torch)
+        goto fail;
+    PyObject *r = PyObject_CallMethod(torch, "get_num_threads", NULL);
+    Py_DECREF(torch);
+    if (!r)
+        goto fail;
+    long n = PyLong_AsLong(r);
+    Py_DECREF(r);
+    if (n == -1 && PyErr_Occurred())
+        goto fail;
+    return n > 0 && n < 4096 ? (int)n : 0;
+fail:
+    PyErr_Clear();
+    return 0;
+}
+
+int lb_glue_auto_threads(void)
+{
+    if (lb_glue_forked_child)
+        return 1;
+    if (lb_glue_default_threads > 0)
+        return lb_glue_default_threads;
+    int n = lb_max_threads();
+    int t = torch_threads();
+    return t > 0 && t < n ? t : n;
+}
+
 int lb_py_threads(PyObject *threads, uint64_t work, int *nthreads)
 {
     long n = 0;
@@ -91,10 +126,8 @@ int lb_py_threads(PyObject *threads, uint64_t work, int *nthreads)
                          "threads: expected None or an int in [1, 4096], got %ld", n);
             return -1;
         }
-    } else if (lb_glue_default_threads > 0) {
-        n = lb_glue_default_threads;
-    } else {
-        n = lb_max_threads();
+    } else if (work >= LB_GRAIN) {
+        n = lb_glue_auto_threads();
     }
     if (lb_glue_forked_child || work < LB_GRAIN || n < 1)
         n = 1;

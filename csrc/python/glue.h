@@ -6,7 +6,7 @@
  *      converting arrays to C-contiguous, aligned, native-endian copies when
  *      needed (lb_py_vector);
  *   2. resolve the thread count (lb_py_threads: threads= argument, else
- *      lowband.set_num_threads(), else omp_get_max_threads() now; 1 in a
+ *      lowband.set_num_threads(), else lb_glue_auto_threads(); 1 in a
  *      forked child and below LB_GRAIN elements);
  *   3. run the core function with the GIL released when the input is large
  *      (LB_NOGIL), never touching Python objects inside;
@@ -56,6 +56,12 @@ PyArrayObject *lb_py_vector(PyObject *obj, const char *name, unsigned allowed);
 
 /* threads= argument -> team size for `work` elements; -1 with an exception. */
 int lb_py_threads(PyObject *threads, uint64_t work, int *nthreads);
+
+/* The default team size now: lowband.set_num_threads(n) if set, else the
+ * smallest of omp_get_max_threads() (OMP_NUM_THREADS), the CPUs in the
+ * process's affinity mask and torch.get_num_threads() when torch is loaded;
+ * 1 in a forked child.                                                     */
+int lb_glue_auto_threads(void);
 
 /* Python int in [0, limit) -> *out; -1 with TypeError/ValueError naming
  * `name` otherwise.  limit 0 means 2^64.                                   */

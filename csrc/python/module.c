@@ -35,10 +35,7 @@ static PyObject *py_set_num_threads(PyObject *self, PyObject *arg)
 
 static PyObject *py_get_num_threads(PyObject *self, PyObject *unused)
 {
-    if (lb_glue_forked_child)
-        return PyLong_FromLong(1);
-    return PyLong_FromLong(lb_glue_default_threads > 0 ? lb_glue_default_threads
-                                                       : lb_max_threads());
+    return PyLong_FromLong(lb_glue_auto_threads());
 }
 
 static PyObject *py_after_fork_child(PyObject *self, PyObject *unused)

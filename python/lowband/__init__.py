@@ -18,7 +18,27 @@ method for parallel worker processes.
 """
 import os as _os
 
-from . import _core
+
+def _load_core():
+    """Import the extension with a short OpenMP spin (GOMP_SPINCOUNT=1000)
+    unless the user chose a wait policy: libgomp reads it once, when it is
+    loaded with the extension.  Spinning idle workers for libgomp's default
+    (about 300,000 spins) make a team of two on two cores shared with
+    another busy process up to 10x slower than one thread; a short spin
+    costs nothing measurable on a quiet machine.  The environment is left as
+    it was for child processes."""
+    if "OMP_WAIT_POLICY" in _os.environ or "GOMP_SPINCOUNT" in _os.environ:
+        from . import _core
+        return _core
+    _os.environ["GOMP_SPINCOUNT"] = "1000"
+    try:
+        from . import _core
+    finally:
+        _os.environ.pop("GOMP_SPINCOUNT", None)
+    return _core
+
+
+_core = _load_core()
 from ._payload import Dense, FormatError, Quantized, Scheme, Sparse, register_scheme
 from ._validate import check_int as _check_int
 from ._version import __version__

@@ -28,7 +28,7 @@ def main(argv=None):
             # with the timed kernels for cores: run the benchmark with one.
             env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
             os.execve(sys.executable, [sys.executable, "-m", "lowband", *argv], env)
-        from lowband._bench import main as bench_main
+        from lowband.bench.harness import main as bench_main
         return bench_main(rest)
     if cmd == "info":
         _info()

@@ -3,8 +3,10 @@
 One object per tensor (or flat buffer).  ``obj.step(grad) -> payload`` is
 what a worker sends; the state arrays are plain float32/float64 attributes
 you can read; ``state_dict()`` / ``load_state_dict()`` round-trip exactly
-and refuse a state of the wrong kind, shape or dtype.  Exact update rules
-(../shared/reference/algorithms.md):
+and refuse a state of the wrong kind, shape or dtype.  Update rules (Seide
+et al. 2014 and Karimireddy et al. 2019 for EF14; Richtarik et al. 2021 for
+EF21; Gao et al. 2024 for EControl; Lin et al. 2018 for DGC; SparseLoCo's
+decayed error feedback):
 
 ``ErrorFeedback``    EF14:      p = e + g;  send C(p);  e = p - D(C(p))
 ``DecayedFeedback``  SparseLoCo: p = beta*e + g; send C(p); e = p - D(C(p))

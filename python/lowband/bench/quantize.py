@@ -3,7 +3,7 @@ payload (issue targets included)."""
 import numpy as np
 
 import lowband
-from lowband._bench import Case
+from lowband.bench.harness import Case
 
 
 def _numpy_sign(x):

@@ -1,6 +1,6 @@
 """Benchmark harness: lowband against NumPy, torch (CPU) and a plain copy.
 
-Every kernel family has a suite module ``lowband/_bench_<family>.py`` that
+Every kernel family has a suite module ``lowband/bench/<family>.py`` that
 defines ``cases(ctx) -> list[Case]``; this harness discovers them, times every
 implementation of every case on the same data in the same run (median of
 ``reps`` after a warm-up) and prints a table of medians and ratios:
@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 import lowband
+import lowband.bench as _suites
 
 
 @dataclass
@@ -93,18 +94,25 @@ def time_median(fn, reps, warmup=2):
 
 def discover_suites():
     names = []
-    for mod in pkgutil.iter_modules(lowband.__path__):
-        if mod.name.startswith("_bench_"):
-            names.append(mod.name[len("_bench_"):])
+    for mod in pkgutil.iter_modules(_suites.__path__):
+        if not mod.name.startswith("_") and mod.name != "harness":
+            names.append(mod.name)
     return sorted(names)
+
+
+def default_suites():
+    """The suites a plain ``bench`` runs: all but those that set
+    ``RUN_BY_DEFAULT = False`` (e.g. ``busy``, which loads a core)."""
+    return [s for s in discover_suites()
+            if getattr(importlib.import_module(f"lowband.bench.{s}"), "RUN_BY_DEFAULT", True)]
 
 
 def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdout):
     lowband.set_num_threads(threads)
     ctx = Context(size, threads, quick)
     rows = []
-    for suite in suites or discover_suites():
-        mod = importlib.import_module(f"lowband._bench_{suite}")
+    for suite in suites or default_suites():
+        mod = importlib.import_module(f"lowband.bench.{suite}")
         for case in mod.cases(ctx):
             row = {"suite": suite, "case": case.name, "nbytes": case.nbytes, "note": case.note}
             row["lowband_ms"] = time_median(case.lowband, reps) * 1e3
@@ -157,7 +165,7 @@ def print_row(row, out):
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="python -m lowband bench",
                                  description="Time lowband's kernels against NumPy, torch and a copy.")
-    ap.add_argument("suites", nargs="*", help=f"suites to run (default: all of {discover_suites()})")
+    ap.add_argument("suites", nargs="*", help=f"suites to run (default: {default_suites()}; also: {sorted(set(discover_suites()) - set(default_suites()))})")
     ap.add_argument("--size", type=int, default=16 << 20, help="elements per vector (default 16 Mi)")
     ap.add_argument("--threads", type=int, default=2, help="threads for lowband and torch (default 2)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")

@@ -2,7 +2,7 @@
 import numpy as np
 
 import lowband
-from lowband._bench import Case
+from lowband.bench.harness import Case
 
 
 def _numpy_sampled(x, k, sample_ratio=0.01):

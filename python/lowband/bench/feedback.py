@@ -3,7 +3,7 @@ NumPy/torch sequence (p = e + g; compress p; e = p - D(C(p)))."""
 import numpy as np
 
 import lowband
-from lowband._bench import Case
+from lowband.bench.harness import Case
 
 
 def cases(ctx):
