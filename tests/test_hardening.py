@@ -276,6 +276,13 @@ def test_quantizers_refuse_what_cannot_be_decoded():
     assert np.isfinite(lowband.qsgd(h, 4, seed=0).dequantize()).all()
 
 
+def test_randomk_rescale_overflow_raises():
+    x = np.full(10, 1e38, np.float32)
+    with pytest.raises(ValueError, match="overflows"):
+        lowband.randomk(x, 1, seed=0, rescale=True)
+    assert np.isfinite(lowband.randomk(x, 1, seed=0).values).all()
+
+
 def test_decode_refuses_finite_scales_that_overflow():
     codes = np.array([254, 127], np.uint8)   # +127 and 0 with Q = 127
     q = lowband.Quantized._make("blockwise", (2,), np.float32, {"bits": 8, "block": 64},

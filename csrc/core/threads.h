@@ -22,10 +22,11 @@ static inline int omp_get_max_threads(void) { return 1; }
 #define LB_OMP(x)
 #endif
 
-/* Number of LB_CHUNK chunks covering n elements. */
+/* Number of chunks of `chunk` elements covering n elements (0 for chunk
+ * 0); no overflow for any n and chunk.                                    */
 static inline uint64_t lb_num_chunks(uint64_t n, uint64_t chunk)
 {
-    return chunk ? (n + chunk - 1) / chunk : 0;
+    return chunk ? n / chunk + (n % chunk != 0) : 0;
 }
 
 /* Team size for `work` independent items: at least 1, at most nthreads and

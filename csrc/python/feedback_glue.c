@@ -177,7 +177,7 @@ static PyObject *py_ef_sign_residual(PyObject *self, PyObject *args)
     Py_DECREF(g);
     const float *sc = NULL;
     if (s_o != Py_None) {
-        uint64_t want = block ? (n + block - 1) / block : 1;
+        uint64_t want = block ? n / block + (n % block != 0) : 1;
         if (!PyArray_Check(s_o) || PyArray_TYPE((PyArrayObject *)s_o) != NPY_FLOAT32 ||
             !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)s_o) ||
             (uint64_t)PyArray_SIZE((PyArrayObject *)s_o) != want) {

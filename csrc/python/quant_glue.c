@@ -82,7 +82,7 @@ static PyObject *qcall_close(qcall *q, lb_status st, const lb_error *err,
 
 static uint64_t nblocks_of(uint64_t n, uint64_t block)
 {
-    return block ? (n + block - 1) / block : 1;
+    return block ? n / block + (n % block != 0) : 1;
 }
 
 /* sign(x, mode, block, check_finite, threads) -> (codes, scales) */
@@ -268,7 +268,7 @@ static PyObject *py_table_decode(PyObject *self, PyObject *args)
         want_array(codes, "codes", NPY_UINT8, lb_packed_bytes(n, bits), 0) < 0 ||
         want_array(table, "table", tt, (uint64_t)1 << bits, 0) < 0 ||
         (mult != Py_None &&
-         want_array(mult, "mult", tt, block ? (n + block - 1) / block : 1, 0) < 0) ||
+         want_array(mult, "mult", tt, block ? n / block + (n % block != 0) : 1, 0) < 0) ||
         lb_py_threads(threads, n, &nt) < 0)
         return NULL;
     const uint8_t *c = PyArray_DATA((PyArrayObject *)codes);

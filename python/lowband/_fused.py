@@ -13,6 +13,10 @@ from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natu
 # Quantizers decoded as table[code] * mult[block]: compensation in C, the
 # quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
 _TABLE_QUANTIZERS = (Sign, Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit)
+# Compressors whose fused residual p - D(C(p)) is finite whenever p is (the
+# kernels check p): 0 or p (top-k), or of p's sign and at most |p| apart from
+# it (sign, absmax blockwise), so the step needs no check of the new state.
+FINITE_RESIDUAL = (TopK, ChunkedTopK, Sign, Blockwise)
 
 
 def residual_step(fb, e, g, scale):

@@ -104,9 +104,10 @@ class _Stateful:
         for n in self._state_names:
             np.copyto(self._backup[n], getattr(self, n))
         saved = dict(t=self.t, _lr=getattr(self, "_lr", None))
+        txn = {"finite": False}   # a step that proved its state finite sets this
         try:
-            yield
-            for n in self._state_names:
+            yield txn
+            for n in ([] if txn["finite"] else self._state_names):
                 check_finite_array(getattr(self, n), f"{type(self).__name__}.step: the state {n!r}",
                                    "overflowed (the step was undone)")
         except BaseException:
@@ -173,14 +174,20 @@ class _Residual(_Stateful):
 
     def _step(self, grad, scale, lr=None):
         g = self._grad(grad)
-        with self._lock, self._transaction():
+        with self._lock, self._transaction() as txn:
+            rescaled = False
             if lr is not None:   # ErrorFeedback's learning-rate-aware rescaling
                 if self._lr is not None and lr != self._lr:
                     self.error *= self.dtype.type(self._lr / lr)
+                    rescaled = True
                 self._lr = lr
             e = self.error
             from . import _fused
             payload = _fused.residual_step(self, e, g, scale)
+            # the fused kernels refuse a non-finite p, and for these compressors
+            # p - D(C(p)) is 0, p or smaller than |p|: the state is finite
+            txn["finite"] = (payload is not None and not rescaled
+                             and isinstance(self.compressor, _fused.FINITE_RESIDUAL))
             if payload is None:   # the generic path
                 _check_grad_finite(g)
                 if self.decay != 1.0:

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import _core
 from ._payload import Sparse
-from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count,
+from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count, check_finite_array,
                         check_finite_number, check_int, check_out, check_ratio, check_seed,
                         check_step, check_threads, k_from_ratio, resolve_k)
 
@@ -64,6 +64,9 @@ def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=
     indices = _core.randomk_indices(x.size, k, seed, step)
     scale = x.size / k if (rescale and k) else 1.0
     values = _core.gather(x, indices, scale, bool(check_finite), threads)
+    if scale != 1.0 and check_finite:   # finite input never becomes Inf silently
+        check_finite_array(values, f"randomk: a value rescaled by n/k = {scale!r}",
+                           "overflows (use rescale=False)")
     if half is not None:
         values = values.astype(half.dtype)   # exact unless rescaled
         x = half
