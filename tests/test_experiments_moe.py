@@ -69,24 +69,20 @@ def test_concatenated_ranks_equal_separate_ranks(balance):
     batches = [task.sequences(W, L, rng)[:2] for _ in range(accum)]
     model = G.make_model(task, balance=balance, ranks=W, seq_len=L, num_experts=4,
                          aux_coef=coef / accum, seed=5)
-    ref = {n: np.zeros_like(g) for n, g in model.grads.items()}
-    for x, y in batches:
+    model.zero_grad()
+    for x, y in batches:                       # the layers accumulate the micro-steps
         G.micro_step_grads(model, task, x, y, accum)
-        for n in ref:
-            ref[n] += model.grads[n]
+    ref = {n: g.copy() for n, g in model.grads.items()}
 
     def rank(comm):
         layer = moe.MoELayer(task.d_model, 16, 4, 2, renormalize=True, aux_coef=coef / accum,
                              aux_scope="micro" if balance == 1 else "global",
                              allreduce=comm.allreduce, seed=5)
         local = G.Residual(layer)
-        acc = {n: np.zeros_like(g) for n, g in local.grads.items()}
         r = comm.rank
         for x, y in batches:
             G.micro_step_grads(local, task, x[r * L:(r + 1) * L], y[r * L:(r + 1) * L], accum)
-            for n in acc:
-                acc[n] += local.grads[n]
-        return {n: comm.allreduce(g, op="mean") for n, g in acc.items()}
+        return {n: comm.allreduce(g, op="mean") for n, g in local.grads.items()}
 
     got = Cluster(W).run(rank)
     for n in ref:

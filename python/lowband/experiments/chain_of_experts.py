@@ -95,6 +95,7 @@ def run_config(kind, cfg, seed, *, eval_every=50, progress=None):
         out = model.forward(x)
         g = np.zeros_like(out)
         g[:, lo:] = 2.0 * (out[:, lo:] - y) / y.size
+        model.zero_grad()          # backward adds into grads
         model.backward(g)
         if tie:  # one router for every iteration: the sum of the gradients
             model.grads["router"][:] = model.grads["router"].sum(axis=0)

@@ -130,7 +130,8 @@ def evaluate(model, task, x, y, dom):
 
 def micro_step_grads(model, task, x, y, accum):
     """Forward + backward of one micro-step (the ranks' micro-batches
-    concatenated); returns the task loss of the micro-step."""
+    concatenated); its gradients are added into ``model.grads`` (the
+    layers accumulate, like torch); returns the task loss of the micro-step."""
     out = model.forward(x)
     sd = task.sig_dim
     diff = out[:, sd:] - y
@@ -155,20 +156,16 @@ def train(task, balance, *, steps, ranks=4, accum=2, seq_len=32, num_experts=8, 
     layer = model.layer
     xt, yt, dt = task.sequences(eval_seqs, seq_len, np.random.default_rng(seed + 10_000))
     opt = Adam(model.params, lr=lr)
-    grads = {n: np.zeros_like(g) for n, g in model.grads.items()}
     hist = dict(step=[], train_loss=[], lbl=[], test_mse=[], mi=[], top_share=[], max_load=[])
     it = range(1, steps + 1)
     for step in (it if bar is None else bar(it, f"global-lbl: {_NAMES.get(balance, balance)}, seed {seed}")):
-        for g in grads.values():
-            g[...] = 0
+        model.zero_grad()          # the micro-steps accumulate into model.grads
         loss = lbl = 0.0
         for _ in range(accum):
             x, y, _ = task.sequences(ranks, seq_len, rng)
             loss += micro_step_grads(model, task, x, y, accum) / accum
             lbl += layer.aux_loss / aux_coef if aux_coef else 0.0
-            for n in grads:
-                grads[n] += model.grads[n]
-        opt.step(grads)
+        opt.step(model.grads)
         layer.reset_balance()
         if step % eval_every == 0 or step == steps:
             mse, freq = evaluate(model, task, xt, yt, dt)
