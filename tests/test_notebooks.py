@@ -15,8 +15,8 @@ nbclient = pytest.importorskip("nbclient")
 @pytest.mark.skipif(not NOTEBOOKS, reason="no notebooks in this tree")
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=[os.path.basename(p) for p in NOTEBOOKS])
 def test_notebook_runs(path, tmp_path, monkeypatch):
-    # the experiment notebooks run their experiments at the test-only size
-    monkeypatch.setenv("LOWBAND_REPRODUCE_SIZE", "smoke")
+    # notebooks that run experiments use their smallest size here
+    monkeypatch.setenv("LOWBAND_NOTEBOOK_SIZE", "smoke")
     nb = nbformat.read(path, as_version=4)
     client = nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
                                      resources={"metadata": {"path": str(tmp_path)}})

@@ -54,6 +54,61 @@ def _worker(comm, arm, p, seed, show):
                                label=f"powersgd: {arm}", show=show)
 
 
+def _torch_hook_worker(comm, p, seed, show):
+    """The same training with PyTorch's own DDP ``powerSGD_hook`` (rank
+    ``THRESHOLDS["rank"]``, error feedback, warm start, PowerSGD from the
+    second step) and torch.optim.SGD, in this engine's torch process.
+    Returns what ``train_data_parallel`` returns; bytes are what the hook's
+    two allreduces carry, computed from the factor sizes (torch counts none)."""
+    import torch
+    from torch.distributed.algorithms.ddp_comm_hooks import powerSGD_hook as ph
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from .data import worker_batches
+    xtr, ytr, xte, yte = digits()
+    mlp = MLP((64, p["hidden"], 10))
+    flat = mlp.init(seed)
+    w1, b1, w2, b2 = mlp.unpack(flat)
+    net = torch.nn.Sequential(torch.nn.Linear(64, p["hidden"]), torch.nn.ReLU(),
+                              torch.nn.Linear(p["hidden"], 10)).double()
+    with torch.no_grad():
+        for layer, w, b in ((net[0], w1, b1), (net[2], w2, b2)):
+            layer.weight.copy_(torch.from_numpy(w.T.copy()))
+            layer.bias.copy_(torch.from_numpy(b.copy()))
+    model = DDP(net)
+    r = THRESHOLDS["rank"]
+    model.register_comm_hook(ph.PowerSGDState(process_group=None, matrix_approximation_rank=r,
+                                              start_powerSGD_iter=2, random_seed=seed), ph.powerSGD_hook)
+    opt = torch.optim.SGD(model.parameters(), lr=p["lr"], momentum=0.9)
+    W = comm.world_size
+    ring = 2 * (W - 1) / W * 8
+    per_step = ring * _rank_share(mlp.shapes, r) * mlp.n
+    dense = ring * mlp.n
+
+    def current():
+        return np.concatenate([net[0].weight.detach().numpy().T.ravel(), net[0].bias.detach().numpy(),
+                               net[2].weight.detach().numpy().T.ravel(), net[2].bias.detach().numpy()])
+
+    rec, sent = ([], [], [], []), 0.0
+
+    def record(t):
+        x = current()
+        for lst, v in zip(rec, (t, mlp.loss(x, xtr, ytr), mlp.accuracy(x, xte, yte), int(sent))):
+            lst.append(v)
+
+    record(0)
+    batches = worker_batches(len(xtr), comm.rank, W, p["batch"], p["steps"], seed)
+    for t, idx in enumerate(batches, 1):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(xtr[idx])),
+                                                 torch.from_numpy(ytr[idx]).long())
+        loss.backward()
+        opt.step()
+        sent += dense if t < 2 else per_step
+        if t % p["eval_every"] == 0 or t == p["steps"]:
+            record(t)
+    return (*rec, current())
+
+
 def _rank_share(shapes, r):
     """((n+m) r for the compressed matrices + the other elements) / all."""
     total = sum(math.prod(s) for s in shapes)
@@ -88,13 +143,27 @@ def run(config):
             metrics[f"{key}_rank_share"] = _rank_share(mlp.shapes, r)
             row.update({"bytes / dense": metrics[f"{key}_bytes_ratio"], "rank's share": metrics[f"{key}_rank_share"]})
         table[label] = row
+    if config.engine == "torch":
+        r = THRESHOLDS["rank"]
+        results, _ = run_workers(config, _torch_hook_worker, p, config.seed, config.progress)
+        steps, loss, acc, nbytes, x = results[0]
+        if any(not np.allclose(res[4], x, rtol=0, atol=1e-12) for res in results[1:]):
+            raise RuntimeError("powersgd: the torch-hook replicas disagree")
+        label = f"torch powerSGD_hook rank {r}"
+        arms["torch_hook"] = Curve(label, steps, loss, acc, nbytes)
+        metrics.update({"torch_hook_accuracy": acc[-1], "torch_hook_loss": loss[-1], "torch_hook_bytes": nbytes[-1]})
+        table[label] = {"test accuracy": acc[-1], "training loss": loss[-1],
+                        "bytes sent per worker": nbytes[-1]}
     return Result(metrics, arms, table=table, notes=[
         f"MLP 64-{p['hidden']}-10 ({mlp.n} parameters) on scikit-learn digits, {config.workers} workers, "
         f"batch {p['batch']} per worker, momentum 0.9, lr {p['lr']}, {p['steps']} steps",
         "PowerSGD: error feedback, warm-started Q, each weight matrix compressed to rank r when "
         "(n + m) r * 2 < n m; biases averaged uncompressed in the first allreduce (torch's hook's rule)",
         "the rank's share: the elements PowerSGD puts on the wire (P, Q and the uncompressed tensors) "
-        "over the dense gradient's; with a ring allreduce bytes scale the same way"])
+        "over the dense gradient's; with a ring allreduce bytes scale the same way",
+        "engine torch: also PyTorch's own DDP powerSGD_hook (same rank, error feedback, warm start, "
+        "compressing from the second step) with torch.optim.SGD on the same MLP and data; its bytes "
+        "are computed from the factor sizes"])
 
 
 def judge(m, t):
@@ -110,6 +179,11 @@ def judge(m, t):
               m[f"{key}_bytes_ratio"] / m[f"{key}_rank_share"], t["max_bytes_excess"],
               m[f"{key}_bytes_ratio"] <= t["max_bytes_excess"] * m[f"{key}_rank_share"],
               "the ring allreduce pads each buffer to W chunks, which weighs on small P and Q buffers"),
+        *([Check("beside_torch_hook", f"lowband {key.replace('_', ' ')} accuracy vs torch's powerSGD_hook",
+                 [m[f"{key}_accuracy"], m["torch_hook_accuracy"]], t["max_accuracy_drop"],
+                 abs(m[f"{key}_accuracy"] - m["torch_hook_accuracy"]) <= t["max_accuracy_drop"],
+                 "lowband draws Q from NumPy's generator and torch from its own, so the runs differ "
+                 "in their random start")] if "torch_hook_accuracy" in m else []),
         Check("rank1_trains", "PowerSGD rank 1 accuracy", m["rank_1_accuracy"], t["rank1_min_accuracy"],
               m["rank_1_accuracy"] >= t["rank1_min_accuracy"], "rank 1 is too coarse for this model"),
     ]
