@@ -23,8 +23,8 @@ class DeepSpeedZeroOneAdam:
     engine does before calling the optimizer)."""
 
     def __init__(self, p, comm, lr, betas, eps, wd, var_freeze_step, var_update_scaler,
-                 local_step_scaler, local_step_clipper):
-        self.p, self.comm = p, comm
+                 local_step_scaler, local_step_clipper, exchange="chunked"):
+        self.p, self.comm, self.exchange = p, comm, exchange
         self.lr, self.betas, self.eps, self.wd = lr, betas, eps, wd
         self.var_freeze_step, self.var_update_scaler = var_freeze_step, var_update_scaler
         self.local_step_scaler, self.local_step_clipper = local_step_scaler, local_step_clipper
@@ -36,6 +36,9 @@ class DeepSpeedZeroOneAdam:
         self.state = {}
 
     def compressed_allreduce(self, t):
+        if self.exchange == "deepspeed":
+            return sim.deepspeed_compressed_allreduce(self.comm, t, self.state["worker_error"],
+                                                      self.state["server_error"])
         return self.comm.compressed_allreduce(t, "sign:rms", self.state["worker_error"],
                                               self.state["server_error"])
 
@@ -52,9 +55,13 @@ class DeepSpeedZeroOneAdam:
         if not self.initialize or "worker_error" not in state:
             state.update(var_interval=1, var_counter=0, local_step_interval=1, local_step_counter=0,
                          lrs=0)
-            b = sim.chunk_bounds(p.size, self.size)
-            state["worker_error"] = np.zeros_like(p)
-            state["server_error"] = np.zeros(b[self.comm.rank + 1] - b[self.comm.rank], p.dtype)
+            if self.exchange == "deepspeed":
+                N = sim.deepspeed_padded_size(p.size, self.size)
+                state["worker_error"], state["server_error"] = np.zeros(N), np.zeros(N // self.size)
+            else:
+                b = sim.chunk_bounds(p.size, self.size)
+                state["worker_error"] = np.zeros_like(p)
+                state["server_error"] = np.zeros(b[self.comm.rank + 1] - b[self.comm.rank], p.dtype)
             state["momentum_accumulator"] = np.zeros_like(p)
         exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         comm_buffer = state["momentum_accumulator"]
@@ -152,16 +159,17 @@ def gradients(W, n, steps, seed):
             for t in range(steps)]
 
 
+@pytest.mark.parametrize("exchange", ["chunked", "deepspeed"])
 @pytest.mark.parametrize("W", [1, 2, 4])
-def test_zero_one_adam_matches_deepspeed(W):
+def test_zero_one_adam_matches_deepspeed(W, exchange):
     n, steps = 203, 40
     x0 = make_vector(n, F64, seed=1)
     grads = gradients(W, n, steps, W)
     hyper = dict(var_freeze_step=15, var_update_scaler=2, local_step_scaler=4, local_step_clipper=4)
     for wd in (0.0, 0.01):
         ours, port, opts = run_pair(
-            W, lambda x, c: ZeroOneAdam(x, c, lr=1e-2, weight_decay=wd, **hyper),
-            lambda x, c: DeepSpeedZeroOneAdam(x, c, 1e-2, (0.9, 0.999), 1e-8, wd, 15, 2, 4, 4),
+            W, lambda x, c: ZeroOneAdam(x, c, lr=1e-2, weight_decay=wd, exchange=exchange, **hyper),
+            lambda x, c: DeepSpeedZeroOneAdam(x, c, 1e-2, (0.9, 0.999), 1e-8, wd, 15, 2, 4, 4, exchange),
             grads, x0)
         for r in range(W):
             np.testing.assert_array_equal(ours[r], port[r], err_msg=f"rank {r}, wd {wd}")
@@ -196,8 +204,8 @@ class DeepSpeedOneBitLamb:
 
     def __init__(self, p, comm, layers, lr, betas, eps, wd, freeze_step, max_coeff=10.0,
                  min_coeff=0.01, coeff_beta=0.9, factor_max=4.0, factor_min=0.5,
-                 factor_threshold=0.1):
-        self.flat, self.comm = p, comm
+                 factor_threshold=0.1, exchange="chunked"):
+        self.flat, self.comm, self.exchange = p, comm, exchange
         bounds = np.concatenate([[0], np.cumsum(layers)])
         self.params = [p[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self.lr, self.betas, self.eps, self.wd, self.freeze_step = lr, betas, eps, wd, freeze_step
@@ -209,7 +217,19 @@ class DeepSpeedOneBitLamb:
         self.enable_backward_allreduce = True
         self.state = [{} for _ in self.params]
         self.exp_avg_flat = None
-        self.worker_errors, self.server_errors = [], []
+        self.worker_errors = self.server_errors = None
+
+    def zero_errors(self):
+        if self.exchange == "deepspeed":
+            N = sim.deepspeed_padded_size(self.flat.size, self.size)
+            return np.zeros(N), np.zeros(N // self.size)
+        b = sim.chunk_bounds(self.flat.size, self.size)
+        return np.zeros_like(self.flat), np.zeros(b[self.comm.rank + 1] - b[self.comm.rank])
+
+    def allreduce(self, t, we, se):
+        if self.exchange == "deepspeed":
+            return sim.deepspeed_compressed_allreduce(self.comm, t, we, se)
+        return self.comm.compressed_allreduce(t, "sign:rms", we, se)
 
     def engine_step(self, local_grad):
         grad = self.comm.allreduce(local_grad, "mean") if self.enable_backward_allreduce else local_grad
@@ -268,18 +288,14 @@ class DeepSpeedOneBitLamb:
                     exp_avg *= f(beta1)
                     exp_avg += f(1 - beta1) * grad
                     exp_avg *= f(state["scaling_coeff"])
-        if self.initialize and not self.worker_errors:
-            b = sim.chunk_bounds(self.flat.size, self.size)
-            self.worker_errors = [np.zeros_like(self.flat)]
-            self.server_errors = [np.zeros(b[self.comm.rank + 1] - b[self.comm.rank])]
+        if self.initialize and self.worker_errors is None:
+            self.worker_errors, self.server_errors = self.zero_errors()
         if self.lamb_freeze_key and self.size > 1:
             if not self.initialize:
-                b = sim.chunk_bounds(self.flat.size, self.size)
-                self.comm.compressed_allreduce(self.exp_avg_flat, "sign:rms", np.zeros_like(self.flat),
-                                               np.zeros(b[self.comm.rank + 1] - b[self.comm.rank]))
+                self.allreduce(self.exp_avg_flat, *self.zero_errors())
             else:
-                self.exp_avg_flat[:] = self.comm.compressed_allreduce(
-                    self.exp_avg_flat, "sign:rms", self.worker_errors[0], self.server_errors[0])
+                self.exp_avg_flat[:] = self.allreduce(self.exp_avg_flat, self.worker_errors,
+                                                      self.server_errors)
         if self.lamb_freeze_key and self.initialize:
             for j, (p, state) in enumerate(zip(self.params, self.state)):
                 exp_avg, exp_avg_sq, fresh = state["exp_avg"], state["exp_avg_sq"], state["exp_avg_sq_fresh"]
@@ -316,8 +332,9 @@ class DeepSpeedOneBitLamb:
             self.enable_backward_allreduce = False
 
 
+@pytest.mark.parametrize("exchange", ["chunked", "deepspeed"])
 @pytest.mark.parametrize("W", [1, 2, 4])
-def test_onebit_lamb_matches_deepspeed(W):
+def test_onebit_lamb_matches_deepspeed(W, exchange):
     layers = [60, 3, 140]
     n, steps = sum(layers), 30
     x0 = make_vector(n, F64, seed=2)
@@ -325,8 +342,10 @@ def test_onebit_lamb_matches_deepspeed(W):
     grads = gradients(W, n, steps, 10 + W)
     for wd in (0.0, 0.01):
         ours, port, opts = run_pair(
-            W, lambda x, c: OneBitLamb(x, c, lr=1e-2, weight_decay=wd, freeze_step=10, layers=layers),
-            lambda x, c: DeepSpeedOneBitLamb(x, c, layers, 1e-2, (0.9, 0.999), 1e-8, wd, freeze_step=11),
+            W, lambda x, c: OneBitLamb(x, c, lr=1e-2, weight_decay=wd, freeze_step=10, layers=layers,
+                                       exchange=exchange),
+            lambda x, c: DeepSpeedOneBitLamb(x, c, layers, 1e-2, (0.9, 0.999), 1e-8, wd, freeze_step=11,
+                                             exchange=exchange),
             grads, x0)
         for r in range(W):
             np.testing.assert_allclose(ours[r], port[r], rtol=1e-12, atol=1e-14, err_msg=f"rank {r} wd {wd}")

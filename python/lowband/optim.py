@@ -1011,7 +1011,7 @@ def _momentum_mask(opt, mask):
         out = opt._new_state("momentum_mask")
         out[:] = 1
         return out
-    arr = np.asarray(mask)
+    arr = np.asarray(from_torch(mask, "momentum_mask"))
     if arr.size != opt.flat.size:
         raise ValueError(f"momentum_mask: expected {opt.flat.size} elements, got {arr.size}")
     out = opt._new_state("momentum_mask")
@@ -1019,10 +1019,27 @@ def _momentum_mask(opt, mask):
     return out
 
 
-def _error_buffers(opt):
-    bounds = chunk_bounds(opt.flat.size, opt.comm.world_size)
+def _exchange(opt, exchange, compressor):
+    """Checks ``exchange`` and makes the error buffers it needs."""
+    opt.exchange = check_choice(exchange, "exchange", ("chunked", "deepspeed"))
+    opt.compressor = from_spec(compressor)
+    if opt.exchange == "deepspeed" and opt.compressor.spec != "sign:rms":
+        raise ValueError(f"compressor: exchange='deepspeed' sends RMS-scaled signs ('sign:rms'), "
+                         f"got {opt.compressor.spec!r}")
+    W = opt.comm.world_size
+    if opt.exchange == "deepspeed":
+        padded = deepspeed_padded_size(opt.flat.size, W)
+        return opt._new_state("worker_error", padded), opt._new_state("server_error", padded // W)
+    bounds = chunk_bounds(opt.flat.size, W)
     return (opt._new_state("worker_error"),
             opt._new_state("server_error", bounds[opt.comm.rank + 1] - bounds[opt.comm.rank]))
+
+
+def _compressed_average(opt, a):
+    """The 1-bit compressed average of every rank's ``a`` (opt.exchange)."""
+    if opt.exchange == "chunked":
+        return opt.comm.compressed_allreduce(a, opt.compressor, opt.worker_error, opt.server_error)
+    return deepspeed_compressed_allreduce(opt.comm, a, opt.worker_error, opt.server_error)
 
 
 class ZeroOneAdam(Optimizer):
@@ -1054,11 +1071,15 @@ class ZeroOneAdam(Optimizer):
     the entries whose variance is still exactly 0 after each variance step
     (gradients that are always zero: signs cannot encode 0, so their
     momentum would become +-scale and their update scale / eps).
+    ``exchange``: "chunked" (``comm.compressed_allreduce``) or "deepspeed"
+    (``lowband.sim.deepspeed_compressed_allreduce``: DeepSpeed's padded
+    exchange with one worker scale), as for ``OneBitAdam``.
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  var_freeze_step, var_update_scaler=16, local_step_scaler=32678,
-                 local_step_clipper=16, compressor="sign:rms", momentum_mask=None):
+                 local_step_clipper=16, compressor="sign:rms", momentum_mask=None,
+                 exchange="chunked"):
         super().__init__(params, comm)
         self.lr = _check_lr(lr)
         self.betas = _check_betas(betas)
@@ -1068,13 +1089,12 @@ class ZeroOneAdam(Optimizer):
         self.var_update_scaler = check_int(var_update_scaler, "var_update_scaler", 1)
         self.local_step_scaler = check_int(local_step_scaler, "local_step_scaler", 1)
         self.local_step_clipper = check_int(local_step_clipper, "local_step_clipper", 1)
-        self.compressor = from_spec(compressor)
+        self.worker_error, self.server_error = _exchange(self, exchange, compressor)
         self.momentum_mask = _momentum_mask(self, momentum_mask)
         self._auto_mask = isinstance(momentum_mask, str)
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.accumulator = self._new_state("momentum_accumulator")
-        self.worker_error, self.server_error = _error_buffers(self)
         self._counters = {"var_interval": 1, "var_counter": 0, "local_step_interval": 1,
                           "local_step_counter": 0, "frozen": False}
         self.lrs = 0.0
@@ -1085,7 +1105,8 @@ class ZeroOneAdam(Optimizer):
                 "var_update_scaler": self.var_update_scaler,
                 "local_step_scaler": self.local_step_scaler,
                 "local_step_clipper": self.local_step_clipper, "compressor": self.compressor.spec,
-                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None}
+                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None,
+                "exchange": self.exchange}
 
     def _extra_state(self):
         return dict(self._counters, lrs=self.lrs)
@@ -1109,7 +1130,7 @@ class ZeroOneAdam(Optimizer):
         return self._counters["local_step_interval"]
 
     def _compressed_mean(self, a):
-        out = self.comm.compressed_allreduce(a, self.compressor, self.worker_error, self.server_error)
+        out = _compressed_average(self, a)
         if self.momentum_mask is not None:
             out *= self.momentum_mask
         return out
@@ -1212,13 +1233,14 @@ class OneBitLamb(Optimizer):
     x -= lr r factor d.  With one rank nothing is compressed (as DeepSpeed).
     ``momentum_mask``: 0/1 per element (DeepSpeed's exp_avg_mask), or
     "auto" (a lowband addition) for the entries whose variance is exactly 0
-    when the compression stage starts.
+    when the compression stage starts.  ``exchange``: "chunked" or
+    "deepspeed", as for ``ZeroOneAdam``.
     """
 
     def __init__(self, params, comm, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, *,
                  freeze_step, layers=None, max_coeff=10.0, min_coeff=0.01, coeff_beta=0.9,
                  factor_max=4.0, factor_min=0.5, factor_threshold=0.1, compressor="sign:rms",
-                 momentum_mask=None):
+                 momentum_mask=None, exchange="chunked"):
         super().__init__(params, comm)
         self.lr = _check_lr(lr)
         self.betas = _check_betas(betas)
@@ -1232,13 +1254,12 @@ class OneBitLamb(Optimizer):
         self.factor_max = check_finite_number(factor_max, "factor_max", 0.0, lo_open=True)
         self.factor_min = check_finite_number(factor_min, "factor_min", 0.0, self.factor_max)
         self.factor_threshold = check_finite_number(factor_threshold, "factor_threshold", 0.0)
-        self.compressor = from_spec(compressor)
+        self.worker_error, self.server_error = _exchange(self, exchange, compressor)
         self.momentum_mask = _momentum_mask(self, momentum_mask)
         self._auto_mask = isinstance(momentum_mask, str)
         self.exp_avg = self._new_state("exp_avg")
         self.exp_avg_sq = self._new_state("exp_avg_sq")
         self.exp_avg_sq_fresh = self._new_state("exp_avg_sq_fresh")
-        self.worker_error, self.server_error = _error_buffers(self)
         L = len(self.bounds) - 1
         self.coeff_freeze = [0.0] * L
         self.last_factor = [1.0] * L
@@ -1252,7 +1273,8 @@ class OneBitLamb(Optimizer):
                 "coeff_beta": self.coeff_beta, "factor_max": self.factor_max,
                 "factor_min": self.factor_min, "factor_threshold": self.factor_threshold,
                 "compressor": self.compressor.spec,
-                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None}
+                "momentum_mask": "auto" if self._auto_mask else self.momentum_mask is not None,
+                "exchange": self.exchange}
 
     def _extra_state(self):
         return {"coeff_freeze": list(self.coeff_freeze), "last_factor": list(self.last_factor),
@@ -1310,8 +1332,8 @@ class OneBitLamb(Optimizer):
         m += f(1 - b1) * g
         for sl, sc in zip(layers, self.scaling_coeff):
             m[sl] *= f(sc)
-        m[:] = self.comm.compressed_allreduce(m, self.compressor, self.worker_error,
-                                              self.server_error) if self.comm.world_size > 1 else m
+        if self.comm.world_size > 1:
+            m[:] = _compressed_average(self, m)
         for sl, sc in zip(layers, self.scaling_coeff):
             m[sl] /= f(sc)
         if self.momentum_mask is not None:

@@ -10,6 +10,11 @@
                 correction, momentum-factor masking, local clipping,
                 sampled top-k with sparsity warm-up, sparse allgather; dense
                 allreduce for 1-D tensors (biases).
+``Signum``      signSGD / Signum with majority vote (Bernstein et al. 2018,
+                2019): local momentum, 1-bit signs allgathered, vote in C.
+``ZeroOneAdam`` 0/1 Adam (Lu et al. 2022) and ``OneBitLamb`` 1-bit LAMB (Li
+``OneBitLamb``  et al. 2021), DeepSpeed's update rules (one layer per
+                parameter tensor for LAMB's trust ratios).
 ``DiLoCo``      DiLoCo (Douillard et al. 2023): any torch inner optimizer,
                 outer Nesterov SGD every ``sync_every`` steps on the averaged
                 outer gradient; ``DiLoCo.sparseloco`` (Sarfi et al. 2025:
@@ -46,7 +51,7 @@ import torch
 from .. import optim as _np_optim
 from .._validate import check_int
 
-__all__ = ["OneBitAdam", "DGC", "DiLoCo"]
+__all__ = ["OneBitAdam", "DGC", "DiLoCo", "Signum", "ZeroOneAdam", "OneBitLamb"]
 
 Params = Union[Iterable[torch.Tensor], Iterable[dict]]
 
@@ -351,3 +356,75 @@ class DiLoCo(_FlatOptimizer):
             raise ValueError("state_dict: expected a DiLoCo state dict (with an 'inner' entry)")
         super().load_state_dict(sd)
         self.inner_optimizer.load_state_dict(inner)
+
+
+class Signum(_FlatOptimizer):
+    """signSGD / Signum with majority vote (``lowband.optim.Signum``): each
+    rank's momentum stays local, its signs are allgathered and every rank
+    steps by lr * (majority sign + wd * x).  Synced each step from the
+    group: lr, weight_decay."""
+
+    _SYNCED = ("lr", "weight_decay")
+
+    def __init__(self, params: Params, lr: float = 1e-4, beta: float = 0.9, weight_decay: float = 0.0, *,
+                 process_group: Any = None, comm: Any = None, deterministic: bool = False) -> None:
+        self._args = dict(beta=beta)
+        defaults = dict(lr=lr, beta=beta, weight_decay=weight_decay)
+        super().__init__(params, defaults, process_group, comm, deterministic)
+
+    def _make_core(self, flat, comm):
+        return _np_optim.Signum(flat, comm, self.defaults["lr"], self._args["beta"],
+                                self.defaults["weight_decay"])
+
+
+class ZeroOneAdam(_FlatOptimizer):
+    """0/1 Adam (``lowband.optim.ZeroOneAdam``, DeepSpeed's rule): variance
+    refreshed on an exponentially sparser schedule with 1-bit momentum
+    rounds between, then frozen variance and local steps with 1-bit
+    synchronisation.  Synced each step from the group: lr, weight_decay."""
+
+    _SYNCED = ("lr", "weight_decay")
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, var_freeze_step: int,
+                 var_update_scaler: int = 16, local_step_scaler: int = 32678, local_step_clipper: int = 16,
+                 momentum_mask: Any = None, exchange: str = "deepspeed", process_group: Any = None,
+                 comm: Any = None, deterministic: bool = False) -> None:
+        self._args = dict(betas=tuple(betas), eps=eps, var_freeze_step=var_freeze_step,
+                          var_update_scaler=var_update_scaler, local_step_scaler=local_step_scaler,
+                          local_step_clipper=local_step_clipper, momentum_mask=momentum_mask,
+                          exchange=exchange)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, process_group, comm, deterministic)
+
+    def _make_core(self, flat, comm):
+        a = dict(self._args)
+        return _np_optim.ZeroOneAdam(flat, comm, self.defaults["lr"], a.pop("betas"), a.pop("eps"),
+                                     self.defaults["weight_decay"], **a)
+
+
+class OneBitLamb(_FlatOptimizer):
+    """1-bit LAMB (``lowband.optim.OneBitLamb``, DeepSpeed's rule) with one
+    trust ratio per parameter tensor.  Synced each step from the group: lr,
+    weight_decay."""
+
+    _SYNCED = ("lr", "weight_decay")
+
+    def __init__(self, params: Params, lr: float = 1e-3, betas: Tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, freeze_step: int, max_coeff: float = 10.0,
+                 min_coeff: float = 0.01, coeff_beta: float = 0.9, factor_max: float = 4.0,
+                 factor_min: float = 0.5, factor_threshold: float = 0.1, momentum_mask: Any = None,
+                 exchange: str = "deepspeed", process_group: Any = None, comm: Any = None,
+                 deterministic: bool = False) -> None:
+        self._args = dict(betas=tuple(betas), eps=eps, freeze_step=freeze_step, max_coeff=max_coeff,
+                          min_coeff=min_coeff, coeff_beta=coeff_beta, factor_max=factor_max,
+                          factor_min=factor_min, factor_threshold=factor_threshold,
+                          momentum_mask=momentum_mask, exchange=exchange)
+        defaults = dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, process_group, comm, deterministic)
+
+    def _make_core(self, flat, comm):
+        a = dict(self._args)
+        layers = [max(1, int(np.prod(s))) for s in self.shapes]
+        return _np_optim.OneBitLamb(flat, comm, self.defaults["lr"], a.pop("betas"), a.pop("eps"),
+                                    self.defaults["weight_decay"], layers=layers, **a)
