@@ -83,3 +83,14 @@ def noncontiguous(x):
     view = big[::2]
     assert not view.flags.c_contiguous or x.size <= 1
     return view
+
+
+def child_env(**extra):
+    """The environment for a child Python process that must import the same
+    lowband as this one (the installed copy in CI, the source tree with its
+    in-place build when developing): its folder goes first on PYTHONPATH."""
+    import os
+    import lowband
+    home = os.path.dirname(os.path.dirname(os.path.abspath(lowband.__file__)))
+    path = os.pathsep.join(p for p in (home, os.environ.get("PYTHONPATH", "")) if p)
+    return dict(os.environ, PYTHONPATH=path, **extra)

@@ -18,14 +18,14 @@ pytest.importorskip("sklearn")
 
 from lowband import experiments as E                      # noqa: E402
 from lowband.experiments.framework import VERDICTS        # noqa: E402
+from helpers import child_env                            # noqa: E402
 
 ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
 PNG = b"\x89PNG\r\n\x1a\n"
 
 
 def cli(*args, timeout=600):
-    env = dict(os.environ, PYTHONPATH=os.path.join(ROOT, "python") + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    return subprocess.run([sys.executable, "-m", "lowband", "reproduce", *args], env=env, cwd=ROOT,
+    return subprocess.run([sys.executable, "-m", "lowband", "reproduce", *args], env=child_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -16,9 +16,9 @@ import pytest
 import lowband
 from lowband import _core, _reference as ref, feedback as F, optim, sim, wire
 from lowband import FormatError
+from helpers import child_env
 
 FLT_MAX = float(np.finfo(np.float32).max)
-PYDIR = os.path.dirname(os.path.dirname(os.path.abspath(lowband.__file__)))
 
 
 def _frame(body):
@@ -101,7 +101,7 @@ def test_huge_block_and_chunk_allocate_what_n_needs():
         lowband.topk_chunked(x.reshape(10, 100), (2**31, 2**31), 3)
         print("fine")
     """
-    env = dict(os.environ, PYTHONPATH=PYDIR, OMP_NUM_THREADS="1")
+    env = child_env(OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "fine", run.stderr[-2000:]

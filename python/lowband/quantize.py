@@ -14,14 +14,11 @@ mappings and bits per element: docs/quantization.md.
 """
 from __future__ import annotations
 
-import math
-import operator
-
 import numpy as np
 
 from . import _core
 from ._payload import DTYPE_CODES, Quantized
-from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of, nblocks,
+from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads)

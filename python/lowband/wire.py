@@ -18,8 +18,7 @@ import struct
 import numpy as np
 
 from . import _core
-from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_BITMAP, IDX_RAW, IDX_SEEDED, IDX_VARINT,
-                       MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
+from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
                        index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
 from ._validate import check_int, from_torch
 

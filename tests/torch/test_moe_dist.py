@@ -9,7 +9,7 @@ torch = pytest.importorskip("torch")
 dist = pytest.importorskip("torch.distributed")
 
 from lowband.torch import moe  # noqa: E402
-from _moe_dist import CountingDist, spawn  # noqa: E402
+from _dist import CountingDist, spawn  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 

@@ -43,7 +43,7 @@ class) is read at every step, so learning-rate schedulers work.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Iterable, Optional, Tuple, Union
 
 import numpy as np
 import torch
