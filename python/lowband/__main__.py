@@ -15,6 +15,14 @@ def _info():
           f"sanitizer build: {bool(lowband._core.SANITIZE)}")
 
 
+def _with_one_blas_thread(argv):
+    """Re-run this command with OPENBLAS_NUM_THREADS=1 unless it is set (the
+    limit must be in place before NumPy loads BLAS)."""
+    if "OPENBLAS_NUM_THREADS" not in os.environ:
+        env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
+        os.execve(sys.executable, [sys.executable, "-m", "lowband", *argv], env)
+
+
 _USAGE = """usage: python -m lowband {reproduce,bench,fuzz,info} [options]
   reproduce  run the papers' claims as experiments, with reports and plots (see reproduce --help)
   bench      time the kernels against NumPy, torch and a copy (see bench --help)
@@ -29,14 +37,16 @@ def main(argv=None):
         return 0
     cmd, rest = argv[0], argv[1:]
     if cmd == "bench":
-        if "OPENBLAS_NUM_THREADS" not in os.environ:
-            # lowband uses no BLAS, but NumPy's idle OpenBLAS pool competes
-            # with the timed kernels for cores: run the benchmark with one.
-            env = dict(os.environ, OPENBLAS_NUM_THREADS="1")
-            os.execve(sys.executable, [sys.executable, "-m", "lowband", *argv], env)
+        # lowband uses no BLAS, but NumPy's idle OpenBLAS pool competes
+        # with the timed kernels for cores: run the benchmark with one.
+        _with_one_blas_thread(argv)
         from lowband.bench.harness import main as bench_main
         return bench_main(rest)
     if cmd == "reproduce":
+        # the simulated workers are threads that each multiply small
+        # matrices: a multi-threaded BLAS per worker makes them tens of
+        # times slower
+        _with_one_blas_thread(argv)
         from lowband.experiments import main as reproduce_main
         return reproduce_main(rest)
     if cmd == "fuzz":
