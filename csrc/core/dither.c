@@ -127,7 +127,7 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
     *nbits = 0;
     *norm = 0.0f;
     uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
-    double *part = malloc((size_t)(nchunks ? nchunks : 1) * sizeof(double));
+    double *part = lb_alloc_n(nchunks, sizeof(double), 0);
     if (!part)
         return LB_ENOMEM;
     const lb_quant_fns *fns = lb_quant();
@@ -175,7 +175,7 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
         return LB_OK;
     /* pass 1: level index | sign << 7 per element, and bits per chunk */
     uint8_t *lv = lb_scratch_alloc((size_t)n);
-    uint64_t *cbits = malloc((size_t)nchunks * sizeof(uint64_t));
+    uint64_t *cbits = lb_alloc_n(nchunks, sizeof(uint64_t), 0);
     if (!lv || !cbits) {
         lb_scratch_free(lv);
         free(cbits);

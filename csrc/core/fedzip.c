@@ -57,7 +57,7 @@ lb_status lb_kmeans3(const void *x, uint64_t n, lb_dtype dt, int iters,
     if ((dt != LB_F32 && dt != LB_F64) || iters < 0 || !centroids || (n && (!x || !labels)))
         return LB_EINVAL;
     uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
-    km_part *part = malloc((size_t)(nchunks ? nchunks : 1) * sizeof(km_part));
+    km_part *part = lb_alloc_n(nchunks, sizeof(km_part), 0);
     if (!part)
         return LB_ENOMEM;
     int team = lb_team(nthreads, nchunks);

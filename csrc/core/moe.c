@@ -110,10 +110,8 @@ lb_status lb_moe_route(const void *logits, lb_dtype dt, uint64_t T, uint64_t E,
     const uint64_t R = lb_moe_sum_rows(E), nchunks = lb_num_chunks(T, R);
     const lb_moe_rows *K = lb_moe_rows_for(dt);
     int team = lb_team(nthreads, nchunks);
-    int64_t *tcounts = calloc((size_t)team * (size_t)E, sizeof(int64_t));
-    double *partial = aux_sums ? calloc((size_t)(nchunks ? nchunks : 1) * (size_t)E,
-                                        sizeof(double))
-                               : NULL;
+    int64_t *tcounts = lb_alloc_n((uint64_t)team, (uint64_t)E * sizeof(int64_t), 1);
+    double *partial = aux_sums ? lb_alloc_n(nchunks, (uint64_t)E * sizeof(double), 1) : NULL;
     if (!tcounts || (aux_sums && !partial)) {
         free(tcounts);
         free(partial);
@@ -197,9 +195,9 @@ lb_status lb_moe_balance_stats(const void *scores, lb_dtype dt, uint64_t T,
     int64_t *icounts = counts, *ivalid = valid;
     double *isums = sums;
     if (!direct) {
-        icounts = calloc((size_t)items * (size_t)E, sizeof(int64_t));
-        ivalid = calloc((size_t)items, sizeof(int64_t));
-        isums = sums ? calloc((size_t)items * (size_t)E, sizeof(double)) : NULL;
+        icounts = lb_alloc_n(items, (uint64_t)E * sizeof(int64_t), 1);
+        ivalid = lb_alloc_n(items, sizeof(int64_t), 1);
+        isums = sums ? lb_alloc_n(items, (uint64_t)E * sizeof(double), 1) : NULL;
         if (!icounts || !ivalid || (sums && !isums)) {
             free(icounts);
             free(ivalid);
@@ -410,7 +408,7 @@ static lb_status keep_rows(const int64_t *rows, uint64_t n, uint64_t cap,
             keep[r] = r < cap;
         return LB_OK;
     }
-    double *v = malloc((size_t)n * sizeof(double));
+    double *v = lb_alloc_n(n, sizeof(double), 0);
     if (!v)
         return LB_ENOMEM;
     for (uint64_t r = 0; r < n; r++)
@@ -435,8 +433,8 @@ static lb_status apply_capacity(uint64_t E, uint64_t capacity,
                                 int64_t *position, int nthreads)
 {
     uint64_t used = (uint64_t)offsets[E];
-    int64_t *old = malloc((size_t)(used ? used : 1) * sizeof(int64_t));
-    uint8_t *keep = malloc((size_t)(used ? used : 1));
+    int64_t *old = lb_alloc_n(used, sizeof(int64_t), 0);
+    uint8_t *keep = lb_alloc_n(used, 1, 0);
     int64_t *kept_off = malloc((size_t)(E + 1) * sizeof(int64_t));
     if (!old || !keep || !kept_off) {
         free(old);
@@ -497,7 +495,7 @@ lb_status lb_moe_plan(const int32_t *experts, uint64_t T, uint64_t k,
     if (T > (uint64_t)INT64_MAX / k)
         return LB_EOVERFLOW;
     const uint64_t n = T * k, C = LB_CHUNK, nch = lb_num_chunks(n, C);
-    int64_t *cur = calloc((size_t)(nch ? nch : 1) * (size_t)E, sizeof(int64_t));
+    int64_t *cur = lb_alloc_n(nch, (uint64_t)E * sizeof(int64_t), 1);
     if (!cur)
         return LB_ENOMEM;
     lb_status fail = LB_OK;
@@ -578,7 +576,7 @@ static uint64_t rows_per_chunk(uint64_t H)
  * < n and n in number (a one-to-one map onto [0, n)), else 0.             */
 static int positions_onto(const int64_t *position, uint64_t count, uint64_t n)
 {
-    uint8_t *seen = calloc((size_t)(n ? n : 1), 1);
+    uint8_t *seen = lb_alloc_n(n, 1, 1);
     uint64_t kept = 0;
     int ok = seen != NULL;
     for (uint64_t i = 0; ok && i < count; i++) {

@@ -223,9 +223,10 @@ lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
     if (n > UINT64_MAX / r || n * r > UINT64_MAX / batch)
         return LB_EOVERFLOW;
     uint64_t nblocks = lb_num_chunks(n, LB_PSGD_BLOCK);
-    if (nblocks > SIZE_MAX / sizeof(double) / r / LANES - 1)
+    uint64_t slots;
+    if (lb_size_mul(nblocks, LANES, &slots) != LB_OK || slots == UINT64_MAX)
         return LB_EOVERFLOW;
-    double *part = malloc((size_t)(nblocks * LANES * r + r) * sizeof(double));
+    double *part = lb_alloc_n(slots + 1, (uint64_t)r * sizeof(double), 0);
     if (!part)
         return LB_ENOMEM;
     size_t width = lb_dtype_size(dt);

@@ -120,7 +120,7 @@ lb_status lb_sign_two_means(const void *x, uint64_t n, lb_dtype dt,
         return LB_EOVERFLOW;
     uint64_t npieces = nblocks * ppb;
     const lb_quant_fns *fns = lb_quant();
-    tm_stat *part = malloc((size_t)(npieces ? npieces : 1) * sizeof(tm_stat));
+    tm_stat *part = lb_alloc_n(npieces, sizeof(tm_stat), 0);
     if (!part)
         return LB_ENOMEM;
     uint64_t nchunks = lb_num_chunks(n, LB_CHUNK);
