@@ -92,14 +92,14 @@ def torch_run(rank, name, steps, first=0, **kw):
     return model, opt
 
 
-def numpy_run(comm, name, steps):
-    """lowband.optim's NumPy optimizer on a flat vector, gradients from the
-    same torch model and data."""
+def numpy_run(comm, name, steps, make=None):
+    """lowband.optim's NumPy optimizer (``make``, default make_numpy) on a
+    flat vector, gradients from the same torch model and data."""
     model = _model()
     ps = list(model.parameters())
     shapes = [tuple(p.shape) for p in ps]
     flat = np.concatenate([p.detach().numpy().reshape(-1) for p in ps])
-    opt = make_numpy(name, flat, comm, shapes)
+    opt = (make or make_numpy)(name, flat, comm, shapes)
     for t in range(steps):
         with torch.no_grad():
             off = 0

@@ -16,6 +16,7 @@ from lowband.torch.optim import OneBitLamb, Signum, ZeroOneAdam  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 from test_optim_torch import _closure, _flat, _model  # noqa: E402
+from test_optim_torch import numpy_run as numpy_run_with  # noqa: E402
 
 STEPS = 8
 NAMES = ("signum", "zoadam", "lamb")
@@ -41,19 +42,7 @@ def make_numpy(name, flat, comm, shapes):
 
 
 def numpy_run(comm, name):
-    model = _model()
-    ps = list(model.parameters())
-    flat = np.concatenate([p.detach().numpy().reshape(-1) for p in ps])
-    opt = make_numpy(name, flat, comm, [tuple(p.shape) for p in ps])
-    for t in range(STEPS):
-        with torch.no_grad():
-            off = 0
-            for p in ps:
-                p.copy_(torch.from_numpy(flat[off:off + p.numel()]).view_as(p))
-                off += p.numel()
-        _closure(model, comm.rank, t)()
-        opt.step(np.concatenate([p.grad.numpy().reshape(-1) for p in ps]))
-    return flat
+    return numpy_run_with(comm, name, STEPS, make_numpy)
 
 
 @pytest.mark.parametrize("name", NAMES)
