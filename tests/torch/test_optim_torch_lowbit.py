@@ -1,7 +1,6 @@
 """lowband.torch.optim's Signum, ZeroOneAdam and OneBitLamb on
 lowband.sim.Cluster ranks: bit for bit lowband.optim's NumPy optimizers on
 the same model and data, and a checkpoint resumed bit for bit."""
-import io
 import os
 import sys
 
@@ -15,8 +14,8 @@ from lowband.sim import Cluster  # noqa: E402
 from lowband.torch.optim import OneBitLamb, Signum, ZeroOneAdam  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_torch import _closure, _flat, _model  # noqa: E402
-from test_optim_torch import numpy_run as numpy_run_with  # noqa: E402
+from test_optim_torch import _flat, _model  # noqa: E402
+from test_optim_torch import numpy_run as numpy_run_with, resume_run  # noqa: E402
 
 STEPS = 8
 NAMES = ("signum", "zoadam", "lamb")
@@ -50,22 +49,7 @@ def test_sim_matches_numpy_optimizer_and_resumes(name):
     ref = Cluster(2).run(numpy_run, name)
 
     def run(comm):
-        model = _model()
-        opt = make_torch(name, list(model.parameters()), comm=comm)
-        for t in range(4):
-            opt.step(_closure(model, comm.rank, t))
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-        for t in range(4, STEPS):
-            opt.step(_closure(model, comm.rank, t))
-        model2 = _model()
-        opt2 = make_torch(name, list(model2.parameters()), comm=comm)
-        buf.seek(0)
-        ck = torch.load(buf, weights_only=True)
-        model2.load_state_dict(ck["model"])
-        opt2.load_state_dict(ck["opt"])
-        for t in range(4, STEPS):
-            opt2.step(_closure(model2, comm.rank, t))
+        model, model2, _ = resume_run(comm, name, 4, STEPS, make_torch)
         return _flat(model), _flat(model2)
 
     for rank, (a, b) in enumerate(Cluster(2).run(run)):
