@@ -12,8 +12,8 @@ from .data import MLP, digits
 from .engines import run_workers
 from .framework import Curve, progress
 
-__all__ = ["label_split", "dirichlet_split", "digits_split", "train_federated", "rounds_to", "one_blas_thread",
-           "with_one_blas_thread"]
+__all__ = ["label_split", "dirichlet_split", "digits_split", "train_federated", "rounds_to",
+           "one_blas_thread", "with_one_blas_thread"]
 
 
 def one_blas_thread():
