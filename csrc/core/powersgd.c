@@ -55,15 +55,32 @@ static uint64_t first_bad(const void *a, uint64_t count, lb_dtype dt)
  *             of the new a[k,i+1]^2.
  * Every loop over blocks runs with `team` threads, one block per
  * iteration.                                                              */
+/* Block b of an n-row matrix: rows [*lo, *hi) (LB_PSGD_BLOCK rows, fewer
+ * in the last block); returns its LANES*r partial sums in part.          */
+static inline double *psgd_block(double *part, uint64_t b, uint64_t n, uint64_t r,
+                                 uint64_t *lo, uint64_t *hi)
+{
+    *lo = b * LB_PSGD_BLOCK;
+    *hi = *lo + LB_PSGD_BLOCK < n ? *lo + LB_PSGD_BLOCK : n;
+    return part + b * LANES * r;
+}
+
+/* s[l*r + j] = 0 for every lane l and j in [j0, j1).                     */
+static inline void zero_lanes(double *s, uint64_t r, uint64_t j0, uint64_t j1)
+{
+    for (int l = 0; l < LANES; l++)
+        for (uint64_t j = j0; j < j1; j++)
+            s[l * r + j] = 0.0;
+}
+
 #define LB_PSGD_KERNELS(T, SUF)                                                \
 static void sumsq_##SUF(const T *a, uint64_t n, uint64_t r, uint64_t j0,       \
                         double *part, uint64_t nblocks, int team)              \
 {                                                                              \
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))   \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
-        uint64_t lo = b * LB_PSGD_BLOCK;                                       \
-        uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double *s = part + b * LANES * r;                                      \
+        uint64_t lo, hi;                                                       \
+        double *s = psgd_block(part, b, n, r, &lo, &hi);                       \
         if (r == 1) {                                                          \
             double acc[LANES] = {0};                                           \
             uint64_t k = lo;                                                   \
@@ -80,9 +97,7 @@ static void sumsq_##SUF(const T *a, uint64_t n, uint64_t r, uint64_t j0,       \
                 s[l] = acc[l];                                                 \
             continue;                                                          \
         }                                                                      \
-        for (int l = 0; l < LANES; l++)                                        \
-            for (uint64_t j = j0; j < r; j++)                                  \
-                s[l * r + j] = 0.0;                                            \
+        zero_lanes(s, r, j0, r);                                               \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             const T *row = a + k * r;                                          \
             double *acc = s + ((k - lo) % LANES) * r;                          \
@@ -100,17 +115,14 @@ static void scale_dots_##SUF(T *a, uint64_t n, uint64_t r, uint64_t i,         \
 {                                                                              \
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))   \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
-        uint64_t lo = b * LB_PSGD_BLOCK;                                       \
-        uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double *s = part + b * LANES * r;                                      \
+        uint64_t lo, hi;                                                       \
+        double *s = psgd_block(part, b, n, r, &lo, &hi);                       \
         if (r == 1) {                                                          \
             for (uint64_t k = lo; k < hi; k++)                                 \
                 a[k] = (T)((double)a[k] * inv);                                \
             continue;                                                          \
         }                                                                      \
-        for (int l = 0; l < LANES; l++)                                        \
-            for (uint64_t j = i + 1; j < r; j++)                               \
-                s[l * r + j] = 0.0;                                            \
+        zero_lanes(s, r, i + 1, r);                                            \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             T *row = a + k * r;                                                \
             double *acc = s + ((k - lo) % LANES) * r;                          \
@@ -128,11 +140,9 @@ static void project_##SUF(T *a, uint64_t n, uint64_t r, uint64_t i,            \
 {                                                                              \
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))   \
     for (uint64_t b = 0; b < nblocks; b++) {                                   \
-        uint64_t lo = b * LB_PSGD_BLOCK;                                       \
-        uint64_t hi = lo + LB_PSGD_BLOCK < n ? lo + LB_PSGD_BLOCK : n;         \
-        double *s = part + b * LANES * r;                                      \
-        for (int l = 0; l < LANES; l++)                                        \
-            s[l * r + i + 1] = 0.0;                                            \
+        uint64_t lo, hi;                                                       \
+        double *s = psgd_block(part, b, n, r, &lo, &hi);                       \
+        zero_lanes(s, r, i + 1, i + 2);                                        \
         for (uint64_t k = lo; k < hi; k++) {                                   \
             T *row = a + k * r;                                                \
             double c = (double)row[i];                                         \

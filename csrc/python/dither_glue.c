@@ -18,14 +18,10 @@ static PyObject *py_dither(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "levels: expected 1..127, got %u", levels);
         return NULL;
     }
-    PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
+    uint64_t n;
+    PyArrayObject *x = lb_py_float_input(x_o, "x", threads, &n, &nt);
     if (!x)
         return NULL;
-    uint64_t n = (uint64_t)PyArray_SIZE(x);
-    if (lb_py_threads(threads, n, &nt) < 0) {
-        Py_DECREF(x);
-        return NULL;
-    }
     npy_intp one = 1;
     PyArrayObject *norm = (PyArrayObject *)lb_py_empty(1, &one, NPY_FLOAT32);
     if (!norm) {
@@ -81,51 +77,20 @@ static PyObject *py_dither_decode(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "levels: expected 1..127, got %u", levels);
         return NULL;
     }
-    if (!PyArray_Check(buf_o) || PyArray_TYPE((PyArrayObject *)buf_o) != NPY_UINT8 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)buf_o)) {
-        PyErr_SetString(PyExc_TypeError, "codes: expected a contiguous uint8 array");
+    const uint8_t *b;
+    uint64_t len;
+    if (lb_py_stream_arg(buf_o, &b, &len) < 0)
         return NULL;
-    }
-    PyArrayObject *buf = (PyArrayObject *)buf_o;
     const double *mag = NULL;
     void *out = NULL;
     lb_dtype dt = LB_F32;
-    if (out_o != Py_None) {
-        if (!PyArray_Check(mag_o) || PyArray_TYPE((PyArrayObject *)mag_o) != NPY_FLOAT64 ||
-            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)mag_o) ||
-            PyArray_SIZE((PyArrayObject *)mag_o) != (npy_intp)levels + 1) {
-            PyErr_Format(PyExc_ValueError, "mag: expected %u float64 values", levels + 1);
-            return NULL;
-        }
-        if (!PyArray_Check(out_o) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)out_o) ||
-            !PyArray_ISWRITEABLE((PyArrayObject *)out_o) ||
-            (uint64_t)PyArray_SIZE((PyArrayObject *)out_o) != n ||
-            (dt = lb_py_dtype_of((PyArrayObject *)out_o)) == 0 || (dt != LB_F32 && dt != LB_F64)) {
-            PyErr_Format(PyExc_TypeError,
-                         "out: expected a writeable contiguous float32/float64 array of %llu "
-                         "elements", n);
-            return NULL;
-        }
-        mag = PyArray_DATA((PyArrayObject *)mag_o);
-        out = PyArray_DATA((PyArrayObject *)out_o);
-    }
-    const uint8_t *b = PyArray_DATA(buf);
-    uint64_t len = (uint64_t)PyArray_SIZE(buf);
+    if (lb_py_decode_target(mag_o, "mag", (uint64_t)levels + 1, out_o, n, &mag, &out, &dt) < 0)
+        return NULL;
     lb_error err = {0};
     lb_status st;
     LB_NOGIL(n, st = lb_dither_decode(b, len, nbits, n, levels, mag, dt, out, subtract, &err));
-    if (st == LB_EFORMAT) {
-        if (err.index < n)
-            PyErr_Format(PyExc_ValueError, "codes: malformed dither stream at element %llu",
-                         (unsigned long long)err.index);
-        else
-            PyErr_SetString(PyExc_ValueError,
-                            "codes: the dither stream does not end after the last element "
-                            "(wrong length or non-zero spare bits)");
-        return NULL;
-    }
     if (st != LB_OK)
-        return lb_py_raise(st, &err, "dither_decode", "codes", NULL);
+        return lb_py_decode_error(st, &err, n, "dither", "dither_decode");
     Py_RETURN_NONE;
 }
 

@@ -15,14 +15,10 @@ static PyObject *py_fedzip(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "iters: expected 0..1000, got %d", iters);
         return NULL;
     }
-    PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
+    uint64_t n;
+    PyArrayObject *x = lb_py_float_input(x_o, "x", threads, &n, &nt);
     if (!x)
         return NULL;
-    uint64_t n = (uint64_t)PyArray_SIZE(x);
-    if (lb_py_threads(threads, n, &nt) < 0) {
-        Py_DECREF(x);
-        return NULL;
-    }
     npy_intp three = 3;
     PyArrayObject *cen = (PyArrayObject *)lb_py_empty(1, &three, NPY_FLOAT32);
     uint8_t *labels = malloc(n ? (size_t)n : 1);
@@ -75,11 +71,10 @@ static PyObject *py_fedzip_decode(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "OKKpIOO:fedzip_decode", &buf_o, &nbits, &n, &gaps, &major,
                           &cen_o, &out_o))
         return NULL;
-    if (!PyArray_Check(buf_o) || PyArray_TYPE((PyArrayObject *)buf_o) != NPY_UINT8 ||
-        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)buf_o)) {
-        PyErr_SetString(PyExc_TypeError, "codes: expected a contiguous uint8 array");
+    const uint8_t *b;
+    uint64_t len;
+    if (lb_py_stream_arg(buf_o, &b, &len) < 0)
         return NULL;
-    }
     if (major > 2) {
         PyErr_Format(PyExc_ValueError, "major: expected 0..2, got %u", major);
         return NULL;
@@ -87,42 +82,13 @@ static PyObject *py_fedzip_decode(PyObject *self, PyObject *args)
     const double *cen = NULL;
     void *out = NULL;
     lb_dtype dt = LB_F32;
-    if (out_o != Py_None) {
-        if (!PyArray_Check(cen_o) || PyArray_TYPE((PyArrayObject *)cen_o) != NPY_FLOAT64 ||
-            !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)cen_o) ||
-            PyArray_SIZE((PyArrayObject *)cen_o) != 3) {
-            PyErr_SetString(PyExc_ValueError, "centroids: expected 3 float64 values");
-            return NULL;
-        }
-        if (!PyArray_Check(out_o) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)out_o) ||
-            !PyArray_ISWRITEABLE((PyArrayObject *)out_o) ||
-            (uint64_t)PyArray_SIZE((PyArrayObject *)out_o) != n ||
-            (dt = lb_py_dtype_of((PyArrayObject *)out_o)) == 0 || (dt != LB_F32 && dt != LB_F64)) {
-            PyErr_Format(PyExc_TypeError,
-                         "out: expected a writeable contiguous float32/float64 array of %llu "
-                         "elements", n);
-            return NULL;
-        }
-        cen = PyArray_DATA((PyArrayObject *)cen_o);
-        out = PyArray_DATA((PyArrayObject *)out_o);
-    }
-    const uint8_t *b = PyArray_DATA((PyArrayObject *)buf_o);
-    uint64_t len = (uint64_t)PyArray_SIZE((PyArrayObject *)buf_o);
+    if (lb_py_decode_target(cen_o, "centroids", 3, out_o, n, &cen, &out, &dt) < 0)
+        return NULL;
     lb_error err = {0};
     lb_status st;
     LB_NOGIL(n, st = lb_fedzip_decode(b, len, nbits, n, gaps, major, cen, dt, out, &err));
-    if (st == LB_EFORMAT) {
-        if (err.index < n)
-            PyErr_Format(PyExc_ValueError, "codes: malformed fedzip stream at element %llu",
-                         (unsigned long long)err.index);
-        else
-            PyErr_SetString(PyExc_ValueError,
-                            "codes: the fedzip stream does not end after the last element "
-                            "(wrong length or non-zero spare bits)");
-        return NULL;
-    }
     if (st != LB_OK)
-        return lb_py_raise(st, &err, "fedzip_decode", "codes", NULL);
+        return lb_py_decode_error(st, &err, n, "fedzip", "fedzip_decode");
     Py_RETURN_NONE;
 }
 

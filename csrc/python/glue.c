@@ -309,3 +309,72 @@ PyObject *lb_py_indices(uint64_t *idx, uint64_t count, uint64_t n)
     }
     return lb_py_adopt(idx, count, NPY_UINT32);
 }
+
+PyArrayObject *lb_py_float_input(PyObject *obj, const char *name, PyObject *threads, uint64_t *n,
+                                 int *nthreads)
+{
+    PyArrayObject *x = lb_py_vector(obj, name, LB_ALLOW_F32_F64);
+    if (!x)
+        return NULL;
+    *n = (uint64_t)PyArray_SIZE(x);
+    if (lb_py_threads(threads, *n, nthreads) < 0) {
+        Py_DECREF(x);
+        return NULL;
+    }
+    return x;
+}
+
+int lb_py_stream_arg(PyObject *obj, const uint8_t **data, uint64_t *len)
+{
+    if (!PyArray_Check(obj) || PyArray_TYPE((PyArrayObject *)obj) != NPY_UINT8 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)obj)) {
+        PyErr_SetString(PyExc_TypeError, "codes: expected a contiguous uint8 array");
+        return -1;
+    }
+    *data = PyArray_DATA((PyArrayObject *)obj);
+    *len = (uint64_t)PyArray_SIZE((PyArrayObject *)obj);
+    return 0;
+}
+
+int lb_py_decode_target(PyObject *table, const char *tname, uint64_t count, PyObject *out_obj,
+                        uint64_t n, const double **table_data, void **out, lb_dtype *dt)
+{
+    if (out_obj == Py_None)
+        return 0;
+    if (!PyArray_Check(table) || PyArray_TYPE((PyArrayObject *)table) != NPY_FLOAT64 ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)table) ||
+        (uint64_t)PyArray_SIZE((PyArrayObject *)table) != count) {
+        PyErr_Format(PyExc_ValueError, "%s: expected %llu float64 values", tname,
+                     (unsigned long long)count);
+        return -1;
+    }
+    lb_dtype odt;
+    if (!PyArray_Check(out_obj) || !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)out_obj) ||
+        !PyArray_ISWRITEABLE((PyArrayObject *)out_obj) ||
+        (uint64_t)PyArray_SIZE((PyArrayObject *)out_obj) != n ||
+        (odt = lb_py_dtype_of((PyArrayObject *)out_obj)) == 0 || (odt != LB_F32 && odt != LB_F64)) {
+        PyErr_Format(PyExc_TypeError,
+                     "out: expected a writeable contiguous float32/float64 array of %llu "
+                     "elements", (unsigned long long)n);
+        return -1;
+    }
+    *table_data = PyArray_DATA((PyArrayObject *)table);
+    *out = PyArray_DATA((PyArrayObject *)out_obj);
+    *dt = odt;
+    return 0;
+}
+
+PyObject *lb_py_decode_error(lb_status st, const lb_error *err, uint64_t n, const char *kind,
+                             const char *what)
+{
+    if (st != LB_EFORMAT)
+        return lb_py_raise(st, err, what, "codes", NULL);
+    if (err->index < n)
+        PyErr_Format(PyExc_ValueError, "codes: malformed %s stream at element %llu", kind,
+                     (unsigned long long)err->index);
+    else
+        PyErr_Format(PyExc_ValueError,
+                     "codes: the %s stream does not end after the last element "
+                     "(wrong length or non-zero spare bits)", kind);
+    return NULL;
+}

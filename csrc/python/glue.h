@@ -90,6 +90,31 @@ PyObject *lb_py_adopt(void *buf, uint64_t count, int typenum);
  * the core's uint64 and `idx` freed), else uint64 adopting `idx`.          */
 PyObject *lb_py_indices(uint64_t *idx, uint64_t count, uint64_t n);
 
+/* The float input of an encoder: lb_py_vector(obj, name, float32/float64),
+ * its element count in *n and the team size for it (threads=) in
+ * *nthreads; NULL with an exception (no reference held).                 */
+PyArrayObject *lb_py_float_input(PyObject *obj, const char *name, PyObject *threads, uint64_t *n,
+                                 int *nthreads);
+
+/* A decoder's coded stream: a C-contiguous uint8 ndarray (TypeError naming
+ * `codes` otherwise); its data and length in *data and *len.  0 or -1.    */
+int lb_py_stream_arg(PyObject *obj, const uint8_t **data, uint64_t *len);
+
+/* A decoder's value table and output, when out_obj is not None: `table`
+ * must be `count` contiguous float64 values (ValueError naming `tname`),
+ * out_obj a writeable contiguous float32/float64 ndarray of n elements
+ * (TypeError naming `out`).  Sets *table_data, *out and *dt (left alone
+ * when out_obj is None).  0 or -1 with an exception.                      */
+int lb_py_decode_target(PyObject *table, const char *tname, uint64_t count, PyObject *out_obj,
+                        uint64_t n, const double **table_data, void **out, lb_dtype *dt);
+
+/* Raises for a failed stream decode (`st` != LB_OK) of n elements and
+ * returns NULL: LB_EFORMAT as a ValueError naming `codes` and the `kind`
+ * of stream (the element where it broke, or a stream that does not end
+ * after the last element), anything else through lb_py_raise(`what`).    */
+PyObject *lb_py_decode_error(lb_status st, const lb_error *err, uint64_t n, const char *kind,
+                             const char *what);
+
 /* Method tables of the binding files, concatenated by module.c. */
 extern PyMethodDef lb_core_methods[];
 extern PyMethodDef lb_sparsify_methods[];

@@ -18,14 +18,10 @@ static PyObject *py_sign_two_means(PyObject *self, PyObject *args)
     int check, nt;
     if (!PyArg_ParseTuple(args, "OKpO:sign_two_means", &x_o, &block, &check, &threads))
         return NULL;
-    PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
+    uint64_t n;
+    PyArrayObject *x = lb_py_float_input(x_o, "x", threads, &n, &nt);
     if (!x)
         return NULL;
-    uint64_t n = (uint64_t)PyArray_SIZE(x);
-    if (lb_py_threads(threads, n, &nt) < 0) {
-        Py_DECREF(x);
-        return NULL;
-    }
     uint64_t nb = block ? n / block + (n % block != 0) : 1;
     PyArrayObject *codes = new_u8(n / 8 + (n % 8 != 0), NPY_UINT8);
     PyArrayObject *scales = new_u8(2 * nb, NPY_FLOAT32);

@@ -92,14 +92,14 @@ def torch_run(rank, name, steps, first=0, **kw):
     return model, opt
 
 
-def numpy_run(comm, name, steps):
-    """lowband.optim's NumPy optimizer on a flat vector, gradients from the
-    same torch model and data."""
+def numpy_run(comm, name, steps, make=None):
+    """lowband.optim's NumPy optimizer (``make``, default make_numpy) on a
+    flat vector, gradients from the same torch model and data."""
     model = _model()
     ps = list(model.parameters())
     shapes = [tuple(p.shape) for p in ps]
     flat = np.concatenate([p.detach().numpy().reshape(-1) for p in ps])
-    opt = make_numpy(name, flat, comm, shapes)
+    opt = (make or make_numpy)(name, flat, comm, shapes)
     for t in range(steps):
         with torch.no_grad():
             off = 0
@@ -109,6 +109,31 @@ def numpy_run(comm, name, steps):
         _closure(model, comm.rank, t)()
         opt.step(np.concatenate([p.grad.numpy().reshape(-1) for p in ps]))
     return flat
+
+
+def resume_run(comm, name, first, last, make=None):
+    """Steps 0..first-1 of optimizer ``name`` (``make``, default make_torch),
+    a checkpoint, steps first..last-1; a fresh model and optimizer loaded
+    from the checkpoint take the same steps.  Returns (model, resumed model,
+    resumed optimizer)."""
+    make = make or make_torch
+    model = _model()
+    opt = make(name, list(model.parameters()), comm=comm)
+    for t in range(first):
+        opt.step(_closure(model, comm.rank, t))
+    buf = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
+    for t in range(first, last):
+        opt.step(_closure(model, comm.rank, t))
+    model2 = _model()
+    opt2 = make(name, list(model2.parameters()), comm=comm)
+    buf.seek(0)
+    ck = torch.load(buf, weights_only=True)
+    model2.load_state_dict(ck["model"])
+    opt2.load_state_dict(ck["opt"])
+    for t in range(first, last):
+        opt2.step(_closure(model2, comm.rank, t))
+    return model, model2, opt2
 
 
 def _flat(model):
@@ -148,19 +173,7 @@ def test_sim_matches_numpy_optimizer(name):
 @pytest.mark.parametrize("name", NAMES)
 def test_state_dict_resume_bit_for_bit(name):
     def run(comm):
-        model, opt = torch_run(comm.rank, name, 3, comm=comm)
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-        for t in range(3, 6):
-            opt.step(_closure(model, comm.rank, t))
-        model2 = _model()
-        opt2 = make_torch(name, list(model2.parameters()), comm=comm)
-        buf.seek(0)
-        ck = torch.load(buf, weights_only=True)
-        model2.load_state_dict(ck["model"])
-        opt2.load_state_dict(ck["opt"])
-        for t in range(3, 6):
-            opt2.step(_closure(model2, comm.rank, t))
+        model, model2, opt2 = resume_run(comm, name, 3, 6)
         return _flat(model), _flat(model2), opt2
     for a, b, opt2 in Cluster(2).run(run):
         assert a.tobytes() == b.tobytes()

@@ -1,7 +1,6 @@
 """lowband.torch.optim's Signum, ZeroOneAdam and OneBitLamb on
 lowband.sim.Cluster ranks: bit for bit lowband.optim's NumPy optimizers on
 the same model and data, and a checkpoint resumed bit for bit."""
-import io
 import os
 import sys
 
@@ -15,7 +14,8 @@ from lowband.sim import Cluster  # noqa: E402
 from lowband.torch.optim import OneBitLamb, Signum, ZeroOneAdam  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_optim_torch import _closure, _flat, _model  # noqa: E402
+from test_optim_torch import _flat, _model  # noqa: E402
+from test_optim_torch import numpy_run as numpy_run_with, resume_run  # noqa: E402
 
 STEPS = 8
 NAMES = ("signum", "zoadam", "lamb")
@@ -41,19 +41,7 @@ def make_numpy(name, flat, comm, shapes):
 
 
 def numpy_run(comm, name):
-    model = _model()
-    ps = list(model.parameters())
-    flat = np.concatenate([p.detach().numpy().reshape(-1) for p in ps])
-    opt = make_numpy(name, flat, comm, [tuple(p.shape) for p in ps])
-    for t in range(STEPS):
-        with torch.no_grad():
-            off = 0
-            for p in ps:
-                p.copy_(torch.from_numpy(flat[off:off + p.numel()]).view_as(p))
-                off += p.numel()
-        _closure(model, comm.rank, t)()
-        opt.step(np.concatenate([p.grad.numpy().reshape(-1) for p in ps]))
-    return flat
+    return numpy_run_with(comm, name, STEPS, make_numpy)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -61,22 +49,7 @@ def test_sim_matches_numpy_optimizer_and_resumes(name):
     ref = Cluster(2).run(numpy_run, name)
 
     def run(comm):
-        model = _model()
-        opt = make_torch(name, list(model.parameters()), comm=comm)
-        for t in range(4):
-            opt.step(_closure(model, comm.rank, t))
-        buf = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, buf)
-        for t in range(4, STEPS):
-            opt.step(_closure(model, comm.rank, t))
-        model2 = _model()
-        opt2 = make_torch(name, list(model2.parameters()), comm=comm)
-        buf.seek(0)
-        ck = torch.load(buf, weights_only=True)
-        model2.load_state_dict(ck["model"])
-        opt2.load_state_dict(ck["opt"])
-        for t in range(4, STEPS):
-            opt2.step(_closure(model2, comm.rank, t))
+        model, model2, _ = resume_run(comm, name, 4, STEPS, make_torch)
         return _flat(model), _flat(model2)
 
     for rank, (a, b) in enumerate(Cluster(2).run(run)):

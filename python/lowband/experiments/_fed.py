@@ -3,6 +3,8 @@ of scikit-learn's digits and a training loop over ``lowband.federated``
 methods (one client per rank, the server model replicated)."""
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import federated as fed
@@ -10,7 +12,8 @@ from .data import MLP, digits
 from .engines import run_workers
 from .framework import Curve, progress
 
-__all__ = ["label_split", "dirichlet_split", "train_federated", "rounds_to", "one_blas_thread"]
+__all__ = ["label_split", "dirichlet_split", "digits_split", "train_federated", "rounds_to",
+           "one_blas_thread", "with_one_blas_thread"]
 
 
 def one_blas_thread():
@@ -24,6 +27,16 @@ def one_blas_thread():
         import contextlib
         return contextlib.nullcontext()
     return threadpool_limits(1)
+
+
+def with_one_blas_thread(run):
+    """An experiment's ``run(config)`` that runs ``run`` inside
+    ``one_blas_thread()``."""
+    @functools.wraps(run)
+    def wrapped(config):
+        with one_blas_thread():
+            return run(config)
+    return wrapped
 
 
 def label_split(y, clients, classes_per_client=2, seed=0):
@@ -84,6 +97,16 @@ def _worker(comm, method, args, kwargs, split, hidden, rounds, batch, eval_every
         if r % eval_every == 0 or r == rounds:
             record(r)
     return rec, x.copy(), opt.bytes_up, opt.bytes_down
+
+
+def digits_split(config, alpha=None):
+    """One index array into digits' training set per worker
+    (``config.workers``, seeded by ``config.seed``): ``label_split`` with 2
+    classes per client, or ``dirichlet_split`` with ``alpha`` when given."""
+    ytr = digits()[1]
+    if alpha is None:
+        return label_split(ytr, config.workers, 2, config.seed)
+    return dirichlet_split(ytr, config.workers, alpha, config.seed)
 
 
 def train_federated(config, label, method, *args, split, rounds, batch=32, eval_every=5, hidden=0,

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from .. import optim as O
 from .data import MLP, digits, train_data_parallel
-from ._fed import one_blas_thread
+from ._fed import with_one_blas_thread
 from .engines import run_workers
 from .framework import Check, Experiment, Result
 
@@ -43,12 +43,8 @@ def _worker(comm, key, p, seed, show):
                                label=f"co2: {key}", show=show)
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     from .framework import Curve
     p = config.params
     arms, metrics, table = {}, {}, {}

@@ -10,7 +10,7 @@ import numpy as np
 
 from .. import decentral as dc
 from .data import LeastSquares
-from ._fed import one_blas_thread
+from ._fed import with_one_blas_thread
 from .engines import run_workers
 from .framework import Check, Curve, Experiment, Result, progress
 
@@ -56,12 +56,8 @@ def _error(prob, xs):
     return float(np.mean(np.sum((X - prob.x_star) ** 2, axis=1)) / np.sum(prob.x_star ** 2))
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     p = config.params
     n = config.workers
     prob = LeastSquares(W=n, d=p["d"], m=p["m"], spread=1.0, seed=config.seed)

@@ -116,7 +116,24 @@ def _softmax_xent(logits, y):
     return loss, d / n, p
 
 
-class MLP:
+class _FlatModel:
+    """A model over one flat float64 parameter vector holding its tensors
+    (``self.shapes``) back to back."""
+
+    @property
+    def layer_sizes(self):
+        return [math.prod(s) for s in self.shapes]
+
+    def unpack(self, flat):
+        out, start = [], 0
+        for s in self.shapes:
+            size = math.prod(s)
+            out.append(flat[start:start + size].reshape(s))
+            start += size
+        return out
+
+
+class MLP(_FlatModel):
     """ReLU MLP with softmax cross-entropy over a flat parameter vector:
     weight (in, out) then bias per layer, in that order (``shapes``)."""
 
@@ -127,23 +144,11 @@ class MLP:
             self.shapes += [(i, o), (o,)]
         self.n = sum(math.prod(s) for s in self.shapes)
 
-    @property
-    def layer_sizes(self):
-        return [math.prod(s) for s in self.shapes]
-
     def init(self, seed=0):
         rng = np.random.default_rng(seed)
         parts = [rng.standard_normal(s).ravel() * np.sqrt(2.0 / s[0]) if len(s) == 2 else np.zeros(s[0])
                  for s in self.shapes]
         return np.concatenate(parts)
-
-    def unpack(self, flat):
-        out, start = [], 0
-        for s in self.shapes:
-            size = math.prod(s)
-            out.append(flat[start:start + size].reshape(s))
-            start += size
-        return out
 
     def _forward(self, params, x):
         acts, h = [x], x
@@ -176,7 +181,7 @@ class MLP:
         return float(np.mean(logits.argmax(axis=1) == y))
 
 
-class CharMLP:
+class CharMLP(_FlatModel):
     """A character-level language model: the previous ``context`` symbols
     are embedded (``emb`` each), concatenated, passed through one tanh
     hidden layer and a softmax over the ``vocab`` symbols (Bengio et al.'s
@@ -188,24 +193,12 @@ class CharMLP:
         self.shapes = [(vocab, emb), (context * emb, hidden), (hidden,), (hidden, vocab), (vocab,)]
         self.n = sum(math.prod(s) for s in self.shapes)
 
-    @property
-    def layer_sizes(self):
-        return [math.prod(s) for s in self.shapes]
-
     def init(self, seed=0):
         rng = np.random.default_rng(seed)
         e, w1, b1, w2, b2 = self.shapes
         return np.concatenate([0.5 * rng.standard_normal(e).ravel(),
                                rng.standard_normal(w1).ravel() / np.sqrt(w1[0]), np.zeros(b1),
                                rng.standard_normal(w2).ravel() / np.sqrt(w2[0]), np.zeros(b2)])
-
-    def unpack(self, flat):
-        out, start = [], 0
-        for s in self.shapes:
-            size = math.prod(s)
-            out.append(flat[start:start + size].reshape(s))
-            start += size
-        return out
 
     def windows(self, codes, positions):
         """(x: (n, context) previous symbols, y: (n,) next symbol)."""

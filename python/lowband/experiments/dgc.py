@@ -10,8 +10,8 @@ from .. import optim as O
 from ..compressors import TopK
 from ..sparsify import aggregate
 from .data import MLP, digits, train_data_parallel
-from .engines import run_workers
-from .framework import Check, Curve, Experiment, Result
+from ._loops import run_arms
+from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
     "density": 0.001,            # 99.9% sparsity after the warm-up
@@ -62,17 +62,8 @@ def _worker(comm, arm, p, seed, show):
 
 def run(config):
     p = config.params
-    arms, metrics, table = {}, {}, {}
-    for arm, label in ARMS.items():
-        results, sent = run_workers(config, _worker, arm, p, config.seed, config.progress)
-        steps, loss, acc, nbytes, x = results[0]
-        if any(not np.array_equal(r[4], x) for r in results[1:]):
-            raise RuntimeError(f"dgc: the replicas of arm {arm!r} disagree")
-        arms[arm] = Curve(label, steps, loss, acc, nbytes)
-        metrics[f"{arm}_accuracy"] = acc[-1]
-        metrics[f"{arm}_loss"] = loss[-1]
-        metrics[f"{arm}_bytes"] = int(sent[0])
-        table[label] = {"test accuracy": acc[-1], "training loss": loss[-1], "bytes sent per worker": int(sent[0])}
+    arms, metrics, table = run_arms(config, "dgc", _worker, ARMS, p, config.seed, config.progress,
+                                    accuracy_first=True)
     metrics["bytes_fraction"] = metrics["dgc_bytes"] / metrics["dense_bytes"]
     n = MLP((64, p["hidden"], 10)).n
     return Result(metrics, arms, table=table, notes=[

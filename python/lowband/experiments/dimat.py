@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import decentral as dc
-from ._fed import label_split, one_blas_thread
+from ._fed import digits_split, with_one_blas_thread
 from .data import digits
 from .engines import run_workers
 from .framework import Check, Curve, Experiment, Result, progress
@@ -93,15 +93,10 @@ def _worker(comm, align, split, p, seed, show):
     return accs, losses, _accuracy(merged, sizes, xte, yte), int(comm.bytes_sent)
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     p = config.params
-    _, ytr, _, _ = digits()
-    split = label_split(ytr, config.workers, 2, config.seed)
+    split = digits_split(config)
     arms, metrics, table = {}, {}, {}
     for key, align in (("aligned", True), ("plain", False)):
         res, sent = run_workers(config, _worker, align, split, p, config.seed, config.progress)

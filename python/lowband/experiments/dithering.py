@@ -12,8 +12,8 @@ from ..quantize import dither
 from ..sim import reduce_payloads
 from .._payload import Dense
 from .data import MLP, digits, train_data_parallel
-from .engines import run_workers
-from .framework import Check, Curve, Experiment, Result
+from ._loops import run_arms
+from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
     "levels": 8,                     # s for both partitions (max norm)
@@ -87,15 +87,9 @@ def run(config):
         stats[f"{part} dithering, s = {s}"] = {"relative variance E|D(g)-g|^2/|g|^2": var,
                                                "mean (bias / standard error)^2": worst,
                                                "bits per element (wire)": bpe}
-    arms, table = {}, dict(stats)
-    for arm, label in LABELS.items():
-        results, sent = run_workers(config, _worker, arm, p, config.seed, config.progress)
-        steps, loss, acc, nbytes, x = results[0]
-        if any(not np.array_equal(r[4], x) for r in results[1:]):
-            raise RuntimeError(f"dithering: the replicas of arm {arm!r} disagree")
-        arms[arm] = Curve(label, steps, loss, acc, nbytes)
-        metrics.update({f"{arm}_loss": loss[-1], f"{arm}_accuracy": acc[-1], f"{arm}_bytes": int(sent[0])})
-        table[label] = {"training loss": loss[-1], "test accuracy": acc[-1], "bytes sent per worker": int(sent[0])}
+    arms, trained, rows = run_arms(config, "dithering", _worker, LABELS, p, config.seed, config.progress)
+    metrics.update(trained)
+    table = {**stats, **rows}
     metrics["variance_ratio"] = metrics["natural_rel_variance"] / metrics["linear_rel_variance"]
     metrics["loss_ratio"] = metrics["natural_loss"] / metrics["fp32_loss"]
     metrics["bytes_fraction"] = metrics["natural_bytes"] / metrics["fp32_bytes"]

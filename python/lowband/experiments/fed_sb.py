@@ -9,7 +9,7 @@ import numpy as np
 
 from .. import federated as fed
 from .._payload import Dense
-from ._fed import one_blas_thread
+from ._fed import with_one_blas_thread
 from .engines import run_workers
 from .framework import Check, Curve, Experiment, Result, progress
 
@@ -96,12 +96,8 @@ def _worker(comm, arm, prob, p, seed, show):
     return rec, per_round, x.copy()
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     p = config.params
     prob = Problem(config.workers, p["m"], config.seed)
     labels = {"fedsb": f"Fed-SB (r = {R})", "fedit": f"FedIT (LoRA r = {R}, B and A averaged)",

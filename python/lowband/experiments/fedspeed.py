@@ -4,8 +4,7 @@ a target accuracy in fewer rounds (fewer dense uploads) than FedAvg under
 strong heterogeneity; without the prox-correction most of the gain goes."""
 from __future__ import annotations
 
-from ._fed import dirichlet_split, rounds_to, train_federated, one_blas_thread
-from .data import digits
+from ._fed import digits_split, rounds_to, train_federated, with_one_blas_thread
 from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
@@ -23,15 +22,10 @@ CLIENTS, SAMPLED, ALPHA = 20, 4, 0.1
 LAM, RHO = 1.0, 0.05            # prox weight 1/lam: lr/lam = 0.05 per local step
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     p = config.params
-    _, ytr, _, _ = digits()
-    split = dirichlet_split(ytr, config.workers, ALPHA, config.seed)
+    split = digits_split(config, ALPHA)
     arms, metrics, table = {}, {}, {}
     common = dict(split=split, rounds=p["rounds"], eval_every=p["eval_every"], lr=p["lr"],
                   clients_per_round=SAMPLED, seed=config.seed, hidden=p["hidden"])

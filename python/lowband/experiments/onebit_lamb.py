@@ -4,12 +4,11 @@ with the per-layer trust ratios frozen from the warm-up; it keeps LAMB's
 convergence in large-batch training at a fraction of the bytes."""
 from __future__ import annotations
 
-import numpy as np
 
 from .. import optim as O
 from .data import MLP, digits, train_data_parallel
-from .engines import run_workers
-from .framework import Check, Curve, Experiment, Result
+from ._loops import run_arms
+from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
     "warmup_fraction": 0.2,       # freeze_step = 20% of the steps
@@ -42,15 +41,7 @@ def _worker(comm, arm, p, seed, show):
 
 def run(config):
     p = config.params
-    arms, metrics, table = {}, {}, {}
-    for arm, label in LABELS.items():
-        results, sent = run_workers(config, _worker, arm, p, config.seed, config.progress)
-        steps, loss, acc, nbytes, x = results[0]
-        if any(not np.array_equal(r[4], x) for r in results[1:]):
-            raise RuntimeError(f"onebit-lamb: the replicas of arm {arm!r} disagree")
-        arms[arm] = Curve(label, steps, loss, acc, nbytes)
-        metrics.update({f"{arm}_loss": loss[-1], f"{arm}_accuracy": acc[-1], f"{arm}_bytes": int(sent[0])})
-        table[label] = {"training loss": loss[-1], "test accuracy": acc[-1], "bytes sent per worker": int(sent[0])}
+    arms, metrics, table = run_arms(config, "onebit-lamb", _worker, LABELS, p, config.seed, config.progress)
     metrics["loss_ratio"] = metrics["onebit_loss"] / metrics["lamb_loss"]
     metrics["bytes_fraction"] = metrics["onebit_bytes"] / metrics["lamb_bytes"]
     return Result(metrics, arms, table=table, notes=[

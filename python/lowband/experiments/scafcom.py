@@ -5,8 +5,7 @@ random-k) come close to full-precision SCAFFOLD at a small fraction of its
 uplink, while FedAvg whose uplink is top-k compressed plateaus."""
 from __future__ import annotations
 
-from .data import digits
-from ._fed import label_split, train_federated, one_blas_thread
+from ._fed import digits_split, train_federated, with_one_blas_thread
 from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
@@ -36,15 +35,10 @@ def _arms(ratio):
     ]
 
 
+@with_one_blas_thread
 def run(config):
-    with one_blas_thread():
-        return _run(config)
-
-
-def _run(config):
     p = config.params
-    _, ytr, _, _ = digits()
-    split = label_split(ytr, config.workers, 2, config.seed)
+    split = digits_split(config)
     arms, metrics, table = {}, {}, {}
     for key, label, method, args, kw in _arms(p["ratio"]):
         curve, _, up, down = train_federated(

@@ -11,8 +11,8 @@ from .. import optim as O
 from ..quantize import sign
 from .._payload import Dense
 from .data import MLP, digits, train_data_parallel
-from .engines import run_workers
-from .framework import Check, Curve, Experiment, Result
+from ._loops import run_arms
+from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
     "max_loss_ratio": 2.0,        # Signum-MV's final training loss <= 2 x SGD-momentum's
@@ -58,15 +58,7 @@ def _worker(comm, arm, p, seed, show):
 
 def run(config):
     p = config.params
-    arms, metrics, table = {}, {}, {}
-    for arm, label in LABELS.items():
-        results, sent = run_workers(config, _worker, arm, p, config.seed, config.progress)
-        steps, loss, acc, nbytes, x = results[0]
-        if any(not np.array_equal(r[4], x) for r in results[1:]):
-            raise RuntimeError(f"signum: the replicas of arm {arm!r} disagree")
-        arms[arm] = Curve(label, steps, loss, acc, nbytes)
-        metrics.update({f"{arm}_loss": loss[-1], f"{arm}_accuracy": acc[-1], f"{arm}_bytes": int(sent[0])})
-        table[label] = {"training loss": loss[-1], "test accuracy": acc[-1], "bytes sent per worker": int(sent[0])}
+    arms, metrics, table = run_arms(config, "signum", _worker, LABELS, p, config.seed, config.progress)
     n = MLP((64, p["hidden"], 10)).n
     v = np.zeros(n, np.float64)
     metrics["payload_ratio"] = Dense(v.astype(np.float32)).nbytes / sign(v, scale="none").nbytes

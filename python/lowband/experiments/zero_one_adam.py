@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from .. import optim as O
 from .data import MLP, digits, train_data_parallel
-from .engines import run_workers
-from .framework import Check, Curve, Experiment, Result
+from ._loops import run_arms
+from .framework import Check, Experiment, Result
 
 THRESHOLDS = {
     "var_freeze_fraction": 0.3,    # variance frozen after 30% of the steps
@@ -49,14 +49,9 @@ def _worker(comm, arm, p, seed, show):
 
 def run(config):
     p = config.params
-    arms, metrics, table = {}, {}, {}
-    for arm, label in LABELS.items():
-        results, sent = run_workers(config, _worker, arm, p, config.seed, config.progress)
-        steps, loss, acc, nbytes, _ = results[0]
-        arms[arm] = Curve(label, steps, loss, acc, nbytes)
-        metrics.update({f"{arm}_loss": loss[-1], f"{arm}_accuracy": acc[-1], f"{arm}_bytes": int(sent[0])})
-        table[label] = {"training loss (rank 0)": loss[-1], "test accuracy (rank 0)": acc[-1],
-                        "bytes sent per worker": int(sent[0])}
+    # local steps: the replicas differ between synchronisations
+    arms, metrics, table = run_arms(config, "zero-one-adam", _worker, LABELS, p, config.seed, config.progress,
+                                    same_replicas=False, rank_note=" (rank 0)")
     metrics["loss_ratio"] = metrics["zoadam_loss"] / metrics["adam_loss"]
     metrics["bytes_vs_adam"] = metrics["zoadam_bytes"] / metrics["adam_bytes"]
     metrics["bytes_vs_onebit"] = metrics["zoadam_bytes"] / metrics["onebit_bytes"]
