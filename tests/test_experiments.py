@@ -61,7 +61,9 @@ DIRECTIONS = {
                        "ef14_converges": lambda m: m["ef14_distance"] < m["none_distance"],
                        "ef21_converges": lambda m: m["ef21_distance"] < m["none_distance"],
                        "econtrol_converges": lambda m: m["econtrol_distance"] < m["none_distance"],
-                       "ef21w_faster": lambda m: m["ef21w_new_rounds"] < m["ef21_old_rounds"]},
+                       "ef21w_faster": lambda m: m["ef21w_new_rounds"] < m["ef21_old_rounds"],
+                       "econtrol_any_heterogeneity": lambda m: m["sweep_econtrol_max_distance"] < max(
+                           v for k, v in m.items() if k.startswith("sweep_ef14_h"))},
     "onebit-adam": {"tracks_adam_loss": lambda m: m["onebit_loss"] <= 1.25 * m["adam_loss"],
                     "tracks_adam_accuracy": lambda m: m["onebit_accuracy"] >= m["adam_accuracy"] - 0.01,
                     "fraction_of_bytes": lambda m: m["onebit_bytes"] < m["adam_bytes"],
