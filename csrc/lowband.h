@@ -274,8 +274,15 @@ lb_status lb_check_codes(const uint8_t *buf, uint64_t n, int bits,
  * packed stream; per-block arrays have one entry per block of `block`
  * elements (block 0: one entry for the whole tensor); non-finite input is
  * LB_ENONFINITE with err->index = the first bad element when check_finite
- * (otherwise the result for such input is unspecified but memory-safe); a
- * scale that does not fit float32 is LB_ERANGE (err->index = the block).
+ * (otherwise the result for such input is unspecified but memory-safe).
+ * Scales are computed in float64; where the decoded dtype `out_dt` is
+ * given (the dtype the payload decodes to: float32, float64, float16 or
+ * bfloat16), a scale whose largest code would decode to +-Inf is lowered
+ * to the largest float32 that decodes finite (codes saturate at the top
+ * code), so finite input never decodes to Inf.  A block whose values the
+ * scale cannot represent (beyond the lowered scale's top value plus one
+ * step, or a scale beyond float32) is LB_ERANGE (err->index = the block)
+ * when check_finite.
  * Sums (l1, rms, norms, means) use the fixed 16-lane order of
  * docs/quantization.md, so every result is byte-identical for any thread
  * count and instruction set.  Random draws: Philox4x32-10 keyed by seed,
@@ -296,8 +303,8 @@ lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
  * [-Q, Q], code q + Q.  bits == 1: levels -d, +d with d = absmax, code 1
  * for +d.  scales[b] = d (float32).  stochastic: round up with probability
  * equal to the fraction (unbiased); else nearest, ties to even.           */
-lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
-                      uint64_t block, int stochastic, uint64_t seed,
+lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                      int bits, uint64_t block, int stochastic, uint64_t seed,
                       uint64_t step, int check_finite, int nthreads,
                       uint8_t *codes, float *scales, lb_error *err);
 
@@ -305,8 +312,8 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
  * to float32, u = norm / s, l = floor(|x|/u) + Bernoulli(frac) (<= s),
  * code sign(x) * l + s in a stream of lb_qsgd_bits(s) bits.                */
 int lb_qsgd_bits(uint64_t levels);
-lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, uint64_t levels,
-                  uint64_t block, uint64_t seed, uint64_t step,
+lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                  uint64_t levels, uint64_t block, uint64_t seed, uint64_t step,
                   int check_finite, int nthreads, uint8_t *codes,
                   float *norms, lb_error *err);
 
@@ -333,7 +340,8 @@ lb_status lb_natural(const void *x, uint64_t n, lb_dtype dt, int emax,
  * 7 together) with a power-of-two scale 2^k per block: element values are
  * IEEE-like with bias 2^E - 1 (largest value 2 - 2^-M, subnormals, no
  * Inf/NaN); k = the smallest exponent with absmax <= (2 - 2^-M) * 2^k,
- * clamped to [-127, kmax] (0 for an all-zero block); codes are sign bit
+ * clamped to [-127, kmax] (0 for an all-zero block; a block maximum of at
+ * least 2^(kmax + 1) is LB_ERANGE when check_finite); codes are sign bit
  * (bit E+M) + magnitude, round to nearest (ties to even significand),
  * saturating; the negative-zero code is never produced.                    */
 lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
@@ -344,10 +352,11 @@ lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
 /* SparseLoCo's 2-bit codes: mu = mean, sigma = sample standard deviation
  * (n - 1), w = 1.5 sigma, code clamp(round((x - mu) / w + 2), 0, 3) (all 2
  * when w == 0); table[j] = float32 of the mean of the x in bin j (of mu +
- * (j - 2) w for an empty bin).                                             */
-lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
-                     int nthreads, uint8_t *codes, float table[4],
-                     lb_error *err);
+ * (j - 2) w for an empty bin), limited to the largest float32 magnitude
+ * that decodes finite in out_dt (a bin mean beyond it: LB_ERANGE).        */
+lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                     int check_finite, int nthreads, uint8_t *codes,
+                     float table[4], lb_error *err);
 
 /* Decoding: out[i] = table[code_i] * mult[i / block] (block 0: one
  * multiplier; mult NULL: 1) computed in float32 for float32 and float16
@@ -609,8 +618,11 @@ lb_status lb_majority_vote(const uint8_t *const *codes, uint64_t W, uint64_t n,
 /* Random dithering to `levels` in [1, 127] linear (natural = 0) or natural
  * (power-of-two) levels of |x| / norm (l2 = 1: ||x||_2, else max |x|),
  * unbiased, Elias-gamma coded (see dither.c).  *stream is malloc'd (free()
- * it), *nbits its exact length in bits, *norm the float32 norm.          */
-lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
+ * it), *nbits its exact length in bits, *norm the float32 norm, lowered
+ * to the largest float32 that decodes finite in out_dt (the decoded
+ * dtype) when above it, as the quantizers' scales are.                   */
+lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                    unsigned levels,
                     int natural, int l2, uint64_t seed, uint64_t step,
                     int nthreads, float *norm, uint8_t **stream,
                     uint64_t *nbits, lb_error *err);

@@ -5,7 +5,8 @@
  * Elias-gamma coded bit stream.
  *
  * r_i = |x_i| / norm in [0, 1] (norm: max |x| or ||x||_2, float32 rounded
- * up).  Levels, for s = `levels`:
+ * up, lowered to the largest float32 that decodes finite when above it:
+ * r_i = min(|x_i| / norm, 1)).  Levels, for s = `levels`:
  *   linear   l_m = m / s,            m = 0 .. s
  *   natural  l_0 = 0, l_m = 2^(m-s), m = 1 .. s
  * r is rounded to one of its two neighbouring levels l_a <= r <= l_{a+1},
@@ -30,14 +31,6 @@
 
 #define DITHER_TILE 2048
 #define DITHER_PEEK 12
-
-static double up_f32(double v)
-{
-    float f = (float)v;
-    if ((double)f < v)
-        f = nextafterf(f, INFINITY);
-    return (double)f;
-}
 
 /* Level index of r in [0, 1] (see the file comment).  Natural levels read
  * floor(log2 r) and the fraction r / 2^a - 1 straight from the bits of r
@@ -110,17 +103,20 @@ static void put_gamma(bitw *w, unsigned v)
 
 /* Dithers x (float32/float64, n elements) to `levels` s in [1, 127];
  * natural: 1 natural levels, 0 linear; l2: 1 for ||x||_2, 0 for max |x|.
- * *norm = the float32 norm (rounded up; 0 for a zero or empty x).  The
- * stream is malloc'd into *stream (free() it; NULL when empty) with
- * *nbits its length in bits.  Non-finite input: LB_ENONFINITE at its
- * index when check_finite (always checked: the norm must be finite);
- * a norm beyond float32: LB_ERANGE.                                     */
-lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
-                    int natural, int l2, uint64_t seed, uint64_t step,
-                    int nthreads, float *norm, uint8_t **stream,
+ * *norm = the float32 norm (rounded up, lowered to the largest float32
+ * that decodes finite in out_dt; 0 for a zero or empty x).  The stream
+ * is malloc'd into *stream (free() it; NULL when empty) with *nbits its
+ * length in bits.  Non-finite input: LB_ENONFINITE at its index (always
+ * checked: the norm must be finite); values beyond the lowered norm plus
+ * one step (or a norm sum beyond float64): LB_ERANGE.                   */
+lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                    unsigned levels, int natural, int l2, uint64_t seed,
+                    uint64_t step, int nthreads, float *norm, uint8_t **stream,
                     uint64_t *nbits, lb_error *err)
 {
-    if ((dt != LB_F32 && dt != LB_F64) || levels < 1 || levels > 127 ||
+    if ((dt != LB_F32 && dt != LB_F64) ||
+        !(out_dt == LB_F32 || out_dt == LB_F64 || out_dt == LB_F16 || out_dt == LB_BF16) ||
+        levels < 1 || levels > 127 ||
         !norm || !stream || !nbits || (n && !x) || step >= LB_MAX_STEP)
         return LB_EINVAL;
     *stream = NULL;
@@ -164,11 +160,21 @@ lb_status lb_dither(const void *x, uint64_t n, lb_dtype dt, unsigned levels,
             err->index = 0;
         return LB_ERANGE;
     }
-    double nv = up_f32(l2 ? sqrt(tot) : tot);
-    if (!isfinite(nv)) {
-        if (err)
-            err->index = 0;
-        return LB_ERANGE;
+    double ideal = l2 ? sqrt(tot) : tot;
+    lb_scale_cap cap = lb_scale_cap_of(1, 1, (int)out_dt);
+    double nv = lb_scale_fit(ideal, &cap);
+    if (ideal > (double)cap.smax) {   /* capped: the largest |x| must fit */
+        double amax = 0.0;
+        for (uint64_t i = 0; i < n && l2; i++) {
+            double a = fabs(dt == LB_F32 ? (double)((const float *)x)[i]
+                                         : ((const double *)x)[i]);
+            amax = a > amax ? a : amax;
+        }
+        if ((l2 ? amax : ideal) > cap.reach) {
+            if (err)
+                err->index = 0;
+            return LB_ERANGE;
+        }
     }
     *norm = (float)nv;
     if (!n)

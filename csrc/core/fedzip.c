@@ -49,7 +49,8 @@ static int nearest(double v, const double *c)
 
 /* 3-means of x (float32/float64, n elements) with `iters` Lloyd
  * iterations (see the file comment): centroids[3] (float32) and labels[n]
- * in 0..2.  Non-finite input: LB_ENONFINITE at its index.                 */
+ * in 0..2.  Non-finite input: LB_ENONFINITE at its index; a centroid beyond
+ * float32 (float64 input): LB_ERANGE with err->index = the centroid.      */
 lb_status lb_kmeans3(const void *x, uint64_t n, lb_dtype dt, int iters,
                      int nthreads, float *centroids, uint8_t *labels,
                      lb_error *err)
@@ -121,6 +122,11 @@ lb_status lb_kmeans3(const void *x, uint64_t n, lb_dtype dt, int iters,
     for (int j = 0; j < 3; j++) {
         centroids[j] = (float)cen[j];
         cf[j] = (double)centroids[j];
+        if (!isfinite(cf[j])) {   /* a float64 mean beyond float32 */
+            if (err)
+                err->index = (uint64_t)j;
+            return LB_ERANGE;
+        }
     }
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t c = 0; c < nchunks; c++) {

@@ -87,6 +87,78 @@ static float f32_up(double v)
     return f;
 }
 
+/* Whether v, the decoder's work-precision result (already rounded to
+ * float32 unless out is float64), rounds to a finite value of `out`:
+ * float16 overflows from 65520 (halfway past 65504), bfloat16 from
+ * 0x1.FFp127 (halfway past its largest, ties to even go up).            */
+static int decodes_finite(double v, int out)
+{
+    v = fabs(v);
+    if (out == LB_F16)
+        return v < 65520.0;
+    if (out == LB_BF16)
+        return v < 0x1.FFp127;
+    return isfinite(v);
+}
+
+/* The largest code's value at scale s, as the decoder computes it. */
+static double decoded_top(float s, int top, int div, int out)
+{
+    if (out == LB_F64)
+        return (double)top * ((double)s / (double)div);
+    float unit = s / (float)div;
+    return (double)((float)top * unit);
+}
+
+static float f32_of_bits(uint32_t b)
+{
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+lb_scale_cap lb_scale_cap_of(int top, int div, int out)
+{
+    uint32_t lo = 0, hi = 0x7F800000u;   /* scale lo decodes finite, hi not */
+    while (hi - lo > 1) {
+        uint32_t mid = lo + (hi - lo) / 2;
+        if (decodes_finite(decoded_top(f32_of_bits(mid), top, div, out), out))
+            lo = mid;
+        else
+            hi = mid;
+    }
+    lb_scale_cap c;
+    c.smax = f32_of_bits(lo);
+    c.reach = decoded_top(c.smax, top, div, out) + (double)c.smax / (double)div;
+    return c;
+}
+
+float lb_scale_fit(double ideal, const lb_scale_cap *cap)
+{
+    if (!isfinite(ideal))
+        return (float)ideal;
+    float f = f32_up(ideal);
+    return f <= cap->smax ? f : cap->smax;
+}
+
+/* LB_ERANGE (err->index = b) when a block whose ideal scale exceeds the
+ * cap holds a magnitude `amax` beyond what the capped scale represents. */
+static lb_status check_reach(double ideal, double amax, const lb_scale_cap *cap,
+                             uint64_t b, lb_error *err)
+{
+    if (ideal > (double)cap->smax && amax > cap->reach) {
+        if (err)
+            err->index = b;
+        return LB_ERANGE;
+    }
+    return LB_OK;
+}
+
+static int is_out_dt(int out)
+{
+    return out == LB_F32 || out == LB_F64 || out == LB_F16 || out == LB_BF16;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Blocks and per-block statistics                                           */
 /* ------------------------------------------------------------------------ */
@@ -179,6 +251,24 @@ static lb_status block_stats(const void *x, lb_dtype dt, const blocks *L,
         free(part);
     }
     return LB_OK;
+}
+
+/* max |x| over block b, serially (for the rare blocks whose scale is
+ * capped).                                                              */
+static double block_absmax(const void *x, lb_dtype dt, const blocks *L, uint64_t b)
+{
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t s = b * L->B, m = block_len(L, b);
+    if (!m)
+        return 0.0;
+    if (dt == LB_F32) {
+        uint32_t k = fns->maxkey32((const uint32_t *)x + s, m);
+        return (double)f32_of_bits(k);
+    }
+    uint64_t k = fns->maxkey64((const uint64_t *)x + s, m);
+    double d;
+    memcpy(&d, &k, 8);
+    return d;
 }
 
 /* The absolute value held by a STAT_MAXKEY statistic (may be Inf/NaN). */
@@ -488,12 +578,12 @@ static lb_status absmax_blocks(const void *x, uint64_t n, lb_dtype dt,
     return LB_OK;
 }
 
-lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
-                      uint64_t block, int stochastic, uint64_t seed,
+lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                      int bits, uint64_t block, int stochastic, uint64_t seed,
                       uint64_t step, int check_finite, int nthreads,
                       uint8_t *codes, float *scales, lb_error *err)
 {
-    if (!is_float_dt(dt) || (n && (!x || !codes || !scales)) ||
+    if (!is_float_dt(dt) || !is_out_dt(out_dt) || (n && (!x || !codes || !scales)) ||
         !(bits == 1 || bits == 2 || bits == 3 || bits == 4 || bits == 8) ||
         step >= LB_MAX_STEP)
         return LB_EINVAL;
@@ -503,13 +593,13 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
     if (st != LB_OK)
         return st;
     int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
+    lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
     for (uint64_t b = 0; b < L.nblocks; b++) {
-        scales[b] = isfinite(maxv[b]) ? f32_up(maxv[b] / Q) : (float)maxv[b];
-        if (isinf(scales[b]) && check_finite) {
+        double ideal = maxv[b] / Q;
+        scales[b] = lb_scale_fit(ideal, &cap);
+        if (check_finite && (st = check_reach(ideal, maxv[b], &cap, b, err)) != LB_OK) {
             free(maxv);
-            if (err)
-                err->index = b;
-            return LB_ERANGE;
+            return st;
         }
     }
     if (block == 0 && n == 0)
@@ -532,24 +622,29 @@ int lb_qsgd_bits(uint64_t levels)
     return bits;
 }
 
-lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, uint64_t levels,
-                  uint64_t block, uint64_t seed, uint64_t step,
+lb_status lb_qsgd(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                  uint64_t levels, uint64_t block, uint64_t seed, uint64_t step,
                   int check_finite, int nthreads, uint8_t *codes, float *norms,
                   lb_error *err)
 {
-    if (!is_float_dt(dt) || (n && (!x || !codes || !norms)) || levels < 1 ||
-        levels > 127 || step >= LB_MAX_STEP)
+    if (!is_float_dt(dt) || !is_out_dt(out_dt) || (n && (!x || !codes || !norms)) ||
+        levels < 1 || levels > 127 || step >= LB_MAX_STEP)
         return LB_EINVAL;
     blocks L = blocks_of(n, block);
     lb_stat *sums = lb_alloc_n(L.nblocks, sizeof(lb_stat), 0);
     if (!sums)
         return LB_ENOMEM;
     lb_status st = block_stats(x, dt, &L, LB_SUM_SQ, 0.0, nthreads, sums);
+    lb_scale_cap cap = lb_scale_cap_of((int)levels, (int)levels, out_dt);
     for (uint64_t b = 0; b < L.nblocks && st == LB_OK; b++) {
         double v = sqrt(sums[b].sum);
-        norms[b] = isfinite(v) ? f32_up(v) : (float)v;
-        if (!isfinite(norms[b]) && check_finite)
+        norms[b] = lb_scale_fit(v, &cap);
+        if (!check_finite)
+            continue;
+        if (!isfinite(v))
             st = nonfinite_or_range(x, dt, n, b, err);
+        else if (v > (double)cap.smax)   /* capped: does the block fit? */
+            st = check_reach(v, block_absmax(x, dt, &L, b), &cap, b, err);
     }
     free(sums);
     if (st != LB_OK)
@@ -586,9 +681,12 @@ lb_status lb_terngrad(const void *x, uint64_t n, lb_dtype dt, double clip,
     if ((st = tensor_stat(x, dt, n, STAT_MAXKEY, 0.0, nthreads, &mx)) != LB_OK)
         return st;
     double amax = stat_max(mx), s = amax < c ? amax : c;
-    *scale = isfinite(s) ? f32_up(s) : (float)s;
+    lb_scale_cap cap = lb_scale_cap_of(1, 1, LB_F64);
+    *scale = lb_scale_fit(s, &cap);
     if (!isfinite(*scale) && check_finite)
         return nonfinite_or_range(x, dt, n, 0, err);
+    if (check_finite && (st = check_reach(s, s, &cap, 0, err)) != LB_OK)
+        return st;
     return encode_smq(x, n, dt, n ? n : 1, 2, scale, 1, 1.0, c, 1, 0, 1, seed,
                       step, LB_DOMAIN_TERNGRAD, nthreads, codes);
 }
@@ -708,6 +806,13 @@ lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
         return st;
     for (uint64_t b = 0; b < L.nblocks; b++) {
         int k = 0;
+        if (check_finite && maxv[b] >= pow2(kmax + 1)) {
+            /* beyond twice the largest value 2^kmax can scale to */
+            free(maxv);
+            if (err)
+                err->index = b;
+            return LB_ERANGE;
+        }
         if (maxv[b] > 0 && isfinite(maxv[b])) {
             int p;
             double f = frexp(maxv[b], &p);
@@ -742,10 +847,11 @@ static int lut2bit_code(double v, double mu, double w)
     return (int)(q <= 3 ? q : 3);
 }
 
-lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
-                     int nthreads, uint8_t *codes, float table[4], lb_error *err)
+lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
+                     int check_finite, int nthreads, uint8_t *codes,
+                     float table[4], lb_error *err)
 {
-    if (!is_float_dt(dt) || (n && (!x || !codes)) || !table)
+    if (!is_float_dt(dt) || !is_out_dt(out_dt) || (n && (!x || !codes)) || !table)
         return LB_EINVAL;
     lb_stat sum, dev;
     lb_status st = tensor_stat(x, dt, n, LB_SUM_RAW, 0.0, nthreads, &sum);
@@ -784,16 +890,27 @@ lb_status lb_lut2bit(const void *x, uint64_t n, lb_dtype dt, int check_finite,
             }
         }
     }
+    /* entries are limited to +-lim so that each decodes finite; an empty
+     * bin's entry (never decoded) just moves, a bin mean beyond lim
+     * cannot be represented                                              */
+    double lim = lb_scale_cap_of(1, 1, out_dt).smax;
+    lb_status res = LB_OK;
     for (int j = 0; j < 4; j++) {
         double s = 0.0, cnt = 0.0;
         for (uint64_t c = 0; c < nchunks; c++) {
             s += part[8 * c + j];
             cnt += part[8 * c + 4 + j];
         }
-        table[j] = cnt > 0 ? (float)(mu + s / cnt) : (float)(mu + (j - 2) * w);
+        double v = cnt > 0 ? (double)(float)(mu + s / cnt) : (double)(float)(mu + (j - 2) * w);
+        if (cnt > 0 && fabs(v) > lim && check_finite && res == LB_OK) {
+            if (err)
+                err->index = 0;
+            res = LB_ERANGE;
+        }
+        table[j] = (float)(v > lim ? lim : (v < -lim ? -lim : v));
     }
     free(part);
-    return LB_OK;
+    return res;
 }
 
 /* ------------------------------------------------------------------------ */

@@ -70,6 +70,26 @@ extern const lb_quant_fns lb_quant_scalar;
 extern const lb_quant_fns lb_quant_avx2;
 extern const lb_quant_fns lb_quant_avx512;
 
+/* Scales that decode finite (quant.c; used by quant.c and dither.c).
+ * A scheme's largest code decodes to top * (scale / div), computed in the
+ * decoder's work precision (float32; float64 for a float64 output) and
+ * rounded to the decoded dtype `out` (LB_F16/LB_BF16/LB_F32/LB_F64).     */
+typedef struct {
+    float smax;    /* the largest float32 scale whose top code decodes to a
+                      finite value of `out`                                */
+    double reach;  /* that decoded top plus one step (smax / div): the
+                      largest magnitude represented within the scheme's
+                      usual error bound                                     */
+} lb_scale_cap;
+
+/* The cap for (top, div, out), found by bisection over float32 bit
+ * patterns (the decoded top is monotone in the scale).                   */
+lb_scale_cap lb_scale_cap_of(int top, int div, int out);
+/* The float32 scale for an ideal scale `ideal` >= 0 computed in float64:
+ * rounded up to float32, then lowered to cap->smax when above it (codes
+ * then saturate at the top code).  A non-finite ideal is returned as is.  */
+float lb_scale_fit(double ideal, const lb_scale_cap *cap);
+
 /* Scalar conversions shared by the template and the drivers. */
 static inline uint16_t lb_f32_to_f16_bits(uint32_t x)
 {

@@ -3,16 +3,17 @@
  * arguments first; these re-check what the core relies on.               */
 #include "glue.h"
 
-/* dither(x, levels, natural, l2, seed, step, threads)
- *   -> (stream uint8, norm float32[1], nbits)                              */
+/* dither(x, out_dt, levels, natural, l2, seed, step, threads)
+ *   -> (stream uint8, norm float32[1], nbits); out_dt: the lb_dtype code
+ *   the payload decodes to                                                 */
 static PyObject *py_dither(PyObject *self, PyObject *args)
 {
     PyObject *x_o, *threads;
     unsigned levels;
-    int natural, l2, nt;
+    int out_dt, natural, l2, nt;
     unsigned long long seed, step;
-    if (!PyArg_ParseTuple(args, "OIppKKO:dither", &x_o, &levels, &natural, &l2, &seed, &step,
-                          &threads))
+    if (!PyArg_ParseTuple(args, "OiIppKKO:dither", &x_o, &out_dt, &levels, &natural, &l2,
+                          &seed, &step, &threads))
         return NULL;
     if (levels < 1 || levels > 127) {
         PyErr_Format(PyExc_ValueError, "levels: expected 1..127, got %u", levels);
@@ -35,11 +36,12 @@ static PyObject *py_dither(PyObject *self, PyObject *args)
     lb_dtype dt = lb_py_dtype_of(x);
     const void *xd = PyArray_DATA(x);
     float *nd = PyArray_DATA(norm);
-    LB_NOGIL(n, st = lb_dither(xd, n, dt, levels, natural, l2, seed, step, nt, nd, &stream,
+    LB_NOGIL(n, st = lb_dither(xd, n, dt, (lb_dtype)out_dt, levels, natural, l2, seed, step, nt, nd, &stream,
                                &nbits, &err));
     if (st != LB_OK) {
         if (st == LB_ERANGE)
-            PyErr_SetString(PyExc_ValueError, "dither: the norm of x overflows float32");
+            PyErr_SetString(PyExc_ValueError, "dither: x is too large: its norm overflows float32 (its values "
+                            "cannot be represented)");
         else
             lb_py_raise(st, &err, "dither", "x", x);
         Py_DECREF(norm);

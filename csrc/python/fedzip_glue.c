@@ -40,7 +40,11 @@ static PyObject *py_fedzip(PyObject *self, PyObject *args)
              if (st == LB_OK) st = lb_fedzip_encode(labels, n, gaps, &major, &stream, &nbits));
     free(labels);
     if (st != LB_OK) {
-        lb_py_raise(st, &err, "fedzip", "x", x);
+        if (st == LB_ERANGE)
+            PyErr_SetString(PyExc_ValueError, "fedzip: x is too large for the float32 "
+                            "centroids: its values cannot be represented");
+        else
+            lb_py_raise(st, &err, "fedzip", "x", x);
         Py_DECREF(cen);
         Py_DECREF(x);
         return NULL;

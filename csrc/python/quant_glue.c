@@ -17,8 +17,10 @@ static PyObject *quant_raise(lb_status st, const lb_error *err, const char *what
 {
     if (st == LB_ERANGE) {
         PyErr_Format(PyExc_ValueError,
-                     "%s: x is too large for the float32 scale of block %llu",
-                     what, (unsigned long long)err->index);
+                     "%s: x is too large for the %s scale of block %llu: its values "
+                     "cannot be represented", what,
+                     strcmp(what, "minifloat") ? "float32" : "power-of-two",
+                     (unsigned long long)err->index);
         return NULL;
     }
     return lb_py_raise(st, err, what, "x", x);
@@ -105,35 +107,36 @@ static PyObject *py_sign(PyObject *self, PyObject *args)
     return qcall_close(&q, st, &err, "sign");
 }
 
-/* quantize(x, bits, block, stochastic, seed, step, check_finite, threads) */
+/* quantize(x, out_dt, bits, block, stochastic, seed, step, check_finite,
+ *          threads); out_dt: the lb_dtype code the payload decodes to     */
 static PyObject *py_quantize(PyObject *self, PyObject *args)
 {
     PyObject *x_o, *threads;
-    int bits, stochastic, check;
+    int out_dt, bits, stochastic, check;
     unsigned long long block, seed, step;
     qcall q;
-    if (!PyArg_ParseTuple(args, "OiKpKKpO:quantize", &x_o, &bits, &block, &stochastic,
-                          &seed, &step, &check, &threads) ||
+    if (!PyArg_ParseTuple(args, "OiiKpKKpO:quantize", &x_o, &out_dt, &bits, &block,
+                          &stochastic, &seed, &step, &check, &threads) ||
         qcall_open(&q, x_o, threads) < 0)
         return NULL;
     if (qcall_alloc(&q, lb_packed_bytes(q.n, bits), nblocks_of(q.n, block), NPY_FLOAT32) < 0)
         return NULL;
     lb_error err = {0};
     lb_status st;
-    LB_NOGIL(q.n, st = lb_quantize(XDATA(&q), q.n, q.dt, bits, block, stochastic, seed,
+    LB_NOGIL(q.n, st = lb_quantize(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, bits, block, stochastic, seed,
                                    step, check, q.nt, CODES(&q), AUX(&q, float), &err));
     return qcall_close(&q, st, &err, "quantize");
 }
 
-/* qsgd(x, levels, block, seed, step, check_finite, threads) */
+/* qsgd(x, out_dt, levels, block, seed, step, check_finite, threads) */
 static PyObject *py_qsgd(PyObject *self, PyObject *args)
 {
     PyObject *x_o, *threads;
-    int check;
+    int out_dt, check;
     unsigned long long levels, block, seed, step;
     qcall q;
-    if (!PyArg_ParseTuple(args, "OKKKKpO:qsgd", &x_o, &levels, &block, &seed, &step,
-                          &check, &threads) ||
+    if (!PyArg_ParseTuple(args, "OiKKKKpO:qsgd", &x_o, &out_dt, &levels, &block, &seed,
+                          &step, &check, &threads) ||
         qcall_open(&q, x_o, threads) < 0)
         return NULL;
     int bits = lb_qsgd_bits(levels);
@@ -141,7 +144,7 @@ static PyObject *py_qsgd(PyObject *self, PyObject *args)
         return NULL;
     lb_error err = {0};
     lb_status st;
-    LB_NOGIL(q.n, st = lb_qsgd(XDATA(&q), q.n, q.dt, levels, block, seed, step, check,
+    LB_NOGIL(q.n, st = lb_qsgd(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, levels, block, seed, step, check,
                                q.nt, CODES(&q), AUX(&q, float), &err));
     return qcall_close(&q, st, &err, "qsgd");
 }
@@ -207,20 +210,20 @@ static PyObject *py_minifloat(PyObject *self, PyObject *args)
     return qcall_close(&q, st, &err, "minifloat");
 }
 
-/* lut2bit(x, check_finite, threads) -> (codes, table) */
+/* lut2bit(x, out_dt, check_finite, threads) -> (codes, table) */
 static PyObject *py_lut2bit(PyObject *self, PyObject *args)
 {
     PyObject *x_o, *threads;
-    int check;
+    int out_dt, check;
     qcall q;
-    if (!PyArg_ParseTuple(args, "OpO:lut2bit", &x_o, &check, &threads) ||
+    if (!PyArg_ParseTuple(args, "OipO:lut2bit", &x_o, &out_dt, &check, &threads) ||
         qcall_open(&q, x_o, threads) < 0)
         return NULL;
     if (qcall_alloc(&q, lb_packed_bytes(q.n, 2), 4, NPY_FLOAT32) < 0)
         return NULL;
     lb_error err = {0};
     lb_status st;
-    LB_NOGIL(q.n, st = lb_lut2bit(XDATA(&q), q.n, q.dt, check, q.nt, CODES(&q),
+    LB_NOGIL(q.n, st = lb_lut2bit(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, check, q.nt, CODES(&q),
                                   AUX(&q, float), &err));
     return qcall_close(&q, st, &err, "lut2bit");
 }

@@ -330,6 +330,50 @@ def f32_up(v):
     return np.where(f.astype(np.float64) < v, np.nextafter(f, np.float32(np.inf)), f).astype(np.float32)
 
 
+def _decodes_finite(v, out):
+    """Whether v (the decoder's work-precision value) rounds to a finite
+    value of the decoded dtype `out` (float16 from 65520, bfloat16 from
+    0x1.FFp127: halfway past their largest values)."""
+    v = abs(float(v))
+    name = np.dtype(out).name
+    if name == "float16":
+        return v < 65520.0
+    if name == "bfloat16":
+        return v < float.fromhex("0x1.FFp127")
+    return math.isfinite(v)
+
+
+def _decoded_top(s, top, div, out):
+    """The largest code's value top * (s / div) as the decoder computes it."""
+    if np.dtype(out) == np.float64:
+        return float(top) * (float(s) / div)
+    with np.errstate(over="ignore"):
+        return float(np.float32(top) * (np.float32(s) / np.float32(div)))
+
+
+def scale_cap(top, div, out):
+    """(smax, reach) of lb_scale_cap_of: the largest float32 scale whose top
+    code decodes finite in `out`, and its decoded top plus one step."""
+    lo, hi = 0, 0x7F800000
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _decodes_finite(_decoded_top(np.uint32(mid).view(np.float32), top, div, out), out):
+            lo = mid
+        else:
+            hi = mid
+    smax = np.uint32(lo).view(np.float32)
+    return smax, _decoded_top(smax, top, div, out) + float(smax) / div
+
+
+def scale_fit(ideal, smax):
+    """lb_scale_fit: float64 ideal scales rounded up to float32, lowered to
+    smax; non-finite ones as they are."""
+    ideal = np.asarray(ideal, dtype=np.float64)
+    with np.errstate(over="ignore", invalid="ignore"):
+        up = f32_up(np.where(np.isfinite(ideal), ideal, 0.0))
+        return np.where(np.isfinite(ideal), np.minimum(up, smax), ideal.astype(np.float32)).astype(np.float32)
+
+
 def uniforms24(seed, step, domain, n):
     """The 24-bit uniform integer of each element."""
     return philox_words(seed, step, domain, 0, n) >> np.uint32(8)
@@ -389,11 +433,11 @@ def absmax_blocks(x, block):
     return np.array([np.abs(x[s:e]).max() for s, e in spans] or _empty_stat(block), dtype=np.float64)
 
 
-def quantize(x, bits, block, stochastic=False, seed=0, step=0):
-    """Twin of lb_quantize: (codes, scales)."""
+def quantize(x, bits, block, stochastic=False, seed=0, step=0, out=None):
+    """Twin of lb_quantize: (codes, scales); out: the decoded dtype (x's)."""
     x = np.ascontiguousarray(x).reshape(-1)
     Q = 1 if bits == 1 else (1 << (bits - 1)) - 1
-    scales = f32_up(absmax_blocks(x, block) / Q)
+    scales = scale_fit(absmax_blocks(x, block) / Q, scale_cap(Q, 1, x.dtype if out is None else out)[0])
     if x.size == 0:
         return np.zeros(0, np.uint8), scales
     unit = _per_element(scales, block, x.size).astype(x.dtype)
@@ -416,11 +460,12 @@ def qsgd_bits(levels):
     return int(2 * levels).bit_length()
 
 
-def qsgd(x, levels, block, seed, step):
-    """Twin of lb_qsgd: (codes, norms)."""
+def qsgd(x, levels, block, seed, step, out=None):
+    """Twin of lb_qsgd: (codes, norms); out: the decoded dtype (x's)."""
     x = np.ascontiguousarray(x).reshape(-1)
     _, spans = _blocks(x.size, block)
-    norms = f32_up(np.sqrt(np.array([block_sum(x[s:e], "sq") for s, e in spans] or _empty_stat(block))))
+    norms = scale_fit(np.sqrt(np.array([block_sum(x[s:e], "sq") for s, e in spans] or _empty_stat(block))),
+                      scale_cap(levels, levels, x.dtype if out is None else out)[0])
     if x.size == 0:
         return np.zeros(0, np.uint8), norms
     T = x.dtype.type
@@ -496,8 +541,8 @@ def minifloat(x, E, M, block, kmax=127):
     return pack_bits(codes, 1 + E + M), k
 
 
-def lut2bit(x):
-    """Twin of lb_lut2bit: (codes, table[4])."""
+def lut2bit(x, out=None):
+    """Twin of lb_lut2bit: (codes, table[4]); out: the decoded dtype (x's)."""
     x = np.ascontiguousarray(x).reshape(-1)
     n = x.size
     mu = block_sum(x, "raw") / n if n else 0.0
@@ -511,7 +556,10 @@ def lut2bit(x):
             sums[j] += np.cumsum(np.concatenate([[0.0], dc[qc == j]]))[-1]
             counts[j] += np.count_nonzero(qc == j)
     table = [mu + sums[j] / counts[j] if counts[j] else mu + (j - 2) * w for j in range(4)]
-    return pack_bits(q, 2), np.array(table).astype(np.float32)
+    lim = scale_cap(1, 1, x.dtype if out is None else out)[0]
+    with np.errstate(over="ignore"):
+        table = np.array(table).astype(np.float32)
+    return pack_bits(q, 2), np.clip(table, -lim, lim).astype(np.float32)
 
 
 def table_decode(codes, n, bits, table, mult, block, dtype):
@@ -963,14 +1011,16 @@ def dither_levels(levels, natural):
     return m / levels
 
 
-def dither_indices(x, levels, natural, l2, seed, step):
-    """(signed level index per element, float32 norm) of lb_dither."""
+def dither_indices(x, levels, natural, l2, seed, step, out=None):
+    """(signed level index per element, float32 norm) of lb_dither; out:
+    the decoded dtype (x's)."""
     x = np.ascontiguousarray(x).reshape(-1)
     if l2:
         tot = sum(lanesum(_terms(x[s:s + CHUNK], "sq")) for s in range(0, x.size, CHUNK))
-        norm = f32_up(math.sqrt(tot))
+        ideal = math.sqrt(tot)
     else:
-        norm = f32_up(float(np.abs(x).max()) if x.size else 0.0)
+        ideal = float(np.abs(x).max()) if x.size else 0.0
+    norm = scale_fit(ideal, scale_cap(1, 1, x.dtype if out is None else out)[0])
     nv = float(norm)
     if x.size == 0:
         return np.zeros(0, np.int64), np.float32(norm)
@@ -1011,9 +1061,9 @@ def gamma_stream(signed_levels):
     return np.packbits(bits, bitorder="little"), int(length.sum())
 
 
-def dither(x, levels, natural, l2, seed, step):
+def dither(x, levels, natural, l2, seed, step, out=None):
     """Twin of lb_dither: (stream, norm, nbits)."""
-    idx, norm = dither_indices(x, levels, natural, l2, seed, step)
+    idx, norm = dither_indices(x, levels, natural, l2, seed, step, out)
     stream, nbits = gamma_stream(idx)
     return stream, np.array([norm], np.float32), nbits
 

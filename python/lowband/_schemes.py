@@ -64,6 +64,17 @@ def _check_scales(a, name):
         raise ValueError(f"{name}: expected finite, non-negative values")
 
 
+def _check_top(q, top, name):
+    """ValueError when the largest decoded magnitude `top` (float64, as the
+    decoder computes it before rounding to the work precision) overflows
+    the decoded dtype, as ``_Table.check_range`` does for table schemes."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        worst = work_dtype(q.dtype).type(top).astype(q.dtype).astype(np.float64)
+    if not np.isfinite(worst):
+        raise ValueError(f"{name}: the largest decoded magnitude ({float(top)!r}) overflows "
+                         f"{q.dtype}: the values cannot be represented")
+
+
 def _to_bfloat16(out, fill, threads):
     """Runs fill(tmp) on a float32 temporary, then rounds it into the
     bfloat16 array `out` (round to nearest even, as ml_dtypes does)."""
@@ -476,6 +487,7 @@ class DitherScheme(Scheme):
 
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
+        _check_top(q, float(q.arrays["scales"][0]), "scales")
         _core.dither_decode(q.arrays["codes"], q.params["nbits"], q.size, q.params["levels"],
                             None, None)
 
@@ -523,6 +535,7 @@ class FedZipScheme(Scheme):
     def check(self, q):
         if not np.isfinite(q.arrays["centroids"]).all():
             raise ValueError("centroids: expected finite values")
+        _check_top(q, np.abs(q.arrays["centroids"].astype(np.float64)).max(), "centroids")
         self._run(q, None)
 
     def dequantize(self, q, out, threads):

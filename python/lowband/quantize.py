@@ -110,8 +110,8 @@ def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_
     step = check_step(step)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, scales = _core.quantize(work, bits, block, stochastic, seed, step, bool(check_finite),
-                                   threads)
+    codes, scales = _core.quantize(work, DTYPE_CODES[dtype], bits, block, stochastic, seed, step,
+                                   bool(check_finite), threads)
     return _payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
                     {"bits": bits, "block": block}, {"codes": codes, "scales": scales})
 
@@ -128,7 +128,7 @@ def qsgd(x, levels, *, seed, step=0, block=None, check_finite=True, threads=None
     block = _block(block)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, norms = _core.qsgd(work, levels, block, seed, step, bool(check_finite), threads)
+    codes, norms = _core.qsgd(work, DTYPE_CODES[dtype], levels, block, seed, step, bool(check_finite), threads)
     return _payload("qsgd", shape, dtype, {"levels": levels, "block": block},
                     {"codes": codes, "scales": norms})
 
@@ -195,7 +195,7 @@ def lut2bit(x, *, check_finite=True, threads=None):
     """
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, table = _core.lut2bit(work, bool(check_finite), threads)
+    codes, table = _core.lut2bit(work, DTYPE_CODES[dtype], bool(check_finite), threads)
     return _payload("lut2bit", shape, dtype, {}, {"codes": codes, "table": table})
 
 
@@ -283,7 +283,7 @@ def dither(x, levels, *, partition="natural", norm="max", seed, step=0, threads=
     seed, step = check_seed(seed), check_step(step)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, scale, nbits = _core.dither(work, levels, part == 0, nrm == 1, seed, step, threads)
+    codes, scale, nbits = _core.dither(work, DTYPE_CODES[dtype], levels, part == 0, nrm == 1, seed, step, threads)
     return _payload("dither", shape, dtype,
                     {"levels": levels, "partition": part, "norm": nrm, "nbits": nbits},
                     {"codes": codes, "scales": scale})

@@ -203,16 +203,16 @@ static void test_sizes(void)
     /* quant: a block longer than the tensor is the tensor */
     uint8_t codes[1000], codes2[1000];
     float sc[2], sc2[2];
-    CHECK(lb_quantize(x, 1000, LB_F32, 8, LB_MAX_BLOCK, 0, 0, 0, 1, 1, codes, sc, &e) == LB_OK &&
-              lb_quantize(x, 1000, LB_F32, 8, 0, 0, 0, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
+    CHECK(lb_quantize(x, 1000, LB_F32, LB_F32, 8, LB_MAX_BLOCK, 0, 0, 0, 1, 1, codes, sc, &e) == LB_OK &&
+              lb_quantize(x, 1000, LB_F32, LB_F32, 8, 0, 0, 0, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
               memcmp(codes, codes2, 1000) == 0 && sc[0] == sc2[0],
           "quantize block = LB_MAX_BLOCK equals the per-tensor block");
     CHECK(lb_sign(x, 1000, LB_F32, 1, LB_MAX_BLOCK, 1, 1, codes, sc, &e) == LB_OK &&
               lb_sign(x, 1000, LB_F32, 1, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
               memcmp(codes, codes2, 125) == 0 && sc[0] == sc2[0],
           "sign block = LB_MAX_BLOCK equals the per-tensor block");
-    CHECK(lb_qsgd(x, 1000, LB_F32, 4, LB_MAX_BLOCK, 1, 0, 1, 1, codes, sc, &e) == LB_OK &&
-              lb_qsgd(x, 1000, LB_F32, 4, 0, 1, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
+    CHECK(lb_qsgd(x, 1000, LB_F32, LB_F32, 4, LB_MAX_BLOCK, 1, 0, 1, 1, codes, sc, &e) == LB_OK &&
+              lb_qsgd(x, 1000, LB_F32, LB_F32, 4, 0, 1, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
               memcmp(codes, codes2, lb_packed_bytes(1000, 4)) == 0 && sc[0] == sc2[0],
           "qsgd block = LB_MAX_BLOCK equals the per-tensor block");
     int8_t ex[2], ex2[2];
