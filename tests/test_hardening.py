@@ -264,16 +264,199 @@ def test_load_state_dict_refuses_non_finite_and_absurd_steps():
 # Silent damage: finite input never decodes to Inf
 # --------------------------------------------------------------------------
 
-def test_quantizers_refuse_what_cannot_be_decoded():
-    with pytest.raises(ValueError, match="overflows float32"):
-        lowband.quantize(np.array([FLT_MAX, 1], np.float32), 8)
-    with pytest.raises(ValueError, match="overflows float16"):
-        lowband.qsgd(np.array([65504, 65504, 1], np.float16), 4, seed=0)
-    # what is accepted decodes to finite values
-    x = np.array([FLT_MAX / 2, 1], np.float32)
-    assert np.isfinite(lowband.quantize(x, 8).dequantize()).all()
-    h = np.array([60000, 1], np.float16)
-    assert np.isfinite(lowband.qsgd(h, 4, seed=0).dequantize()).all()
+# Every quantizer on float32 input holding FLT_MAX: (name, function).
+HUGE_QUANTIZERS = (
+    [(f"quantize:{b}:{r}:{blk}", lambda x, b=b, r=r, blk=blk: lowband.quantize(
+        x, b, block=blk, rounding=r, seed=3 if r == "stochastic" else None))
+     for b in (1, 2, 3, 4, 8) for r in ("nearest", "stochastic") for blk in (None, 4)]
+    + [(f"qsgd:{s}:{blk}", lambda x, s=s, blk=blk: lowband.qsgd(x, s, seed=1, block=blk))
+       for s in (1, 4, 127) for blk in (None, 4)]
+    + [(f"sign:{m}", lambda x, m=m: lowband.sign(x, scale=m)) for m in ("l1", "rms", "two_means")]
+    + [("terngrad", lambda x: lowband.terngrad(x, seed=2, clip=None)),
+       ("natural", lambda x: lowband.natural(x, seed=2)),
+       ("minifloat:e3m0", lambda x: lowband.minifloat(x, 3, 0)),
+       ("minifloat:e4m3", lambda x: lowband.minifloat(x, 4, 3)),
+       ("lut2bit", lambda x: lowband.lut2bit(x)),
+       ("fedzip", lambda x: lowband.fedzip(x, 1.0))]
+    + [(f"dither:{p}:{n}", lambda x, p=p, n=n: lowband.dither(x, 4, partition=p, norm=n, seed=4))
+       for p in ("natural", "linear") for n in ("max", "l2")])
+
+
+def _steps(q):
+    """Per-element level spacing of a blockwise or QSGD payload (float64)."""
+    sc = q.arrays["scales"].astype(np.float64)
+    if q.scheme == "qsgd":
+        sc = sc / q.params["levels"]
+    b = q.params["block"] or q.size
+    return np.repeat(sc, b)[:q.size]
+
+
+@pytest.mark.parametrize("name,fn", HUGE_QUANTIZERS, ids=[n for n, _ in HUGE_QUANTIZERS])
+def test_flt_max_encodes_and_decodes_finite(name, fn):
+    # quantize([FLT_MAX, 1], 8) used to dequantize to [inf, 0], then was refused
+    x = np.array([FLT_MAX, 1, -FLT_MAX, 0.5, FLT_MAX / 3, -2, FLT_MAX, 1e30], np.float32)
+    q = fn(x)
+    back = lowband.decode(lowband.encode(q))
+    assert back == q
+    d = back.dequantize()
+    assert d.dtype == np.float32 and np.isfinite(d).all(), (name, d)
+    if q.scheme in ("blockwise", "blockwise_sr", "qsgd"):
+        # within one level of every element: the top code lands near FLT_MAX
+        err = np.abs(d.astype(np.float64) - x.astype(np.float64))
+        assert (err <= _steps(q) * (1 + 2**-20)).all(), (name, err, _steps(q))
+    if q.scheme in ("blockwise", "qsgd") and name.endswith(":None") and not name.startswith("quantize:1"):
+        assert d[0] > 0.99 * FLT_MAX and d[2] < -0.99 * FLT_MAX
+
+
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 8])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_flt_max_matches_the_reference_on_every_isa(bits, rounding, isa):
+    x = np.array([FLT_MAX, 1, -FLT_MAX, 3e38, -1e-3] * 7, np.float32)
+    sr = rounding == "stochastic"
+    for block in (None, 8):
+        q = lowband.quantize(x, bits, block=block, rounding=rounding, seed=5 if sr else None)
+        codes, scales = ref.quantize(x, bits, block or 0, sr, 5, 0)
+        assert q.codes.tobytes() == codes.tobytes() and q.scales.tobytes() == scales.tobytes()
+    for s in (1, 3, 127):
+        q = lowband.qsgd(x, s, seed=7, block=8)
+        codes, norms = ref.qsgd(x, s, 8, 7, 0)
+        assert q.codes.tobytes() == codes.tobytes() and q.scales.tobytes() == norms.tobytes()
+
+
+def test_float16_top_value_decodes_finite(isa):
+    # qsgd on float16 [65504, 65504, 1] used to give inf (its norm, 92637,
+    # is no float16), then was refused
+    h = np.array([65504, 65504, 1, -65504], np.float16)
+    w = h.astype(np.float32)
+    for s in (1, 4, 127):
+        q = lowband.qsgd(h, s, seed=0)
+        d = lowband.decode(lowband.encode(q)).dequantize()
+        assert d.dtype == np.float16 and np.isfinite(d).all()
+        assert q.scales[0] < 65520 <= np.linalg.norm(w)   # lowered, not the norm
+        codes, norms = ref.qsgd(w, s, 0, 0, 0, out=np.float16)
+        assert q.codes.tobytes() == codes.tobytes() and q.scales.tobytes() == norms.tobytes()
+        err = np.abs(d.astype(np.float64) - w)
+        assert (err <= float(q.scales[0]) / s * (1 + 2**-10) + 32).all()   # + half a float16 ulp
+    for bits in (2, 3, 4, 8):
+        for r, seed in (("nearest", None), ("stochastic", 3)):
+            q = lowband.quantize(h, bits, rounding=r, seed=seed)
+            d = q.dequantize()
+            assert np.isfinite(d).all() and abs(float(d[0]) - 65504) <= float(q.scales[0]), (bits, r)
+    for norm in ("max", "l2"):
+        q = lowband.dither(h, 4, norm=norm, seed=1)
+        assert np.isfinite(lowband.decode(lowband.encode(q)).dequantize()).all()
+        _, want = ref.dither_indices(w, 4, True, norm == "l2", 1, 0, out=np.float16)
+        assert q.scales[0] == want
+    q = lowband.lut2bit(np.array([65504, 1], np.float16))   # empty bins at mu +- 2w
+    assert np.isfinite(lowband.decode(lowband.encode(q)).dequantize()).all()
+    assert q.arrays["table"].tobytes() == ref.lut2bit(np.array([65504, 1], np.float32),
+                                                      out=np.float16)[1].tobytes()
+
+
+def test_bfloat16_top_value_decodes_finite():
+    bf16 = pytest.importorskip("ml_dtypes").bfloat16
+    top = float(pytest.importorskip("ml_dtypes").finfo(bf16).max)
+    x = np.array([top, top, -top, 1], bf16)
+    for q in (lowband.qsgd(x, 4, seed=0), lowband.quantize(x, 8), lowband.dither(x, 3, norm="l2", seed=0)):
+        d = lowband.decode(lowband.encode(q)).dequantize()
+        assert d.dtype == bf16 and np.isfinite(d.astype(np.float32)).all(), q.scheme
+
+
+def test_float64_beyond_a_float32_scale_raises_and_below_encodes():
+    # accepted up to the lowered scale's top value plus one step
+    for v, ok in ((100 * FLT_MAX, True), (200 * FLT_MAX, False), (1e300, False)):
+        x = np.array([v, 1, -v / 2], np.float64)
+        if ok:
+            for r, seed in (("nearest", None), ("stochastic", 1)):
+                q = lowband.quantize(x, 8, rounding=r, seed=seed)
+                d = q.dequantize()
+                assert np.isfinite(d).all() and (np.abs(d - x) <= float(q.scales[0])).all()
+        else:
+            with pytest.raises(ValueError, match="cannot be represented"):
+                lowband.quantize(x, 8)
+    two = np.array([FLT_MAX, FLT_MAX, 1], np.float64)   # norm 1.41 FLT_MAX: capped
+    q = lowband.qsgd(two, 4, seed=0)
+    assert np.isfinite(q.dequantize()).all() and q.scales[0] == np.float32(FLT_MAX)
+    for fn in (lambda v: lowband.qsgd(v, 4, seed=0), lambda v: lowband.minifloat(v, 3, 1),
+               lambda v: lowband.lut2bit(v), lambda v: lowband.fedzip(v, 1.0),
+               lambda v: lowband.dither(v, 4, seed=0), lambda v: lowband.terngrad(v, seed=0)):
+        with pytest.raises(ValueError, match="cannot be represented"):
+            fn(np.array([1e39, 1e39, -1e39, 1], np.float64) * 1e3)
+    # minifloat used to saturate 1e300 to 2.6e38 silently
+    with pytest.raises(ValueError, match="minifloat: x is too large"):
+        lowband.minifloat(np.array([1e300, 1.0]), 3, 1)
+    assert np.isfinite(lowband.minifloat(np.array([2.0**127, 1.0]), 3, 1).dequantize()).all()
+
+
+def test_lowered_scales_match_the_decoders_bound():
+    # the cap is the largest float32 whose top code decodes finite: one ulp
+    # more is refused by decode (FormatError), the cap itself accepted
+    for scheme, params, top, div, dt in (("blockwise", {"bits": 8, "block": 0}, 127, 1, np.float32),
+                                         ("blockwise", {"bits": 4, "block": 0}, 7, 1, np.float16),
+                                         ("qsgd", {"levels": 5, "block": 0}, 5, 5, np.float16),
+                                         ("qsgd", {"levels": 127, "block": 0}, 127, 127, np.float32)):
+        smax, _ = ref.scale_cap(top, div, dt)
+        codes = np.zeros(1, np.uint8)   # one element, code 0: -top * scale / div
+        for sc, ok in ((smax, True), (np.nextafter(smax, np.float32(np.inf)), False)):
+            q = lowband.Quantized._make(scheme, (1,), dt, params,
+                                        {"codes": codes, "scales": np.array([sc], np.float32)})
+            if ok:
+                assert np.isfinite(lowband.decode(lowband.encode(q)).dequantize()).all()
+            else:
+                with pytest.raises(FormatError, match="overflows"):
+                    lowband.decode(lowband.encode(q))
+
+
+def test_dither_and_fedzip_decode_refuse_what_overflows_the_dtype():
+    # a finite float32 norm / centroid beyond float16 used to decode to inf
+    q = lowband.dither(np.array([1.0, -2.0], np.float16), 2, seed=0)
+    bad = lowband.Quantized._make("dither", q.shape, np.float16, q.params,
+                                  {"codes": q.codes, "scales": np.array([7e4], np.float32)})
+    with pytest.raises(FormatError, match="overflows float16"):
+        lowband.decode(lowband.encode(bad))
+    f = lowband.fedzip(np.array([1.0, -2.0, 0.0], np.float16), 1.0)
+    bad = lowband.Quantized._make("fedzip", f.shape, np.float16, f.params,
+                                  {"codes": f.codes, "centroids": np.array([-7e4, 0, 1], np.float32)})
+    with pytest.raises(FormatError, match="overflows float16"):
+        lowband.decode(lowband.encode(bad))
+    assert lowband.decode(lowband.encode(f)) == f
+
+
+def test_isa_paths_give_identical_bytes_in_child_processes():
+    code = """if 1:
+        import hashlib, numpy as np, lowband
+        FM = float(np.finfo(np.float32).max)
+        x = np.array([FM, 1, -FM, 3e38, -1e-3, 2.5] * 50, np.float32)
+        h = np.array([65504, 65504, 1, -3] * 40, np.float16)
+        out = [lowband.quantize(x, b, block=b * 16, rounding=r, seed=1)
+               for b in (1, 2, 3, 4, 8) for r in ("nearest", "stochastic")]
+        out += [lowband.qsgd(v, s, seed=2, block=blk) for v in (x, h) for s in (1, 4, 127)
+                for blk in (None, 64)]
+        out += [lowband.dither(v, 4, norm="l2", seed=3) for v in (x, h)] + [lowband.lut2bit(h)]
+        print(lowband.isa(), hashlib.sha256(b"".join(lowband.encode(q) for q in out)).hexdigest())
+    """
+    digests = {}
+    for isa in ("scalar", "avx2", "avx512"):
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                             env=child_env(LOWBAND_FORCE_ISA=isa, OMP_NUM_THREADS="1"), timeout=120)
+        assert run.returncode == 0, run.stderr[-2000:]
+        got, digest = run.stdout.split()
+        digests[got] = digest
+    assert len(set(digests.values())) == 1, digests
+
+
+@pytest.mark.parametrize("comp", ["blockwise:8", "blockwise:4:rounding=stochastic", "qsgd:4", "qsgd:127",
+                                  "sign", "dither:4", "terngrad", "lut2bit"])
+def test_feedback_on_huge_finite_input_stays_finite(comp):
+    # ErrorFeedback with these compressors used to fail (quantizer refused)
+    # or carry inf in its error
+    x = np.array([FLT_MAX, 1, -FLT_MAX / 2, 0.25, FLT_MAX, -1, 0, 3], np.float32)
+    fb = F.ErrorFeedback(comp, np.zeros_like(x))
+    for t in range(3):
+        g = x if t == 0 else np.zeros_like(x)
+        payload = fb.step(g)
+        d = payload.dequantize() if hasattr(payload, "dequantize") else payload.to_dense()
+        assert np.isfinite(d).all() and np.isfinite(fb.error).all(), (comp, t)
 
 
 def test_randomk_rescale_overflow_raises():
