@@ -5,7 +5,11 @@ shape, read as its flattened C-order vector; float16/bfloat16 are widened
 to float32 exactly), leaves it unchanged and returns a ``lowband.Quantized``
 whose ``dequantize()`` gives the decoded tensor back in the input dtype
 (a float16 or bfloat16 input decodes to its own dtype).
-Codes are packed LSB first into one bit stream; scales are float32.
+Codes are packed LSB first into one bit stream; scales are float32,
+computed in float64 and, where the largest code would decode to +-Inf in
+the decoded dtype, lowered to the largest float32 that decodes finite
+(codes saturate), so finite input never decodes to Inf; input that no
+float32 scale can represent (float64 beyond it) raises ValueError.
 Results are byte-identical for every thread count and instruction set;
 randomised quantizers draw from Philox4x32-10 keyed by ``seed`` with a
 fresh stream per ``step``.  Non-finite input raises ValueError naming the
@@ -49,8 +53,9 @@ def _block(block, name="block"):
 
 
 def _payload(scheme, shape, dtype, params, arrays):
-    """The kernel's output as a Quantized, refused (ValueError) when some
-    code would decode to +-Inf (finite input never becomes Inf silently)."""
+    """The kernel's output as a Quantized.  The kernels lower scales so that
+    every code decodes finite; check_range re-checks it (ValueError), so a
+    payload that decode would refuse is never returned."""
     q = Quantized._make(scheme, shape, dtype, params, arrays)
     check_range = getattr(SCHEMES[scheme], "check_range", None)
     if check_range is not None:
