@@ -446,7 +446,7 @@ def test_isa_paths_give_identical_bytes_in_child_processes():
 
 
 @pytest.mark.parametrize("comp", ["blockwise:8", "blockwise:4:rounding=stochastic", "qsgd:4", "qsgd:127",
-                                  "sign", "dither:4", "terngrad", "lut2bit"])
+                                  "sign", "dither:4", "terngrad", "lut2bit", "natural", "minifloat:e4m3"])
 def test_feedback_on_huge_finite_input_stays_finite(comp):
     # ErrorFeedback with these compressors used to fail (quantizer refused)
     # or carry inf in its error
@@ -552,3 +552,23 @@ def test_payload_imports_nothing_from_sparsify_or_wire():
         if isinstance(node, ast.ImportFrom):
             names = {node.module or ""} | {a.name for a in node.names}
             assert not names & {"sparsify", "wire"}, ast.dump(node)
+
+
+def test_one_bit_stochastic_residual_overflow_is_not_silent():
+    # 1-bit stochastic rounding may send +absmax for p < 0: p - D(C(p)) can
+    # overflow; the step skipped its check and left inf in the error
+    x = np.array([FLT_MAX] + [-0.99 * FLT_MAX] * 63, np.float32)
+    raised = 0
+    for seed in range(12):
+        fb = F.ErrorFeedback(f"blockwise:1:rounding=stochastic:seed={seed}", np.zeros_like(x))
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)
+                fb.step(x)
+        except ValueError as exc:
+            assert "overflowed" in str(exc)
+            assert not fb.error.any() and fb.t == 0   # undone
+            raised += 1
+            continue
+        assert np.isfinite(fb.error).all(), seed
+    assert raised > 0   # some seeds do send +absmax for a negative p

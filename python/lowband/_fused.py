@@ -14,9 +14,19 @@ from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natu
 # quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
 _TABLE_QUANTIZERS = (Sign, Blockwise, QSGD, TernGrad, Natural, MiniFloat, Lut2Bit)
 # Compressors whose fused residual p - D(C(p)) is finite whenever p is (the
-# kernels check p): 0 or p (top-k), or of p's sign and at most |p| apart from
-# it (sign, absmax blockwise), so the step needs no check of the new state.
-FINITE_RESIDUAL = (TopK, ChunkedTopK, Sign, Blockwise)
+# kernels check p), so the step needs no check of the new state: 0 or p
+# (top-k), or D(C(p)) of p's sign (or 0) and finite, so |p - D| <= max(|p|,
+# |D|): sign, blockwise, QSGD, TernGrad, natural and minifloat, whose scales
+# are lowered until their largest code decodes finite in the state's dtype.
+# Not 1-bit stochastic blockwise: it may send -absmax for p > 0.
+_FINITE_RESIDUAL = (TopK, ChunkedTopK, Sign, Blockwise, QSGD, TernGrad, Natural, MiniFloat)
+
+
+def finite_residual(comp):
+    """Whether the fused residual of `comp` is finite whenever p is."""
+    if isinstance(comp, Blockwise) and comp.bits == 1 and comp.rounding == "stochastic":
+        return False
+    return isinstance(comp, _FINITE_RESIDUAL)
 
 
 def residual_step(fb, e, g, scale):

@@ -185,9 +185,9 @@ class _Residual(_Stateful):
             from . import _fused
             payload = _fused.residual_step(self, e, g, scale)
             # the fused kernels refuse a non-finite p, and for these compressors
-            # p - D(C(p)) is 0, p or smaller than |p|: the state is finite
+            # p - D(C(p)) is 0, p or at most max(|p|, |D|): the state is finite
             txn["finite"] = (payload is not None and not rescaled
-                             and isinstance(self.compressor, _fused.FINITE_RESIDUAL))
+                             and _fused.finite_residual(self.compressor))
             if payload is None:   # the generic path
                 _check_grad_finite(g)
                 if self.decay != 1.0:
