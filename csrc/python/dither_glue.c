@@ -36,12 +36,12 @@ static PyObject *py_dither(PyObject *self, PyObject *args)
     lb_dtype dt = lb_py_dtype_of(x);
     const void *xd = PyArray_DATA(x);
     float *nd = PyArray_DATA(norm);
-    LB_NOGIL(n, st = lb_dither(xd, n, dt, (lb_dtype)out_dt, levels, natural, l2, seed, step, nt, nd, &stream,
-                               &nbits, &err));
+    LB_NOGIL(n, st = lb_dither(xd, n, dt, (lb_dtype)out_dt, levels, natural, l2, seed, step,
+                               nt, nd, &stream, &nbits, &err));
     if (st != LB_OK) {
         if (st == LB_ERANGE)
-            PyErr_SetString(PyExc_ValueError, "dither: x is too large: its norm overflows float32 (its values "
-                            "cannot be represented)");
+            PyErr_SetString(PyExc_ValueError, "dither: x is too large: its norm overflows "
+                            "float32 (its values cannot be represented)");
         else
             lb_py_raise(st, &err, "dither", "x", x);
         Py_DECREF(norm);

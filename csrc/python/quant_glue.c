@@ -123,8 +123,9 @@ static PyObject *py_quantize(PyObject *self, PyObject *args)
         return NULL;
     lb_error err = {0};
     lb_status st;
-    LB_NOGIL(q.n, st = lb_quantize(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, bits, block, stochastic, seed,
-                                   step, check, q.nt, CODES(&q), AUX(&q, float), &err));
+    LB_NOGIL(q.n, st = lb_quantize(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, bits, block,
+                                   stochastic, seed, step, check, q.nt, CODES(&q),
+                                   AUX(&q, float), &err));
     return qcall_close(&q, st, &err, "quantize");
 }
 
@@ -144,8 +145,8 @@ static PyObject *py_qsgd(PyObject *self, PyObject *args)
         return NULL;
     lb_error err = {0};
     lb_status st;
-    LB_NOGIL(q.n, st = lb_qsgd(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, levels, block, seed, step, check,
-                               q.nt, CODES(&q), AUX(&q, float), &err));
+    LB_NOGIL(q.n, st = lb_qsgd(XDATA(&q), q.n, q.dt, (lb_dtype)out_dt, levels, block, seed,
+                               step, check, q.nt, CODES(&q), AUX(&q, float), &err));
     return qcall_close(&q, st, &err, "qsgd");
 }
 

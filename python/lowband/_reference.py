@@ -371,7 +371,8 @@ def scale_fit(ideal, smax):
     ideal = np.asarray(ideal, dtype=np.float64)
     with np.errstate(over="ignore", invalid="ignore"):
         up = f32_up(np.where(np.isfinite(ideal), ideal, 0.0))
-        return np.where(np.isfinite(ideal), np.minimum(up, smax), ideal.astype(np.float32)).astype(np.float32)
+        out = np.where(np.isfinite(ideal), np.minimum(up, smax), ideal.astype(np.float32))
+    return out.astype(np.float32)
 
 
 def uniforms24(seed, step, domain, n):

@@ -133,7 +133,8 @@ def qsgd(x, levels, *, seed, step=0, block=None, check_finite=True, threads=None
     block = _block(block)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, norms = _core.qsgd(work, DTYPE_CODES[dtype], levels, block, seed, step, bool(check_finite), threads)
+    codes, norms = _core.qsgd(work, DTYPE_CODES[dtype], levels, block, seed, step, bool(check_finite),
+                              threads)
     return _payload("qsgd", shape, dtype, {"levels": levels, "block": block},
                     {"codes": codes, "scales": norms})
 
@@ -288,7 +289,8 @@ def dither(x, levels, *, partition="natural", norm="max", seed, step=0, threads=
     seed, step = check_seed(seed), check_step(step)
     threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    codes, scale, nbits = _core.dither(work, DTYPE_CODES[dtype], levels, part == 0, nrm == 1, seed, step, threads)
+    codes, scale, nbits = _core.dither(work, DTYPE_CODES[dtype], levels, part == 0, nrm == 1, seed,
+                                       step, threads)
     return _payload("dither", shape, dtype,
                     {"levels": levels, "partition": part, "norm": nrm, "nbits": nbits},
                     {"codes": codes, "scales": scale})

@@ -203,7 +203,8 @@ static void test_sizes(void)
     /* quant: a block longer than the tensor is the tensor */
     uint8_t codes[1000], codes2[1000];
     float sc[2], sc2[2];
-    CHECK(lb_quantize(x, 1000, LB_F32, LB_F32, 8, LB_MAX_BLOCK, 0, 0, 0, 1, 1, codes, sc, &e) == LB_OK &&
+    CHECK(lb_quantize(x, 1000, LB_F32, LB_F32, 8, LB_MAX_BLOCK, 0, 0, 0, 1, 1, codes, sc,
+                      &e) == LB_OK &&
               lb_quantize(x, 1000, LB_F32, LB_F32, 8, 0, 0, 0, 0, 1, 1, codes2, sc2, &e) == LB_OK &&
               memcmp(codes, codes2, 1000) == 0 && sc[0] == sc2[0],
           "quantize block = LB_MAX_BLOCK equals the per-tensor block");
@@ -222,6 +223,34 @@ static void test_sizes(void)
           "minifloat block = LB_MAX_BLOCK equals the per-tensor block");
 }
 
+/* Scales lowered so that the largest code decodes finite: FLT_MAX input
+ * encodes and decodes to finite values near FLT_MAX; float64 input beyond
+ * what a float32 scale represents is LB_ERANGE.                           */
+static void test_scale_cap(void)
+{
+    const float fmax = 3.40282347e38f;
+    float x[4] = {fmax, 1.0f, -fmax, 0.5f}, out[4], sc[1];
+    uint8_t codes[4];
+    lb_error e = {0};
+    int ok = lb_quantize(x, 4, LB_F32, LB_F32, 8, 0, 0, 0, 0, 1, 1, codes, sc, &e) == LB_OK;
+    float table[256];
+    for (int c = 0; c < 256; c++)
+        table[c] = (float)(c - 127);
+    ok = ok && lb_table_decode(codes, 4, 8, table, sc, 0, LB_F32, out, 1) == LB_OK;
+    CHECK(ok && out[0] > 0.99f * fmax && out[0] <= fmax && out[2] < -0.99f * fmax &&
+              out[1] == 0.0f,
+          "quantize([FLT_MAX, 1, -FLT_MAX, 0.5], 8) decodes finite");
+    float h[4] = {65504.0f, 65504.0f, 1.0f, 0.0f};   /* float16 values, norm 92637 */
+    ok = lb_qsgd(h, 4, LB_F32, LB_F16, 4, 0, 1, 0, 1, 1, codes, sc, &e) == LB_OK;
+    CHECK(ok && sc[0] > 65500.0f && sc[0] < 65520.0f,
+          "qsgd norm for a float16 output is lowered below 65520");
+    CHECK(lb_qsgd(x, 4, LB_F32, LB_F16, 4, 0, 1, 0, 1, 1, codes, sc, &e) == LB_ERANGE,
+          "qsgd of FLT_MAX for a float16 output is LB_ERANGE");
+    double big[2] = {1e300, 1.0};
+    CHECK(lb_quantize(big, 2, LB_F64, LB_F64, 8, 0, 0, 0, 0, 1, 1, codes, sc, &e) == LB_ERANGE,
+          "quantize of 1e300 (float64) is LB_ERANGE");
+}
+
 int main(void)
 {
     test_philox();
@@ -231,6 +260,7 @@ int main(void)
     test_index_codec();
     test_aggregate();
     test_sizes();
+    test_scale_cap();
     printf("%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
     return failures != 0;
 }
