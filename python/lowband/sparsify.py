@@ -16,11 +16,12 @@ import numpy as np
 
 from . import _core
 from ._payload import Sparse
-from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count, check_finite_array,
+from ._validate import (ANY_FLOAT_DTYPES, FLOAT_DTYPES, as_selectable, check_choice, check_count, check_finite_array,
                         check_finite_number, check_int, check_out, check_ratio, check_seed,
-                        check_step, check_threads, k_from_ratio, resolve_k)
+                        check_step, check_threads, group_arrays, group_ks, k_from_ratio, resolve_k)
 
-__all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate"]
+__all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate",
+           "topk_group"]
 
 
 def _sparse(x, half, pair, seed=None, step=None):
@@ -45,6 +46,27 @@ def topk(x, k=None, *, ratio=None, check_finite=True, threads=None):
     x, half = as_selectable(x)
     k = resolve_k(x.size, k, ratio)
     return _sparse(x, half, _core.topk(x, k, bool(check_finite), check_threads(threads)))
+
+
+def topk_group(tensors, k=None, *, ratio=None, offsets=None, check_finite=True, threads=None):
+    """``topk`` on every tensor of a group, in one C call -> a list of Sparse.
+
+    ``tensors``: a list of arrays or CPU tensors (one float dtype; each keeps
+    its shape in its payload), or one array with ``offsets``, the segment
+    boundaries ``[0, o1, ..., size]`` (segment i is ``flat[offsets[i]:
+    offsets[i+1]]``, its payload 1-D).  ``k``: an int for every tensor or a
+    list (one per tensor, each at most its size); or ``ratio``: a fraction
+    (or a list), k_i = round(ratio * n_i), at least 1.  Payload i is exactly
+    ``topk(tensors[i], k_i)`` for any thread count: large tensors use the
+    whole team, small ones are spread across it, so a model's hundred
+    tensors cost one call instead of a hundred.  A failure (non-finite
+    input, k too large) raises naming the tensor, e.g. ``tensors[3]``.
+    """
+    segs = [(a, None) if a.dtype in FLOAT_DTYPES else (a.astype(np.float32), a)
+            for a in group_arrays(tensors, offsets, dtypes=ANY_FLOAT_DTYPES)]
+    ks = group_ks([w.size for w, _ in segs], k, ratio)
+    pairs = _core.topk_group([w for w, _ in segs], ks, bool(check_finite), check_threads(threads))
+    return [_sparse(w, half, pair) for (w, half), pair in zip(segs, pairs)]
 
 
 def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=True,
