@@ -237,6 +237,8 @@ def _step_group(feedbacks, grads):
                 txn["finite"] = True   # top-k's residual is 0 or p, and p was checked
                 fb.t += 1
             return out
+    for i, g in enumerate(gs):   # before any state is touched
+        _check_grad_finite(g, f"grads[{i}]")
     saved = [(fb.error.copy(), fb.t, getattr(fb, "_lr", None)) for fb in fbs]
     out = []
     try:
