@@ -686,6 +686,31 @@ lb_status lb_ef_topk_group(void *const *e, const void *const *g,
                            int check_finite, int nthreads, lb_sparse *out,
                            lb_error *err, uint64_t *seg);
 
+/* lb_sign on every segment, into codes[s] (lb_packed_bytes(n[s], 1) bytes)
+ * and scales[s] (its blocks' scales; unused for LB_SCALE_NONE).           */
+lb_status lb_sign_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                        lb_dtype dt, int mode, uint64_t block, int check_finite,
+                        int nthreads, uint8_t *const *codes, float *const *scales,
+                        lb_error *err, uint64_t *seg);
+
+/* lb_quantize on every segment (one seed and step for all: segment s draws
+ * what a lone lb_quantize call on it draws).                              */
+lb_status lb_quantize_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                            lb_dtype dt, int bits, uint64_t block, int stochastic,
+                            uint64_t seed, uint64_t step, int check_finite,
+                            int nthreads, uint8_t *const *codes,
+                            float *const *scales, lb_error *err, uint64_t *seg);
+
+/* Random-k on every segment: indices[s] (k[s] entries) =
+ * lb_randomk_indices(n[s], k[s], seed, step), values[s] = the gathered
+ * x[s] values times n[s]/k[s] when rescale (else exactly).                 */
+lb_status lb_randomk_group(const void *const *x, const uint64_t *n,
+                           const uint64_t *k, uint64_t nseg, lb_dtype dt,
+                           uint64_t seed, uint64_t step, int rescale,
+                           int check_finite, int nthreads,
+                           uint64_t *const *indices, void *const *values,
+                           lb_error *err, uint64_t *seg);
+
 #ifdef __cplusplus
 }
 #endif

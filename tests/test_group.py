@@ -208,3 +208,62 @@ def test_step_group_bad_input_names_the_argument():
         lowband.GroupedErrorFeedback("topk:0.1", [np.zeros(3), np.zeros(3, np.float32)])
     with pytest.raises(TypeError, match=r"like: expected a list"):
         lowband.GroupedErrorFeedback("topk:0.1", np.zeros(3))
+
+
+def encoded(payloads):
+    return [lowband.encode(p) for p in payloads]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_quantizer_and_randomk_groups_equal_per_tensor_calls(threads, dtype):
+    xs = tensors(dtype)
+    before = [x.copy() for x in xs]
+    for opts in (dict(), dict(scale="rms", block=64), dict(scale="none"), dict(scale="two_means", block=100)):
+        assert encoded(lowband.sign_group(xs, **opts, threads=threads)) == \
+            encoded([lowband.sign(x, **opts) for x in xs]), opts
+    for opts in (dict(bits=4), dict(bits=1, block=None), dict(bits=8, rounding="stochastic", seed=7, step=3)):
+        assert encoded(lowband.quantize_group(xs, **opts, threads=threads)) == \
+            encoded([lowband.quantize(x, **opts) for x in xs]), opts
+    ks = [0, 1, 5, 17, 4099, 100, 3000]
+    for opts in (dict(k=ks), dict(ratio=0.01, rescale=True)):
+        got = lowband.randomk_group(xs, **opts, seed=5, step=9, threads=threads)
+        k_of = ks if "k" in opts else [None] * len(xs)
+        want = [lowband.randomk(x, k, ratio=opts.get("ratio"), seed=5, step=9, rescale=opts.get("rescale", False))
+                for x, k in zip(xs, k_of)]
+        assert_payloads(got, want)
+        assert all(p.seed == 5 and p.step == 9 for p in got)
+    for x, b in zip(xs, before):
+        assert_same(x, b)
+
+
+def test_quantizer_groups_on_torch_half_and_flat_inputs():
+    torch = pytest.importorskip("torch")
+    xs = [torch.randn(30, 20), torch.randn(5), torch.zeros(0)]
+    for group in (xs, [x.half() for x in xs], [x.bfloat16() for x in xs]):
+        assert encoded(lowband.sign_group(group)) == encoded([lowband.sign(x) for x in group])
+        assert encoded(lowband.quantize_group(group, 2)) == encoded([lowband.quantize(x, 2) for x in group])
+        assert encoded(lowband.randomk_group(group, k=[3, 2, 0], seed=1)) == \
+            encoded([lowband.randomk(x, k, seed=1) for x, k in zip(group, [3, 2, 0])])
+    flat = torch.cat([x.reshape(-1) for x in xs])
+    got = lowband.quantize_group(flat, 3, offsets=[0, 600, 605, 605])
+    assert encoded(got) == encoded([lowband.quantize(x.reshape(-1), 3) for x in xs])
+
+
+def test_quantizer_groups_bad_input_names_the_argument():
+    xs = [np.ones(10, np.float32), np.ones(4, np.float32)]
+    xs[1][2] = np.nan
+    for call in (lambda: lowband.sign_group(xs), lambda: lowband.quantize_group(xs, 4),
+                 lambda: lowband.randomk_group(xs, k=4, seed=0)):
+        with pytest.raises(ValueError, match=r"tensors\[1\] has a non-finite value \(nan\) at flat index 2"):
+            call()
+    with pytest.raises(ValueError, match="bits: expected one of 1, 2, 3, 4, 8, got 5"):
+        lowband.quantize_group(xs, 5)
+    with pytest.raises(ValueError, match="scale: expected one of"):
+        lowband.sign_group(xs, scale="l3")
+    with pytest.raises(TypeError, match="seed"):
+        lowband.randomk_group(xs, k=1, seed=None)
+    with pytest.raises(ValueError, match=r"k\[0\]: expected at most 10"):
+        lowband.randomk_group(xs, k=[11, 1], seed=0)
+    with pytest.raises(ValueError, match=r"tensors\[0\] rescaled by n/k = 1000.0 overflows"):
+        lowband.randomk_group([np.full(1000, 1e36, np.float32)], k=1, seed=0, rescale=True)

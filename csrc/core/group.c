@@ -139,3 +139,87 @@ lb_status lb_ef_topk_group(void *const *e, const void *const *g,
         free_all(out, nseg);
     return st;
 }
+
+/* The quantizers and random-k: outputs preallocated by the caller. */
+typedef struct {
+    const void *const *x;
+    const uint64_t *n, *k;
+    lb_dtype dt;
+    int mode, bits, stochastic, rescale, check_finite;
+    uint64_t block, seed, step;
+    uint8_t *const *codes;
+    float *const *scales;
+    uint64_t *const *indices;
+    void *const *values;
+} coded_args;
+
+static lb_status seg_sign(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+{
+    const coded_args *a = ctx;
+    return lb_sign(a->x[s], a->n[s], a->dt, a->mode, a->block, a->check_finite, nthreads,
+                   a->codes[s], a->scales[s], err);
+}
+
+static lb_status seg_quantize(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+{
+    const coded_args *a = ctx;
+    return lb_quantize(a->x[s], a->n[s], a->dt, a->bits, a->block, a->stochastic, a->seed,
+                       a->step, a->check_finite, nthreads, a->codes[s], a->scales[s], err);
+}
+
+static lb_status seg_randomk(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+{
+    const coded_args *a = ctx;
+    uint64_t n = a->n[s], k = a->k[s];
+    lb_status st = lb_randomk_indices(n, k, a->seed, a->step, a->indices[s]);
+    if (st != LB_OK)
+        return st;
+    double scale = a->rescale && k ? (double)n / (double)k : 1.0;
+    return lb_gather(a->x[s], n, a->dt, a->indices[s], k, scale, a->check_finite, nthreads,
+                     a->values[s], err);
+}
+
+lb_status lb_sign_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                        lb_dtype dt, int mode, uint64_t block, int check_finite,
+                        int nthreads, uint8_t *const *codes, float *const *scales,
+                        lb_error *err, uint64_t *seg)
+{
+    if (nseg && (!x || !n || !codes || !scales))
+        return LB_EINVAL;
+    coded_args a = {x, n, NULL, dt, mode, 1, 0, 0, check_finite, block, 0, 0,
+                    codes, scales, NULL, NULL};
+    return run_group(&a, seg_sign, n, nseg, nthreads, err, seg);
+}
+
+lb_status lb_quantize_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                            lb_dtype dt, int bits, uint64_t block, int stochastic,
+                            uint64_t seed, uint64_t step, int check_finite,
+                            int nthreads, uint8_t *const *codes,
+                            float *const *scales, lb_error *err, uint64_t *seg)
+{
+    if (nseg && (!x || !n || !codes || !scales))
+        return LB_EINVAL;
+    coded_args a = {x, n, NULL, dt, 0, bits, stochastic, 0, check_finite, block, seed, step,
+                    codes, scales, NULL, NULL};
+    return run_group(&a, seg_quantize, n, nseg, nthreads, err, seg);
+}
+
+lb_status lb_randomk_group(const void *const *x, const uint64_t *n,
+                           const uint64_t *k, uint64_t nseg, lb_dtype dt,
+                           uint64_t seed, uint64_t step, int rescale,
+                           int check_finite, int nthreads,
+                           uint64_t *const *indices, void *const *values,
+                           lb_error *err, uint64_t *seg)
+{
+    if (nseg && (!x || !n || !k || !indices || !values))
+        return LB_EINVAL;
+    for (uint64_t s = 0; s < nseg; s++)
+        if (k[s] > n[s]) {
+            if (seg)
+                *seg = s;
+            return LB_EINVAL;
+        }
+    coded_args a = {x, n, k, dt, 0, 0, 0, rescale, check_finite, 0, seed, step,
+                    NULL, NULL, indices, values};
+    return run_group(&a, seg_randomk, n, nseg, nthreads, err, seg);
+}

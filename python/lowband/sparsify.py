@@ -21,7 +21,7 @@ from ._validate import (ANY_FLOAT_DTYPES, FLOAT_DTYPES, as_selectable, check_cho
                         check_step, check_threads, group_arrays, group_ks, k_from_ratio, resolve_k)
 
 __all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate",
-           "topk_group"]
+           "topk_group", "randomk_group"]
 
 
 def _sparse(x, half, pair, seed=None, step=None):
@@ -48,6 +48,12 @@ def topk(x, k=None, *, ratio=None, check_finite=True, threads=None):
     return _sparse(x, half, _core.topk(x, k, bool(check_finite), check_threads(threads)))
 
 
+def _group_selectable(tensors, offsets):
+    """[(work, original)] of a group's segments, as as_selectable does."""
+    return [(a, None) if a.dtype in FLOAT_DTYPES else (a.astype(np.float32), a)
+            for a in group_arrays(tensors, offsets, dtypes=ANY_FLOAT_DTYPES)]
+
+
 def topk_group(tensors, k=None, *, ratio=None, offsets=None, check_finite=True, threads=None):
     """``topk`` on every tensor of a group, in one C call -> a list of Sparse.
 
@@ -62,8 +68,7 @@ def topk_group(tensors, k=None, *, ratio=None, offsets=None, check_finite=True, 
     tensors cost one call instead of a hundred.  A failure (non-finite
     input, k too large) raises naming the tensor, e.g. ``tensors[3]``.
     """
-    segs = [(a, None) if a.dtype in FLOAT_DTYPES else (a.astype(np.float32), a)
-            for a in group_arrays(tensors, offsets, dtypes=ANY_FLOAT_DTYPES)]
+    segs = _group_selectable(tensors, offsets)
     ks = group_ks([w.size for w, _ in segs], k, ratio)
     pairs = _core.topk_group([w for w, _ in segs], ks, bool(check_finite), check_threads(threads))
     return [_sparse(w, half, pair) for (w, half), pair in zip(segs, pairs)]
@@ -93,6 +98,29 @@ def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=
         values = values.astype(half.dtype)   # exact unless rescaled
         x = half
     return Sparse._make(indices, values, x.shape, x.dtype, seed, step)
+
+
+def randomk_group(tensors, k=None, *, ratio=None, seed, step=0, rescale=False, offsets=None,
+                  check_finite=True, threads=None):
+    """``randomk`` on every tensor of a group, in one C call -> a list of
+    Sparse, each exactly ``randomk(tensors[i], k_i, seed=seed, step=step)``
+    (one seed and step for the group, as separate calls with them).
+    ``tensors``, ``offsets``, ``k`` and ``ratio`` as in ``topk_group``."""
+    segs = _group_selectable(tensors, offsets)
+    ks = group_ks([w.size for w, _ in segs], k, ratio)
+    seed, step = check_seed(seed), check_step(step)
+    pairs = _core.randomk_group([w for w, _ in segs], ks, seed, step, bool(rescale),
+                                bool(check_finite), check_threads(threads))
+    out = []
+    for i, ((w, half), (indices, values), k_i) in enumerate(zip(segs, pairs, ks)):
+        if rescale and k_i and w.size != k_i and check_finite:
+            check_finite_array(values, f"randomk_group: a value of tensors[{i}] rescaled by n/k = "
+                               f"{w.size / k_i!r}", "overflows (use rescale=False)")
+        if half is not None:
+            values = values.astype(half.dtype)
+            w = half
+        out.append(Sparse._make(indices, values, w.shape, w.dtype, seed, step))
+    return out
 
 
 def threshold(x, tau, *, check_finite=True, threads=None):
