@@ -117,7 +117,10 @@ static PyObject *group_error(group *g, lb_status st, lb_error *err, uint64_t seg
                              const char *what, const char *name)
 {
     char label[64];
-    snprintf(label, sizeof label, "%s[%llu]", name, (unsigned long long)seg);
+    if ((Py_ssize_t)seg < g->nseg && seg != UINT64_MAX)
+        snprintf(label, sizeof label, "%s[%llu]", name, (unsigned long long)seg);
+    else   /* not tied to one tensor (out of memory) */
+        snprintf(label, sizeof label, "%s", name);
     if (st == LB_EOVERFLOW) {
         PyErr_Format(PyExc_ValueError,
                      "%s: the compensated vector of %s is non-finite at flat index %llu "
