@@ -131,7 +131,7 @@ def test_step_group_generic_compressors_and_torch_grads():
             assert_same(a.error, b.error)
 
 
-@pytest.mark.parametrize("spec", ["topk:0.01", "sign"])
+@pytest.mark.parametrize("spec", ["topk:0.01", "sign", "randomk:0.05", "blockwise:4", "topk:0.1+lut2bit"])
 def test_grouped_error_feedback_equals_separate_objects(spec):
     xs = tensors(np.float32)
     group = lowband.GroupedErrorFeedback(spec, xs)

@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -296,7 +297,8 @@ class GroupedErrorFeedback(ErrorFeedback):
     elements, and returns one payload per tensor (in its shape), each
     exactly what a separate ``ErrorFeedback(compressor, like[i])`` would
     send: with the compressor applied per tensor (a ``TopK`` keeps k, or
-    its ratio, of each tensor), and as one C call for ``TopK``.  A failed
+    its ratio, of each tensor), as one C call for ``TopK`` (other compressors
+    run their fused kernel tensor by tensor).  A failed
     step leaves the whole state as it was.  ``state_dict()`` holds the
     flat buffer.
     """
@@ -340,14 +342,22 @@ class GroupedErrorFeedback(ErrorFeedback):
             out = _fused.residual_group([comp] * len(gs), self.errors, gs, self.shapes, self.dtype,
                                         1.0, threads)
             txn["finite"] = out is not None
-            if out is None:    # the generic path, tensor by tensor
+            if out is None:    # tensor by tensor: the fused kernel if any, else generic
                 for i, g in enumerate(gs):
                     _check_grad_finite(g, f"grads[{i}]")
                 out = []
+                finite = isinstance(comp, _fused.FINITE_RESIDUAL)
                 for e, g, shape in zip(self.errors, gs, self.shapes):
-                    e += g
-                    out.append(comp.compress(e.reshape(shape), step=self.t))
-                    _subtract_decoded(e, out[-1], self.threads)
+                    seg = SimpleNamespace(compressor=comp, threads=self.threads, decay=1.0,
+                                          shape=shape, dtype=self.dtype, t=self.t)
+                    payload = _fused.residual_step(seg, e, g, 1.0)
+                    if payload is None:
+                        finite = False
+                        e += g
+                        payload = comp.compress(e.reshape(shape), step=self.t)
+                        _subtract_decoded(e, payload, self.threads)
+                    out.append(payload)
+                txn["finite"] = finite
             self.t += 1
             return out
 
