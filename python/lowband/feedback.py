@@ -173,6 +173,17 @@ class _Residual(_Stateful):
     def _hyper(self):
         return {"compressor": self.compressor.spec, "decay": self.decay}
 
+    @staticmethod
+    def step_group(feedbacks, grads):
+        """One step of every object: ``[feedbacks[i].step(grads[i]) ...]``
+        (without ``lr``), as one C call when every compressor is a TopK
+        (each with its own k or ratio) and the objects share dtype and decay.
+        The payloads are byte for byte those of the separate steps, on any
+        thread count.  Transactional: if any step fails (a non-finite
+        gradient, an overflow), every object's state is left as it was and
+        the error names ``grads[i]``."""
+        return _step_group(feedbacks, grads)
+
     def _step(self, grad, scale, lr=None):
         g = self._grad(grad)
         with self._lock, self._transaction() as txn:
@@ -254,16 +265,6 @@ def _step_group(feedbacks, grads):
                     fb._lr = lr
         raise
     return out
-
-
-_Residual.step_group = staticmethod(_step_group)
-_Residual.step_group.__doc__ = """``step_group(feedbacks, grads) -> list of payloads``: one step of
-    every object (``feedbacks[i].step(grads[i])``, without ``lr``), as one C
-    call when every compressor is a TopK (each with its own k or ratio) and
-    the objects share dtype and decay.  The payloads are byte for byte those
-    of the separate steps, on any thread count.  Transactional: if any step
-    fails (a non-finite gradient, an overflow), every object's state is left
-    as it was and the error names ``grads[i]``."""
 
 
 class ErrorFeedback(_Residual):
