@@ -81,7 +81,8 @@ def test_topk_group_bad_input_names_the_argument():
         lowband.topk_group(xs)
     with pytest.raises(ValueError, match=r"ratio\[0\]"):
         lowband.topk_group(xs, ratio=[1.5, 0.1])
-    with pytest.raises(TypeError, match=r"tensors\[1\]: expected dtype float32 \(as tensors\[0\]\), got float64"):
+    with pytest.raises(TypeError,
+                       match=r"tensors\[1\]: expected dtype float32 \(as tensors\[0\]\), got float64"):
         lowband.topk_group([xs[0], np.ones(4)], 1)
     with pytest.raises(TypeError, match=r"tensors\[0\]: expected a float32"):
         lowband.topk_group([np.ones(3, np.int64)], 1)
@@ -229,8 +230,8 @@ def test_quantizer_and_randomk_groups_equal_per_tensor_calls(threads, dtype):
     for opts in (dict(k=ks), dict(ratio=0.01, rescale=True)):
         got = lowband.randomk_group(xs, **opts, seed=5, step=9, threads=threads)
         k_of = ks if "k" in opts else [None] * len(xs)
-        want = [lowband.randomk(x, k, ratio=opts.get("ratio"), seed=5, step=9, rescale=opts.get("rescale", False))
-                for x, k in zip(xs, k_of)]
+        want = [lowband.randomk(x, k, ratio=opts.get("ratio"), seed=5, step=9,
+                                rescale=opts.get("rescale", False)) for x, k in zip(xs, k_of)]
         assert_payloads(got, want)
         assert all(p.seed == 5 and p.step == 9 for p in got)
     for x, b in zip(xs, before):

@@ -36,8 +36,8 @@ from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite
                         check_state_step, check_threads, from_torch, group_arrays)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
-__all__ = ["ErrorFeedback", "DecayedFeedback", "GroupedErrorFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
-           "DGC_WARMUP_DENSITIES", "ef21_step_size", "ef21w_weights"]
+__all__ = ["ErrorFeedback", "DecayedFeedback", "GroupedErrorFeedback", "EF21", "EF21W", "EF21Server",
+           "EControl", "DGC", "DGC_WARMUP_DENSITIES", "ef21_step_size", "ef21w_weights"]
 
 
 def _like(like, name="like"):
@@ -298,15 +298,14 @@ class GroupedErrorFeedback(ErrorFeedback):
     elements, and returns one payload per tensor (in its shape), each
     exactly what a separate ``ErrorFeedback(compressor, like[i])`` would
     send: with the compressor applied per tensor (a ``TopK`` keeps k, or
-    its ratio, of each tensor), as one C call for ``TopK`` (other compressors
-    run their fused kernel tensor by tensor).  A failed
-    step leaves the whole state as it was.  ``state_dict()`` holds the
-    flat buffer.
+    its ratio, of each tensor), as one C call for ``TopK`` (other
+    compressors run their fused kernel tensor by tensor).  A failed step
+    leaves the whole state as it was.  ``state_dict()`` holds the flat
+    buffer.
     """
 
     def __init__(self, compressor, like, *, threads=None):
-        if not isinstance(like, (list, tuple)) or (len(like) == 2 and not isinstance(
-                like[0], (list, tuple)) and not hasattr(like[0], "shape")):
+        if not isinstance(like, (list, tuple)):
             raise TypeError(f"like: expected a list of arrays, tensors or (shape, dtype) pairs, got "
                             f"{type(like).__name__}")
         likes = [_like(item, f"like[{i}]") for i, item in enumerate(like)]

@@ -16,9 +16,10 @@ import numpy as np
 
 from . import _core
 from ._payload import Sparse
-from ._validate import (ANY_FLOAT_DTYPES, FLOAT_DTYPES, as_selectable, check_choice, check_count, check_finite_array,
-                        check_finite_number, check_int, check_out, check_ratio, check_seed,
-                        check_step, check_threads, group_arrays, group_ks, k_from_ratio, resolve_k)
+from ._validate import (ANY_FLOAT_DTYPES, FLOAT_DTYPES, as_selectable, check_choice, check_count,
+                        check_finite_array, check_finite_number, check_int, check_out, check_ratio,
+                        check_seed, check_step, check_threads, group_arrays, group_ks, k_from_ratio,
+                        resolve_k)
 
 __all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate",
            "topk_group", "randomk_group"]

@@ -108,7 +108,8 @@ def test_compression_off_equals_allreduce_hook_bitwise(two_ranks):
 @pytest.mark.parametrize("name", ["topk_ef", "topk"])
 def test_grouped_hook_equals_the_per_tensor_hook(two_ranks, name):
     for rank in range(2):
-        (pa, sa, _, ra), (pb, sb, _, rb) = two_ranks[rank][name + "_group"], two_ranks[rank][name + "_one_by_one"]
+        pa, sa, _, ra = two_ranks[rank][name + "_group"]
+        pb, sb, _, rb = two_ranks[rank][name + "_one_by_one"]
         assert _train.params_equal(pa, pb), name
         assert sa["bytes_sent"] == sb["bytes_sent"]
         assert len(ra) == len(rb)
