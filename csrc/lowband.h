@@ -669,6 +669,62 @@ lb_status lb_powersgd_orthogonalize(void *a, uint64_t batch, uint64_t n,
                                     uint64_t r, lb_dtype dt, double epsilon,
                                     int nthreads, lb_error *err);
 
+/* ------------------------------------------------------------------------ */
+/* Groups of tensors (core/group.c)                                          */
+/* ------------------------------------------------------------------------ */
+/* One call for nseg segments (the tensors of a model or a DDP bucket):
+ * segment s is the vector x[s] (or e[s], g[s]) of n[s] elements with its
+ * own k[s] <= n[s], and out[s] receives exactly what the single-tensor
+ * kernel gives on it, for any thread count (segments of at least
+ * LB_GROUP_BIG elements use the whole team, smaller ones are spread over
+ * it).  On failure nothing is returned (every out[s] is freed and
+ * zeroed), *seg names the failing segment with the lowest index and err
+ * its element; LB_EINVAL with *seg for a k[s] > n[s].                     */
+#define LB_GROUP_BIG ((uint64_t)262144)
+
+/* lb_topk on every segment. */
+lb_status lb_topk_group(const void *const *x, const uint64_t *n,
+                        const uint64_t *k, uint64_t nseg, lb_dtype dt,
+                        int check_finite, int nthreads, lb_sparse *out,
+                        lb_error *err, uint64_t *seg);
+
+/* lb_ef_topk on every segment (state e[s], gradient g[s]).  A segment
+ * that fails may leave its e[s] holding p (as lb_ef_topk), and the other
+ * segments are updated: the caller restores the state (the Python layer
+ * keeps a copy, so a failed group step changes nothing).                   */
+lb_status lb_ef_topk_group(void *const *e, const void *const *g,
+                           const uint64_t *n, const uint64_t *k, uint64_t nseg,
+                           lb_dtype dt, double decay, double scale,
+                           int check_finite, int nthreads, lb_sparse *out,
+                           lb_error *err, uint64_t *seg);
+
+/* lb_sign on every segment, into codes[s] (lb_packed_bytes(n[s], 1) bytes)
+ * and scales[s] (its blocks' scales; unused for LB_SCALE_NONE).           */
+lb_status lb_sign_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                        lb_dtype dt, int mode, uint64_t block, int check_finite,
+                        int nthreads, uint8_t *const *codes, float *const *scales,
+                        lb_error *err, uint64_t *seg);
+
+/* lb_quantize on every segment (one seed and step for all: segment s draws
+ * what a lone lb_quantize call on it draws); out_dt[s] is segment s's
+ * decoded dtype (lb_quantize's out_dt).                                   */
+lb_status lb_quantize_group(const void *const *x, const uint64_t *n, uint64_t nseg,
+                            lb_dtype dt, const uint8_t *out_dt, int bits, uint64_t block,
+                            int stochastic,
+                            uint64_t seed, uint64_t step, int check_finite,
+                            int nthreads, uint8_t *const *codes,
+                            float *const *scales, lb_error *err, uint64_t *seg);
+
+/* Random-k on every segment: indices[s] (k[s] entries) =
+ * lb_randomk_indices(n[s], k[s], seed, step), values[s] = the gathered
+ * x[s] values times n[s]/k[s] when rescale (else exactly).                 */
+lb_status lb_randomk_group(const void *const *x, const uint64_t *n,
+                           const uint64_t *k, uint64_t nseg, lb_dtype dt,
+                           uint64_t seed, uint64_t step, int rescale,
+                           int check_finite, int nthreads,
+                           uint64_t *const *indices, void *const *values,
+                           lb_error *err, uint64_t *seg);
+
 #ifdef __cplusplus
 }
 #endif

@@ -125,5 +125,6 @@ extern PyMethodDef lb_moe_methods[];
 extern PyMethodDef lb_sign_methods[];
 extern PyMethodDef lb_dither_methods[];
 extern PyMethodDef lb_fedzip_methods[];
+extern PyMethodDef lb_group_methods[];
 
 #endif /* LB_GLUE_H */

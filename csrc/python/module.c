@@ -233,7 +233,8 @@ PyMODINIT_FUNC PyInit__core(void)
                                         lb_wire_methods,     lb_quant_methods,
                                         lb_feedback_methods, lb_moe_methods,
                                         lb_sign_methods,     lb_dither_methods,
-                                        lb_fedzip_methods,   lb_powersgd_methods};
+                                        lb_fedzip_methods,   lb_powersgd_methods,
+                                        lb_group_methods};
         int at = 0;
         for (size_t t = 0; t < sizeof(tables) / sizeof(tables[0]); t++) {
             at = append_methods(at, tables[t]);

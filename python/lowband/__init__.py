@@ -42,7 +42,8 @@ _core = _load_core()
 from ._payload import Dense, FormatError, Quantized, Scheme, Sparse, register_scheme
 from ._validate import check_int as _check_int
 from ._version import __version__
-from .sparsify import aggregate, randomk, threshold, topk, topk_chunked, topk_sampled
+from .sparsify import (aggregate, randomk, randomk_group, threshold, topk, topk_chunked, topk_group,
+                       topk_sampled)
 from .wire import decode, encode
 from .vote import majority_vote
 from . import lossless
@@ -60,7 +61,8 @@ from .feedback import *  # noqa: F401,F403  (ErrorFeedback, EF21, ..., DGC)
 
 __all__ = [
     "__version__", "Sparse", "Quantized", "Dense", "Scheme", "register_scheme",
-    "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled",
+    "FormatError", "topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "topk_group",
+    "randomk_group",
     "aggregate", "majority_vote", "encode", "decode", "set_num_threads", "get_num_threads", "isa",
     "release_memory", "moe", "optim", "sim", "lossless", "powersgd", "PowerSGD", "federated",
     "decentral", *_quantize.__all__, *_compressors.__all__, *_feedback.__all__,

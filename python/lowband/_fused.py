@@ -59,3 +59,21 @@ def residual_step(fb, e, g, scale):
     return None
 
 
+
+
+def _k_of(comp, n):
+    """The k a TopK compressor keeps of n elements (as TopK.compress)."""
+    return min(comp.k, n) if comp.k is not None else k_from_ratio(n, comp.ratio)
+
+
+def residual_group(comps, es, gs, shapes, dtype, decay, threads):
+    """The residual steps of a group (segment i: compressor comps[i], flat
+    state es[i] updated in place, gradient gs[i]) as one fused C call, when
+    every compressor is a TopK (each segment with its own k); None for the
+    generic path.  Returns one Sparse per segment, each the bytes
+    residual_step gives on it."""
+    if any(type(c) is not TopK for c in comps):
+        return None
+    ks = [_k_of(c, e.size) for c, e in zip(comps, es)]
+    pairs = _core.ef_topk_group(es, gs, ks, decay, 1.0, True, threads)
+    return [Sparse._make(idx, vals, shape, dtype) for (idx, vals), shape in zip(pairs, shapes)]

@@ -16,7 +16,8 @@ __all__ = [
     "as_float_array", "as_selectable", "HALF_DTYPES", "ANY_FLOAT_DTYPES", "BFLOAT16", "check_int", "check_count", "check_ratio", "check_seed",
     "check_step", "check_threads", "check_choice", "check_finite_number",
     "k_from_ratio", "resolve_k", "check_out", "FLOAT_DTYPES", "check_finite_array",
-    "check_state_arrays", "check_state_step", "is_tensor", "from_torch",
+    "check_state_arrays", "check_state_step", "is_tensor", "from_torch", "check_offsets",
+    "group_arrays", "group_ks",
 ]
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -258,3 +259,67 @@ def check_out(out, shape, dtype, name="out"):
     if not (out.flags.c_contiguous and out.flags.writeable and out.flags.aligned and out.dtype.isnative):
         raise ValueError(f"{name}: expected a writeable, C-contiguous, aligned native-endian array")
     return out
+
+
+# -- groups of tensors -------------------------------------------------------
+# The grouped calls take either a list of tensors, or one flat buffer with
+# CSR-style offsets (segment i is flat[offsets[i]:offsets[i + 1]]).
+
+def check_offsets(offsets, size, name="offsets"):
+    """offsets as a list of ints: offsets[0] == 0, non-decreasing,
+    offsets[-1] == size (the buffer's element count)."""
+    if isinstance(offsets, (str, bytes)) or not hasattr(offsets, "__len__"):
+        raise TypeError(f"{name}: expected a sequence of ints, got {type(offsets).__name__}")
+    offs = [check_int(o, f"{name}[{i}]", 0) for i, o in enumerate(np.asarray(offsets).tolist()
+                                                                     if is_tensor(offsets) else offsets)]
+    if not offs or offs[0] != 0 or offs[-1] != size:
+        raise ValueError(f"{name}: expected boundaries from 0 to {size} (the buffer's size), got "
+                         f"{offs[:1]}...{offs[-1:]}")
+    for i in range(1, len(offs)):
+        if offs[i] < offs[i - 1]:
+            raise ValueError(f"{name}: expected non-decreasing values, got {name}[{i}] = {offs[i]} "
+                             f"< {name}[{i - 1}] = {offs[i - 1]}")
+    return offs
+
+
+def group_arrays(tensors, offsets=None, name="tensors", dtypes=FLOAT_DTYPES):
+    """The segments of a group as a list of arrays: `tensors` a list/tuple
+    of arrays or CPU tensors (each as_float_array(.., dtypes), named
+    name[i]), or one array with `offsets` (flat views of it)."""
+    if offsets is not None:
+        flat = as_float_array(tensors, name, dtypes).reshape(-1)
+        offs = check_offsets(offsets, flat.size)
+        return [flat[offs[i]:offs[i + 1]] for i in range(len(offs) - 1)]
+    if not isinstance(tensors, (list, tuple)):
+        raise TypeError(f"{name}: expected a list of arrays or tensors (or one flat array with "
+                        f"offsets=), got {type(tensors).__name__}")
+    return [as_float_array(t, f"{name}[{i}]", dtypes) for i, t in enumerate(tensors)]
+
+
+def _per_tensor(value, m, name):
+    """A scalar applied to all m tensors, or a sequence of m values."""
+    if isinstance(value, (list, tuple, np.ndarray)):
+        if len(value) != m:
+            raise ValueError(f"{name}: expected {m} values (one per tensor), got {len(value)}")
+        return [(v, f"{name}[{i}]") for i, v in enumerate(value)]
+    return [(value, name)] * m
+
+
+def group_ks(sizes, k, ratio, name="tensors"):
+    """Per-tensor counts: exactly one of k (an int for all, or one per
+    tensor, each <= its tensor's size) or ratio (a fraction, or one per
+    tensor; k_i = round(ratio_i * n_i), at least 1)."""
+    if (k is None) == (ratio is None):
+        raise TypeError(f"give exactly one of k= or ratio= (got k={k!r}, ratio={ratio!r})")
+    m = len(sizes)
+    if k is not None:
+        out = []
+        for i, (kv, kname) in enumerate(_per_tensor(k, m, "k")):
+            v = check_int(kv, kname, 0)
+            if v > sizes[i]:
+                raise ValueError(f"{kname}: expected at most {sizes[i]} (the size of {name}[{i}]), "
+                                 f"got {v}")
+            out.append(v)
+        return out
+    return [k_from_ratio(sizes[i], check_ratio(r, rname))
+            for i, (r, rname) in enumerate(_per_tensor(ratio, m, "ratio"))]

@@ -26,17 +26,18 @@ from __future__ import annotations
 import contextlib
 import math
 import threading
+from types import SimpleNamespace
 
 import numpy as np
 
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_array,
                         check_finite_number, check_int, check_ratio, check_seed, check_state_arrays,
-                        check_state_step, check_threads, from_torch)
+                        check_state_step, check_threads, from_torch, group_arrays)
 from .compressors import Compressor, SampledTopK, TopK, from_spec
 
-__all__ = ["ErrorFeedback", "DecayedFeedback", "EF21", "EF21W", "EF21Server", "EControl", "DGC",
-           "DGC_WARMUP_DENSITIES", "ef21_step_size", "ef21w_weights"]
+__all__ = ["ErrorFeedback", "DecayedFeedback", "GroupedErrorFeedback", "EF21", "EF21W", "EF21Server",
+           "EControl", "DGC", "DGC_WARMUP_DENSITIES", "ef21_step_size", "ef21w_weights"]
 
 
 def _like(like, name="like"):
@@ -172,6 +173,17 @@ class _Residual(_Stateful):
     def _hyper(self):
         return {"compressor": self.compressor.spec, "decay": self.decay}
 
+    @staticmethod
+    def step_group(feedbacks, grads):
+        """One step of every object: ``[feedbacks[i].step(grads[i]) ...]``
+        (without ``lr``), as one C call when every compressor is a TopK
+        (each with its own k or ratio) and the objects share dtype and decay.
+        The payloads are byte for byte those of the separate steps, on any
+        thread count.  Transactional: if any step fails (a non-finite
+        gradient, an overflow), every object's state is left as it was and
+        the error names ``grads[i]``."""
+        return _step_group(feedbacks, grads)
+
     def _step(self, grad, scale, lr=None):
         g = self._grad(grad)
         with self._lock, self._transaction() as txn:
@@ -202,6 +214,59 @@ class _Residual(_Stateful):
             return payload
 
 
+def _step_group(feedbacks, grads):
+    """One step of every object of a group (see _Residual.step_group)."""
+    if not isinstance(feedbacks, (list, tuple)):
+        raise TypeError(f"feedbacks: expected a list of ErrorFeedback/DecayedFeedback objects, got "
+                        f"{type(feedbacks).__name__}")
+    if not isinstance(grads, (list, tuple)):
+        raise TypeError(f"grads: expected a list of arrays or tensors, got {type(grads).__name__}")
+    if len(grads) != len(feedbacks):
+        raise ValueError(f"grads: expected {len(feedbacks)} (one per feedback object), got {len(grads)}")
+    fbs = list(feedbacks)
+    for i, fb in enumerate(fbs):
+        if not isinstance(fb, _Residual) or isinstance(fb, GroupedErrorFeedback):
+            raise TypeError(f"feedbacks[{i}]: expected an ErrorFeedback or DecayedFeedback, got "
+                            f"{type(fb).__name__}")
+    if len({id(fb) for fb in fbs}) != len(fbs):
+        raise ValueError("feedbacks: an object appears more than once (each steps once per call)")
+    gs = [fb._grad(g, f"grads[{i}]") for i, (fb, g) in enumerate(zip(fbs, grads))]
+    if not fbs:
+        return []
+    from . import _fused
+    first = fbs[0]
+    fused = (all(type(fb.compressor) is TopK for fb in fbs)
+             and len({(fb.dtype, fb.decay) for fb in fbs}) == 1)
+    if fused:
+        threads = first.threads if first.threads is not None else first.compressor.threads
+        with contextlib.ExitStack() as stack:
+            for fb in sorted(fbs, key=id):   # one lock order for every caller
+                stack.enter_context(fb._lock)
+            txns = [stack.enter_context(fb._transaction()) for fb in fbs]
+            out = _fused.residual_group([fb.compressor for fb in fbs], [fb.error for fb in fbs], gs,
+                                        [fb.shape for fb in fbs], first.dtype, first.decay, threads)
+            for fb, txn in zip(fbs, txns):
+                txn["finite"] = True   # top-k's residual is 0 or p, and p was checked
+                fb.t += 1
+            return out
+    for i, g in enumerate(gs):   # before any state is touched
+        _check_grad_finite(g, f"grads[{i}]")
+    saved = [(fb.error.copy(), fb.t, getattr(fb, "_lr", None)) for fb in fbs]
+    out = []
+    try:
+        for fb, g in zip(fbs, gs):
+            out.append(fb._step(g, 1.0))
+    except BaseException:
+        for fb, (e, t, lr) in zip(fbs[:len(out)], saved):
+            with fb._lock:
+                np.copyto(fb.error, e)
+                fb.t = t
+                if hasattr(fb, "_lr"):
+                    fb._lr = lr
+        raise
+    return out
+
+
 class ErrorFeedback(_Residual):
     """EF14 (Seide et al. / Karimireddy et al.): p = e + g, send C(p),
     e = p - D(C(p)).
@@ -220,6 +285,81 @@ class ErrorFeedback(_Residual):
         if lr is not None:
             lr = check_finite_number(lr, "lr", 0.0, lo_open=True)
         return self._step(grad, 1.0, lr)
+
+
+class GroupedErrorFeedback(ErrorFeedback):
+    """EF14 over a group of tensors whose state is one flat buffer.
+
+    ``like``: a list of arrays or tensors, or of ``(shape, dtype)`` pairs,
+    all of one float dtype.  The state ``error`` is one flat array; segment
+    i is ``error[offsets[i]:offsets[i+1]]`` (``errors`` lists them as
+    views).  ``step(grads)`` takes a list of gradients (one per tensor, any
+    shape of the right size) or one flat buffer of ``offsets[-1]``
+    elements, and returns one payload per tensor (in its shape), each
+    exactly what a separate ``ErrorFeedback(compressor, like[i])`` would
+    send: with the compressor applied per tensor (a ``TopK`` keeps k, or
+    its ratio, of each tensor), as one C call for ``TopK`` (other
+    compressors run their fused kernel tensor by tensor).  A failed step
+    leaves the whole state as it was.  ``state_dict()`` holds the flat
+    buffer.
+    """
+
+    def __init__(self, compressor, like, *, threads=None):
+        if not isinstance(like, (list, tuple)):
+            raise TypeError(f"like: expected a list of arrays, tensors or (shape, dtype) pairs, got "
+                            f"{type(like).__name__}")
+        likes = [_like(item, f"like[{i}]") for i, item in enumerate(like)]
+        dtypes = {d for _, d in likes}
+        if len(dtypes) > 1:
+            raise TypeError(f"like: expected one dtype for every tensor, got {sorted(map(str, dtypes))}")
+        dtype = likes[0][1] if likes else np.dtype(np.float32)
+        self.shapes = [tuple(s) for s, _ in likes]
+        sizes = [int(np.prod(s, dtype=np.int64)) if s else 1 for s in self.shapes]
+        self.offsets = np.concatenate([[0], np.cumsum(sizes, dtype=np.int64)]).astype(np.int64)
+        super().__init__(compressor, ((int(self.offsets[-1]),), dtype), threads=threads)
+        o = self.offsets.tolist()
+        self.errors = [self.error[o[i]:o[i + 1]] for i in range(len(sizes))]
+
+    def _hyper(self):
+        return {**super()._hyper(), "shapes": [list(s) for s in self.shapes]}
+
+    def step(self, grads):
+        """One EF14 step of every tensor -> a list of payloads."""
+        flat = not isinstance(grads, (list, tuple))
+        gs = group_arrays(grads, self.offsets if flat else None, "grads")
+        if len(gs) != len(self.errors):
+            raise ValueError(f"grads: expected {len(self.errors)} tensors, got {len(gs)}")
+        for i, (g, e) in enumerate(zip(gs, self.errors)):
+            if g.size != e.size:
+                raise ValueError(f"grads[{i}]: expected shape {self.shapes[i]}, got {g.shape}")
+            if g.dtype != self.dtype:
+                raise TypeError(f"grads[{i}]: expected dtype {self.dtype} (the state's), got {g.dtype}")
+        gs = [g.reshape(-1) for g in gs]
+        from . import _fused
+        comp = self.compressor
+        threads = self.threads if self.threads is not None else comp.threads
+        with self._lock, self._transaction() as txn:
+            out = _fused.residual_group([comp] * len(gs), self.errors, gs, self.shapes, self.dtype,
+                                        1.0, threads)
+            txn["finite"] = out is not None
+            if out is None:    # tensor by tensor: the fused kernel if any, else generic
+                for i, g in enumerate(gs):
+                    _check_grad_finite(g, f"grads[{i}]")
+                out = []
+                finite = _fused.finite_residual(comp)
+                for e, g, shape in zip(self.errors, gs, self.shapes):
+                    seg = SimpleNamespace(compressor=comp, threads=self.threads, decay=1.0,
+                                          shape=shape, dtype=self.dtype, t=self.t)
+                    payload = _fused.residual_step(seg, e, g, 1.0)
+                    if payload is None:
+                        finite = False
+                        e += g
+                        payload = comp.compress(e.reshape(shape), step=self.t)
+                        _subtract_decoded(e, payload, self.threads)
+                    out.append(payload)
+                txn["finite"] = finite
+            self.t += 1
+            return out
 
 
 class DecayedFeedback(_Residual):

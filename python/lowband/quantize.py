@@ -25,10 +25,11 @@ from ._payload import DTYPE_CODES, Quantized
 from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
-                        check_finite_number, check_int, check_seed, check_step, check_threads)
+                        check_finite_number, check_int, check_seed, check_step, check_threads,
+                        group_arrays)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
-           "cast", "pack_bits", "unpack_bits", "dither", "fedzip"]
+           "cast", "pack_bits", "unpack_bits", "dither", "fedzip", "sign_group", "quantize_group"]
 
 F16 = np.dtype(np.float16)
 INPUT_DTYPES = ANY_FLOAT_DTYPES
@@ -38,7 +39,11 @@ MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 
 def _input(x, threads):
     """(float32/float64 working array, decoded dtype, shape)."""
-    arr = as_float_array(x, "x", INPUT_DTYPES)
+    return _widened(as_float_array(x, "x", INPUT_DTYPES), threads)
+
+
+def _widened(arr, threads):
+    """_input for an array already checked."""
     if arr.dtype in FLOAT_DTYPES:
         return arr, arr.dtype, arr.shape
     is_bf16 = arr.dtype == BFLOAT16
@@ -119,6 +124,56 @@ def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_
                                    bool(check_finite), threads)
     return _payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
                     {"bits": bits, "block": block}, {"codes": codes, "scales": scales})
+
+
+def _group_inputs(tensors, offsets, threads):
+    """[(working array, decoded dtype, shape)] of a group (see topk_group)."""
+    return [_widened(a, threads) for a in group_arrays(tensors, offsets, dtypes=INPUT_DTYPES)]
+
+
+def _group_payloads(scheme, segs, params, pairs, aux):
+    return [_payload(scheme, shape, dtype, params, {"codes": codes, aux: sc})
+            for (_, dtype, shape), (codes, sc) in zip(segs, pairs)]
+
+
+def sign_group(tensors, *, scale="l1", block=None, offsets=None, check_finite=True, threads=None):
+    """``sign`` on every tensor of a group, in one C call -> a list of
+    Quantized, each exactly ``sign(tensors[i], ...)`` for any thread count.
+    ``tensors``: a list of arrays or CPU tensors, or one array with
+    ``offsets`` (segment boundaries ``[0, ..., size]``; payloads 1-D), as in
+    ``lowband.topk_group``.  ``scale="two_means"`` runs tensor by tensor."""
+    mode = SCHEMES["sign"].MODES.index(
+        check_choice(scale, "scale", ("l1", "rms", "none", "two_means")))
+    block = _block(block)
+    threads = check_threads(threads)
+    segs = _group_inputs(tensors, offsets, threads)
+    if mode == SCHEMES["sign"].TWO_MEANS:    # no grouped kernel: as sign(), tensor by tensor
+        pairs = [_core.sign_two_means(w, block, bool(check_finite), threads) for w, _, _ in segs]
+        return _group_payloads("sign", segs, {"scale": mode, "block": block}, pairs, "scales")
+    pairs = _core.sign_group([w for w, _, _ in segs], mode, block, bool(check_finite), threads)
+    return _group_payloads("sign", segs, {"scale": mode, "block": block}, pairs, "scales")
+
+
+def quantize_group(tensors, bits, *, block=64, rounding="nearest", seed=None, step=0, offsets=None,
+                   check_finite=True, threads=None):
+    """``quantize`` on every tensor of a group, in one C call -> a list of
+    Quantized, each exactly ``quantize(tensors[i], ...)`` (with the same
+    seed and step: stochastic rounding draws per tensor what a lone call
+    draws).  ``tensors`` and ``offsets`` as in ``lowband.topk_group``."""
+    bits = check_int(bits, "bits")
+    if bits not in (1, 2, 3, 4, 8):
+        raise ValueError(f"bits: expected one of 1, 2, 3, 4, 8, got {bits}")
+    block = _block(block)
+    stochastic = check_choice(rounding, "rounding", ("nearest", "stochastic")) == "stochastic"
+    seed = check_seed(seed) if stochastic else 0
+    step = check_step(step)
+    threads = check_threads(threads)
+    segs = _group_inputs(tensors, offsets, threads)
+    out_dtypes = bytes(DTYPE_CODES[dtype] for _, dtype, _ in segs)
+    pairs = _core.quantize_group([w for w, _, _ in segs], out_dtypes, bits, block, stochastic,
+                                 seed, step, bool(check_finite), threads)
+    return _group_payloads("blockwise_sr" if stochastic else "blockwise", segs,
+                           {"bits": bits, "block": block}, pairs, "scales")
 
 
 def qsgd(x, levels, *, seed, step=0, block=None, check_finite=True, threads=None):

@@ -16,11 +16,13 @@ import numpy as np
 
 from . import _core
 from ._payload import Sparse
-from ._validate import (FLOAT_DTYPES, as_selectable, check_choice, check_count, check_finite_array,
-                        check_finite_number, check_int, check_out, check_ratio, check_seed,
-                        check_step, check_threads, k_from_ratio, resolve_k)
+from ._validate import (ANY_FLOAT_DTYPES, FLOAT_DTYPES, as_selectable, check_choice, check_count,
+                        check_finite_array, check_finite_number, check_int, check_out, check_ratio,
+                        check_seed, check_step, check_threads, group_arrays, group_ks, k_from_ratio,
+                        resolve_k)
 
-__all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate"]
+__all__ = ["topk", "randomk", "threshold", "topk_chunked", "topk_sampled", "aggregate",
+           "topk_group", "randomk_group"]
 
 
 def _sparse(x, half, pair, seed=None, step=None):
@@ -47,6 +49,32 @@ def topk(x, k=None, *, ratio=None, check_finite=True, threads=None):
     return _sparse(x, half, _core.topk(x, k, bool(check_finite), check_threads(threads)))
 
 
+def _group_selectable(tensors, offsets):
+    """[(work, original)] of a group's segments, as as_selectable does."""
+    return [(a, None) if a.dtype in FLOAT_DTYPES else (a.astype(np.float32), a)
+            for a in group_arrays(tensors, offsets, dtypes=ANY_FLOAT_DTYPES)]
+
+
+def topk_group(tensors, k=None, *, ratio=None, offsets=None, check_finite=True, threads=None):
+    """``topk`` on every tensor of a group, in one C call -> a list of Sparse.
+
+    ``tensors``: a list of arrays or CPU tensors (one float dtype; each keeps
+    its shape in its payload), or one array with ``offsets``, the segment
+    boundaries ``[0, o1, ..., size]`` (segment i is ``flat[offsets[i]:
+    offsets[i+1]]``, its payload 1-D).  ``k``: an int for every tensor or a
+    list (one per tensor, each at most its size); or ``ratio``: a fraction
+    (or a list), k_i = round(ratio * n_i), at least 1.  Payload i is exactly
+    ``topk(tensors[i], k_i)`` for any thread count: large tensors use the
+    whole team, small ones are spread across it, so a model's hundred
+    tensors cost one call instead of a hundred.  A failure (non-finite
+    input, k too large) raises naming the tensor, e.g. ``tensors[3]``.
+    """
+    segs = _group_selectable(tensors, offsets)
+    ks = group_ks([w.size for w, _ in segs], k, ratio)
+    pairs = _core.topk_group([w for w, _ in segs], ks, bool(check_finite), check_threads(threads))
+    return [_sparse(w, half, pair) for (w, half), pair in zip(segs, pairs)]
+
+
 def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=True,
             threads=None):
     """k distinct coordinates drawn uniformly without replacement.
@@ -71,6 +99,29 @@ def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=
         values = values.astype(half.dtype)   # exact unless rescaled
         x = half
     return Sparse._make(indices, values, x.shape, x.dtype, seed, step)
+
+
+def randomk_group(tensors, k=None, *, ratio=None, seed, step=0, rescale=False, offsets=None,
+                  check_finite=True, threads=None):
+    """``randomk`` on every tensor of a group, in one C call -> a list of
+    Sparse, each exactly ``randomk(tensors[i], k_i, seed=seed, step=step)``
+    (one seed and step for the group, as separate calls with them).
+    ``tensors``, ``offsets``, ``k`` and ``ratio`` as in ``topk_group``."""
+    segs = _group_selectable(tensors, offsets)
+    ks = group_ks([w.size for w, _ in segs], k, ratio)
+    seed, step = check_seed(seed), check_step(step)
+    pairs = _core.randomk_group([w for w, _ in segs], ks, seed, step, bool(rescale),
+                                bool(check_finite), check_threads(threads))
+    out = []
+    for i, ((w, half), (indices, values), k_i) in enumerate(zip(segs, pairs, ks)):
+        if rescale and k_i and w.size != k_i and check_finite:
+            check_finite_array(values, f"randomk_group: a value of tensors[{i}] rescaled by n/k = "
+                               f"{w.size / k_i!r}", "overflows (use rescale=False)")
+        if half is not None:
+            values = values.astype(half.dtype)
+            w = half
+        out.append(Sparse._make(indices, values, w.shape, w.dtype, seed, step))
+    return out
 
 
 def threshold(x, tau, *, check_finite=True, threads=None):

@@ -251,6 +251,68 @@ static void test_scale_cap(void)
           "quantize of 1e300 (float64) is LB_ERANGE");
 }
 
+/* lb_topk_group / lb_ef_topk_group: each segment's result is lb_topk's
+ * (resp. lb_ef_topk's) on it, for 1 and 2 threads; a failure names the
+ * lowest failing segment and returns nothing.                             */
+static void test_group(void)
+{
+    enum { A = 50, B = 300001 };
+    float *x = malloc((A + B) * sizeof(float)), *e = calloc(A + B, sizeof(float));
+    float *e1 = calloc(A + B, sizeof(float));
+    if (!x || !e || !e1) {
+        CHECK(0, "group: allocation");
+        return;
+    }
+    for (uint64_t i = 0; i < A + B; i++)
+        x[i] = (float)((i * 2654435761u) % 1000) - 500.0f;
+    const void *xs[3] = {x, x, x + A};
+    const uint64_t n[3] = {0, A, B}, k[3] = {0, 7, 3000};
+    int same = 1;
+    for (int t = 1; t <= 2; t++) {
+        lb_sparse out[3], one;
+        lb_error err = {0};
+        uint64_t seg = 0;
+        same &= lb_topk_group(xs, n, k, 3, LB_F32, 1, t, out, &err, &seg) == LB_OK;
+        for (int s = 0; s < 3 && same; s++) {
+            same &= lb_topk(xs[s], n[s], LB_F32, k[s], 1, 1, &one, &err) == LB_OK &&
+                    one.count == out[s].count &&
+                    !memcmp(one.indices, out[s].indices, one.count * sizeof(uint64_t)) &&
+                    !memcmp(one.values, out[s].values, one.count * sizeof(float));
+            lb_sparse_free(&one);
+        }
+        for (int s = 0; s < 3; s++)
+            lb_sparse_free(out + s);
+        void *es[3] = {e, e, e + A};
+        const void *gs[3] = {x, x, x + A};
+        same &= lb_ef_topk_group(es, gs, n, k, 3, LB_F32, 1.0, 1.0, 1, t, out, &err, &seg) == LB_OK;
+        for (int s = 1; s < 3 && same; s++) {
+            same &= lb_ef_topk(e1 + (s == 2 ? A : 0), x + (s == 2 ? A : 0), n[s], LB_F32, 1.0, 1.0,
+                               k[s], 1, 1, &one, &err) == LB_OK &&
+                    one.count == out[s].count &&
+                    !memcmp(one.indices, out[s].indices, one.count * sizeof(uint64_t));
+            lb_sparse_free(&one);
+        }
+        same &= !memcmp(e, e1, (A + B) * sizeof(float));
+        for (int s = 0; s < 3; s++)
+            lb_sparse_free(out + s);
+    }
+    CHECK(same, "topk/ef_topk group equal the per-segment calls (1/2 threads)");
+    lb_sparse out[3];
+    lb_error err = {0};
+    uint64_t seg = 0;
+    x[A + 123] = 1.0f / 0.0f;
+    x[7] = 0.0f / 0.0f;
+    CHECK(lb_topk_group(xs, n, k, 3, LB_F32, 1, 2, out, &err, &seg) == LB_ENONFINITE &&
+              seg == 1 && err.index == 7 && !out[2].indices && !out[2].values,
+          "topk group: the lowest failing segment, nothing returned");
+    const uint64_t big_k[3] = {0, A + 1, 1};
+    CHECK(lb_topk_group(xs, n, big_k, 3, LB_F32, 1, 1, out, &err, &seg) == LB_EINVAL && seg == 1,
+          "topk group: k > n names the segment");
+    free(x);
+    free(e);
+    free(e1);
+}
+
 int main(void)
 {
     test_philox();
@@ -261,6 +323,7 @@ int main(void)
     test_aggregate();
     test_sizes();
     test_scale_cap();
+    test_group();
     printf("%s (%d failures)\n", failures ? "FAILED" : "PASSED", failures);
     return failures != 0;
 }

@@ -57,7 +57,10 @@ def make_hook(kind, **opts):
         return ps.PowerSGDState(None, **opts), ps.powerSGD_hook
     if kind == "powersgd":
         return lt.hooks.PowerSGDState(**opts), lt.hooks.powersgd_hook
-    return lt.hooks.CompressionState(**opts), lt.hooks.compression_hook
+    grouped = opts.pop("grouped", True)
+    state = lt.hooks.CompressionState(**opts)
+    state._grouped = grouped     # False: the tensor-by-tensor messages
+    return state, lt.hooks.compression_hook
 
 
 def train(rank, world, kind, steps, *, opts=None, ddp_opts=None, lr=0.1, seed=0, state=None,

@@ -44,6 +44,17 @@ CONFIGS = {
                                        backend="torch"), {}, 1),
     "sign_torch": ("compression", dict(compressor="sign", feedback="ef", start_iter=2, min_numel=MIN,
                                        backend="torch"), dict(gradient_as_bucket_view=True), 1),
+    # one bucket, several compressed tensors: the grouped top-k calls
+    # (ErrorFeedback.step_group, lowband.topk_group) against the same hook
+    # compressing tensor by tensor, through DDP's bucket rebuild (start_iter 0)
+    "topk_ef_group": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
+                                          min_numel=MIN), {}, 1),
+    "topk_ef_one_by_one": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
+                                               min_numel=MIN, grouped=False), {}, 1),
+    "topk_group": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
+                                       min_numel=MIN), {}, 1),
+    "topk_one_by_one": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
+                                            min_numel=MIN, grouped=False), {}, 1),
     "powersgd": ("powersgd", dict(rank=2, start_iter=2), dict(bucket_cap_mb=0.001), 1),
     "off": ("compression", dict(compressor="topk:0.05", start_iter=1000), {}, 1),
     "allreduce_hook": ("allreduce_hook", None, {}, 1),
@@ -92,6 +103,21 @@ def test_compression_off_equals_allreduce_hook_bitwise(two_ranks):
         assert _train.params_equal(two_ranks[rank]["off"][0], two_ranks[rank]["allreduce_hook"][0])
         for mine, theirs in zip(two_ranks[rank]["off"][3], two_ranks[rank]["allreduce_hook"][3]):
             assert all(np.array_equal(x, y) for x, y in zip(mine[2], theirs[2]))
+
+
+@pytest.mark.parametrize("name", ["topk_ef", "topk"])
+def test_grouped_hook_equals_the_per_tensor_hook(two_ranks, name):
+    for rank in range(2):
+        pa, sa, _, ra = two_ranks[rank][name + "_group"]
+        pb, sb, _, rb = two_ranks[rank][name + "_one_by_one"]
+        assert _train.params_equal(pa, pb), name
+        assert sa["bytes_sent"] == sb["bytes_sent"]
+        assert len(ra) == len(rb)
+        # several compressed tensors shared a bucket, so the grouped call ran
+        assert max(sum(g.ndim >= 2 and g.size >= MIN for g in call[1]) for call in ra) >= 2
+        for ca, cb in zip(ra, rb):
+            for x, y in zip(ca[2], cb[2]):
+                np.testing.assert_array_equal(x, y)
 
 
 # -- the same algorithm on lowband.sim.Cluster ------------------------------------
@@ -146,7 +172,7 @@ def twin(comm, records, opts, start_iter):
 
 
 @pytest.mark.parametrize("name", ["topk_ef", "sign_ef", "randomk_ef", "fp16", "topk_ef21", "sign_econtrol",
-                                  "blockwise_nosync"])
+                                  "blockwise_nosync", "topk_ef_group", "topk_group"])
 def test_hook_equals_the_sim_cluster(two_ranks, name):
     _, opts, _, _ = CONFIGS[name]
     records = [two_ranks[r][name][3] for r in range(2)]
@@ -338,6 +364,17 @@ ACCURACY = {
     "none": ("none", None),
     "topk_ef": ("compression", dict(compressor="topk:0.01", feedback="ef", start_iter=10)),
     "sign_ef": ("compression", dict(compressor="sign", feedback="ef", start_iter=10)),
+    # one bucket, several compressed tensors: the grouped top-k calls
+    # (ErrorFeedback.step_group, lowband.topk_group) against the same hook
+    # compressing tensor by tensor, through DDP's bucket rebuild (start_iter 0)
+    "topk_ef_group": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
+                                          min_numel=MIN), {}, 1),
+    "topk_ef_one_by_one": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
+                                               min_numel=MIN, grouped=False), {}, 1),
+    "topk_group": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
+                                       min_numel=MIN), {}, 1),
+    "topk_one_by_one": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
+                                            min_numel=MIN, grouped=False), {}, 1),
     "powersgd": ("powersgd", dict(rank=2, start_iter=10)),
 }
 

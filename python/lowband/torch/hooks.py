@@ -16,7 +16,10 @@ Both hooks share one bucket machinery (``_BucketState``):
 - per-tensor compression inside each bucket, the state keyed by the
   parameter (its position in the order DDP first shows the parameters), so
   bucket rebuilds, ``gradient_as_bucket_view``, ``static_graph``, several
-  buckets and ``no_sync`` accumulation need nothing special;
+  buckets and ``no_sync`` accumulation need nothing special; the top-k
+  tensors of a bucket (with or without EF) are compressed in one grouped C
+  call (``ErrorFeedback.step_group`` / ``lowband.topk_group``), with the
+  bytes of the tensor-by-tensor calls;
 - tensors that are 1-D, smaller than ``min_numel``, not float32/float64, or
   (PowerSGD) not worth a low-rank factorisation go out uncompressed, in one
   batched allreduce per bucket;
@@ -41,10 +44,10 @@ import torch.distributed as dist
 
 from .._payload import Dense, Quantized, Sparse
 from .._validate import check_choice, check_finite_number, check_int
-from ..compressors import Cast, Chain, Compressor, Identity, RandomK, from_spec
+from ..compressors import Cast, Chain, Compressor, Identity, RandomK, TopK, from_spec
 from ..feedback import EF21, EControl, ErrorFeedback
 from ..sim import chunk_bounds, reduce_payloads
-from ..sparsify import aggregate
+from ..sparsify import aggregate, topk_group
 from ..wire import decode, encode
 from ._interop import as_numpy, as_tensor
 from .comm import ProcessGroupCommunicator
@@ -435,8 +438,32 @@ class CompressionState(_BucketState):
             else:
                 st.comp.decompress(p, out=g)
 
+    _grouped = True     # top-k tensors of a bucket in one C call (False: one by one)
+
+    def _messages(self, states, flats):
+        """Every tensor's message, the top-k ones (with EF or none) of the
+        bucket as one grouped call: the same payloads as st.message(g)."""
+        out = [None] * len(states)
+        if self._grouped:
+            ef = [t for t, st in enumerate(states)
+                  if isinstance(st.fb, ErrorFeedback) and type(st.comp) is TopK]
+            plain = [t for t, st in enumerate(states)
+                     if st.fb is None and st.worker is None and type(st.comp) is TopK]
+            if len(ef) > 1:
+                sent = ErrorFeedback.step_group([states[t].fb for t in ef], [flats[t] for t in ef])
+                for t, p in zip(ef, sent):
+                    out[t] = p
+            if len(plain) > 1:    # every slot has its copy of one spec
+                comp = states[plain[0]].comp
+                amount = ({"k": [min(comp.k, flats[t].size) for t in plain]} if comp.k is not None
+                          else {"ratio": comp.ratio})
+                sent = topk_group([flats[t] for t in plain], **amount, threads=comp.threads)
+                for t, p in zip(plain, sent):
+                    out[t] = p
+        return [p if p is not None else st.message(g) for p, st, g in zip(out, states, flats)]
+
     def _allgather(self, states, flats):
-        wires = [encode(st.message(g)) for st, g in zip(states, flats)]
+        wires = [encode(p) for p in self._messages(states, flats)]
         rows = self.comm.allgather_bytes(wires, reuse=True)
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
