@@ -14,6 +14,7 @@ code and scale is validated and anything wrong raises ``FormatError``.
 from __future__ import annotations
 
 import struct
+import sys
 
 import numpy as np
 
@@ -34,6 +35,9 @@ _u8 = struct.Struct("<B")
 _u32 = struct.Struct("<I")
 _u64 = struct.Struct("<Q")
 _f64 = struct.Struct("<d")
+_u64_from = _u64.unpack_from
+_LITTLE = sys.byteorder == "little"
+_LE = {}   # dtype -> its little-endian form (cached: decode runs per message)
 
 
 # --------------------------------------------------------------------------
@@ -63,6 +67,8 @@ def _piece_bytes(p):
     if isinstance(p, (bytes, bytearray)):
         return p
     if isinstance(p, np.ndarray):
+        if _LITTLE and p.dtype.byteorder != ">":
+            return p.tobytes()   # C order, already little-endian
         return np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes()
     return p.make()
 
@@ -158,10 +164,18 @@ class _Reader:
         return self.buf[start:self.pos]
 
     def u8(self, what):
-        return self.take(1, what)[0]
+        pos = self.pos
+        if pos >= self.end:
+            return self.take(1, what)[0]   # raises
+        self.pos = pos + 1
+        return self.buf[pos]
 
     def u64(self, what):
-        return _u64.unpack(self.take(8, what))[0]
+        pos = self.pos
+        if self.end - pos < 8:
+            return _u64.unpack(self.take(8, what))[0]   # raises
+        self.pos = pos + 8
+        return _u64_from(self.buf, pos)[0]
 
     def section(self, what, expected=None):
         at = self.pos
@@ -173,8 +187,10 @@ class _Reader:
 
 def _array_from(raw, dtype, count):
     """Little-endian bytes -> a fresh native array (never a view of input)."""
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"), count=count).astype(
-        np.dtype(dtype), copy=True)
+    le = _LE.get(dtype)
+    if le is None:
+        le = _LE[dtype] = np.dtype(dtype).newbyteorder("<")
+    return np.frombuffer(raw, dtype=le, count=count).astype(np.dtype(dtype), copy=True)
 
 
 def _read_dtype(r, what):
@@ -217,8 +233,12 @@ def _read_quant(r, shape, dtype_expected=None):
         adt, count = lay[name]
         raw = r.section(f"{sch.name} {name}", expected=count * np.dtype(adt).itemsize)
         arrays[name] = _array_from(raw, adt, count)
+    # what Quantized(...) would check, less what holds by construction here
+    # (parameters read as u64/f64, arrays fresh and of the layout's sizes)
+    q = Quantized._make(sch.name, shape, dtype, params, arrays)
     try:
-        return Quantized(sch.name, shape, dtype, params, arrays)
+        sch.check(q)
+        return q
     except (ValueError, TypeError) as exc:
         r.fail(f"invalid {sch.name} payload: {exc}", at)
 
