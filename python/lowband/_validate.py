@@ -47,7 +47,7 @@ def from_torch(x: Any, name: str = "x") -> Any:
     zero-copy ndarray view of its memory (bfloat16 through a uint16 view, as
     an ml_dtypes bfloat16 array).  A tensor that requires grad, lives on
     another device or has a dtype NumPy cannot view raises TypeError."""
-    if not is_tensor(x):
+    if type(x) is np.ndarray or not is_tensor(x):
         return x
     if x.requires_grad:
         raise TypeError(f"{name}: expected a tensor that does not require grad, got one with "

@@ -31,7 +31,7 @@ def per_call(fn, reps, calls):
     for _ in range(max(10, calls // 10)):
         fn()
     ts = []
-    for _ in range(max(reps, 5)):
+    for _ in range(reps):
         t0 = time.perf_counter()
         for _ in range(calls):
             fn()
@@ -70,7 +70,7 @@ def _cases(n):
 
 def rows(ctx, reps):
     """The suite's rows (per-call costs; targets in microseconds)."""
-    calls = 200 if ctx.quick else 2000
+    calls, reps = (50, max(reps, 3)) if ctx.quick else (2000, max(reps, 5))
     out = []
     for n in SIZES:
         for name, fn, numpy_fn, limit in _cases(n):
