@@ -20,7 +20,8 @@ import numpy as np
 
 from . import _core
 from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
-                       index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
+                       index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size,
+                       smallest_index_encoding)
 from ._validate import check_int, from_torch
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
@@ -287,8 +288,7 @@ def _read_sparse(r, shape, dtype):
         indices = _core.randomk_indices(size, nnz, seed, step)
     else:
         indices = _core.index_decode(index_bytes, enc, nnz, size)
-        sizes = _core.index_sizes(indices, size)
-        best = min(range(3), key=lambda e: (sizes[e], e))
+        best = smallest_index_encoding(_core.index_sizes(indices, size))[0]
         if enc != best:
             r.fail(f"non-canonical index encoding {enc} (the smallest is {best})", at)
     return Sparse._make(indices, values, shape, dtype, seed, step)
