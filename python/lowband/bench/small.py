@@ -3,8 +3,8 @@
 A model has many small tensors (biases, norms), so what a call costs before
 it touches any data matters as much as bandwidth.  Each case times a loop
 of calls on a float32 vector of 1 and of 1 Ki elements and reports the
-cost of one call in microseconds (``lowband`` column in ms as everywhere;
-the note gives us).  Targets:
+cost of one call (``lowband`` column in ms as everywhere; the note gives
+microseconds).  Targets:
 
 - topk, sign and quantize (4-bit blockwise): at most 3 us per call;
 - an ErrorFeedback step (top-k and sign) and encode or decode of a
@@ -13,8 +13,10 @@ the note gives us).  Targets:
   the magnitudes (the NumPy way: abs, argpartition, gather).
 
 The element count is fixed (``--size`` does not apply); tensors this small
-always run on the calling thread, whatever ``--threads`` says.  Timing on a shared machine is noisy: the
-median of ``reps`` loops of many calls is reported.
+always run on the calling thread, whatever ``--threads`` says.  A cost is
+the fastest of ``reps`` loops of many calls (timeit's convention: other
+processes on the machine only ever add time); the us per call is also the
+number in brackets after each target.
 """
 import time
 
@@ -27,7 +29,7 @@ SIZES = (1, 1024)
 
 
 def per_call(fn, reps, calls):
-    """Median over `reps` loops of `calls` calls of fn, in seconds per call."""
+    """The fastest of `reps` loops of `calls` calls of fn, in seconds per call."""
     for _ in range(max(10, calls // 10)):
         fn()
     ts = []
@@ -36,7 +38,7 @@ def per_call(fn, reps, calls):
         for _ in range(calls):
             fn()
         ts.append((time.perf_counter() - t0) / calls)
-    return sorted(ts)[len(ts) // 2]
+    return min(ts)
 
 
 def _cases(n):
