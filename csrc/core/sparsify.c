@@ -514,6 +514,34 @@ static lb_status copy_all(const keyinfo *ki, const void *x, uint64_t n,
     return LB_OK;
 }
 
+/* Exact top-k (0 < k < n) of a small vector in one serial call, no team:
+ * topk_small over the whole vector (same result as the radix path: keys
+ * above the k-th largest, then the lowest-index ties).  A non-finite
+ * element fails under check_finite (nothing allocated is kept).           */
+static lb_status topk_serial(const keyinfo *ki, const void *x, uint64_t n,
+                             uint64_t k, int check_finite, lb_sparse *out,
+                             lb_error *err)
+{
+    uint64_t *keys = lb_scratch_alloc((size_t)n * 2 * sizeof(uint64_t));
+    if (!keys)
+        return LB_ENOMEM;
+    lb_status st = sparse_alloc(out, k, ki->width);
+    if (st != LB_OK) {
+        lb_scratch_free(keys);
+        return st;
+    }
+    uint64_t bad = topk_small(ki, x, 0, NULL, n, k, keys, keys + n,
+                              out->indices, out->values);
+    lb_scratch_free(keys);
+    if (bad != UINT64_MAX && check_finite) {
+        lb_sparse_free(out);
+        if (err)
+            err->index = bad;
+        return LB_ENONFINITE;
+    }
+    return LB_OK;
+}
+
 lb_status lb_topk(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
                   int check_finite, int nthreads, lb_sparse *out, lb_error *err)
 {
@@ -537,6 +565,9 @@ lb_status lb_topk(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
         return k == 0 ? sparse_alloc(out, 0, ki->width)
                       : copy_all(ki, x, n, nthreads, out);
     }
+
+    if (n <= TOPK_SMALL_N)
+        return topk_serial(ki, x, n, k, check_finite, out, err);
 
     uint64_t lo = 0, hi = UINT64_MAX, expected = 0;
     if (sample_bounds(ki, x, n, k, nthreads, &lo, &hi, &expected)) {

@@ -3,7 +3,8 @@
  *
  * Rules: every parallel region names its team size explicitly
  * with num_threads(); a team of one never enters the OpenMP runtime (so a
- * forked child that is forced serial cannot deadlock in libgomp); work is cut
+ * forked child that is forced serial cannot deadlock in libgomp, and a small
+ * tensor pays no team set-up: omp_serial.c); work is cut
  * into LB_CHUNK-sized pieces that do not depend on the thread count.
  */
 #ifndef LB_THREADS_H

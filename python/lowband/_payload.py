@@ -459,6 +459,13 @@ def index_choice(s):
     varint and bitmap (ties to the lower code)."""
     if s.seed is not None:
         return IDX_SEEDED, 16
-    sizes = _core.index_sizes(s.indices, s.size)
-    best = min(range(3), key=lambda e: (sizes[e], e))
-    return best, sizes[best]
+    return smallest_index_encoding(_core.index_sizes(s.indices, s.size))
+
+
+def smallest_index_encoding(sizes):
+    """(encoding, bytes) of the smallest of the (raw, varint, bitmap) sizes,
+    ties to the lower code."""
+    raw, varint, bitmap = sizes
+    if raw <= varint and raw <= bitmap:
+        return IDX_RAW, raw
+    return (IDX_VARINT, varint) if varint <= bitmap else (IDX_BITMAP, bitmap)

@@ -9,6 +9,8 @@ precision (float32 for float16 output, rounded to float16 at the end).
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from . import _core
@@ -22,6 +24,13 @@ _NONE = 0xFFFFFFFF
 _F16 = np.dtype(np.float16)
 _F32 = np.dtype(np.float32)
 _F64 = np.dtype(np.float64)
+# Half the largest finite value of each decoded dtype: a largest code times
+# largest scale below this cannot round to Inf in any precision on the way.
+_SAFE = {_F16: 32752.0, _F32: float(np.finfo(np.float32).max) / 2,
+         _F64: float(np.finfo(np.float64).max) / 2}
+if BFLOAT16 is not None:
+    _SAFE[BFLOAT16] = (2 - 2 ** -7) * 2.0 ** 127 / 2   # its largest finite value / 2
+_SMALL = 64   # arrays up to this many elements are reduced in Python (no ufunc call)
 
 
 def packed_bytes(n, bits):
@@ -59,8 +68,20 @@ def _check_codes(q, bits, maxcode, forbidden=_NONE):
                          + (f" and never {forbidden}" if forbidden != _NONE else "") + ")")
 
 
+def _small_max(a):
+    """max(a) as a float (1.0 for None or an empty array); with a NaN in a
+    the result may be NaN or ignore it (callers treat both as "unknown")."""
+    if a is None or a.size == 0:
+        return 1.0
+    return max(a.tolist()) if a.size <= _SMALL else float(a.max())
+
+
 def _check_scales(a, name):
-    if a.size and not (np.isfinite(a).all() and (a >= 0).all()):
+    if a.size <= _SMALL:   # a few scales: no ufunc calls (the per-call cost)
+        ok = all(v >= 0 and v != math.inf for v in a.tolist())   # NaN fails v >= 0
+    else:
+        ok = bool(np.isfinite(a).all() and (a >= 0).all())
+    if not ok:
         raise ValueError(f"{name}: expected finite, non-negative values")
 
 
@@ -112,6 +133,11 @@ class _Table(Scheme):
         """The largest valid code (codes 0..max_code are the valid ones)."""
         return (1 << self.decode_args(q)[0]) - 1
 
+    def range_args(self, q):
+        """(largest |table entry| of a valid code, multipliers) when known
+        without building the table, else None: check_range's fast path."""
+        return None
+
     def check_range(self, q):
         """ValueError when a valid code would decode to +-Inf: the largest
         |table entry| times the largest multiplier, rounded as the decoder
@@ -120,6 +146,9 @@ class _Table(Scheme):
         input never decodes to Inf silently."""
         if q.size == 0:
             return
+        fast = self.range_args(q)
+        if fast is not None and fast[0] * _small_max(fast[1]) <= _SAFE.get(q.dtype, 0.0):
+            return   # far from overflow (NaN or Inf scales take the exact path)
         bits, table, mult, block = self.decode_args(q)
         wd = work_dtype(q.dtype)
         top = np.abs(np.asarray(table, dtype=np.float64)[:self.max_code(q) + 1]).max()
@@ -194,6 +223,9 @@ class SignScheme(_Linear):
     def max_code(self, q):
         return 1
 
+    def range_args(self, q):
+        return 1.0, (q.arrays["scales"] if q.params["scale"] else None)
+
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")
         _check_codes(q, 1, 1)
@@ -261,6 +293,9 @@ class BlockwiseScheme(_Linear):
     def max_code(self, q):
         b = q.params["bits"]
         return 1 if b == 1 else 2 * self.levels(b)
+
+    def range_args(self, q):
+        return float(self.levels(q.params["bits"])), q.arrays["scales"]
 
     def check(self, q):
         _check_scales(q.arrays["scales"], "scales")

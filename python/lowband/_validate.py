@@ -48,7 +48,7 @@ def from_torch(x: Any, name: str = "x") -> Any:
     zero-copy ndarray view of its memory (bfloat16 through a uint16 view, as
     an ml_dtypes bfloat16 array).  A tensor that requires grad, lives on
     another device or has a dtype NumPy cannot view raises TypeError."""
-    if not is_tensor(x):
+    if type(x) is np.ndarray or not is_tensor(x):
         return x
     if x.requires_grad:
         raise TypeError(f"{name}: expected a tensor that does not require grad, got one with "
@@ -80,6 +80,8 @@ def as_float_array(x, name="x", dtypes=FLOAT_DTYPES):
     float64.  Other dtypes (ints, bools, complex, objects) raise TypeError.
     A torch CPU tensor is viewed without a copy (``from_torch``).
     """
+    if type(x) is np.ndarray and x.dtype in dtypes and x.flags.aligned and x.flags.c_contiguous:
+        return x   # the common case, in as few steps as possible (native: dtypes are)
     x = from_torch(x, name)
     if isinstance(x, np.ndarray):
         arr = x
@@ -111,9 +113,12 @@ def as_selectable(x, name="x"):
 
 def check_int(value, name, lo=None, hi=None):
     """An int (numpy integers accepted, bool refused) within [lo, hi]."""
-    if isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
+    if type(value) is int:
+        v = value
+    elif isinstance(value, (bool, np.bool_)) or not hasattr(value, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(value).__name__}")
-    v = operator.index(value)
+    else:
+        v = operator.index(value)
     if (lo is not None and v < lo) or (hi is not None and v > hi):
         if lo is not None and hi is not None:
             raise ValueError(f"{name}: expected an int in [{lo}, {hi}], got {v}")
@@ -125,9 +130,12 @@ def check_int(value, name, lo=None, hi=None):
 
 def check_count(k, n, name="k"):
     """k as an int with 0 <= k <= n."""
-    if isinstance(k, (bool, np.bool_)) or not hasattr(k, "__index__"):
+    if type(k) is int:
+        v = k
+    elif isinstance(k, (bool, np.bool_)) or not hasattr(k, "__index__"):
         raise TypeError(f"{name}: expected an int, got {type(k).__name__}")
-    v = operator.index(k)
+    else:
+        v = operator.index(k)
     if v < 0 or v > n:
         raise ValueError(f"{name}: expected 0 <= {name} <= n (n = {n}), got {v}")
     return v
@@ -164,6 +172,8 @@ def k_from_ratio(n, ratio):
 
 def resolve_k(n, k, ratio, name="k"):
     """Exactly one of k (a count) or ratio (a fraction) -> a count in [0, n]."""
+    if ratio is None and type(k) is int and 0 <= k <= n:
+        return k
     if (k is None) == (ratio is None):
         raise TypeError(f"give exactly one of {name}= or ratio= (got {name}={k!r}, ratio={ratio!r})")
     if k is not None:
@@ -185,9 +195,12 @@ def check_seed(seed, name="seed"):
 
 def check_step(step, name="step"):
     """A step counter: an int in [0, 2**56)."""
-    if isinstance(step, (bool, np.bool_)) or not hasattr(step, "__index__"):
+    if type(step) is int:
+        v = step
+    elif isinstance(step, (bool, np.bool_)) or not hasattr(step, "__index__"):
         raise TypeError(f"{name}: expected an int in [0, 2**56), got {type(step).__name__}")
-    v = operator.index(step)
+    else:
+        v = operator.index(step)
     if not 0 <= v < MAX_STEP:
         raise ValueError(f"{name}: expected an int in [0, 2**56), got {v}")
     return v

@@ -139,8 +139,7 @@ class TopK(_CountOrRatio):
     _args = ("amount",)
 
     def _compress(self, x, step):
-        from .sparsify import topk
-        return topk(x, **self._kr(x), threads=self.threads)
+        return _sparsify.topk(x, **self._kr(x), threads=self.threads)
 
 
 class RandomK(_CountOrRatio):
@@ -166,8 +165,7 @@ class RandomK(_CountOrRatio):
         return {"seed": 0, "rescale": False}
 
     def _compress(self, x, step):
-        from .sparsify import randomk
-        return randomk(x, **self._kr(x), seed=self.seed, step=step, rescale=self.rescale,
+        return _sparsify.randomk(x, **self._kr(x), seed=self.seed, step=step, rescale=self.rescale,
                        threads=self.threads)
 
 
@@ -183,8 +181,7 @@ class Threshold(Compressor):
         self.tau = check_finite_number(tau, "tau", lo=0.0)
 
     def _compress(self, x, step):
-        from .sparsify import threshold
-        return threshold(x, self.tau, threads=self.threads)
+        return _sparsify.threshold(x, self.tau, threads=self.threads)
 
 
 class ChunkedTopK(Compressor):
@@ -213,8 +210,7 @@ class ChunkedTopK(Compressor):
         return f"{self.chunk[0]}x{self.chunk[1]}" if isinstance(self.chunk, tuple) else str(self.chunk)
 
     def _compress(self, x, step):
-        from .sparsify import topk_chunked
-        return topk_chunked(x, self.chunk, self.k_per_chunk, threads=self.threads)
+        return _sparsify.topk_chunked(x, self.chunk, self.k_per_chunk, threads=self.threads)
 
 
 class SampledTopK(Compressor):
@@ -236,8 +232,7 @@ class SampledTopK(Compressor):
         return {"sample_ratio": 0.01, "seed": 0}
 
     def _compress(self, x, step):
-        from .sparsify import topk_sampled
-        return topk_sampled(x, self.ratio, sample_ratio=self.sample_ratio, seed=self.seed,
+        return _sparsify.topk_sampled(x, self.ratio, sample_ratio=self.sample_ratio, seed=self.seed,
                             step=step, threads=self.threads)
 
 
@@ -256,9 +251,15 @@ class Identity(Compressor):
 # Quantizers (lowband.quantize functions)
 # --------------------------------------------------------------------------
 
+# the kernel modules, looked up once (not per call: a compress call on a
+# small tensor costs a few microseconds); importlib because the package
+# attribute `lowband.quantize` is the function
+_sparsify = importlib.import_module(".sparsify", __package__)
+_quantize = importlib.import_module(".quantize", __package__)
+
+
 def _q():
-    # the module (the package attribute `lowband.quantize` is the function)
-    return importlib.import_module(".quantize", __package__)
+    return _quantize
 
 
 class Sign(Compressor):

@@ -23,13 +23,13 @@ object from several Python threads is serialised.
 """
 from __future__ import annotations
 
-import contextlib
 import math
 import threading
 from types import SimpleNamespace
 
 import numpy as np
 
+from . import _fused
 from ._payload import Dense, Quantized, Sparse
 from ._validate import (FLOAT_DTYPES, as_float_array, check_choice, check_finite_array,
                         check_finite_number, check_int, check_ratio, check_seed, check_state_arrays,
@@ -78,6 +78,48 @@ def _decoded(payload, n, dtype, threads):
     return np.negative(out, out=out)
 
 
+class _Transaction:
+    """The context manager of _Stateful._transaction (a class, not a
+    generator: a step on a small tensor costs a few microseconds)."""
+
+    __slots__ = ("obj", "t", "lr", "txn")
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __enter__(self):
+        obj = self.obj
+        if obj._backup is None:
+            obj._backup = {n: np.empty_like(getattr(obj, n)) for n in obj._state_names}
+        for n in obj._state_names:
+            np.copyto(obj._backup[n], getattr(obj, n))
+        self.t, self.lr = obj.t, getattr(obj, "_lr", None)
+        self.txn = {"finite": False}
+        return self.txn
+
+    def __exit__(self, exc_type, exc, tb):
+        obj = self.obj
+        try:
+            if exc_type is None and not self.txn["finite"]:
+                for n in obj._state_names:
+                    check_finite_array(getattr(obj, n), f"{type(obj).__name__}.step: the state {n!r}",
+                                       "overflowed (the step was undone)")
+        except BaseException:
+            self._restore()
+            raise
+        if exc_type is not None:
+            self._restore()
+        return False
+
+    def _restore(self):
+        obj = self.obj
+        for n in obj._state_names:
+            np.copyto(getattr(obj, n), obj._backup[n])
+        obj.t = self.t
+        if hasattr(obj, "_lr"):
+            obj._lr = self.lr
+
+
 class _Stateful:
     """Shared machinery: shape/dtype, named state arrays, lock, state_dict."""
 
@@ -93,31 +135,14 @@ class _Stateful:
             setattr(self, name, np.zeros(self.size, dtype=self.dtype))
         self._backup = None
 
-    @contextlib.contextmanager
     def _transaction(self):
         """Every step runs inside this (with the lock held): the state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
-        byte as it was and raises."""
-        if self._backup is None:
-            self._backup = {n: np.empty_like(getattr(self, n)) for n in self._state_names}
-        for n in self._state_names:
-            np.copyto(self._backup[n], getattr(self, n))
-        saved = dict(t=self.t, _lr=getattr(self, "_lr", None))
-        txn = {"finite": False}   # a step that proved its state finite sets this
-        try:
-            yield txn
-            for n in ([] if txn["finite"] else self._state_names):
-                check_finite_array(getattr(self, n), f"{type(self).__name__}.step: the state {n!r}",
-                                   "overflowed (the step was undone)")
-        except BaseException:
-            for n in self._state_names:
-                np.copyto(getattr(self, n), self._backup[n])
-            self.t = saved["t"]
-            if hasattr(self, "_lr"):
-                self._lr = saved["_lr"]
-            raise
+        byte as it was and raises.  ``as txn``: a dict; a step that proved
+        its state finite sets txn["finite"] = True (no check then)."""
+        return _Transaction(self)
 
     def _grad(self, grad, name="grad"):
         g = as_float_array(grad, name)
@@ -194,7 +219,6 @@ class _Residual(_Stateful):
                     rescaled = True
                 self._lr = lr
             e = self.error
-            from . import _fused
             payload = _fused.residual_step(self, e, g, scale)
             # the fused kernels refuse a non-finite p, and for these compressors
             # p - D(C(p)) is 0, p or at most max(|p|, |D|): the state is finite

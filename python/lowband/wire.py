@@ -14,12 +14,14 @@ code and scale is validated and anything wrong raises ``FormatError``.
 from __future__ import annotations
 
 import struct
+import sys
 
 import numpy as np
 
 from . import _core
 from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
-                       index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
+                       index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size,
+                       smallest_index_encoding)
 from ._validate import check_int, from_torch
 
 __all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
@@ -34,6 +36,11 @@ _u8 = struct.Struct("<B")
 _u32 = struct.Struct("<I")
 _u64 = struct.Struct("<Q")
 _f64 = struct.Struct("<d")
+_u64_from = _u64.unpack_from
+_param_u = struct.Struct("<BQ")
+_param_f = struct.Struct("<Bd")
+_LITTLE = sys.byteorder == "little"
+_LE = {}   # dtype -> its little-endian form (cached: decode runs per message)
 
 
 # --------------------------------------------------------------------------
@@ -63,6 +70,8 @@ def _piece_bytes(p):
     if isinstance(p, (bytes, bytearray)):
         return p
     if isinstance(p, np.ndarray):
+        if _LITTLE and p.dtype.byteorder != ">":
+            return p.tobytes()   # C order, already little-endian
         return np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes()
     return p.make()
 
@@ -77,7 +86,7 @@ def _header(kind, dtype, shape):
     if len(shape) > MAX_NDIM:
         raise ValueError(f"payload: at most {MAX_NDIM} dimensions can be encoded, got {len(shape)}")
     return (MAGIC + bytes([VERSION, kind, DTYPE_CODES[np.dtype(dtype)], len(shape)])
-            + b"".join(_u64.pack(s) for s in shape))
+            + struct.pack(f"<{len(shape)}Q", *shape))
 
 
 def _quant_body(q, pieces):
@@ -85,8 +94,7 @@ def _quant_body(q, pieces):
     pieces.append(bytes([sch.wire_id, DTYPE_CODES[q.dtype], len(sch.params)]))
     for name, kind in sch.params:
         v = q.params[name]
-        pieces.append(bytes([PARAM_U64]) + _u64.pack(v) if kind == "u"
-                      else bytes([PARAM_F64]) + _f64.pack(v))
+        pieces.append(_param_u.pack(PARAM_U64, v) if kind == "u" else _param_f.pack(PARAM_F64, v))
     pieces.append(bytes([len(sch.arrays)]))
     for name in sch.arrays:
         _section(pieces, q.arrays[name])
@@ -129,13 +137,20 @@ def encoded_size(payload):
 
 def encode(payload):
     """The canonical wire bytes of a payload (docs/formats.md)."""
-    body = b"".join(_piece_bytes(p) for p in _pieces(payload))
+    body = b"".join([p if type(p) is bytes else _piece_bytes(p) for p in _pieces(payload)])
     return body + _u32.pack(_core.crc32c(body))
 
 
 # --------------------------------------------------------------------------
 # Decoding
 # --------------------------------------------------------------------------
+
+def _w(what):
+    """A _Reader message part: a str, or (template, *parts) formatted now."""
+    if isinstance(what, str):
+        return what
+    return what[0].format(*(_w(p) for p in what[1:]))
+
 
 class _Reader:
     """Bounds-checked cursor over untrusted bytes; errors name the offset."""
@@ -147,34 +162,47 @@ class _Reader:
         self.pos = 0
         self.end = end
 
+    # `what` (the part being read, for error messages) is a str or a tuple
+    # (template, *parts) that is formatted only when an error is raised
+
     def fail(self, what, at=None):
         raise FormatError(f"decode: {what} (at byte {self.pos if at is None else at})")
 
     def take(self, n, what):
         if n < 0 or n > self.end - self.pos:
-            self.fail(f"truncated {what}: needs {n} bytes, {self.end - self.pos} left")
+            self.fail(f"truncated {_w(what)}: needs {n} bytes, {self.end - self.pos} left")
         start = self.pos
         self.pos += n
         return self.buf[start:self.pos]
 
     def u8(self, what):
-        return self.take(1, what)[0]
+        pos = self.pos
+        if pos >= self.end:
+            return self.take(1, what)[0]   # raises
+        self.pos = pos + 1
+        return self.buf[pos]
 
     def u64(self, what):
-        return _u64.unpack(self.take(8, what))[0]
+        pos = self.pos
+        if self.end - pos < 8:
+            return _u64.unpack(self.take(8, what))[0]   # raises
+        self.pos = pos + 8
+        return _u64_from(self.buf, pos)[0]
 
     def section(self, what, expected=None):
         at = self.pos
-        n = self.u64(f"{what} length")
+        n = self.u64(("{} length", what))
         if expected is not None and n != expected:
-            self.fail(f"{what} is {n} bytes, expected {expected}", at)
+            self.fail(f"{_w(what)} is {n} bytes, expected {expected}", at)
         return self.take(n, what)
 
 
 def _array_from(raw, dtype, count):
     """Little-endian bytes -> a fresh native array (never a view of input)."""
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"), count=count).astype(
-        np.dtype(dtype), copy=True)
+    le = _LE.get(dtype)
+    if le is None:
+        le = _LE[dtype] = np.dtype(dtype).newbyteorder("<")
+    return np.frombuffer(raw, dtype=le, count=count).astype(np.dtype(dtype), copy=True)
 
 
 def _read_dtype(r, what):
@@ -199,10 +227,10 @@ def _read_quant(r, shape, dtype_expected=None):
     params = {}
     for name, kind in sch.params:
         at = r.pos
-        tag = r.u8(f"parameter {name} type")
+        tag = r.u8(("parameter {} type", name))
         if tag != (PARAM_U64 if kind == "u" else PARAM_F64):
             r.fail(f"parameter {name!r} has type tag {tag}", at)
-        raw = r.take(8, f"parameter {name}")
+        raw = r.take(8, ("parameter {}", name))
         params[name] = _u64.unpack(raw)[0] if kind == "u" else _f64.unpack(raw)[0]
     at = r.pos
     if r.u8("array count") != len(sch.arrays):
@@ -215,10 +243,14 @@ def _read_quant(r, shape, dtype_expected=None):
     arrays = {}
     for name in sch.arrays:
         adt, count = lay[name]
-        raw = r.section(f"{sch.name} {name}", expected=count * np.dtype(adt).itemsize)
+        raw = r.section(("{} {}", sch.name, name), expected=count * np.dtype(adt).itemsize)
         arrays[name] = _array_from(raw, adt, count)
+    # what Quantized(...) would check, less what holds by construction here
+    # (parameters read as u64/f64, arrays fresh and of the layout's sizes)
+    q = Quantized._make(sch.name, shape, dtype, params, arrays)
     try:
-        return Quantized(sch.name, shape, dtype, params, arrays)
+        sch.check(q)
+        return q
     except (ValueError, TypeError) as exc:
         r.fail(f"invalid {sch.name} payload: {exc}", at)
 
@@ -256,8 +288,7 @@ def _read_sparse(r, shape, dtype):
         indices = _core.randomk_indices(size, nnz, seed, step)
     else:
         indices = _core.index_decode(index_bytes, enc, nnz, size)
-        sizes = _core.index_sizes(indices, size)
-        best = min(range(3), key=lambda e: (sizes[e], e))
+        best = smallest_index_encoding(_core.index_sizes(indices, size))[0]
         if enc != best:
             r.fail(f"non-canonical index encoding {enc} (the smallest is {best})", at)
     return Sparse._make(indices, values, shape, dtype, seed, step)
@@ -300,7 +331,11 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     ndim = r.u8("ndim")
     if ndim > MAX_NDIM:
         r.fail(f"ndim {ndim} exceeds {MAX_NDIM}", 7)
-    shape = tuple(r.u64("shape") for _ in range(ndim))
+    if r.end - r.pos >= 8 * ndim:   # all of it at once (else read one by one: that fails)
+        shape = struct.unpack_from(f"<{ndim}Q", buf, r.pos)
+        r.pos += 8 * ndim
+    else:
+        shape = tuple(r.u64("shape") for _ in range(ndim))
     if shape_bound(shape) >= MAX_SIZE:
         r.fail(f"tensor size overflows 2**60 (shape {shape}; zero dimensions count as 1)", 8)
     size = shape_size(shape)
