@@ -23,6 +23,7 @@ object from several Python threads is serialised.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from types import SimpleNamespace
