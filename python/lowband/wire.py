@@ -22,7 +22,7 @@ from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE,
                        index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size)
 from ._validate import check_int, from_torch
 
-__all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
+__all__ = ["encode", "encode_into", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
 
 MAGIC = b"LBND"
 VERSION = 1
@@ -60,10 +60,13 @@ def _piece_len(p):
 
 
 def _piece_bytes(p):
+    """The piece's bytes as a bytes-like object; an array is viewed, not
+    copied, when it is already contiguous and little-endian."""
     if isinstance(p, (bytes, bytearray)):
         return p
     if isinstance(p, np.ndarray):
-        return np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes()
+        a = np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).reshape(-1)
+        return memoryview(a.view(np.uint8))
     return p.make()
 
 
@@ -129,8 +132,38 @@ def encoded_size(payload):
 
 def encode(payload):
     """The canonical wire bytes of a payload (docs/formats.md)."""
-    body = b"".join(_piece_bytes(p) for p in _pieces(payload))
-    return body + _u32.pack(_core.crc32c(body))
+    parts = [_piece_bytes(p) for p in _pieces(payload)]
+    crc = 0
+    for part in parts:
+        crc = _core.crc32c(part, crc)
+    parts.append(_u32.pack(crc))
+    return b"".join(parts)      # the one copy of the payload's arrays
+
+
+def encode_into(payload, out, offset=0):
+    """Write ``encode(payload)`` into the writable buffer ``out`` (bytes-like:
+    bytearray, NumPy array, CPU uint8 tensor) at byte ``offset``, without
+    building it as bytes first, and return its length.  ValueError when it
+    does not fit."""
+    try:
+        view = memoryview(from_torch(out, "out")).cast("B")
+    except TypeError:
+        raise TypeError(f"out: expected a writable bytes-like object, got {type(out).__name__}") from None
+    if view.readonly:
+        raise TypeError("out: expected a writable buffer, got a read-only one")
+    offset = check_int(offset, "offset", 0)
+    pieces = _pieces(payload)
+    n = sum(_piece_len(p) for p in pieces) + 4
+    if offset + n > len(view):
+        raise ValueError(f"out: needs {offset + n} bytes (offset {offset} + payload {n}), got {len(view)}")
+    pos = offset
+    for p in pieces:
+        b = _piece_bytes(p)
+        k = len(b) if not isinstance(b, memoryview) else b.nbytes
+        view[pos:pos + k] = b
+        pos += k
+    view[pos:pos + 4] = _u32.pack(_core.crc32c(view[offset:pos]))
+    return n
 
 
 # --------------------------------------------------------------------------
