@@ -200,7 +200,7 @@ def test_decode_checks_what_the_receiver_expects():
 def test_encode_into_equals_encode():
     payloads = [lowband.Dense(np.arange(10, dtype=np.float32)),
                 lowband.Sparse([1, 4], np.array([0.5, -2.0], np.float32), 6),
-                lowband.quantize.quantize(np.linspace(-1, 1, 300, dtype=np.float32), 4)]
+                lowband.quantize(np.linspace(-1, 1, 300, dtype=np.float32), 4)]
     for p in payloads:
         want = lowband.encode(p)
         buf = bytearray(len(want) + 5)
