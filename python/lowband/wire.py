@@ -173,12 +173,13 @@ def encode_into(payload, out, offset=0):
 class _Reader:
     """Bounds-checked cursor over untrusted bytes; errors name the offset."""
 
-    __slots__ = ("buf", "pos", "end")
+    __slots__ = ("buf", "pos", "end", "copy")
 
-    def __init__(self, buf, end):
+    def __init__(self, buf, end, copy=True):
         self.buf = buf
         self.pos = 0
         self.end = end
+        self.copy = copy
 
     def fail(self, what, at=None):
         raise FormatError(f"decode: {what} (at byte {self.pos if at is None else at})")
@@ -204,10 +205,13 @@ class _Reader:
         return self.take(n, what)
 
 
-def _array_from(raw, dtype, count):
-    """Little-endian bytes -> a fresh native array (never a view of input)."""
-    return np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"), count=count).astype(
-        np.dtype(dtype), copy=True)
+def _array_from(raw, dtype, count, copy=True):
+    """Little-endian bytes -> a fresh native array, or (not ``copy``) a view
+    of the input when it is aligned and native already."""
+    a = np.frombuffer(raw, dtype=np.dtype(dtype).newbyteorder("<"), count=count)
+    if not copy and a.flags.aligned and a.dtype.isnative:
+        return a
+    return a.astype(np.dtype(dtype), copy=True)
 
 
 def _read_dtype(r, what):
@@ -249,7 +253,7 @@ def _read_quant(r, shape, dtype_expected=None):
     for name in sch.arrays:
         adt, count = lay[name]
         raw = r.section(f"{sch.name} {name}", expected=count * np.dtype(adt).itemsize)
-        arrays[name] = _array_from(raw, adt, count)
+        arrays[name] = _array_from(raw, adt, count, r.copy)
     try:
         return Quantized(sch.name, shape, dtype, params, arrays)
     except (ValueError, TypeError) as exc:
@@ -279,7 +283,7 @@ def _read_sparse(r, shape, dtype):
     vkind = r.u8("values kind")
     if vkind == VALUES_RAW:
         raw = r.section("values", expected=nnz * dtype.itemsize)
-        values = _array_from(raw, dtype, nnz)
+        values = _array_from(raw, dtype, nnz, r.copy)
     elif vkind == VALUES_QUANTIZED:
         values = _read_quant(r, (nnz,), dtype)
     else:
@@ -296,7 +300,7 @@ def _read_sparse(r, shape, dtype):
     return Sparse._make(indices, values, shape, dtype, seed, step)
 
 
-def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
+def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None, copy=True):
     """The payload encoded in `data` (bytes-like).  Raises FormatError for
     anything that is not a canonical version-1 lowband payload.
 
@@ -304,6 +308,12 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     ``expect_dtype`` reject a payload of another shape or dtype, and
     ``max_size`` one that claims more elements (a valid payload may describe
     a huge, empty tensor that nobody could densify), all before any work.
+
+    ``copy=False`` returns the value, code and scale arrays that lie aligned
+    in ``data`` as views of it (read-only when ``data`` is) instead of
+    copies: validation is the same, but the payload keeps ``data`` alive
+    and changes with it, so use it only on a buffer nobody rewrites while
+    the payload is in use.
     """
     if expect_shape is not None:
         expect_shape = normalize_shape(expect_shape, "expect_shape")
@@ -323,7 +333,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     crc = _u32.unpack(buf[n - 4:])[0]
     if _core.crc32c(buf[:n - 4]) != crc:
         raise FormatError(f"decode: CRC-32C mismatch (at byte {n - 4})")
-    r = _Reader(buf, n - 4)
+    r = _Reader(buf, n - 4, bool(copy))
     r.take(4, "magic")
     version = r.u8("version")
     if version != VERSION:
@@ -349,7 +359,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
         payload = _read_quant(r, shape, dtype)
     elif kind == KIND_DENSE:
         raw = r.section("dense values", expected=size * dtype.itemsize)
-        payload = Dense(_array_from(raw, dtype, size).reshape(shape))
+        payload = Dense(_array_from(raw, dtype, size, r.copy).reshape(shape))
     else:
         r.fail(f"unknown payload kind {kind}", 5)
     if r.pos != r.end:

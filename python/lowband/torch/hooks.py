@@ -398,7 +398,7 @@ class CompressionState(_BucketState):
             return
         states = [self._state(s, g, False) for s, g in items]
         flats = [as_numpy(g, "gradient").reshape(-1) for _, g in items]
-        getattr(self, "_" + self.collective)(states, flats)
+        getattr(self, "_" + self.collective)(states, flats, items[0][0])
 
     # -- the three collectives (C core) ---------------------------------------
     def _finish(self, st, mean, out):
@@ -409,7 +409,7 @@ class CompressionState(_BucketState):
         elif mean is not out:
             out[:] = mean
 
-    def _allreduce(self, states, flats):
+    def _allreduce(self, states, flats, key):
         W = self.comm.world_size
         payloads = [st.message(g) for st, g in zip(states, flats)]
         parts = [_summable_parts(p) for p in payloads]
@@ -435,18 +435,22 @@ class CompressionState(_BucketState):
             else:
                 st.comp.decompress(p, out=g)
 
-    def _allgather(self, states, flats):
-        wires = [encode(st.message(g)) for st, g in zip(states, flats)]
-        rows = self.comm.allgather_bytes(wires, reuse=True)
+    def _allgather(self, states, flats, key):
+        # each message is encoded straight into the send buffer; the padded
+        # width of this bucket's previous gather (key: its first slot) is
+        # reused, so a bucket costs one collective while its sizes fit
+        rows = self.comm.allgather_encoded([st.message(g) for st, g in zip(states, flats)], reuse=True,
+                                           key=("hook", key))
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
-            ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype) for r in range(W)]
+            ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype, copy=False)
+                  for r in range(W)]
             if st.server is None and all(isinstance(p, Sparse) for p in ps):
                 aggregate(ps, op="mean", out=g)
             else:
                 self._finish(st, reduce_payloads(ps, "mean").astype(g.dtype, copy=False), g)
 
-    def _two_phase(self, states, flats):
+    def _two_phase(self, states, flats, key):
         self.comm.compressed_allreduce_many(flats, [st.comp for st in states],
                                             [st.worker for st in states],
                                             [st.server for st in states], outs=flats)
