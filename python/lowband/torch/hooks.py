@@ -320,7 +320,10 @@ class CompressionState(_BucketState):
                      uncompressed.
     ``backend``      "auto" (the C core for CPU tensors, torch code for
                      others), "c", or "torch" (torch-native codecs:
-                     topk, randomk, sign, fp16/bf16 casts, none).
+                     topk, chunked top-k, threshold, randomk, sign,
+                     blockwise, qsgd, fp16/bf16 casts, none; with
+                     feedback "ef" or "none"; anything else raises
+                     ValueError here, listing them).
 
     The collective follows the codec: summable payloads (shared-seed
     random-k values, float16/bfloat16 casts, none) are divided by W and
