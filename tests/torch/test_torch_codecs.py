@@ -7,7 +7,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-import lowband  # noqa: E402
 from lowband.compressors import from_spec  # noqa: E402
 from lowband.torch import _codecs  # noqa: E402
 from lowband.torch._codecs import TorchSlot, _Quant, _select  # noqa: E402

@@ -45,7 +45,7 @@ from ..compressors import Cast, Chain, Compressor, Identity, RandomK, from_spec
 from ..feedback import EF21, EControl, ErrorFeedback
 from ..sim import chunk_bounds, reduce_payloads
 from ..sparsify import aggregate
-from ..wire import decode, encode
+from ..wire import decode
 from ._interop import as_numpy, as_tensor
 from .comm import ProcessGroupCommunicator
 
