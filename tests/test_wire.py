@@ -213,3 +213,22 @@ def test_encode_into_equals_encode():
         wire.encode_into(payloads[0], bytearray(10))
     with pytest.raises(TypeError, match="out: expected a writable"):
         wire.encode_into(payloads[0], bytes(1000))
+
+
+def test_decode_without_copies_validates_the_same_and_shares_memory():
+    x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    payloads = [lowband.Dense(x), lowband.topk(x, k=30), lowband.quantize(x, 4),
+                lowband.sign(x.astype(np.float64), scale="rms", block=100)]
+    for p in payloads:
+        b = lowband.encode(p)
+        got = wire.decode(b, copy=False)
+        assert got == wire.decode(b) == p
+        if isinstance(got, lowband.Dense):   # its values lie aligned: a read-only view
+            assert np.shares_memory(got.array, np.frombuffer(b, np.uint8)) and not got.array.flags.writeable
+        bad = bytearray(b)
+        bad[len(b) // 2] ^= 1
+        with pytest.raises(FormatError, match="CRC"):
+            wire.decode(bytes(bad), copy=False)
+    buf = bytearray(lowband.encode(payloads[0]))
+    got = wire.decode(buf, copy=False)
+    assert got.array.flags.writeable and np.shares_memory(got.array, np.frombuffer(buf, np.uint8))
