@@ -51,7 +51,8 @@ static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t len)
 }
 
 /* a(x) * b(x) mod P(x) for reflected CRC-32C register values (zlib's
- * multmodp, with the Castagnoli polynomial). */
+ * multmodp, with the Castagnoli polynomial); a must be nonzero (every
+ * caller passes a power of x mod P, which never is zero). */
 static uint32_t crc_mulmod(uint32_t a, uint32_t b)
 {
     uint32_t m = 1u << 31, p = 0;
