@@ -43,6 +43,20 @@ def test_quantizers_equal_the_c_core_bitwise(spec, dtype):
     assert t_comp.step == c_comp.step
 
 
+@pytest.mark.parametrize("spec", ["sign:rms:block=10", "blockwise:4", "blockwise:2:rounding=stochastic", "qsgd:4"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_quantizers_on_half_tensors_equal_the_c_core(spec, dtype):
+    pytest.importorskip("ml_dtypes")
+    c_comp, t_comp = from_spec(spec), from_spec(spec)
+    quant = _Quant(t_comp)
+    x = torch.from_numpy(vector(300, np.float32, 7)).to(dtype)
+    p = c_comp.compress(x)
+    msg, dec = quant.encode(x, t_comp)
+    assert msg.numpy().tobytes() == p.arrays["scales"].tobytes() + p.arrays["codes"].tobytes()
+    assert dec.dtype == dtype
+    np.testing.assert_array_equal(dec.float().numpy(), p.dequantize().astype(np.float32))
+
+
 SPARSE_SPECS = ["topk:7", "chunked:16:3", "chunked:100:1", "threshold:1.2"]
 
 

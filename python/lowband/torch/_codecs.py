@@ -163,6 +163,9 @@ class _Quant:
         step counter numbers the random streams as the C path does)."""
         c = self.comp
         n = x.numel()
+        out_dtype = x.dtype
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()           # half inputs are quantized from float32, as in C
         if isinstance(c, Sign):
             codes = (x >= 0).to(torch.uint8)
             if c.scale == "none" or n == 0:
@@ -210,7 +213,7 @@ class _Quant:
             else:
                 codes = x.new_zeros(0, dtype=torch.uint8)
         msg = torch.cat([scales.contiguous().view(torch.uint8), _pack_codes(codes, self.bits)])
-        return msg, self._values(codes, scales, n, x.dtype)
+        return msg, self._values(codes, scales, n, out_dtype)
 
     def _values(self, codes, scales, n, dtype):
         """table[code] * scale in the work precision (float64 for float64,
