@@ -67,6 +67,24 @@ def test_crc_matches_bitwise_reference(isa):
     assert _core.crc32c(b"123456789") == 0xE3069283  # the standard check value
 
 
+def test_crc_interleaved_streams(isa):
+    # inputs of 12 KiB and more run as three interleaved crc32 streams joined
+    # by a GF(2) shift: check the joins against the bitwise reference, a
+    # running crc split anywhere, and several 192 KiB blocks plus a tail
+    # against the slicing-by-8 table
+    for n in (3 * 4096, 3 * 4096 + 9, 3 * 4096 + 8 * 3 + 5):
+        data = np.random.default_rng(n).integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert _core.crc32c(data) == ref.crc32c(data)
+        assert _core.crc32c(data[777:], _core.crc32c(data[:777])) == ref.crc32c(data)
+    data = np.random.default_rng(0).integers(0, 256, 3 * 3 * 65536 + 12345, dtype=np.uint8).tobytes()
+    want = _core.crc32c(data)
+    lowband._core.set_isa("scalar")
+    try:
+        assert _core.crc32c(data) == want
+    finally:
+        lowband._core.set_isa(isa)
+
+
 @given(st.lists(st.integers(0, 2**40), unique=True, max_size=200), st.integers(0, 3))
 @settings(max_examples=200, deadline=None)
 def test_index_codecs_round_trip(values, extra):
@@ -177,3 +195,40 @@ def test_decode_checks_what_the_receiver_expects():
         lowband.decode(hb, max_size=1 << 30)
     with pytest.raises(ValueError, match="max_size"):
         lowband.decode(b, max_size=-1)
+
+
+def test_encode_into_equals_encode():
+    payloads = [lowband.Dense(np.arange(10, dtype=np.float32)),
+                lowband.Sparse([1, 4], np.array([0.5, -2.0], np.float32), 6),
+                lowband.quantize(np.linspace(-1, 1, 300, dtype=np.float32), 4)]
+    for p in payloads:
+        want = lowband.encode(p)
+        buf = bytearray(len(want) + 5)
+        assert wire.encode_into(p, buf, offset=5) == len(want)
+        assert bytes(buf[5:5 + len(want)]) == want
+        arr = np.zeros(len(want), np.uint8)
+        wire.encode_into(p, arr)
+        assert arr.tobytes() == want
+    with pytest.raises(ValueError, match="out: needs"):
+        wire.encode_into(payloads[0], bytearray(10))
+    with pytest.raises(TypeError, match="out: expected a writable"):
+        wire.encode_into(payloads[0], bytes(1000))
+
+
+def test_decode_without_copies_validates_the_same_and_shares_memory():
+    x = np.random.default_rng(3).standard_normal(1000).astype(np.float32)
+    payloads = [lowband.Dense(x), lowband.topk(x, k=30), lowband.quantize(x, 4),
+                lowband.sign(x.astype(np.float64), scale="rms", block=100)]
+    for p in payloads:
+        b = lowband.encode(p)
+        got = wire.decode(b, copy=False)
+        assert got == wire.decode(b) == p
+        if isinstance(got, lowband.Dense):   # its values lie aligned: a read-only view
+            assert np.shares_memory(got.array, np.frombuffer(b, np.uint8)) and not got.array.flags.writeable
+        bad = bytearray(b)
+        bad[len(b) // 2] ^= 1
+        with pytest.raises(FormatError, match="CRC"):
+            wire.decode(bytes(bad), copy=False)
+    buf = bytearray(lowband.encode(payloads[0]))
+    got = wire.decode(buf, copy=False)
+    assert got.array.flags.writeable and np.shares_memory(got.array, np.frombuffer(buf, np.uint8))

@@ -50,19 +50,88 @@ static uint32_t crc_sw(uint32_t crc, const uint8_t *p, size_t len)
     return crc;
 }
 
+/* a(x) * b(x) mod P(x) for reflected CRC-32C register values (zlib's
+ * multmodp, with the Castagnoli polynomial); a must be nonzero (every
+ * caller passes a power of x mod P, which never is zero). */
+static uint32_t crc_mulmod(uint32_t a, uint32_t b)
+{
+    uint32_t m = 1u << 31, p = 0;
+    for (;;) {
+        if (a & m) {
+            p ^= b;
+            if ((a & (m - 1)) == 0)
+                break;
+        }
+        m >>= 1;
+        b = b & 1 ? (b >> 1) ^ 0x82F63B78u : b >> 1;
+    }
+    return p;
+}
+
+/* x^(8 * nbytes) mod P(x): the operator that advances a CRC register over
+ * nbytes zero bytes (square-and-multiply over x^(2^k)). */
+static uint32_t crc_shift_op(uint64_t nbytes)
+{
+    uint32_t result = 1u << 31, pow2 = 1u << 30;   /* x^0, x^1 */
+    uint64_t e = nbytes * 8;
+    while (e) {
+        if (e & 1)
+            result = crc_mulmod(pow2, result);
+        pow2 = crc_mulmod(pow2, pow2);
+        e >>= 1;
+    }
+    return result;
+}
+
 #if defined(__x86_64__)
+__attribute__((target("sse4.2"))) static uint64_t crc_hw_run(uint64_t c,
+                                                              const uint8_t *p,
+                                                              size_t words)
+{
+    for (size_t i = 0; i < words; i++) {
+        uint64_t w;
+        memcpy(&w, p + 8 * i, 8);
+        c = __builtin_ia32_crc32di(c, w);
+    }
+    return c;
+}
+
+/* The crc32 instruction has a latency of 3 cycles and a throughput of one
+ * per cycle, so large inputs run as three independent streams over three
+ * consecutive thirds, joined by shifting the first two registers over the
+ * bytes that follow them (crc(A|B) = shift(crc(A), |B|) ^ crc0(B)). */
 __attribute__((target("sse4.2"))) static uint32_t crc_hw(uint32_t crc,
                                                           const uint8_t *p,
                                                           size_t len)
 {
     uint64_t c = crc;
-    while (len >= 8) {
-        uint64_t w;
-        memcpy(&w, p, 8);
-        c = __builtin_ia32_crc32di(c, w);
-        p += 8;
-        len -= 8;
+    size_t op_lane = 0;
+    uint32_t op = 0;
+    while (len >= 3 * 4096) {
+        size_t words = len / 24 > 8192 ? 8192 : len / 24;   /* per stream */
+        size_t lane = 8 * words;
+        uint64_t c0 = c, c1 = 0, c2 = 0;
+        const uint8_t *p1 = p + lane, *p2 = p + 2 * lane;
+        for (size_t i = 0; i < words; i++) {
+            uint64_t w0, w1, w2;
+            memcpy(&w0, p + 8 * i, 8);
+            memcpy(&w1, p1 + 8 * i, 8);
+            memcpy(&w2, p2 + 8 * i, 8);
+            c0 = __builtin_ia32_crc32di(c0, w0);
+            c1 = __builtin_ia32_crc32di(c1, w1);
+            c2 = __builtin_ia32_crc32di(c2, w2);
+        }
+        if (lane != op_lane) {   /* every block but the last has 64 KiB lanes */
+            op = crc_shift_op(lane);
+            op_lane = lane;
+        }
+        c = crc_mulmod(op, crc_mulmod(op, (uint32_t)c0) ^ (uint32_t)c1) ^ (uint32_t)c2;
+        p += 3 * lane;
+        len -= 3 * lane;
     }
+    c = crc_hw_run(c, p, len / 8);
+    p += len & ~(size_t)7;
+    len &= 7;
     uint32_t c32 = (uint32_t)c;
     while (len--)
         c32 = __builtin_ia32_crc32qi(c32, *p++);

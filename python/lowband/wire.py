@@ -24,7 +24,7 @@ from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE,
                        smallest_index_encoding)
 from ._validate import check_int, from_torch
 
-__all__ = ["encode", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
+__all__ = ["encode", "encode_into", "decode", "encoded_size", "FormatError", "MAGIC", "VERSION"]
 
 MAGIC = b"LBND"
 VERSION = 1
@@ -67,12 +67,13 @@ def _piece_len(p):
 
 
 def _piece_bytes(p):
+    """The piece's bytes as a bytes-like object; an array is viewed, not
+    copied, when it is already contiguous and little-endian."""
     if isinstance(p, (bytes, bytearray)):
         return p
     if isinstance(p, np.ndarray):
-        if _LITTLE and p.dtype.byteorder != ">":
-            return p.tobytes()   # C order, already little-endian
-        return np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).tobytes()
+        a = np.ascontiguousarray(p, dtype=p.dtype.newbyteorder("<")).reshape(-1)
+        return memoryview(a.view(np.uint8))
     return p.make()
 
 
@@ -137,8 +138,38 @@ def encoded_size(payload):
 
 def encode(payload):
     """The canonical wire bytes of a payload (docs/formats.md)."""
-    body = b"".join([p if type(p) is bytes else _piece_bytes(p) for p in _pieces(payload)])
-    return body + _u32.pack(_core.crc32c(body))
+    parts = [_piece_bytes(p) for p in _pieces(payload)]
+    crc = 0
+    for part in parts:
+        crc = _core.crc32c(part, crc)
+    parts.append(_u32.pack(crc))
+    return b"".join(parts)      # the one copy of the payload's arrays
+
+
+def encode_into(payload, out, offset=0):
+    """Write ``encode(payload)`` into the writable buffer ``out`` (bytes-like:
+    bytearray, NumPy array, CPU uint8 tensor) at byte ``offset``, without
+    building it as bytes first, and return its length.  ValueError when it
+    does not fit."""
+    try:
+        view = memoryview(from_torch(out, "out")).cast("B")
+    except TypeError:
+        raise TypeError(f"out: expected a writable bytes-like object, got {type(out).__name__}") from None
+    if view.readonly:
+        raise TypeError("out: expected a writable buffer, got a read-only one")
+    offset = check_int(offset, "offset", 0)
+    pieces = _pieces(payload)
+    n = sum(_piece_len(p) for p in pieces) + 4
+    if offset + n > len(view):
+        raise ValueError(f"out: needs {offset + n} bytes (offset {offset} + payload {n}), got {len(view)}")
+    pos = offset
+    for p in pieces:
+        b = _piece_bytes(p)
+        k = len(b) if not isinstance(b, memoryview) else b.nbytes
+        view[pos:pos + k] = b
+        pos += k
+    view[pos:pos + 4] = _u32.pack(_core.crc32c(view[offset:pos]))
+    return n
 
 
 # --------------------------------------------------------------------------
@@ -155,12 +186,13 @@ def _w(what):
 class _Reader:
     """Bounds-checked cursor over untrusted bytes; errors name the offset."""
 
-    __slots__ = ("buf", "pos", "end")
+    __slots__ = ("buf", "pos", "end", "copy")
 
-    def __init__(self, buf, end):
+    def __init__(self, buf, end, copy=True):
         self.buf = buf
         self.pos = 0
         self.end = end
+        self.copy = copy
 
     # `what` (the part being read, for error messages) is a str or a tuple
     # (template, *parts) that is formatted only when an error is raised
@@ -197,12 +229,16 @@ class _Reader:
         return self.take(n, what)
 
 
-def _array_from(raw, dtype, count):
-    """Little-endian bytes -> a fresh native array (never a view of input)."""
+def _array_from(raw, dtype, count, copy=True):
+    """Little-endian bytes -> a fresh native array, or (not ``copy``) a view
+    of the input when it is aligned and native already."""
     le = _LE.get(dtype)
     if le is None:
         le = _LE[dtype] = np.dtype(dtype).newbyteorder("<")
-    return np.frombuffer(raw, dtype=le, count=count).astype(np.dtype(dtype), copy=True)
+    a = np.frombuffer(raw, dtype=le, count=count)
+    if not copy and a.flags.aligned and a.dtype.isnative:
+        return a
+    return a.astype(np.dtype(dtype), copy=True)
 
 
 def _read_dtype(r, what):
@@ -244,9 +280,9 @@ def _read_quant(r, shape, dtype_expected=None):
     for name in sch.arrays:
         adt, count = lay[name]
         raw = r.section(("{} {}", sch.name, name), expected=count * np.dtype(adt).itemsize)
-        arrays[name] = _array_from(raw, adt, count)
+        arrays[name] = _array_from(raw, adt, count, r.copy)
     # what Quantized(...) would check, less what holds by construction here
-    # (parameters read as u64/f64, arrays fresh and of the layout's sizes)
+    # (parameters read as u64/f64, arrays of the layout's sizes)
     q = Quantized._make(sch.name, shape, dtype, params, arrays)
     try:
         sch.check(q)
@@ -278,7 +314,7 @@ def _read_sparse(r, shape, dtype):
     vkind = r.u8("values kind")
     if vkind == VALUES_RAW:
         raw = r.section("values", expected=nnz * dtype.itemsize)
-        values = _array_from(raw, dtype, nnz)
+        values = _array_from(raw, dtype, nnz, r.copy)
     elif vkind == VALUES_QUANTIZED:
         values = _read_quant(r, (nnz,), dtype)
     else:
@@ -294,7 +330,7 @@ def _read_sparse(r, shape, dtype):
     return Sparse._make(indices, values, shape, dtype, seed, step)
 
 
-def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
+def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None, copy=True):
     """The payload encoded in `data` (bytes-like).  Raises FormatError for
     anything that is not a canonical version-1 lowband payload.
 
@@ -302,6 +338,12 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     ``expect_dtype`` reject a payload of another shape or dtype, and
     ``max_size`` one that claims more elements (a valid payload may describe
     a huge, empty tensor that nobody could densify), all before any work.
+
+    ``copy=False`` returns the value, code and scale arrays that lie aligned
+    in ``data`` as views of it (read-only when ``data`` is) instead of
+    copies: validation is the same, but the payload keeps ``data`` alive
+    and changes with it, so use it only on a buffer nobody rewrites while
+    the payload is in use.
     """
     if expect_shape is not None:
         expect_shape = normalize_shape(expect_shape, "expect_shape")
@@ -321,7 +363,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
     crc = _u32.unpack(buf[n - 4:])[0]
     if _core.crc32c(buf[:n - 4]) != crc:
         raise FormatError(f"decode: CRC-32C mismatch (at byte {n - 4})")
-    r = _Reader(buf, n - 4)
+    r = _Reader(buf, n - 4, bool(copy))
     r.take(4, "magic")
     version = r.u8("version")
     if version != VERSION:
@@ -351,7 +393,7 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None):
         payload = _read_quant(r, shape, dtype)
     elif kind == KIND_DENSE:
         raw = r.section("dense values", expected=size * dtype.itemsize)
-        payload = Dense(_array_from(raw, dtype, size).reshape(shape))
+        payload = Dense(_array_from(raw, dtype, size, r.copy).reshape(shape))
     else:
         r.fail(f"unknown payload kind {kind}", 5)
     if r.pos != r.end:

@@ -112,13 +112,30 @@ def batched_scenario(rank, world):
     ses2 = [np.zeros_like(s) for s in ses]
     one = [comm.compressed_allreduce(x, "sign", w, s) for x, w, s in zip(xs, wes2, ses2)]
     same_two_phase = all(np.array_equal(a, b) for a, b in zip(batch + wes + ses, one + wes2 + ses2))
-    return same_gather, same_async, in_place, res.numpy(), bf_sum.float().numpy(), a2a, same_two_phase
+    # the width of the previous gather with the same key is reused: sizes
+    # that fit cost one collective, a message that outgrows it two
+    gathers, calls = [], []
+    for size, fill in ((10 + rank, rank), (12 - rank, rank + 5), (100 * (rank + 1), 7), (3, 9)):
+        before = comm.calls
+        rows = comm.allgather_bytes([bytes([fill]) * size, b"x" * rank], key="k")
+        calls.append(comm.calls - before)
+        gathers.append([[bytes(b) for b in row] for row in rows])
+    encoded = comm.allgather_encoded(payloads, key="e")
+    same_encoded = all(lowband.decode(encoded[r][t]) == many[r][t] for r in range(world) for t in range(3))
+    return (same_gather, same_async, in_place, res.numpy(), bf_sum.float().numpy(), a2a, same_two_phase,
+            gathers, calls, same_encoded)
 
 
 def test_batched_async_and_tensor_forms():
     results = spawn(batched_scenario, 2)
-    for rank, (same_gather, same_async, in_place, res, bf_sum, a2a, same_two_phase) in enumerate(results):
-        assert same_gather and same_async and in_place and same_two_phase
+    for rank, (same_gather, same_async, in_place, res, bf_sum, a2a, same_two_phase, gathers, calls,
+               same_encoded) in enumerate(results):
+        assert same_gather and same_async and in_place and same_two_phase and same_encoded
+        sizes = [(10, 11), (12, 11), (100, 200), (3, 3)]
+        fills = [(0, 1), (5, 6), (7, 7), (9, 9)]
+        for got, (s0, s1), (f0, f1) in zip(gathers, sizes, fills):
+            assert got == [[bytes([f0]) * s0, b""], [bytes([f1]) * s1, b"x"]]
+        assert calls == [2, 1, 2, 1]
         np.testing.assert_array_equal(res, np.arange(6, dtype=np.float32) * 1.5)
         np.testing.assert_array_equal(bf_sum, np.full(5, 4.0, np.float32))
         assert a2a == [bytes([j, rank] * (rank + 1)) for j in range(2)]

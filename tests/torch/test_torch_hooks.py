@@ -42,6 +42,12 @@ CONFIGS = {
                                           backend="torch"), dict(static_graph=True), 1),
     "fp16_torch": ("compression", dict(compressor="fp16", feedback="none", start_iter=2, min_numel=MIN,
                                        backend="torch"), {}, 1),
+    "blockwise_torch": ("compression", dict(compressor="blockwise:4", feedback="ef", start_iter=2, min_numel=MIN,
+                                            backend="torch"), {}, 4),
+    "threshold_ef": ("compression", dict(compressor="threshold:0.002", feedback="ef", start_iter=2, min_numel=MIN),
+                     dict(bucket_cap_mb=0.001), 1),
+    "threshold_torch": ("compression", dict(compressor="threshold:0.002", feedback="ef", start_iter=2,
+                                            min_numel=MIN, backend="torch"), dict(bucket_cap_mb=0.001), 1),
     "sign_torch": ("compression", dict(compressor="sign", feedback="ef", start_iter=2, min_numel=MIN,
                                        backend="torch"), dict(gradient_as_bucket_view=True), 1),
     # one bucket, several compressed tensors: the grouped top-k calls
@@ -184,9 +190,10 @@ def test_hook_equals_the_sim_cluster(two_ranks, name):
                 np.testing.assert_array_equal(out, want, err_msg=f"{name} rank {rank} call {k} tensor {t}")
 
 
-@pytest.mark.parametrize("name", ["topk", "randomk", "fp16", "sign"])
+@pytest.mark.parametrize("name", ["topk", "randomk", "fp16", "sign", "blockwise", "threshold"])
 def test_torch_backend_matches_the_c_core(two_ranks, name):
-    c_name = {"topk": "topk_ef", "randomk": "randomk_ef", "fp16": "fp16", "sign": "sign_ef"}[name]
+    c_name = {"topk": "topk_ef", "randomk": "randomk_ef", "fp16": "fp16", "sign": "sign_ef",
+              "blockwise": "blockwise_nosync", "threshold": "threshold_ef"}[name]
     for rank in range(2):
         a, b = two_ranks[rank][c_name], two_ranks[rank][name + "_torch"]
         assert a[1]["bytes_sent"] > 0 and b[1]["bytes_sent"] > 0
@@ -364,17 +371,6 @@ ACCURACY = {
     "none": ("none", None),
     "topk_ef": ("compression", dict(compressor="topk:0.01", feedback="ef", start_iter=10)),
     "sign_ef": ("compression", dict(compressor="sign", feedback="ef", start_iter=10)),
-    # one bucket, several compressed tensors: the grouped top-k calls
-    # (ErrorFeedback.step_group, lowband.topk_group) against the same hook
-    # compressing tensor by tensor, through DDP's bucket rebuild (start_iter 0)
-    "topk_ef_group": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
-                                          min_numel=MIN), {}, 1),
-    "topk_ef_one_by_one": ("compression", dict(compressor="topk:0.05", feedback="ef", start_iter=0,
-                                               min_numel=MIN, grouped=False), {}, 1),
-    "topk_group": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
-                                       min_numel=MIN), {}, 1),
-    "topk_one_by_one": ("compression", dict(compressor="topk:7", feedback="none", start_iter=1,
-                                            min_numel=MIN, grouped=False), {}, 1),
     "powersgd": ("powersgd", dict(rank=2, start_iter=10)),
 }
 

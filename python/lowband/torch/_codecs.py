@@ -1,18 +1,24 @@
 """Torch-native codecs for ``compression_hook`` on tensors the C core cannot
 read (CUDA and other devices), selectable on CPU with ``backend="torch"``.
 
-Same semantics as the C path: top-k by magnitude (indices sent ascending),
-random-k on lowband's shared-seed indices (drawn by the C core on the host:
-k integers), scaled sign (LSB-first packed bits, code 1 for x >= 0, scale
-"l1" = mean |x|, "rms" = ||x|| / sqrt(n), or "none", per tensor chunk in the
-two-phase allreduce), float16/bfloat16 casts (round to nearest even), and
-the same collectives: top-k messages are all-gathered (one gather per
-bucket), random-k values and casts are allreduced, sign codes take the
+Same semantics as the C path, codec by codec: top-k by magnitude (indices
+sent ascending), chunked top-k (the k largest |x| of each chunk, ties to the
+lower index, as lowband's kernel orders them), threshold (every |x| >= tau),
+random-k on lowband's shared-seed indices, scaled sign (code 1 for x >= 0;
+scale "l1" = mean |x|, "rms" = ||x|| / sqrt(n) or "none", per block or per
+tensor chunk), blockwise absmax quantization (scale = the smallest float32
+>= absmax / Q, nearest-even or stochastic rounding), QSGD (norm per block or
+chunk, stochastic levels) and float16/bfloat16 casts.  Random numbers
+(random-k indices, the 24-bit uniforms of stochastic rounding and QSGD) are
+lowband's Philox streams drawn by the C core on the host, so both backends
+draw the same ones.  The collectives are the C path's too: sparse messages
+are all-gathered (one gather per bucket; threshold's varying counts first),
+random-k values and casts are allreduced, quantized codes take the
 two-phase compressed allreduce with worker and server error.  On the wire a
-message carries the same data as the lowband payload (indices as int32,
-values in the gradient's dtype, packed bits plus one float32 scale) without
-lowband's header and checksum: every size follows from the tensor shapes
-and the compressor, so no size exchange is needed.
+message carries the same arrays as the lowband payload (indices as int32
+and values in the gradient's dtype; float32 scales and the LSB-first packed
+codes) without lowband's header and checksum: quantized messages are
+exactly the payload's arrays, byte for byte.
 """
 from __future__ import annotations
 
@@ -20,8 +26,9 @@ import numpy as np
 import torch
 
 from .. import _core
+from .._schemes import QSGDScheme, nblocks, packed_bytes
 from .._validate import resolve_k
-from ..compressors import Cast, Identity, RandomK, Sign, TopK, from_spec
+from ..compressors import QSGD, Blockwise, Cast, ChunkedTopK, Identity, RandomK, Sign, Threshold, TopK, from_spec
 from ..sim import chunk_bounds
 
 __all__ = ["check_supported", "TorchSlot", "compress_bucket"]
@@ -30,12 +37,27 @@ _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _BITS = None
 
 
+SUPPORTED = ("topk:K", "chunked:CHUNK:K (1-D chunks)", "threshold:TAU", "randomk:K",
+             "sign[:l1|rms|none][:block=B]", "blockwise:BITS[:block=B][:rounding=nearest|stochastic]",
+             "qsgd:LEVELS[:block=B]", "fp16", "bf16", "none")
+
+# lowband.h's Philox stream domains (LB_DOMAIN_STOCHASTIC_ROUND, LB_DOMAIN_QSGD)
+_DOMAIN_STOCHASTIC_ROUND, _DOMAIN_QSGD = 3, 4
+
+
+def _supported(comp):
+    if isinstance(comp, (TopK, RandomK, Cast, Identity, Threshold, Blockwise, QSGD)):
+        return True
+    if isinstance(comp, Sign):
+        return comp.scale != "two_means"
+    return isinstance(comp, ChunkedTopK) and not isinstance(comp.chunk, tuple)
+
+
 def check_supported(comp, feedback):
     """ValueError unless the torch backend implements this combination."""
-    ok = isinstance(comp, (TopK, RandomK, Cast, Identity)) or (isinstance(comp, Sign) and comp.block is None)
-    if not ok:
-        raise ValueError(f"compressor: backend='torch' implements topk, randomk, sign (no block), "
-                         f"fp16/bf16 casts and none, got {comp.spec!r}")
+    if not _supported(comp):
+        raise ValueError(f"compressor: backend='torch' implements {', '.join(SUPPORTED)}; "
+                         f"got {comp.spec!r}")
     if feedback not in ("ef", "none"):
         raise ValueError(f"feedback: backend='torch' implements 'ef' and 'none', got {feedback!r}")
 
@@ -54,6 +76,170 @@ def _unpack(packed, n):
     return ((packed.view(-1, 1) & weights) != 0).view(-1)[:n]
 
 
+def _pack_codes(codes, bits):
+    """uint8 codes (< 2^bits) -> lowband's LSB-first bit stream."""
+    if bits == 1:
+        return _pack(codes != 0)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=codes.device)
+    return _pack(((codes.view(-1, 1) >> shifts) & 1).view(-1) != 0)
+
+
+def _unpack_codes(packed, bits, n):
+    if bits == 1:
+        return _unpack(packed, n).to(torch.uint8)
+    b = _unpack(packed, n * bits).view(n, bits).to(torch.uint8)
+    shifts = torch.arange(bits, dtype=torch.uint8, device=packed.device)
+    return (b << shifts).sum(dim=1, dtype=torch.uint8)
+
+
+def _f32_up(v):
+    """The smallest float32 >= v (v float64 >= 0), as lowband rounds scales."""
+    f = v.float()
+    return torch.where(f.double() < v, torch.nextafter(f, torch.full_like(f, float("inf"))), f)
+
+
+def _block_rows(x, block, fill=0.0):
+    """x (n,) as (blocks, width) rows padded with ``fill`` (block 0: one row)."""
+    n = x.numel()
+    width = block or max(n, 1)
+    rows = -(-n // width) if block else 1
+    if rows * width == n:
+        return x.view(rows, width)
+    pad = x.new_full((rows * width - n,), fill)
+    return torch.cat([x, pad]).view(rows, width)
+
+
+def _per_element(v, block, n):
+    return v.repeat_interleave(block or max(n, 1))[:n] if n else v[:0]
+
+
+def _uniforms24(seed, step, domain, n, device):
+    """lowband's 24-bit uniform of each element (the C core's Philox stream,
+    drawn on the host: the same numbers as every other backend)."""
+    words = _core.philox(seed, step, domain, 0, n) >> np.uint32(8)
+    return torch.from_numpy(words.astype(np.int32)).to(device)
+
+
+def _smq(x, unit, L, u24):
+    """Sign-magnitude codes: L + round(|x| / unit), L - ... for x < 0, in x's
+    precision (nearest even, or stochastic with the 24-bit uniforms)."""
+    t = x.abs() / unit
+    if u24 is None:
+        level = torch.round(t)
+    else:
+        f = torch.floor(t)
+        level = f + (u24.to(x.dtype) < (t - f) * float(1 << 24)).to(x.dtype)
+    level = torch.clamp(level, max=float(L))
+    zero = unit == 0
+    level = torch.where(zero, torch.zeros_like(level), level)
+    codes = torch.where((x < 0) & ~zero, L - level, L + level)
+    return codes.to(torch.uint8)
+
+
+class _Quant:
+    """A quantizer's fixed-size message: float32 scales (one per block, or
+    per tensor) then the packed codes: the arrays of lowband's payload, so
+    the bytes on the wire are the same count."""
+
+    def __init__(self, comp):
+        self.comp = comp
+        if isinstance(comp, Sign):
+            self.bits, self.block = 1, comp.block or 0
+        elif isinstance(comp, Blockwise):
+            self.bits, self.block = comp.bits, comp.block
+        else:
+            self.bits, self.block = QSGDScheme.code_bits(comp.levels), comp.block or 0
+
+    def nscales(self, n):
+        if isinstance(self.comp, Sign) and self.comp.scale == "none":
+            return 0
+        return nblocks(n, self.block)
+
+    def size(self, n):
+        return 4 * self.nscales(n) + packed_bytes(n, self.bits)
+
+    def encode(self, x, comp):
+        """(message, decoded) of x; ``comp`` is the slot's compressor (its
+        step counter numbers the random streams as the C path does)."""
+        c = self.comp
+        n = x.numel()
+        out_dtype = x.dtype
+        if x.dtype not in (torch.float32, torch.float64):
+            x = x.float()           # half inputs are quantized from float32, as in C
+        if isinstance(c, Sign):
+            codes = (x >= 0).to(torch.uint8)
+            if c.scale == "none" or n == 0:
+                scales = torch.zeros(self.nscales(n), dtype=torch.float32, device=x.device)
+            else:
+                rows = _block_rows(x.double(), self.block)
+                counts = torch.full((rows.shape[0],), float(rows.shape[1]), dtype=torch.float64,
+                                    device=x.device)
+                counts[-1] = n - (rows.shape[0] - 1) * rows.shape[1]
+                v = rows.abs().sum(dim=1) if c.scale == "l1" else rows.square().sum(dim=1)
+                scales = (v / counts if c.scale == "l1" else (v / counts).sqrt()).float()
+        elif isinstance(c, Blockwise):
+            Q = 1 if c.bits == 1 else (1 << (c.bits - 1)) - 1
+            if n == 0:
+                scales = torch.zeros(self.nscales(0), dtype=torch.float32, device=x.device)
+                codes = x.new_zeros(0, dtype=torch.uint8)
+            else:
+                scales = _f32_up(_block_rows(x.double().abs(), self.block).amax(dim=1) / Q)
+            stochastic = c.rounding == "stochastic"
+            step = comp.step
+            if stochastic:
+                comp.step += 1
+            if n:
+                unit = _per_element(scales, self.block, n).to(x.dtype)
+                u24 = _uniforms24(c.seed, step, _DOMAIN_STOCHASTIC_ROUND, n, x.device) if stochastic else None
+                if c.bits == 1:
+                    if u24 is None:
+                        codes = (x >= 0).to(torch.uint8)
+                    else:
+                        p = (x / unit + 1) * 0.5
+                        codes = (u24.to(x.dtype) < p * float(1 << 24)).to(torch.uint8)
+                    codes[unit == 0] = 1
+                else:
+                    codes = _smq(x, unit, Q, u24)
+        else:   # QSGD
+            step = comp.step
+            comp.step += 1
+            sums = _block_rows(x.double(), self.block).square().sum(dim=1) if n else \
+                torch.zeros(self.nscales(0), dtype=torch.float64, device=x.device)
+            scales = _f32_up(sums.sqrt())
+            if n:
+                unit = (scales.to(x.dtype) / c.levels).to(x.dtype)
+                codes = _smq(x, _per_element(unit, self.block, n), c.levels,
+                             _uniforms24(c.seed, step, _DOMAIN_QSGD, n, x.device))
+            else:
+                codes = x.new_zeros(0, dtype=torch.uint8)
+        msg = torch.cat([scales.contiguous().view(torch.uint8), _pack_codes(codes, self.bits)])
+        return msg, self._values(codes, scales, n, out_dtype)
+
+    def _values(self, codes, scales, n, dtype):
+        """table[code] * scale in the work precision (float64 for float64,
+        else float32), then rounded to dtype: lowband's table decoder."""
+        c = self.comp
+        wd = torch.float64 if dtype == torch.float64 else torch.float32
+        code = codes.to(wd)
+        if isinstance(c, Sign):
+            v = 2 * code - 1
+            if c.scale != "none":
+                v = v * _per_element(scales.to(wd), self.block, n)
+        elif isinstance(c, Blockwise):
+            v = (2 * code - 1) if c.bits == 1 else code - ((1 << (c.bits - 1)) - 1)
+            v = v * _per_element(scales.to(wd), self.block, n)
+        else:
+            unit = scales.to(wd) / c.levels
+            v = (code - c.levels) * _per_element(unit, self.block, n)
+        return v.to(dtype)
+
+    def decode(self, msg, n, dtype):
+        k = self.nscales(n)
+        scales = msg[:4 * k].clone().view(torch.float32)   # (offsets need not be aligned)
+        codes = _unpack_codes(msg[4 * k:], self.bits, n)
+        return self._values(codes, scales, n, dtype)
+
+
 class TorchSlot:
     """One tensor's state for the torch codecs (flat tensors on the
     gradient's device)."""
@@ -66,7 +252,8 @@ class TorchSlot:
         self.t = 0
         self.error = None
         self.worker = self.server = None
-        if isinstance(self.comp, Sign):
+        self.quant = _Quant(self.comp) if isinstance(self.comp, (Sign, Blockwise, QSGD)) else None
+        if self.quant is not None:
             if feedback == "ef":
                 b = chunk_bounds(n, comm.world_size)
                 self.worker = torch.zeros(n, dtype=grad.dtype, device=grad.device)
@@ -75,11 +262,14 @@ class TorchSlot:
             self.error = torch.zeros(n, dtype=grad.dtype, device=grad.device)
         if isinstance(self.comp, (TopK, RandomK)):
             self.k = resolve_k(n, self.comp.k, self.comp.ratio)
-            if n >= 2**31:
-                raise ValueError(f"grad: backend='torch' sends int32 indices, got {n} elements")
+        elif isinstance(self.comp, ChunkedTopK):
+            c, kc = self.comp.chunk, self.comp.k_per_chunk
+            self.k = (n // c) * kc + min(kc, n % c)
+        if isinstance(self.comp, (TopK, RandomK, ChunkedTopK, Threshold)) and n >= 2**31:
+            raise ValueError(f"grad: backend='torch' sends int32 indices, got {n} elements")
 
     def save(self):
-        return {"t": self.t, **{k: (None if getattr(self, k) is None else getattr(self, k).detach().cpu().clone())
+        return {"t": self.t, "comp_step": self.comp.step, **{k: (None if getattr(self, k) is None else getattr(self, k).detach().cpu().clone())
                                 for k in ("error", "worker", "server")}}
 
     def load(self, saved, where):
@@ -90,77 +280,109 @@ class TorchSlot:
             if mine is not None:
                 mine.copy_(theirs)
         self.t = int(saved["t"])
+        self.comp.step = int(saved.get("comp_step", 0))
 
     def compensated(self, g):
         """p = g + e (a new tensor) with EF, else g itself."""
         return g + self.error if self.error is not None else g
 
 
-def _sign_chunk(z, scale_mode):
-    """(float32 scale, packed uint8 codes, decoded) of one chunk."""
-    n = z.numel()
-    if n == 0 or scale_mode == "none":
-        scale = torch.ones((), dtype=torch.float32, device=z.device)
-    elif scale_mode == "l1":
-        scale = z.double().abs().sum().div(n).float()
-    else:
-        scale = z.double().square().sum().div(n).sqrt().float()
-    bits = z >= 0
-    dec = torch.where(bits, scale.to(z.dtype), -scale.to(z.dtype))
-    return scale, _pack(bits), dec
-
-
-def _sign_bytes(scale, packed):
-    return torch.cat([scale.reshape(1).view(torch.uint8), packed])
-
-
-def _sign_decode(msg, n, dtype):
-    scale = msg[:4].clone().view(torch.float32)[0].to(dtype)   # (offsets need not be aligned)
-    bits = _unpack(msg[4:], n)
-    return torch.where(bits, scale, -scale)
-
-
 def compress_bucket(comm, pairs, collective):
     """pairs: (TorchSlot, grad view); each grad <- its mean over ranks."""
     comp = pairs[0][0].comp
-    if isinstance(comp, TopK):
-        _topk(comm, pairs)
-    elif isinstance(comp, Sign):
-        _sign(comm, pairs)
+    if isinstance(comp, (TopK, ChunkedTopK, Threshold)):
+        _sparse(comm, pairs)
+    elif isinstance(comp, (Sign, Blockwise, QSGD)):
+        _two_phase(comm, pairs)
     else:
         _summable(comm, pairs)
 
 
-def _topk(comm, pairs):
+def _magnitude_keys(p):
+    """Integers that order like |p| (the raw bits with the sign cleared, as
+    lowband's selection kernels compare: Inf above finite values, NaN above
+    Inf)."""
+    if p.dtype == torch.float64:
+        return p.view(torch.int64) & 0x7FFFFFFFFFFFFFFF
+    if p.dtype == torch.float32:
+        return p.view(torch.int32) & 0x7FFFFFFF
+    return p.abs()
+
+
+def _chunk_top(keys, chunk, k):
+    """Positions of the k largest keys of each ``chunk`` (ties to the lower
+    position; a last, shorter chunk keeps min(k, its size)), ascending."""
+    n = keys.numel()
+    full = n // chunk
+    picks = []
+    if full and k:
+        order = torch.sort(keys[:full * chunk].view(full, chunk), dim=1, descending=True, stable=True).indices
+        base = torch.arange(full, device=keys.device).view(-1, 1) * chunk
+        picks.append((order[:, :k] + base).view(-1))
+    rest = n - full * chunk
+    if rest and k:
+        order = torch.sort(keys[full * chunk:], descending=True, stable=True).indices
+        picks.append(order[:min(k, rest)] + full * chunk)
+    if not picks:
+        return torch.zeros(0, dtype=torch.int64, device=keys.device)
+    return torch.cat(picks).sort().values
+
+
+def _select(st, p):
+    """Ascending int64 positions that ``st``'s sparsifier keeps of p."""
+    comp = st.comp
+    if isinstance(comp, TopK):
+        return torch.topk(p.abs(), st.k, sorted=False).indices.sort().values
+    if isinstance(comp, ChunkedTopK):
+        return _chunk_top(_magnitude_keys(p), comp.chunk, comp.k_per_chunk)
+    mag = p.abs()     # Threshold: |p| >= tau, NaN counted as +Inf
+    return torch.nonzero((mag >= comp.tau) | torch.isnan(mag)).view(-1)
+
+
+def _sparse(comm, pairs):
+    """Sparse messages (int32 indices, then the values), all-gathered in one
+    padded uint8 gather per bucket; with a sparsifier whose count varies
+    (threshold) the counts are all-gathered first."""
     W = comm.world_size
-    msgs, sizes = [], []
+    msgs, counts = [], []
     for st, g in pairs:
         p = st.compensated(g.reshape(-1))
-        idx = torch.topk(p.abs(), st.k, sorted=False).indices.sort().values
+        idx = _select(st, p)
         vals = p[idx]
         if st.error is not None:
             st.error.copy_(p)
             st.error[idx] = 0
-        msg = torch.cat([idx.to(torch.int32).view(torch.uint8), vals.contiguous().view(torch.uint8)])
-        msgs.append(msg)
-        sizes.append(msg.numel())
+        msgs.append(torch.cat([idx.to(torch.int32).view(torch.uint8), vals.contiguous().view(torch.uint8)]))
+        counts.append(idx.numel())
         st.t += 1
     send = torch.cat(msgs)
-    out = torch.empty(W * send.numel(), dtype=torch.uint8, device=send.device)
+    device = send.device
+    if any(isinstance(st.comp, Threshold) for st, _ in pairs):
+        mine = torch.tensor(counts, dtype=torch.int64, device=device)
+        table = torch.empty(W * len(counts), dtype=torch.int64, device=device)
+        comm._all_gather(table, mine).wait()
+        table = table.view(W, -1).tolist()
+    else:
+        table = [counts] * W
+    sizes = [[k * (4 + g.element_size()) for k, (_, g) in zip(row, pairs)] for row in table]
+    width = max(sum(row) for row in sizes)
+    if send.numel() < width:
+        send = torch.cat([send, send.new_zeros(width - send.numel())])
+    out = torch.empty(W * width, dtype=torch.uint8, device=device)
     comm._all_gather(out, send).wait()
-    rows = out.view(W, -1)
-    pos = 0
-    for (st, g), size in zip(pairs, sizes):
+    rows = out.view(W, width)
+    for t, (st, g) in enumerate(pairs):
         flat = g.view(-1)
         flat.zero_()
-        k = st.k
         for r in range(W):
-            msg = rows[r, pos:pos + size]
-            idx = msg[:4 * k].view(torch.int32).long()
-            vals = msg[4 * k:].view(g.dtype)
-            flat.index_add_(0, idx, vals)
+            pos = sum(sizes[r][:t])
+            k = table[r][t]
+            msg = rows[r, pos:pos + sizes[r][t]]
+            idx = msg[:4 * k].clone().view(torch.int32).long()
+            if k and (int(idx.min()) < 0 or int(idx.max()) >= flat.numel()):
+                raise ValueError(f"rank {r} sent an index outside the {flat.numel()} elements of tensor {t}")
+            flat.index_add_(0, idx, msg[4 * k:].clone().view(g.dtype))
         flat.div_(W)
-        pos += size
 
 
 def _summable(comm, pairs):
@@ -213,9 +435,13 @@ def _summable(comm, pairs):
                 out[idx] = mean.to(out.dtype)
 
 
-def _sign(comm, pairs):
+def _two_phase(comm, pairs):
+    """Quantized codes (sign, blockwise, QSGD) through DeepSpeed's two-phase
+    compressed allreduce, in the C path's order and arithmetic: chunk j of
+    every tensor (compensated by the worker error) goes to rank j in one
+    ``all_to_all_single``, which averages the decoded chunks, adds its
+    server error, re-quantizes, and all-gathers the replies."""
     W, rank = comm.world_size, comm.rank
-    mode = pairs[0][0].comp.scale
     to_rank = [[] for _ in range(W)]
     bounds = []
     for st, g in pairs:
@@ -224,40 +450,34 @@ def _sign(comm, pairs):
         b = chunk_bounds(st.n, W)
         bounds.append(b)
         for j in range(W):
-            scale, packed, dec = _sign_chunk(z[b[j]:b[j + 1]], mode)
+            msg, dec = st.quant.encode(z[b[j]:b[j + 1]], st.comp)
             if st.worker is not None:
                 torch.sub(z[b[j]:b[j + 1]], dec, out=st.worker[b[j]:b[j + 1]])
-            to_rank[j].append(_sign_bytes(scale, packed))
+            to_rank[j].append(msg)
         st.t += 1
     in_splits = [sum(m.numel() for m in row) for row in to_rank]
     send = torch.cat([m for row in to_rank for m in row])
     # what rank i sends here: its messages for this rank's chunks
-    mine = [[4 + -(-(b[rank + 1] - b[rank]) // 8) for b in bounds] for _ in range(W)]
-    out_splits = [sum(row) for row in mine]
+    mine = [st.quant.size(b[rank + 1] - b[rank]) for (st, _), b in zip(pairs, bounds)]
+    out_splits = [sum(mine)] * W
     recv = torch.empty(sum(out_splits), dtype=torch.uint8, device=send.device)
     comm._all_to_all(recv, send, out_splits, in_splits).wait()
     replies = []
-    pos = 0
-    decoded = [[None] * W for _ in pairs]
-    for i in range(W):
-        for t, b in enumerate(bounds):
-            size = mine[i][t]
-            decoded[t][i] = recv[pos:pos + size]
-            pos += size
     for t, ((st, g), b) in enumerate(zip(pairs, bounds)):
         L = b[rank + 1] - b[rank]
-        total = _sign_decode(decoded[t][0], L, g.dtype).clone()
+        at = [i * out_splits[0] + sum(mine[:t]) for i in range(W)]
+        total = st.quant.decode(recv[at[0]:at[0] + mine[t]], L, g.dtype).clone()
         for i in range(1, W):
-            total += _sign_decode(decoded[t][i], L, g.dtype)
+            total += st.quant.decode(recv[at[i]:at[i] + mine[t]], L, g.dtype)
         total /= W
         if st.server is not None:
             total = total + st.server
-        scale, packed, dec = _sign_chunk(total, mode)
+        msg, dec = st.quant.encode(total, st.comp)
         if st.server is not None:
             torch.sub(total, dec, out=st.server)
-        replies.append(_sign_bytes(scale, packed))
+        replies.append(msg)
     reply = torch.cat(replies)
-    widths = [sum(4 + -(-(b[i + 1] - b[i]) // 8) for b in bounds) for i in range(W)]
+    widths = [sum(st.quant.size(b[i + 1] - b[i]) for (st, _), b in zip(pairs, bounds)) for i in range(W)]
     width = max(widths)
     padded = torch.zeros(width, dtype=torch.uint8, device=reply.device)
     padded[:reply.numel()] = reply
@@ -268,6 +488,6 @@ def _sign(comm, pairs):
         pos = 0
         for (st, g), b in zip(pairs, bounds):
             L = b[i + 1] - b[i]
-            size = 4 + -(-L // 8)
-            g.view(-1)[b[i]:b[i + 1]] = _sign_decode(rows[i, pos:pos + size], L, g.dtype)
+            size = st.quant.size(L)
+            g.view(-1)[b[i]:b[i + 1]] = st.quant.decode(rows[i, pos:pos + size], L, g.dtype)
             pos += size

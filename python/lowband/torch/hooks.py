@@ -48,7 +48,7 @@ from ..compressors import Cast, Chain, Compressor, Identity, RandomK, TopK, from
 from ..feedback import EF21, EControl, ErrorFeedback
 from ..sim import chunk_bounds, reduce_payloads
 from ..sparsify import aggregate, topk_group
-from ..wire import decode, encode
+from ..wire import decode
 from ._interop import as_numpy, as_tensor
 from .comm import ProcessGroupCommunicator
 
@@ -323,7 +323,10 @@ class CompressionState(_BucketState):
                      uncompressed.
     ``backend``      "auto" (the C core for CPU tensors, torch code for
                      others), "c", or "torch" (torch-native codecs:
-                     topk, randomk, sign, fp16/bf16 casts, none).
+                     topk, chunked top-k, threshold, randomk, sign,
+                     blockwise, qsgd, fp16/bf16 casts, none; with
+                     feedback "ef" or "none"; anything else raises
+                     ValueError here, listing them).
 
     The collective follows the codec: summable payloads (shared-seed
     random-k values, float16/bfloat16 casts, none) are divided by W and
@@ -401,7 +404,7 @@ class CompressionState(_BucketState):
             return
         states = [self._state(s, g, False) for s, g in items]
         flats = [as_numpy(g, "gradient").reshape(-1) for _, g in items]
-        getattr(self, "_" + self.collective)(states, flats)
+        getattr(self, "_" + self.collective)(states, flats, items[0][0])
 
     # -- the three collectives (C core) ---------------------------------------
     def _finish(self, st, mean, out):
@@ -412,7 +415,7 @@ class CompressionState(_BucketState):
         elif mean is not out:
             out[:] = mean
 
-    def _allreduce(self, states, flats):
+    def _allreduce(self, states, flats, key):
         W = self.comm.world_size
         payloads = [st.message(g) for st, g in zip(states, flats)]
         parts = [_summable_parts(p) for p in payloads]
@@ -462,18 +465,22 @@ class CompressionState(_BucketState):
                     out[t] = p
         return [p if p is not None else st.message(g) for p, st, g in zip(out, states, flats)]
 
-    def _allgather(self, states, flats):
-        wires = [encode(p) for p in self._messages(states, flats)]
-        rows = self.comm.allgather_bytes(wires, reuse=True)
+    def _allgather(self, states, flats, key):
+        # each message is encoded straight into the send buffer; the padded
+        # width of this bucket's previous gather (key: its first slot) is
+        # reused, so a bucket costs one collective while its sizes fit
+        rows = self.comm.allgather_encoded(self._messages(states, flats), reuse=True,
+                                           key=("hook", key))
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
-            ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype) for r in range(W)]
+            ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype, copy=False)
+                  for r in range(W)]
             if st.server is None and all(isinstance(p, Sparse) for p in ps):
                 aggregate(ps, op="mean", out=g)
             else:
                 self._finish(st, reduce_payloads(ps, "mean").astype(g.dtype, copy=False), g)
 
-    def _two_phase(self, states, flats):
+    def _two_phase(self, states, flats, key):
         self.comm.compressed_allreduce_many(flats, [st.comp for st in states],
                                             [st.worker for st in states],
                                             [st.server for st in states], outs=flats)
