@@ -167,7 +167,12 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
         }                                                                      \
     }
 
+#ifdef LB_QUANT_OWN_SMQ32
+/* the scalar loop, for the tails of the intrinsics version */
+LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_tail_))
+#else
 LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
+#endif
 LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
 
 #define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
