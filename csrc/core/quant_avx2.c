@@ -1,6 +1,7 @@
 /* quant_avx2.c - quantization kernels compiled for AVX2 (chosen at run
- * time): intrinsics sign bits (compare + movemask), 8-wide Philox and F16C
- * conversions; the rest from the template, vectorised by the compiler.    */
+ * time): intrinsics sign bits (compare + movemask), 8-wide Philox,
+ * sign-magnitude codes and F16C conversions; the rest from the template,
+ * vectorised by the compiler.                                              */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
