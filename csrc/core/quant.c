@@ -360,6 +360,10 @@ static void *units_of(const float *scales, uint64_t nblocks, double div,
     void *u = lb_alloc_n(nblocks, dt == LB_F32 ? 4 : 8, 0);
     if (!u)
         return NULL;
+    if (dt == LB_F32 && div == 1.0) {   /* x / 1 is x */
+        memcpy(u, scales, (size_t)nblocks * sizeof(float));
+        return u;
+    }
     for (uint64_t b = 0; b < nblocks; b++) {
         if (dt == LB_F32)
             ((float *)u)[b] = scales[b] / (float)div;
@@ -544,9 +548,12 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, int bits,
     if (st != LB_OK)
         return st;
     int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
-    for (uint64_t b = 0; b < L.nblocks; b++) {
+    int team = lb_team(nthreads, L.n / LB_CHUNK);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t b = 0; b < L.nblocks; b++)
         scales[b] = isfinite(maxv[b]) ? f32_up(maxv[b] / Q) : (float)maxv[b];
-        if (isinf(scales[b]) && check_finite) {
+    for (uint64_t b = 0; check_finite && b < L.nblocks; b++) {
+        if (isinf(scales[b])) {
             free(maxv);
             if (err)
                 err->index = b;

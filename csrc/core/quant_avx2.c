@@ -1,6 +1,6 @@
 /* quant_avx2.c - quantization kernels compiled for AVX2 (chosen at run
  * time): intrinsics sign bits (compare + movemask), 8-wide Philox,
- * sign-magnitude codes and F16C conversions; the rest from the template,
+ * block maxima, sign-magnitude codes and F16C conversions; the rest from the template,
  * vectorised by the compiler.                                              */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
@@ -11,6 +11,7 @@
 #define LB_QUANT_OWN_PHILOX
 #define LB_QUANT_OWN_F16
 #define LB_QUANT_OWN_SMQ32
+#define LB_QUANT_OWN_BLOCKMAX32
 #include "quant.h"
 
 static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out);
@@ -21,7 +22,32 @@ static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
 static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
                        const uint32_t *rnd, uint8_t *codes);
+static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float *out);
 #include "quant_impl.h"
+
+/* blockmax32 of quant.h: blocks of a multiple of 8 elements in vectors
+ * (the keys are below 2^31, so a signed max orders them), others by the
+ * template's loop.                                                         */
+static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+{
+    if (B % 8) {
+        blockmax32_tail_avx2(bits, nb, B, out);
+        return;
+    }
+    const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+    for (uint64_t b = 0; b < nb; b++) {
+        const uint32_t *p = bits + b * B;
+        __m256i m = _mm256_setzero_si256();
+        for (uint64_t j = 0; j < B; j += 8)
+            m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)),
+                                                     mask));
+        __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        h = _mm_max_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+        h = _mm_max_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+        uint32_t k = (uint32_t)_mm_cvtsi128_si32(h);
+        memcpy(out + b, &k, 4);
+    }
+}
 
 /* smq32 of quant.h in 8 lanes: every step is the template's operation in
  * the same order (min/max/compares chosen so NaN picks the same operand),

@@ -88,7 +88,11 @@ LB_DEFINE_LANESUM(double, LB_Q(lanesum64_))
 LB_DEFINE_MAXKEY(uint32_t, 0x7FFFFFFFu, LB_Q(maxkey32_))
 LB_DEFINE_MAXKEY(uint64_t, 0x7FFFFFFFFFFFFFFFull, LB_Q(maxkey64_))
 
+#ifndef LB_QUANT_OWN_BLOCKMAX32
 static void LB_Q(blockmax32_)(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+#else
+static void LB_Q(blockmax32_tail_)(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+#endif
 {
     for (uint64_t b = 0; b < nb; b++) {
         uint32_t k = LB_Q(maxkey32_)(bits + b * B, B);
