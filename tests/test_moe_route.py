@@ -277,12 +277,14 @@ def test_core_entry_point_refuses_bad_input_without_crashing():
         _core.moe_route(np.zeros(4), 1)
 
 
-@pytest.mark.parametrize("E,k", [(E, k) for E in (4, 16, 17, 37, 64) for k in (1, 2, 3, 4, 8, 16)
-                                 if k <= E])
+@pytest.mark.parametrize("E,k", [(E, k) for E in (4, 16, 17, 37, 64, 100)
+                                 for k in (1, 2, 3, 4, 8, 16) if k <= E])
 def test_small_k_selection_paths_agree_with_twin(isa, E, k):
     # AVX-512 selects k <= 8 of E <= 64 float32 experts sixteen rows at a
     # time (one per lane; the tail by extraction) and 8 < k <= 16 by
-    # repeated extraction; every path must give the twin's choice, ties too
+    # repeated extraction; AVX2 k <= 8 of 16 <= E <= 256 eight rows at a
+    # time (the rest one by one); every path must give the twin's choice,
+    # ties too
     rng = np.random.default_rng(E * 100 + k)
     z = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 0.5, 2.0], np.float32), (300, E))
     z[::7] = rng.standard_normal((len(z[::7]), E)).astype(np.float32)

@@ -127,6 +127,83 @@ static inline void topk_extract_rows_f32(const float *z, uint64_t nrows, uint64_
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+#include <immintrin.h>
+
+/* The k <= 8 largest of each of 8 rows z + r*E (r < 8, E < 2^31),
+ * descending, ties to the lower index, into idx[r*k + s]: the "vertical"
+ * selection of the AVX-512 kernel with one row per 256-bit lane.  Each
+ * lane keeps a sorted list in k registers; expert j of all 8 rows (from
+ * an 8 x 8 transpose, cheaper than a gather) enters each lane's list where it is strictly greater, the
+ * entries below moving down one place (a running mask), so equal values
+ * keep the earlier (lower) index ahead.  The values move by max / min
+ * (the list is sorted, so they equal the blends; rows are finite), the
+ * indices by blends.  NaN never enters (its row is reported non-finite). */
+static inline void topk_vertical8_f32(const float *z, uint64_t E, uint64_t k,
+                                      int32_t *idx)
+{
+    __m256 bv[8];
+    __m256i bi[8];
+    for (uint64_t r = 0; r < k; r++) {
+        bv[r] = _mm256_set1_ps(-INFINITY);
+        bi[r] = _mm256_setzero_si256();
+    }
+    for (uint64_t j0 = 0; j0 < E; j0 += 8) {
+        /* columns j0 .. j0 + 7 of the 8 rows, transposed: col[c] lane r
+         * = z[r*E + j0 + c] (a ragged last block is padded with -Inf,
+         * which never enters a list)                                     */
+        __m256 col[8];
+        if (j0 + 8 <= E) {
+            __m256 a[8], b[8];
+            for (int r = 0; r < 8; r++)
+                a[r] = _mm256_loadu_ps(z + (uint64_t)r * E + j0);
+            for (int r = 0; r < 8; r += 2) {
+                b[r] = _mm256_unpacklo_ps(a[r], a[r + 1]);
+                b[r + 1] = _mm256_unpackhi_ps(a[r], a[r + 1]);
+            }
+            for (int r = 0; r < 8; r += 4) {
+                a[r] = _mm256_shuffle_ps(b[r], b[r + 2], _MM_SHUFFLE(1, 0, 1, 0));
+                a[r + 1] = _mm256_shuffle_ps(b[r], b[r + 2], _MM_SHUFFLE(3, 2, 3, 2));
+                a[r + 2] = _mm256_shuffle_ps(b[r + 1], b[r + 3], _MM_SHUFFLE(1, 0, 1, 0));
+                a[r + 3] = _mm256_shuffle_ps(b[r + 1], b[r + 3], _MM_SHUFFLE(3, 2, 3, 2));
+            }
+            for (int c = 0; c < 4; c++) {
+                col[c] = _mm256_permute2f128_ps(a[c], a[c + 4], 0x20);
+                col[c + 4] = _mm256_permute2f128_ps(a[c], a[c + 4], 0x31);
+            }
+        } else {
+            float buf[8][8];
+            for (int c = 0; c < 8; c++)
+                for (int r = 0; r < 8; r++)
+                    buf[c][r] = j0 + (uint64_t)c < E ? z[(uint64_t)r * E + j0 + (uint64_t)c]
+                                                     : -INFINITY;
+            for (int c = 0; c < 8; c++)
+                col[c] = _mm256_loadu_ps(buf[c]);
+        }
+        for (int c = 0; c < 8; c++) {
+            __m256 x = col[c];
+            __m256i xi = _mm256_set1_epi32((int)(j0 + (uint64_t)c));
+            __m256i gt = _mm256_setzero_si256();   /* lanes whose list shifts */
+            for (uint64_t r = 0; r < k; r++) {
+                __m256 tv = bv[r];
+                __m256i ti = bi[r];
+                gt = _mm256_or_si256(gt, _mm256_castps_si256(_mm256_cmp_ps(x, tv, _CMP_GT_OQ)));
+                bv[r] = _mm256_max_ps(tv, x);
+                x = _mm256_min_ps(tv, x);
+                bi[r] = _mm256_blendv_epi8(ti, xi, gt);
+                xi = _mm256_blendv_epi8(xi, ti, gt);
+            }
+        }
+    }
+    int32_t lane[8];
+    for (uint64_t s = 0; s < k; s++) {
+        _mm256_storeu_si256((__m256i *)lane, bi[s]);
+        for (int r = 0; r < 8; r++)
+            idx[(uint64_t)r * k + s] = lane[r];
+    }
+}
+#endif
+
 /* exp(x) in float: x rounded to n = nearest integer of x / ln 2 (by the
  * 1.5 * 2^23 trick), r = x - n ln 2 in two steps, a degree-5 polynomial
  * (Cephes expf), times 2^n built from bits.  Below -87 the result is 0,

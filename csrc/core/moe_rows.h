@@ -221,8 +221,17 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
                                   experts + t * k);
         preselected = 1;
     }
+#elif defined(__AVX2__)
+    /* rows [r0, vert) are selected eight at a time, the rest one by one */
+    uint64_t vert = r0;
+    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 8 && E >= 16 && E <= 256)
+        for (; vert + 8 <= r1; vert += 8)
+            topk_vertical8_f32((const float *)z + vert * E, E, k, experts + vert * k);
 #endif
     for (uint64_t t = r0; t < r1; t++) {
+#if defined(__AVX2__) && !defined(__AVX512F__)
+        preselected = t < vert;
+#endif
         const LB_T *zr = z + t * E;
         LB_T *sr = scores + t * E;
         int32_t *ex = experts + t * k;

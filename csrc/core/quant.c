@@ -204,11 +204,41 @@ typedef union {
 static lb_status block_stats(const void *x, lb_dtype dt, const blocks *L,
                              int kind, double mu, int nthreads, lb_stat *out)
 {
+    const lb_quant_fns *fns = lb_quant();
+    if (kind == STAT_MAXKEY && dt == LB_F32 && L->ppb == 1) {
+        /* short float32 blocks: groups of whole blocks per call, no
+         * per-block division or call                                       */
+        enum { GROUP = 1024 };   /* blocks per call (a 4 KiB buffer) */
+        uint64_t whole = L->n / L->B, per = LB_CHUNK / L->B;
+        per = per < 1 ? 1 : per > GROUP ? GROUP : per;
+        uint64_t ngroups = lb_num_chunks(whole, per);
+        int team = lb_team(nthreads, L->n / LB_CHUNK);
+        LB_OMP(omp parallel num_threads(team) if(team > 1))
+        {
+            float mx[GROUP];
+            LB_OMP(omp for schedule(static))
+            for (uint64_t g = 0; g < ngroups; g++) {
+                uint64_t b0 = g * per, nb = whole - b0 < per ? whole - b0 : per;
+                fns->blockmax32((const uint32_t *)x + b0 * L->B, nb, L->B, mx);
+                for (uint64_t b = 0; b < nb; b++) {
+                    double d = mx[b];
+                    memcpy(&out[b0 + b].key, &d, 8);   /* ordered like the key */
+                }
+            }
+        }
+        if (whole < L->nblocks) {   /* the short last block */
+            uint32_t k = fns->maxkey32((const uint32_t *)x + whole * L->B, L->n - whole * L->B);
+            float f;
+            memcpy(&f, &k, 4);
+            double d = f;
+            memcpy(&out[whole].key, &d, 8);
+        }
+        return LB_OK;
+    }
     uint64_t npieces = L->nblocks * L->ppb;
     lb_stat *part = L->ppb > 1 ? lb_alloc_n(npieces, sizeof(lb_stat), 0) : out;
     if (!part)
         return LB_ENOMEM;
-    const lb_quant_fns *fns = lb_quant();
     int team = lb_team(nthreads, L->n / LB_CHUNK);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t p = 0; p < npieces; p++) {
@@ -312,6 +342,8 @@ struct encode_job {
     const void *params;   /* per-block parameters of the scheme */
     double p0, p1;        /* scalar parameters of the scheme     */
     int i0, i1, i2;
+    int smq_tiles;        /* float32 sign-magnitude codes whose blocks
+                             tile LB_QTILE: whole blocks in one call      */
     uint8_t *out;
 };
 
@@ -349,7 +381,15 @@ static void encode_elements(const encode_job *J, int nthreads)
                 uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
                 if (J->random)
                     fns->philox(&J->key, t / 4, (m + 3) / 4, rnd);
-                for (uint64_t i = t; i < t + m;) {
+                uint64_t i = t;
+                if (J->smq_tiles) {
+                    uint64_t nb = m / J->B;
+                    fns->smqblocks32((const float *)J->x + t, nb, J->B,
+                                     (const float *)J->params + t / J->B, (float)J->p0,
+                                     J->i0, J->random ? rnd : NULL, codes);
+                    i = t + nb * J->B;
+                }
+                for (; i < t + m;) {
                     uint64_t b = i / J->B;
                     uint64_t e = (b + 1) * J->B < t + m ? (b + 1) * J->B : t + m;
                     J->segment(J, b, i, e - i, J->random ? rnd + (i - t) : NULL,
@@ -410,6 +450,10 @@ static void *units_of(const float *scales, uint64_t nblocks, double div,
     void *u = lb_alloc_n(nblocks, dt == LB_F32 ? 4 : 8, 0);
     if (!u)
         return NULL;
+    if (dt == LB_F32 && div == 1.0) {   /* x / 1 is x */
+        memcpy(u, scales, (size_t)nblocks * sizeof(float));
+        return u;
+    }
     for (uint64_t b = 0; b < nblocks; b++) {
         if (dt == LB_F32)
             ((float *)u)[b] = scales[b] / (float)div;
@@ -435,6 +479,7 @@ static lb_status encode_smq(const void *x, uint64_t n, lb_dtype dt, uint64_t B,
     J.key = lb_philox_make(seed, step, domain);
     J.p0 = clip;
     J.i0 = L;
+    J.smq_tiles = !twolevel && dt == LB_F32 && B <= LB_QTILE && LB_QTILE % B == 0;
     encode_elements(&J, nthreads);
     free(units);
     return LB_OK;
@@ -594,10 +639,14 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
         return st;
     int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
     lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
-    for (uint64_t b = 0; b < L.nblocks; b++) {
-        double ideal = maxv[b] / Q;
-        scales[b] = lb_scale_fit(ideal, &cap);
-        if (check_finite && (st = check_reach(ideal, maxv[b], &cap, b, err)) != LB_OK) {
+    int team = lb_team(nthreads, L.n / LB_CHUNK);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t b = 0; b < L.nblocks; b++)
+        scales[b] = lb_scale_fit(maxv[b] / Q, &cap);
+    for (uint64_t b = 0; check_finite && b < L.nblocks; b++) {
+        /* only a capped (or non-finite) scale can miss its block's reach */
+        if (!(scales[b] < cap.smax) &&
+            (st = check_reach(maxv[b] / Q, maxv[b], &cap, b, err)) != LB_OK) {
             free(maxv);
             return st;
         }

@@ -26,6 +26,9 @@ typedef struct {
     /* Largest magnitude key (raw bits without the sign) of bits[0..m).    */
     uint32_t (*maxkey32)(const uint32_t *bits, uint64_t m);
     uint64_t (*maxkey64)(const uint64_t *bits, uint64_t m);
+    /* out[b] = the float whose bits are maxkey32(bits + b * B, B), for the
+     * nb whole blocks b < nb: many short blocks in one call.               */
+    void (*blockmax32)(const uint32_t *bits, uint64_t nb, uint64_t B, float *out);
     /* Sign bits of x[0..m) (1 for x >= 0), LSB first, into
      * ceil(m / 8) bytes; the unused bits of the last byte are zero.       */
     void (*signbits32)(const float *x, uint64_t m, uint8_t *out);
@@ -42,6 +45,11 @@ typedef struct {
                   const uint32_t *rnd, uint8_t *codes);
     void (*smq64)(const double *x, uint64_t m, double unit, double clip,
                   int L, const uint32_t *rnd, uint8_t *codes);
+    /* smq32 over nb whole blocks of B elements, block b with units[b]
+     * (a zero unit gives the zero code L); rnd NULL or one word per
+     * element, like the codes.                                             */
+    void (*smqblocks32)(const float *x, uint64_t nb, uint64_t B, const float *units,
+                        float clip, int L, const uint32_t *rnd, uint8_t *codes);
     /* Two-level (+-unit) quantization: code 1 for x >= 0 (rnd NULL), else
      * 1 when the 24-bit uniform < p * 2^24 with p = (x / unit + 1) / 2.   */
     void (*twolevel32)(const float *x, uint64_t m, float unit,

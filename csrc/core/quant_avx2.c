@@ -1,6 +1,7 @@
 /* quant_avx2.c - quantization kernels compiled for AVX2 (chosen at run
- * time): intrinsics sign bits (compare + movemask), 8-wide Philox and F16C
- * conversions; the rest from the template, vectorised by the compiler.    */
+ * time): intrinsics sign bits (compare + movemask), 8-wide Philox,
+ * block maxima, sign-magnitude codes and F16C conversions; the rest from the template,
+ * vectorised by the compiler.                                              */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx2,fma,f16c,bmi,bmi2,popcnt")
 #include <immintrin.h>
@@ -9,6 +10,8 @@
 #define LB_QUANT_OWN_SIGNBITS
 #define LB_QUANT_OWN_PHILOX
 #define LB_QUANT_OWN_F16
+#define LB_QUANT_OWN_SMQ32
+#define LB_QUANT_OWN_BLOCKMAX32
 #include "quant.h"
 
 static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out);
@@ -17,7 +20,69 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
                         uint32_t *out);
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
 static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
+static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
+                       const uint32_t *rnd, uint8_t *codes);
+static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float *out);
 #include "quant_impl.h"
+
+/* blockmax32 of quant.h: blocks of a multiple of 8 elements in vectors
+ * (the keys are below 2^31, so a signed max orders them), others by the
+ * template's loop.                                                         */
+static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+{
+    if (B % 8) {
+        blockmax32_tail_avx2(bits, nb, B, out);
+        return;
+    }
+    const __m256i mask = _mm256_set1_epi32(0x7FFFFFFF);
+    for (uint64_t b = 0; b < nb; b++) {
+        const uint32_t *p = bits + b * B;
+        __m256i m = _mm256_setzero_si256();
+        for (uint64_t j = 0; j < B; j += 8)
+            m = _mm256_max_epi32(m, _mm256_and_si256(_mm256_loadu_si256((const __m256i *)(p + j)),
+                                                     mask));
+        __m128i h = _mm_max_epi32(_mm256_castsi256_si128(m), _mm256_extracti128_si256(m, 1));
+        h = _mm_max_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(1, 0, 3, 2)));
+        h = _mm_max_epi32(h, _mm_shuffle_epi32(h, _MM_SHUFFLE(2, 3, 0, 1)));
+        uint32_t k = (uint32_t)_mm_cvtsi128_si32(h);
+        memcpy(out + b, &k, 4);
+    }
+}
+
+/* smq32 of quant.h in 8 lanes: every step is the template's operation in
+ * the same order (min/max/compares chosen so NaN picks the same operand),
+ * so the codes equal the scalar loop's; GCC does not vectorise the
+ * stochastic branch of the template for AVX2 and leaves a mispredicting
+ * scalar loop.                                                              */
+static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
+                       const uint32_t *rnd, uint8_t *codes)
+{
+    const __m256 vunit = _mm256_set1_ps(unit), vclip = _mm256_set1_ps(clip);
+    const __m256 fL = _mm256_set1_ps((float)L), one = _mm256_set1_ps(1.0f);
+    const __m256 u24 = _mm256_set1_ps((float)LB_U24), zero = _mm256_setzero_ps();
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    const __m256i vL = _mm256_set1_epi32(L), low8 = _mm256_set1_epi32(0xFF);
+    uint64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256 xv = _mm256_loadu_ps(x + j);
+        __m256 t = _mm256_div_ps(_mm256_min_ps(_mm256_and_ps(xv, absmask), vclip), vunit);
+        __m256 l = _mm256_round_ps(t, _MM_FROUND_CUR_DIRECTION);
+        if (rnd) {
+            l = _mm256_blendv_ps(l, _mm256_sub_ps(l, one), _mm256_cmp_ps(l, t, _CMP_GT_OQ));
+            __m256 u = _mm256_cvtepi32_ps(
+                _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(rnd + j)), 8));
+            __m256 up = _mm256_cmp_ps(u, _mm256_mul_ps(_mm256_sub_ps(t, l), u24), _CMP_LT_OQ);
+            l = _mm256_add_ps(l, _mm256_and_ps(up, one));
+        }
+        __m256i q = _mm256_cvttps_epi32(_mm256_min_ps(l, fL));
+        __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ));
+        __m256i c = _mm256_and_si256(
+            _mm256_blendv_epi8(_mm256_add_epi32(vL, q), _mm256_sub_epi32(vL, q), neg), low8);
+        __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(c16, c16));
+    }
+    smq32_tail_avx2(x + j, m - j, unit, clip, L, rnd ? rnd + j : NULL, codes + j);
+}
 
 static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out)
 {

@@ -88,6 +88,18 @@ LB_DEFINE_LANESUM(double, LB_Q(lanesum64_))
 LB_DEFINE_MAXKEY(uint32_t, 0x7FFFFFFFu, LB_Q(maxkey32_))
 LB_DEFINE_MAXKEY(uint64_t, 0x7FFFFFFFFFFFFFFFull, LB_Q(maxkey64_))
 
+#ifndef LB_QUANT_OWN_BLOCKMAX32
+static void LB_Q(blockmax32_)(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+#else
+static void LB_Q(blockmax32_tail_)(const uint32_t *bits, uint64_t nb, uint64_t B, float *out)
+#endif
+{
+    for (uint64_t b = 0; b < nb; b++) {
+        uint32_t k = LB_Q(maxkey32_)(bits + b * B, B);
+        memcpy(out + b, &k, 4);
+    }
+}
+
 /* ---- sign bits ------------------------------------------------------------ */
 
 #define LB_DEFINE_SIGNBITS(T, NAME)                                            \
@@ -167,8 +179,25 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
         }                                                                      \
     }
 
+#ifdef LB_QUANT_OWN_SMQ32
+/* the scalar loop, for the tails of the intrinsics version */
+LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_tail_))
+#else
 LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
+#endif
 LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
+
+static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const float *units,
+                               float clip, int L, const uint32_t *rnd, uint8_t *codes)
+{
+    for (uint64_t b = 0; b < nb; b++) {
+        if (units[b] == 0.0f)
+            memset(codes + b * B, L, (size_t)B);
+        else
+            LB_Q(smq32_)(x + b * B, B, units[b], clip, L, rnd ? rnd + b * B : NULL,
+                         codes + b * B);
+    }
+}
 
 #define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
     static void NAME(const T *x, uint64_t m, T unit, const uint32_t *rnd,      \
@@ -325,8 +354,9 @@ static void LB_Q(f16_to_f32_)(const uint16_t *x, uint64_t m, float *out)
 
 const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(lanesum32_), LB_Q(lanesum64_), LB_Q(maxkey32_), LB_Q(maxkey64_),
+    LB_Q(blockmax32_),
     LB_Q(signbits32_), LB_Q(signbits64_), LB_Q(philox_), LB_Q(smq32_),
-    LB_Q(smq64_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
+    LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
     LB_Q(f16_to_f32_),
 };
