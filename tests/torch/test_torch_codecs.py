@@ -7,9 +7,12 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+import lowband  # noqa: E402
+from lowband.wire import encoded_size  # noqa: E402
 from lowband.compressors import from_spec  # noqa: E402
+from lowband.feedback import ErrorFeedback  # noqa: E402
 from lowband.torch import _codecs  # noqa: E402
-from lowband.torch._codecs import TorchSlot, _Quant, _select  # noqa: E402
+from lowband.torch._codecs import TorchSlot, _Quant, _select, sparse_messages  # noqa: E402
 
 QUANT_SPECS = ["sign", "sign:rms", "sign:none", "sign:l1:block=16", "sign:rms:block=10",
                "blockwise:4", "blockwise:8:block=32", "blockwise:1", "blockwise:2:block=7",
@@ -72,6 +75,32 @@ def test_sparsifiers_select_what_the_c_core_selects(spec, dtype):
         np.testing.assert_array_equal(x[idx.numpy()], p.values)
         if hasattr(st, "k"):
             assert st.k == p.nnz
+
+
+@pytest.mark.parametrize("spec", SPARSE_SPECS)
+@pytest.mark.parametrize("feedback", ["ef", "none"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_sparse_messages_are_the_c_cores_wire_bytes(spec, feedback, dtype):
+    # the torch backend's message is the C path's payload: lowband.encode
+    # gives the same bytes (header, smallest index encoding, CRC-32C), and
+    # error feedback keeps the same residual, step after step
+    n = 1001
+    c = from_spec(spec)
+    ef = ErrorFeedback(c, ((n,), dtype)) if feedback == "ef" else None
+    st = TorchSlot(spec, feedback, torch.from_numpy(np.zeros(n, dtype)), comm=None)
+    for rep in range(3):
+        x = vector(n, dtype, 10 + rep)
+        want = ef.step(x) if ef is not None else c.compress(x)
+        g = torch.from_numpy(x.copy())
+        got = sparse_messages([(st, g)])[0]
+        assert isinstance(got, lowband.Sparse) and got.shape == (n,) and got.dtype == dtype
+        wire = lowband.encode(got)
+        assert wire == lowband.encode(want), (spec, feedback, rep)
+        assert len(wire) == encoded_size(want)
+        np.testing.assert_array_equal(g.numpy(), x)      # the gradient is left alone
+        if ef is not None:
+            np.testing.assert_array_equal(st.error.numpy(), ef.error.reshape(-1))
+    assert st.t == 3
 
 
 def test_chunked_ties_go_to_the_lower_index():

@@ -11,14 +11,17 @@ tensor chunk), blockwise absmax quantization (scale = the smallest float32
 chunk, stochastic levels) and float16/bfloat16 casts.  Random numbers
 (random-k indices, the 24-bit uniforms of stochastic rounding and QSGD) are
 lowband's Philox streams drawn by the C core on the host, so both backends
-draw the same ones.  The collectives are the C path's too: sparse messages
-are all-gathered (one gather per bucket; threshold's varying counts first),
-random-k values and casts are allreduced, quantized codes take the
-two-phase compressed allreduce with worker and server error.  On the wire a
-message carries the same arrays as the lowband payload (indices as int32
-and values in the gradient's dtype; float32 scales and the LSB-first packed
-codes) without lowband's header and checksum: quantized messages are
-exactly the payload's arrays, byte for byte.
+draw the same ones.  The collectives are the C path's too.  Sparse
+messages are the C path's: the selection runs on the device, the k
+selected (index, value) pairs go to the host as a ``lowband.Sparse``
+payload, which the hook all-gathers as ``lowband.encode`` bytes (header,
+the smallest index encoding, CRC-32C) and averages with
+``lowband.aggregate`` exactly as for CPU tensors; only the mean goes back
+to the device.  Random-k values and casts are allreduced, quantized codes
+take the two-phase compressed allreduce with worker and server error; a
+quantized message is exactly the payload's arrays (float32 scales and the
+LSB-first packed codes), byte for byte, without lowband's header and
+checksum.
 """
 from __future__ import annotations
 
@@ -26,12 +29,14 @@ import numpy as np
 import torch
 
 from .. import _core
+from .._payload import Sparse, index_dtype
 from .._schemes import QSGDScheme, nblocks, packed_bytes
 from .._validate import resolve_k
 from ..compressors import QSGD, Blockwise, Cast, ChunkedTopK, Identity, RandomK, Sign, Threshold, TopK, from_spec
 from ..sim import chunk_bounds
+from ._interop import as_numpy
 
-__all__ = ["check_supported", "TorchSlot", "compress_bucket"]
+__all__ = ["check_supported", "TorchSlot", "compress_bucket", "sparse_messages"]
 
 _HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _BITS = None
@@ -265,8 +270,6 @@ class TorchSlot:
         elif isinstance(self.comp, ChunkedTopK):
             c, kc = self.comp.chunk, self.comp.k_per_chunk
             self.k = (n // c) * kc + min(kc, n % c)
-        if isinstance(self.comp, (TopK, RandomK, ChunkedTopK, Threshold)) and n >= 2**31:
-            raise ValueError(f"grad: backend='torch' sends int32 indices, got {n} elements")
 
     def save(self):
         return {"t": self.t, "comp_step": self.comp.step, **{k: (None if getattr(self, k) is None else getattr(self, k).detach().cpu().clone())
@@ -288,11 +291,12 @@ class TorchSlot:
 
 
 def compress_bucket(comm, pairs, collective):
-    """pairs: (TorchSlot, grad view); each grad <- its mean over ranks."""
+    """pairs: (TorchSlot, grad view) of the summable and quantized codecs;
+    each grad <- its mean over ranks."""
     comp = pairs[0][0].comp
     if isinstance(comp, (TopK, ChunkedTopK, Threshold)):
-        _sparse(comm, pairs)
-    elif isinstance(comp, (Sign, Blockwise, QSGD)):
+        raise TypeError("compress_bucket: sparse codecs go through sparse_messages and the allgather")
+    if isinstance(comp, (Sign, Blockwise, QSGD)):
         _two_phase(comm, pairs)
     else:
         _summable(comm, pairs)
@@ -339,12 +343,13 @@ def _select(st, p):
     return torch.nonzero((mag >= comp.tau) | torch.isnan(mag)).view(-1)
 
 
-def _sparse(comm, pairs):
-    """Sparse messages (int32 indices, then the values), all-gathered in one
-    padded uint8 gather per bucket; with a sparsifier whose count varies
-    (threshold) the counts are all-gathered first."""
-    W = comm.world_size
-    msgs, counts = [], []
+def sparse_messages(pairs):
+    """The ``lowband.Sparse`` payload of each (TorchSlot, grad) pair, equal
+    to the C path's: the selection and the error update run on the
+    gradient's device, then the k (index, value) pairs go to the host
+    (``.cpu()``: a no-op for CPU tensors) as the payload's arrays, to be
+    sent through the C path's allgather of encoded payloads."""
+    out = []
     for st, g in pairs:
         p = st.compensated(g.reshape(-1))
         idx = _select(st, p)
@@ -352,37 +357,10 @@ def _sparse(comm, pairs):
         if st.error is not None:
             st.error.copy_(p)
             st.error[idx] = 0
-        msgs.append(torch.cat([idx.to(torch.int32).view(torch.uint8), vals.contiguous().view(torch.uint8)]))
-        counts.append(idx.numel())
         st.t += 1
-    send = torch.cat(msgs)
-    device = send.device
-    if any(isinstance(st.comp, Threshold) for st, _ in pairs):
-        mine = torch.tensor(counts, dtype=torch.int64, device=device)
-        table = torch.empty(W * len(counts), dtype=torch.int64, device=device)
-        comm._all_gather(table, mine).wait()
-        table = table.view(W, -1).tolist()
-    else:
-        table = [counts] * W
-    sizes = [[k * (4 + g.element_size()) for k, (_, g) in zip(row, pairs)] for row in table]
-    width = max(sum(row) for row in sizes)
-    if send.numel() < width:
-        send = torch.cat([send, send.new_zeros(width - send.numel())])
-    out = torch.empty(W * width, dtype=torch.uint8, device=device)
-    comm._all_gather(out, send).wait()
-    rows = out.view(W, width)
-    for t, (st, g) in enumerate(pairs):
-        flat = g.view(-1)
-        flat.zero_()
-        for r in range(W):
-            pos = sum(sizes[r][:t])
-            k = table[r][t]
-            msg = rows[r, pos:pos + sizes[r][t]]
-            idx = msg[:4 * k].clone().view(torch.int32).long()
-            if k and (int(idx.min()) < 0 or int(idx.max()) >= flat.numel()):
-                raise ValueError(f"rank {r} sent an index outside the {flat.numel()} elements of tensor {t}")
-            flat.index_add_(0, idx, msg[4 * k:].clone().view(g.dtype))
-        flat.div_(W)
+        values = as_numpy(vals.cpu(), "values")
+        out.append(Sparse._make(idx.cpu().numpy().astype(index_dtype(st.n)), values, (st.n,), values.dtype))
+    return out
 
 
 def _summable(comm, pairs):

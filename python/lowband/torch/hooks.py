@@ -397,10 +397,21 @@ class CompressionState(_BucketState):
     def _compress(self, items):
         torch_side = self.backend == "torch" or (self.backend == "auto" and items[0][1].device.type != "cpu")
         if torch_side:
-            from ._codecs import check_supported, compress_bucket
+            from ._codecs import check_supported, compress_bucket, sparse_messages
             if self.backend == "auto":
                 check_supported(from_spec(self.compressor), self.feedback)
-            compress_bucket(self.comm, [(self._state(s, g, True), g) for s, g in items], self.collective)
+            pairs = [(self._state(s, g, True), g) for s, g in items]
+            if self.collective != "allgather":
+                compress_bucket(self.comm, pairs, self.collective)
+                return
+            # sparse: the C path's payloads and exchange; the mean is formed
+            # on the host (in place for CPU tensors) and copied to the device
+            hosts = [g if g.device.type == "cpu" else torch.empty(g.shape, dtype=g.dtype) for _, g in items]
+            flats = [as_numpy(h, "gradient").reshape(-1) for h in hosts]
+            self._gather_mean(sparse_messages(pairs), [st for st, _ in pairs], flats, items[0][0])
+            for h, (_, g) in zip(hosts, items):
+                if h is not g:
+                    g.copy_(h)
             return
         states = [self._state(s, g, False) for s, g in items]
         flats = [as_numpy(g, "gradient").reshape(-1) for _, g in items]
@@ -466,11 +477,15 @@ class CompressionState(_BucketState):
         return [p if p is not None else st.message(g) for p, st, g in zip(out, states, flats)]
 
     def _allgather(self, states, flats, key):
-        # each message is encoded straight into the send buffer; the padded
-        # width of this bucket's previous gather (key: its first slot) is
-        # reused, so a bucket costs one collective while its sizes fit
-        rows = self.comm.allgather_encoded(self._messages(states, flats), reuse=True,
-                                           key=("hook", key))
+        self._gather_mean(self._messages(states, flats), states, flats, key)
+
+    def _gather_mean(self, payloads, states, flats, key):
+        """flats <- the mean over ranks of each tensor's payload (both
+        backends' sparse messages): each payload is encoded straight into
+        the send buffer; the padded width of this bucket's previous gather
+        (key: its first slot) is reused, so a bucket costs one collective
+        while its sizes fit."""
+        rows = self.comm.allgather_encoded(payloads, reuse=True, key=("hook", key))
         W = self.comm.world_size
         for t, (st, g) in enumerate(zip(states, flats)):
             ps = [decode(rows[r][t], expect_shape=(g.size,), expect_dtype=g.dtype, copy=False)
