@@ -276,6 +276,10 @@ typedef struct {
     void (*combine_dot)(const void *gout, const void *y, uint64_t H,
                         const int64_t *position, uint64_t t0, uint64_t t1,
                         uint64_t k, void *gw);
+    void (*combine_grad)(const void *gout, const void *y, uint64_t H,
+                         const int64_t *position, uint64_t t0, uint64_t t1,
+                         uint64_t k, const void *weights, void *gy, void *gw,
+                         int stream);
 } lb_moe_rows;
 
 /* One table per instruction set: [0] float32, [1] float64. */
