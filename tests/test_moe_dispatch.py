@@ -163,9 +163,10 @@ def test_byte_identical_for_any_thread_count():
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-def test_combine_backward_kernel_is_scatter_and_dot(dtype):
+def test_combine_backward_kernel_is_scatter_and_dot(dtype, isa):
     # the fused combine backward, each output alone or both, over thread
     # counts, with dropped slots, with and without weights, streaming sizes
+    # (rows of 136 float32 alternate between 64- and 32-byte alignment)
     rng = np.random.default_rng(5)
     for T, E, k, H, cap in ((97, 5, 2, 9, 20), (9000, 8, 2, 136, None)):
         r = moe.route(logits(T, E, dtype, seed=T), k)
