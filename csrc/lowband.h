@@ -548,6 +548,17 @@ lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,
                              uint64_t T, uint64_t k, void *grad_weights,
                              int nthreads);
 
+/* The backward of lb_moe_combine in one pass over grad_out (T x H), each
+ * output optional (NULL: not computed, not both): grad_y (n x H) as
+ * lb_moe_scatter(grad_out, position, weights) and grad_weights (T x k) as
+ * lb_moe_combine_dot(grad_out, y), the same bytes.  With grad_y the kept
+ * positions must map one-to-one onto [0, n), else every position must be
+ * -1 or < n (LB_ERANGE).                                                  */
+lb_status lb_moe_combine_backward(const void *grad_out, const void *y, lb_dtype dt,
+                                  uint64_t n, uint64_t H, const int64_t *position,
+                                  uint64_t T, uint64_t k, const void *weights,
+                                  void *grad_y, void *grad_weights, int nthreads);
+
 
 /* end of Mixture-of-Experts */
 

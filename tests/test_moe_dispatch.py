@@ -162,6 +162,46 @@ def test_byte_identical_for_any_thread_count():
             assert_same(a, b)
 
 
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_combine_backward_kernel_is_scatter_and_dot(dtype, isa):
+    # the fused combine backward, each output alone or both, over thread
+    # counts, with dropped slots, with and without weights, streaming sizes
+    # (rows of 136 float32 alternate between 64- and 32-byte alignment)
+    rng = np.random.default_rng(5)
+    for T, E, k, H, cap in ((97, 5, 2, 9, 20), (9000, 8, 2, 136, None)):
+        r = moe.route(logits(T, E, dtype, seed=T), k)
+        p = moe.dispatch(rng.standard_normal((T, H)).astype(dtype), r, cap)
+        n = p.rows.size
+        y = rng.standard_normal((n, H)).astype(dtype)
+        g = rng.standard_normal((T, H)).astype(dtype)
+        for w in (p.weights, None):
+            want_gy = _core.moe_scatter(g, p.position, n, w)
+            want_gw = _core.moe_combine_dot(g, y, p.position)
+            assert_same(want_gy, ref.moe_scatter(g, p.position, n, w))
+            assert_same(want_gw, ref.moe_combine_dot(g, y, p.position))
+            for t in THREADS:
+                gy, gw = _core.moe_combine_backward(g, y, p.position, w, True, True, t)
+                assert_same(gy, want_gy)
+                assert_same(gw, want_gw)
+                gy, none = _core.moe_combine_backward(g, y, p.position, w, True, False, t)
+                assert none is None
+                assert_same(gy, want_gy)
+                none, gw = _core.moe_combine_backward(g, y, p.position, w, False, True, t)
+                assert none is None
+                assert_same(gw, want_gw)
+
+
+def test_large_outputs_are_page_aligned():
+    # pool outputs start on a page: a row copy whose destination sits a few
+    # bytes past its source modulo 4096 stalls every load (4K aliasing)
+    r = moe.route(logits(4096, 8, np.float32, seed=6), 2)
+    x = np.random.default_rng(6).standard_normal((4096, 64)).astype(np.float32)
+    p = moe.dispatch(x, r)
+    assert p.tokens.nbytes >= 1 << 20 and p.tokens.ctypes.data % 4096 == 0
+    assert p.combine(p.tokens).ctypes.data % 4096 == 0
+    assert _core.empty((1 << 18,), np.float32).ctypes.data % 4096 == 0
+
+
 def test_reused_output_buffers():
     r = moe.route(logits(300, 8, seed=4), 2)
     x = np.random.default_rng(4).standard_normal((300, 16))
@@ -245,5 +285,19 @@ def test_core_entry_points_check_indices():
         _core.moe_combine_dot(np.zeros((2, 3)), np.zeros((4, 3)), np.array([[0, 9], [1, 2]], np.int64))
     with pytest.raises(TypeError, match="position: expected an ndarray of dtype int64"):
         _core.moe_combine(np.zeros((4, 3)), np.array([[0, 1], [1, 2]], np.int32), None)
+    pos = np.array([[0, 1], [2, 3]], np.int64)
+    cb = _core.moe_combine_backward
+    with pytest.raises(ValueError, match=r"position: the kept positions must map one-to-one onto \[0, 4\)"):
+        cb(np.zeros((2, 3)), np.zeros((4, 3)), np.array([[0, 0], [1, 2]], np.int64), None)
+    with pytest.raises(ValueError, match="combine_backward"):
+        cb(np.zeros((2, 3)), np.zeros((4, 3)), np.array([[0, 9], [1, 2]], np.int64), None, False)
+    with pytest.raises(ValueError, match="need_y, need_weights: expected at least one True"):
+        cb(np.zeros((2, 3)), np.zeros((4, 3)), pos, None, False, False)
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(T, H\)"):
+        cb(np.zeros((2, 2)), np.zeros((4, 3)), pos, None)
+    with pytest.raises(ValueError, match=r"grad_out: expected shape \(T, H\)"):
+        cb(np.zeros((2, 3), np.float32), np.zeros((4, 3)), pos, None)
+    with pytest.raises(ValueError, match="weights: expected the shape of position"):
+        cb(np.zeros((2, 3)), np.zeros((4, 3)), pos, np.zeros((2, 3)))
     with pytest.raises(ValueError, match="weights: expected the shape of position"):
         _core.moe_combine(np.zeros((4, 3)), np.array([[0, 1], [1, 2]], np.int64), np.zeros((2, 3)))

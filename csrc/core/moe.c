@@ -678,3 +678,34 @@ lb_status lb_moe_combine_dot(const void *grad_out, const void *y, lb_dtype dt,
     }
     return LB_OK;
 }
+
+lb_status lb_moe_combine_backward(const void *grad_out, const void *y, lb_dtype dt,
+                                  uint64_t n, uint64_t H, const int64_t *position,
+                                  uint64_t T, uint64_t k, const void *weights,
+                                  void *grad_y, void *grad_weights, int nthreads)
+{
+    if (!valid_dtype(dt) || k == 0 || (!grad_y && !grad_weights) ||
+        (T && (!position || (H && !grad_out) || (grad_weights && !y))) ||
+        (grad_y && n && H && !grad_out))
+        return LB_EINVAL;
+    if (T > UINT64_MAX / k || (H && (n > UINT64_MAX / H || T > UINT64_MAX / H)))
+        return LB_EOVERFLOW;
+    if (grad_y ? !positions_onto(position, T * k, n) : !positions_ok(position, T * k, n))
+        return LB_ERANGE;
+    const int stream = grad_y && n * H * lb_dtype_size(dt) >= STREAM_BYTES;
+    const uint64_t R = rows_per_chunk(H * k), nch = lb_num_chunks(T, R);
+    const lb_moe_rows *K = lb_moe_rows_for(dt);
+    int team = lb_team(nthreads, nch);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        LB_OMP(omp for schedule(dynamic))
+        for (uint64_t c = 0; c < nch; c++) {
+            uint64_t t0 = c * R, t1 = T - t0 < R ? T : t0 + R;
+            K->combine_grad(grad_out, y, H, position, t0, t1, k, weights, grad_y,
+                            grad_weights, stream);
+        }
+        if (stream)
+            stream_fence();
+    }
+    return LB_OK;
+}

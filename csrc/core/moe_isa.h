@@ -51,7 +51,8 @@
      LB_MOE_CAT(z_loss_rows##sfx, LB_MOE_ISA),                                 \
      LB_MOE_CAT(scatter_rows##sfx, LB_MOE_ISA),                                \
      LB_MOE_CAT(combine_rows##sfx, LB_MOE_ISA),                                \
-     LB_MOE_CAT(combine_dot_rows##sfx, LB_MOE_ISA)}
+     LB_MOE_CAT(combine_dot_rows##sfx, LB_MOE_ISA),                           \
+     LB_MOE_CAT(combine_grad_rows##sfx, LB_MOE_ISA)}
 
 const lb_moe_rows LB_MOE_CAT(lb_moe_rows_, LB_MOE_ISA)[2] = {
     LB_MOE_TABLE_ENTRY(_f32_), LB_MOE_TABLE_ENTRY(_f64_)};

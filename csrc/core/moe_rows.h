@@ -461,6 +461,39 @@ static void LB_F(combine_rows)(const void *yv, uint64_t H, const int64_t *positi
     }
 }
 
+/* The combine backward for tokens [t0, t1) in one pass over grad_out
+ * (see lb_moe_combine_backward): each kept slot's row of grad_y is
+ * w * grad_out[t] (when grad_y is not NULL) and its weight gradient the
+ * dot product of grad_out[t] with its expert-output row (when gw is not
+ * NULL); grad_out[t] is read from memory once for all k slots.            */
+static void LB_F(combine_grad_rows)(const void *goutv, const void *yv, uint64_t H,
+                                    const int64_t *position, uint64_t t0,
+                                    uint64_t t1, uint64_t k, const void *weightsv,
+                                    void *gyv, void *gwv, int stream)
+{
+    const LB_T *gout = goutv, *y = yv, *weights = weightsv;
+    LB_T *gy = gyv, *gw = gwv;
+    for (uint64_t t = t0; t < t1; t++) {
+        const LB_T *gt = gout + t * H;
+        for (uint64_t s = 0; s < k; s++) {
+            int64_t p = position[t * k + s];
+            if (p < 0) {
+                if (gw)
+                    gw[t * k + s] = (LB_T)0;
+                continue;
+            }
+            /* the dot first: its loads of y[p] must not follow the stores
+             * to grad_y[p], at the same offsets modulo 4096 when both are
+             * page-aligned (4K aliasing makes every load wait)            */
+            if (gw)
+                gw[t * k + s] = (LB_T)LB_F(lanedot)(gt, y + (uint64_t)p * H, H);
+            if (gy)
+                LB_F(scale_row)(gy + (uint64_t)p * H, gt, H,
+                                weights ? weights[t * k + s] : (LB_T)1, !weights, stream);
+        }
+    }
+}
+
 /* Gradient of the combine weights for tokens [t0, t1).                    */
 static void LB_F(combine_dot_rows)(const void *goutv, const void *yv, uint64_t H,
                                    const int64_t *position, uint64_t t0,

@@ -1,19 +1,39 @@
 /* scratch.c - the scratch-buffer cache described in scratch.h. */
+#define _DEFAULT_SOURCE   /* posix_memalign, madvise */
 #include "scratch.h"
 
 #include <pthread.h>
 #include <stdint.h>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #define LB_SCRATCH_SLOTS 16
-/* Bytes kept at most: LOWBAND_POOL_LIMIT_MB (default 1024), read once. */
+/* The default limit in MB: an eighth of the physical memory, at least
+ * 1024 (a MoE layer's forward + backward at T = 65536, H = 1024 frees
+ * 1.5 GB of outputs per step, which must all be kept to pay no faults).   */
+static long default_limit_mb(void)
+{
+    long mb = 1024;
+#if defined(_SC_PHYS_PAGES) && defined(_SC_PAGESIZE)
+    long pages = sysconf(_SC_PHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+    if (pages > 0 && page > 0 && (double)pages * (double)page / 8.0 / 1048576.0 > mb)
+        mb = (long)((double)pages * (double)page / 8.0 / 1048576.0);
+#endif
+    return mb;
+}
+
+/* Bytes kept at most: LOWBAND_POOL_LIMIT_MB (default: an eighth of the
+ * physical memory, at least 1024), read once.                             */
 static size_t scratch_limit(void)
 {
     static size_t limit = 0;
     if (!limit) {
         const char *e = getenv("LOWBAND_POOL_LIMIT_MB");
-        long mb = e && *e ? strtol(e, NULL, 10) : 1024;
+        long mb = e && *e ? strtol(e, NULL, 10) : default_limit_mb();
         limit = (size_t)(mb < 0 ? 0 : mb) << 20;
         if (!limit)
             limit = 1;   /* 0 MB: keep nothing (1 byte fits no buffer) */
@@ -21,12 +41,48 @@ static size_t scratch_limit(void)
     return limit;
 }
 #define LB_SCRATCH_LIMIT scratch_limit()
-#define HEADER 64   /* keeps the user pointer 64-byte aligned */
+
+/* Alignment of the pointer handed out: 64 bytes, or a whole page for
+ * buffers of at least PAGE_ALIGN_MIN bytes.  Page alignment matters for
+ * the large row copies (MoE dispatch / combine): a destination 16 bytes
+ * past the source modulo 4096 makes every load wait on the store just
+ * issued (4K aliasing, measured 10x slower), while sources from malloc,
+ * NumPy or torch sit 16-64 bytes into a page, far from a page-aligned
+ * destination.  The header (the block and its capacity) sits right
+ * before the pointer, inside the alignment padding.                      */
+#define SMALL_ALIGN ((size_t)64)
+#define PAGE_ALIGN ((size_t)4096)
+#define PAGE_ALIGN_MIN ((size_t)1 << 16)
+/* Blocks at least this large are advised onto transparent huge pages
+ * (where the system allows it on request, as NumPy does for its arrays):
+ * a first touch then faults 2 MB at a time instead of 4 KB.              */
+#define HUGE_ADVICE_MIN ((size_t)4 << 20)
+
+static size_t align_for(size_t bytes)
+{
+    return bytes >= PAGE_ALIGN_MIN ? PAGE_ALIGN : SMALL_ALIGN;
+}
 
 typedef struct {
-    void *block;     /* what malloc returned (header included) */
-    size_t cap;      /* usable bytes                           */
+    void *block;     /* what the user got (the header is before it) */
+    size_t cap;      /* usable bytes                                */
 } slot;
+
+/* The header before every handed-out pointer. */
+typedef struct {
+    void *raw;       /* what posix_memalign returned */
+    size_t cap;
+} header;
+
+/* Frees a pointer handed out by lb_scratch_alloc (NULL is ignored). */
+static void release(void *p)
+{
+    if (!p)
+        return;
+    header h;
+    memcpy(&h, (char *)p - sizeof h, sizeof h);
+    free(h.raw);
+}
 
 static slot cache[LB_SCRATCH_SLOTS];
 static size_t cached_bytes = 0;
@@ -50,7 +106,6 @@ void *lb_scratch_alloc(size_t bytes)
     if (bytes == 0)
         bytes = 1;
     void *found = NULL;
-    size_t found_cap = 0;
     pthread_mutex_lock(&lock);
     int best = -1;
     for (int i = 0; i < LB_SCRATCH_SLOTS; i++)   /* smallest block that fits */
@@ -59,30 +114,40 @@ void *lb_scratch_alloc(size_t bytes)
             best = i;
     if (best >= 0) {
         found = cache[best].block;
-        found_cap = cache[best].cap;
-        cached_bytes -= found_cap;
+        cached_bytes -= cache[best].cap;
         cache[best].block = NULL;
     }
     pthread_mutex_unlock(&lock);
-    if (!found) {
-        if (bytes > SIZE_MAX - HEADER)
-            return NULL;
-        found = malloc(bytes + HEADER);
-        if (!found)
-            return NULL;
-        found_cap = bytes;
+    if (found)
+        return found;
+    size_t align = align_for(bytes);
+    if (bytes > SIZE_MAX - align)
+        return NULL;
+    void *raw = NULL;
+    if (posix_memalign(&raw, align, align + bytes) != 0)
+        return NULL;
+    found = (char *)raw + align;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+    if (bytes >= HUGE_ADVICE_MIN) {   /* advice only: failure changes nothing */
+        uintptr_t lo = ((uintptr_t)found + PAGE_ALIGN - 1) & ~(uintptr_t)(PAGE_ALIGN - 1);
+        uintptr_t hi = ((uintptr_t)found + bytes) & ~(uintptr_t)(PAGE_ALIGN - 1);
+        if (hi > lo)
+            (void)madvise((void *)lo, hi - lo, MADV_HUGEPAGE);
     }
-    memcpy(found, &found_cap, sizeof found_cap);
-    return (char *)found + HEADER;
+#endif
+    header h = {raw, bytes};
+    memcpy((char *)found - sizeof h, &h, sizeof h);
+    return found;
 }
 
 void lb_scratch_free(void *p)
 {
     if (!p)
         return;
-    void *block = (char *)p - HEADER;
-    size_t cap;
-    memcpy(&cap, block, sizeof cap);
+    void *block = p;
+    header h;
+    memcpy(&h, (char *)p - sizeof h, sizeof h);
+    size_t cap = h.cap;
     pthread_mutex_lock(&lock);
     if (cap <= LB_SCRATCH_LIMIT) {
         /* make room: evict the smallest cached block if all slots are used */
@@ -107,7 +172,7 @@ void lb_scratch_free(void *p)
                     largest = i;
             if (largest < 0)
                 break;
-            free(cache[largest].block);
+            release(cache[largest].block);
             cached_bytes -= cache[largest].cap;
             cache[largest].block = NULL;
         }
@@ -118,19 +183,19 @@ void lb_scratch_free(void *p)
             block = NULL;
         }
         pthread_mutex_unlock(&lock);
-        free(evict);
-        free(block);
+        release(evict);
+        release(block);
         return;
     }
     pthread_mutex_unlock(&lock);
-    free(block);
+    release(block);
 }
 
 void lb_scratch_trim(void)
 {
     pthread_mutex_lock(&lock);
     for (int i = 0; i < LB_SCRATCH_SLOTS; i++) {
-        free(cache[i].block);
+        release(cache[i].block);
         cache[i].block = NULL;
     }
     cached_bytes = 0;

@@ -632,6 +632,85 @@ fail:
     return NULL;
 }
 
+/* combine_backward(grad_out[T,H], y[N,H], position[T,k], weights[T,k] | None,
+ *                  need_y, need_weights, threads)
+ *   -> (grad_y[N,H] | None, grad_weights[T,k] | None): combine's backward
+ * (moe_scatter and moe_combine_dot) in one pass over grad_out.            */
+static PyObject *py_combine_backward(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"grad_out", "y",           "position", "weights",
+                             "need_y",   "need_weights", "threads",  NULL};
+    PyObject *g_o, *y_o, *p_o, *w_o, *threads = Py_None;
+    int need_y = 1, need_w = 1, nt;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOO|ppO:combine_backward", kwlist, &g_o,
+                                     &y_o, &p_o, &w_o, &need_y, &need_w, &threads))
+        return NULL;
+    PyArrayObject *g = NULL, *y, *p, *w = NULL;
+    PyObject *gy = NULL, *gw = NULL;
+    if (combine_args(y_o, p_o, &y, &p) < 0 || !(g = float_array(g_o, "grad_out", 2)))
+        goto fail;
+    uint64_t n = (uint64_t)PyArray_DIM(y, 0), H = (uint64_t)PyArray_DIM(y, 1);
+    uint64_t T = (uint64_t)PyArray_DIM(p, 0), k = (uint64_t)PyArray_DIM(p, 1);
+    lb_dtype dt = lb_py_dtype_of(y);
+    if (lb_py_dtype_of(g) != dt || (uint64_t)PyArray_DIM(g, 0) != T ||
+        (uint64_t)PyArray_DIM(g, 1) != H || k == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "grad_out: expected shape (T, H) in the dtype of expert_out");
+        goto fail;
+    }
+    if (!need_y && !need_w) {
+        PyErr_SetString(PyExc_ValueError, "need_y, need_weights: expected at least one True");
+        goto fail;
+    }
+    if (w_o != Py_None) {
+        if (!(w = float_array(w_o, "weights", 2)))
+            goto fail;
+        if (lb_py_dtype_of(w) != dt || (uint64_t)PyArray_DIM(w, 0) != T ||
+            (uint64_t)PyArray_DIM(w, 1) != k) {
+            PyErr_SetString(PyExc_ValueError,
+                            "weights: expected the shape of position, in the dtype of y");
+            goto fail;
+        }
+    }
+    if (lb_py_threads(threads, T * H * k, &nt) < 0 ||
+        (need_y && !(gy = new_array(2, (npy_intp)n, (npy_intp)H, lb_py_typenum(dt)))) ||
+        (need_w && !(gw = new_array(2, (npy_intp)T, (npy_intp)k, lb_py_typenum(dt)))))
+        goto fail;
+    lb_status st;
+    const void *gd = PyArray_DATA(g), *yd = PyArray_DATA(y), *wd = w ? PyArray_DATA(w) : NULL;
+    const int64_t *pd = PyArray_DATA(p);
+    void *gyd = gy ? PyArray_DATA((PyArrayObject *)gy) : NULL;
+    void *gwd = gw ? PyArray_DATA((PyArrayObject *)gw) : NULL;
+    LB_NOGIL(T * H * k,
+             st = lb_moe_combine_backward(gd, yd, dt, n, H, pd, T, k, wd, gyd, gwd, nt));
+    if (st == LB_ERANGE && gy) {
+        PyErr_Format(PyExc_ValueError,
+                     "position: the kept positions must map one-to-one onto [0, %llu)",
+                     (unsigned long long)n);
+        goto fail;
+    }
+    if (st != LB_OK) {
+        lb_py_raise(st, NULL, "combine_backward", "position", NULL);
+        goto fail;
+    }
+    Py_DECREF(g);
+    Py_DECREF(y);
+    Py_DECREF(p);
+    Py_XDECREF(w);
+    PyObject *res = Py_BuildValue("(OO)", gy ? gy : Py_None, gw ? gw : Py_None);
+    Py_XDECREF(gy);
+    Py_XDECREF(gw);
+    return res;
+fail:
+    Py_XDECREF(g);
+    Py_XDECREF(y);
+    Py_XDECREF(p);
+    Py_XDECREF(w);
+    Py_XDECREF(gy);
+    Py_XDECREF(gw);
+    return NULL;
+}
+
 static PyObject *py_sum_rows(PyObject *self, PyObject *arg)
 {
     uint64_t E;
@@ -659,6 +738,8 @@ PyMethodDef lb_moe_methods[] = {
     {"moe_combine", FN(py_combine), KW, "moe_combine(y, position, weights, threads)"},
     {"moe_combine_dot", FN(py_combine_dot), KW,
      "moe_combine_dot(grad_out, y, position, threads)"},
+    {"moe_combine_backward", FN(py_combine_backward), KW,
+     "moe_combine_backward(grad_out, y, position, weights, need_y, need_weights, threads)"},
     {"moe_sum_rows", py_sum_rows, METH_O, "moe_sum_rows(E): rows per column-sum partial"},
     {NULL, NULL, 0, NULL},
 };

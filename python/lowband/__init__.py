@@ -83,7 +83,8 @@ def get_num_threads():
 def release_memory():
     """Give back the buffers lowband keeps for reuse: large kernel outputs and
     scratch space return to a pool when freed (at most LOWBAND_POOL_LIMIT_MB,
-    default 1024 MB), so that repeated calls do not pay page faults."""
+    default an eighth of the physical memory and at least 1024 MB), so that
+    repeated calls do not pay page faults."""
     _core.release_memory()
 
 

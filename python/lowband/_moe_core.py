@@ -718,14 +718,14 @@ class Dispatch:
 
     def combine_backward(self, grad_out, expert_out):
         """(grad_expert_out [N, H'], grad_weights [T, k]) of combine, given
-        the gradient [T, H'] of its output."""
+        the gradient [T, H'] of its output (one pass over grad_out: each
+        token's gradient row is read once for both)."""
         y = self._rows_like(expert_out, "expert_out")
         g = _matrix(grad_out, "grad_out", self.position.shape[0], y.shape[1])
         if g.dtype != y.dtype:
             raise TypeError(f"grad_out: expected dtype {y.dtype}, got {g.dtype}")
-        gy = _core.moe_scatter(g, self.position, self.rows.size, self.weights, self._threads)
-        gw = _core.moe_combine_dot(g, y, self.position, self._threads)
-        return gy, gw
+        return _core.moe_combine_backward(g, y, self.position, self.weights, True, True,
+                                          self._threads)
 
     def dispatch_backward(self, grad_tokens):
         """[T, H]: the gradient with respect to x of a loss whose gradient

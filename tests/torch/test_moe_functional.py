@@ -460,6 +460,36 @@ def test_custom_ops_pass_opcheck_and_gradcheck():
     assert torch.autograd.gradcheck(lambda y, w: moe_combine(y, pos, w, None), (y, w))
 
 
+def test_fused_combine_backward_is_the_two_ops():
+    """combine's backward with both gradients runs lowband::moe_combine_grad
+    (one pass over the gradient); it must give the bytes of moe_scatter and
+    moe_combine_dot, which still run under create_graph (double backward)."""
+    from lowband.torch._moe_functional import (moe_combine, moe_combine_dot, moe_combine_grad,
+                                               moe_scatter)
+    for dtype, cap in ((torch.float32, None), (torch.float64, 4)):
+        r = moe.route(logits(seed=19, grad=False), 2)
+        x = torch.randn(T, 7, dtype=dtype)
+        plan = moe.dispatch(x, r, capacity=cap)
+        pos, n = plan.position, plan.tokens.shape[0]
+        y = torch.randn(n, 7, dtype=dtype)
+        w = r.weights.detach().to(dtype)
+        g = torch.randn(T, 7, dtype=dtype)
+        gy, gw = moe_combine_grad(g, y, pos, w, None)
+        assert torch.equal(gy, moe_scatter(g, pos, n, w, None))
+        assert torch.equal(gw, moe_combine_dot(g, y, pos, None))
+        torch.library.opcheck(moe_combine_grad, (g, y, pos, w, None))
+        yl, wl = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        moe_combine(yl, pos, wl, None).backward(g)
+        assert torch.equal(yl.grad, gy) and torch.equal(wl.grad, gw)
+        y2, w2 = y.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        gy2, gw2 = torch.autograd.grad(moe_combine(y2, pos, w2, None), (y2, w2), g,
+                                       create_graph=True)
+        assert torch.equal(gy2.detach(), gy) and torch.equal(gw2.detach(), gw)
+        assert gy2.requires_grad      # the differentiable path ran
+    yd = torch.randn(n, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradgradcheck(lambda y: moe_combine(y, pos, w, None), (yd,))
+
+
 def test_without_custom_op_the_same_formulas_run_as_autograd_functions():
     """torch < 2.4 has no torch.library.custom_op: the fallback must give
     the same values and gradients (checked here by hiding custom_op)."""

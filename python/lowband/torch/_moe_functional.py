@@ -483,6 +483,17 @@ def _moe_combine_dot(g: torch.Tensor, y: torch.Tensor, position: torch.Tensor,
     return torch.from_numpy(_core.moe_combine_dot(_view(g), _view(y), _view(position), threads))
 
 
+def _moe_combine_grad(g: torch.Tensor, y: torch.Tensor, position: torch.Tensor,
+                      weights: Optional[torch.Tensor] = None,
+                      threads: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(moe_scatter(g, position, y.shape[0], weights), moe_combine_dot(g, y,
+    position)), the backward of moe_combine, in one pass over g."""
+    w = None if weights is None else _view(weights)
+    gy, gw = _core.moe_combine_backward(_view(g), _view(y), _view(position), w, True, True,
+                                        threads)
+    return torch.from_numpy(gy), torch.from_numpy(gw)
+
+
 def _scatter_fake(x, position, n, weights=None, threads=None):
     return x.new_empty((n, x.shape[1]))
 
@@ -493,6 +504,10 @@ def _combine_fake(y, position, weights=None, threads=None):
 
 def _combine_dot_fake(g, y, position, threads=None):
     return y.new_empty(tuple(position.shape))
+
+
+def _combine_grad_fake(g, y, position, weights=None, threads=None):
+    return y.new_empty(tuple(y.shape)), y.new_empty(tuple(position.shape))
 
 
 def _scatter_setup(ctx, inputs, output):
@@ -518,14 +533,20 @@ def _combine_setup(ctx, inputs, output):
 
 def _combine_backward(ctx, g):
     y, position, weights = ctx.saved_tensors
-    gy = moe_scatter(g, position, ctx.n, weights, ctx.threads) if ctx.needs_input_grad[0] else None
-    gw = None
-    if weights is not None and ctx.needs_input_grad[2]:
-        gw = moe_combine_dot(g, y, position, ctx.threads)
+    need_y = ctx.needs_input_grad[0]
+    need_w = weights is not None and ctx.needs_input_grad[2]
+    if need_y and need_w and not torch.is_grad_enabled():
+        # both in one pass over g (the fused op has no double backward: under
+        # create_graph the two differentiable ops below run instead)
+        gy, gw = moe_combine_grad(g, y, position, weights, ctx.threads)
+        return gy, None, gw, None
+    gy = moe_scatter(g, position, ctx.n, weights, ctx.threads) if need_y else None
+    gw = moe_combine_dot(g, y, position, ctx.threads) if need_w else None
     return gy, None, gw, None
 
 
 moe_combine_dot = _custom_op("lowband::moe_combine_dot", _moe_combine_dot, _combine_dot_fake)
+moe_combine_grad = _custom_op("lowband::moe_combine_grad", _moe_combine_grad, _combine_grad_fake)
 moe_scatter = _custom_op("lowband::moe_scatter", _moe_scatter, _scatter_fake, _scatter_setup,
                          _scatter_backward)
 moe_combine = _custom_op("lowband::moe_combine", _moe_combine, _combine_fake, _combine_setup,
