@@ -137,7 +137,9 @@ class _Stateful:
         self._backup = None
 
     def _transaction(self):
-        """Every step runs inside this (with the lock held): the state is
+        """Every step runs inside this (with the lock held), except one the
+        two-pass sign kernel takes (it checks all it needs before it writes,
+        so it cannot fail halfway: see _fused.sign_step): the state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
