@@ -412,6 +412,18 @@ lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
                      double decay, double scale, uint64_t k, int check_finite,
                      int nthreads, lb_sparse *out, lb_error *err);
 
+/* Error feedback fused with sign (mode LB_SCALE_L1 or LB_SCALE_RMS): with
+ * p = decay * e + scale * g, writes codes and scales exactly as lb_sign(p)
+ * and e = p - D(sign(p)), as lb_ef_axpby + lb_sign + lb_ef_sign_residual,
+ * in two passes (the first reads e and g only).  *applied = 0, with e
+ * untouched, when the first pass finds a block sum or scale non-finite (a
+ * non-finite g or p, an overflow), when n == 0, or when block is neither
+ * 0, >= n nor a multiple of 8: the caller then takes the separate steps,
+ * which report the error.                                                 */
+lb_status lb_ef_sign(void *e, const void *g, uint64_t n, lb_dtype dt, double decay,
+                     double scale, int mode, uint64_t block, int nthreads,
+                     uint8_t *codes, float *scales, int *applied);
+
 /* The residual of a sign payload of e itself: e[i] -= (e[i] >= 0 ? s : -s)
  * with s = scales[i / block] (block 0: one scale; scales NULL: s = 1), the
  * decoded value computed as lb_table_decode does (+-1 times the scale, in

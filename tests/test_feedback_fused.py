@@ -161,6 +161,57 @@ def test_fused_sign_every_isa_and_thread_count(isa):
                        300007, np.float32, steps=2)
 
 
+@pytest.mark.parametrize("scale,block,n", [("l1", 8, 1003), ("rms", 64, 70001), ("l1", 3, 1000),
+                                           ("l1", 131072, 140001), ("rms", None, 131073)])
+def test_two_pass_sign_blocks_every_isa(isa, scale, block, n):
+    """The two-pass kernel (whole-byte blocks, several pieces per block) and
+    its fallback (block 3) against the generic path, both dtypes and with
+    decay; the learning-rate rescaling goes through the transaction."""
+    for dt in FLOATS:
+        for t in THREADS:
+            run_quant_pair(lambda: C.Sign(scale, block=block), lambda: GenericSign(scale, block=block),
+                           lambda c, n, d: F.DecayedFeedback(c, np.zeros(n, d), beta=0.5, threads=t),
+                           n, dt, steps=2)
+    a = F.ErrorFeedback(C.Sign(scale, block=block), np.zeros(n, np.float32))
+    b = F.ErrorFeedback(GenericSign(scale, block=block), np.zeros(n, np.float32))
+    for t, lr in enumerate([0.1, 0.1, 0.05, 0.05]):
+        g = make_vector(n, np.float32, "heavy", seed=t)
+        assert a.step(g, lr=lr) == b.step(g, lr=lr)
+        assert_same(a.error, b.error, "error")
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")   # the generic path overflows on purpose
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_two_pass_sign_failure_leaves_state(isa, dtype):
+    """A non-finite gradient, an overflowing p or (float64) an overflowing
+    block sum raise and leave the state byte for byte; the next step then
+    matches the generic path."""
+    n = 4099
+    big = np.finfo(dtype).max
+    a = F.ErrorFeedback(C.Sign("l1", block=8), np.zeros(n, dtype))
+    b = F.ErrorFeedback(GenericSign("l1", block=8), np.zeros(n, dtype))
+    g = make_vector(n, dtype, "heavy", seed=1)
+    nan = g.copy()
+    nan[77] = np.nan
+    cases = [(None, nan), (np.full(n, big * 0.75, dtype), np.full(n, big * 0.75, dtype))]
+    if dtype == np.float64:   # every p finite, the block sum is not
+        cases.append((np.full(n, big / 2, dtype), g))
+    for state, gb in cases:
+        for fb in (a, b):
+            fb.step(g)
+            if state is not None:
+                fb.load_state_dict({**fb.state_dict(), "arrays": {"error": state.copy()}})
+            before, t = fb.error.copy(), fb.t
+            with pytest.raises(ValueError):
+                fb.step(gb)
+            assert fb.error.tobytes() == before.tobytes() and fb.t == t
+        assert_same(a.error, b.error, "error")
+        a.reset(), b.reset()
+    g = make_vector(n, dtype, "heavy", seed=2)
+    assert a.step(g) == b.step(g)
+    assert_same(a.error, b.error, "error")
+
+
 def test_residual_rejects_half_state():
     from lowband import _schemes
     x = make_vector(100)

@@ -594,6 +594,78 @@ lb_status lb_sign(const void *x, uint64_t n, lb_dtype dt, int mode,
     return st;
 }
 
+/* The contract is in lowband.h: lb_sign's fused layout (pieces of whole
+ * bytes), its sums recomputed from e and g, e rewritten only once every
+ * scale is known to be finite.                                            */
+lb_status lb_ef_sign(void *e, const void *g, uint64_t n, lb_dtype dt, double decay,
+                     double scale, int mode, uint64_t block, int nthreads,
+                     uint8_t *codes, float *scales, int *applied)
+{
+    if (!applied || (dt != LB_F32 && dt != LB_F64) ||
+        (mode != LB_SCALE_L1 && mode != LB_SCALE_RMS) || (n && (!e || !g || !codes || !scales)))
+        return LB_EINVAL;
+    *applied = 0;
+    blocks L = blocks_of(n, block);
+    if (n == 0 || !(L.B % 8 == 0 || L.nblocks == 1))
+        return LB_OK;
+    const lb_quant_fns *fns = lb_quant();
+    int sum_mode = mode == LB_SCALE_RMS ? LB_SUM_SQ : LB_SUM_ABS;
+    uint64_t npieces = L.nblocks * L.ppb;
+    double *part = lb_alloc_n(npieces, sizeof(double), 0);
+    if (!part)
+        return LB_ENOMEM;
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t p = 0; p < npieces; p++) {
+        uint64_t b = p / L.ppb, s = b * L.B + (p % L.ppb) * L.piece;
+        uint64_t end = b * L.B + block_len(&L, b);
+        uint64_t m = s < end ? (end - s < L.piece ? end - s : L.piece) : 0;
+        if (!m)
+            part[p] = 0.0;
+        else if (dt == LB_F32)
+            part[p] = fns->efsum32((const float *)e + s, (const float *)g + s, m,
+                                   (float)decay, (float)scale, sum_mode);
+        else
+            part[p] = fns->efsum64((const double *)e + s, (const double *)g + s, m, decay,
+                                   scale, sum_mode);
+    }
+    int ok = 1;
+    for (uint64_t b = 0; b < L.nblocks && ok; b++) {
+        double v = part[b * L.ppb];
+        if (L.ppb > 1) {   /* as lb_sign: pieces added in order from 0.0 */
+            v = 0.0;
+            for (uint64_t q = 0; q < L.ppb; q++)
+                v += part[b * L.ppb + q];
+        }
+        double len = (double)block_len(&L, b);
+        if (!isfinite(v))
+            ok = 0;
+        else
+            scales[b] = (float)(mode == LB_SCALE_L1 ? v / len : sqrt(v / len));
+        if (ok && !isfinite(scales[b]))
+            ok = 0;
+    }
+    free(part);
+    if (!ok)
+        return LB_OK;
+    LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
+    for (uint64_t p = 0; p < npieces; p++) {
+        uint64_t b = p / L.ppb, s = b * L.B + (p % L.ppb) * L.piece;
+        uint64_t end = b * L.B + block_len(&L, b);
+        uint64_t m = s < end ? (end - s < L.piece ? end - s : L.piece) : 0;
+        if (!m)
+            continue;
+        if (dt == LB_F32)
+            fns->efsign32((float *)e + s, (const float *)g + s, m, (float)decay,
+                          (float)scale, scales[b], codes + s / 8);
+        else
+            fns->efsign64((double *)e + s, (const double *)g + s, m, decay, scale,
+                          (double)scales[b], codes + s / 8);
+    }
+    *applied = 1;
+    return LB_OK;
+}
+
 /* ------------------------------------------------------------------------ */
 /* Blockwise absmax                                                          */
 /* ------------------------------------------------------------------------ */

@@ -33,6 +33,18 @@ typedef struct {
      * ceil(m / 8) bytes; the unused bits of the last byte are zero.       */
     void (*signbits32)(const float *x, uint64_t m, uint8_t *out);
     void (*signbits64)(const double *x, uint64_t m, uint8_t *out);
+    /* Error feedback with sign: lanesum32/64 (mode LB_SUM_ABS or LB_SUM_SQ)
+     * of p[j] = decay * e[j] + scale * g[j] (two products rounded in the
+     * input precision, then the sum), reading e and g only.               */
+    double (*efsum32)(const float *e, const float *g, uint64_t m, float decay,
+                      float scale, int mode);
+    double (*efsum64)(const double *e, const double *g, uint64_t m, double decay,
+                      double scale, int mode);
+    /* The same p: its signbits into out, and e[j] = p - (p >= 0 ? s : -s). */
+    void (*efsign32)(float *e, const float *g, uint64_t m, float decay, float scale,
+                     float s, uint8_t *out);
+    void (*efsign64)(double *e, const double *g, uint64_t m, double decay,
+                     double scale, double s, uint8_t *out);
     /* Philox words of counter blocks first .. first + nb - 1 into
      * out[0 .. 4 nb), word 4 i + l being lane l of block first + i.       */
     void (*philox)(const lb_philox_key *key, uint64_t first, uint64_t nb,

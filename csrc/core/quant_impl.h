@@ -126,6 +126,67 @@ LB_DEFINE_SIGNBITS(float, LB_Q(signbits32_))
 LB_DEFINE_SIGNBITS(double, LB_Q(signbits64_))
 #endif
 
+/* ---- error feedback with sign --------------------------------------------- */
+
+#define LB_DEFINE_EFSUM(T, NAME)                                               \
+    static double NAME(const T *e, const T *g, uint64_t m, T decay, T scale,   \
+                       int mode)                                               \
+    {                                                                          \
+        double acc[16] = {0};                                                  \
+        uint64_t i = 0, full = m & ~(uint64_t)15;                              \
+        if (mode == LB_SUM_SQ) {                                               \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++) {                                 \
+                    T t1 = decay * e[i + l], t2 = scale * g[i + l];            \
+                    double d = (double)(T)(t1 + t2);                           \
+                    acc[l] += d * d;                                           \
+                }                                                              \
+            for (int l = 0; i + l < m; l++) {                                  \
+                T t1 = decay * e[i + l], t2 = scale * g[i + l];                \
+                double d = (double)(T)(t1 + t2);                               \
+                acc[l] += d * d;                                               \
+            }                                                                  \
+        } else {                                                               \
+            for (; i < full; i += 16)                                          \
+                for (int l = 0; l < 16; l++) {                                 \
+                    T t1 = decay * e[i + l], t2 = scale * g[i + l];            \
+                    acc[l] += fabs((double)(T)(t1 + t2));                      \
+                }                                                              \
+            for (int l = 0; i + l < m; l++) {                                  \
+                T t1 = decay * e[i + l], t2 = scale * g[i + l];                \
+                acc[l] += fabs((double)(T)(t1 + t2));                          \
+            }                                                                  \
+        }                                                                      \
+        return lb_fold16(acc);                                                 \
+    }
+
+LB_DEFINE_EFSUM(float, LB_Q(efsum32_))
+LB_DEFINE_EFSUM(double, LB_Q(efsum64_))
+
+/* p tile by tile (in L1): e = p - +-s, then the tile's sign bits. */
+#define LB_EFSIGN_TILE 512
+#define LB_DEFINE_EFSIGN(T, SIGNBITS, NAME)                                    \
+    static void NAME(T *e, const T *g, uint64_t m, T decay, T scale, T s,      \
+                     uint8_t *out)                                             \
+    {                                                                          \
+        T tile[LB_EFSIGN_TILE];                                                \
+        for (uint64_t t = 0; t < m; t += LB_EFSIGN_TILE) {                     \
+            uint64_t len = m - t < LB_EFSIGN_TILE ? m - t : LB_EFSIGN_TILE;    \
+            T *et = e + t;                                                     \
+            const T *gt = g + t;                                               \
+            for (uint64_t j = 0; j < len; j++) {                               \
+                T t1 = decay * et[j], t2 = scale * gt[j];                      \
+                T p = t1 + t2;                                                 \
+                tile[j] = p;                                                   \
+                et[j] = p - (p >= 0 ? s : -s);                                 \
+            }                                                                  \
+            SIGNBITS(tile, len, out + t / 8);                                  \
+        }                                                                      \
+    }
+
+LB_DEFINE_EFSIGN(float, LB_Q(signbits32_), LB_Q(efsign32_))
+LB_DEFINE_EFSIGN(double, LB_Q(signbits64_), LB_Q(efsign64_))
+
 /* ---- Philox ---------------------------------------------------------------- */
 
 static void LB_Q(philox_tail_)(const lb_philox_key *key, uint64_t first,
@@ -355,7 +416,8 @@ static void LB_Q(f16_to_f32_)(const uint16_t *x, uint64_t m, float *out)
 const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(lanesum32_), LB_Q(lanesum64_), LB_Q(maxkey32_), LB_Q(maxkey64_),
     LB_Q(blockmax32_),
-    LB_Q(signbits32_), LB_Q(signbits64_), LB_Q(philox_), LB_Q(smq32_),
+    LB_Q(signbits32_), LB_Q(signbits64_), LB_Q(efsum32_), LB_Q(efsum64_), LB_Q(efsign32_),
+    LB_Q(efsign64_), LB_Q(philox_), LB_Q(smq32_),
     LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
     LB_Q(f16_to_f32_),

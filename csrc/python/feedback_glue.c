@@ -197,7 +197,59 @@ static PyObject *py_ef_sign_residual(PyObject *self, PyObject *args)
     Py_RETURN_NONE;
 }
 
+/* A writeable C-contiguous array of `typenum` with `want` elements. */
+static void *out_array(PyObject *o, const char *name, int typenum, uint64_t want)
+{
+    if (!PyArray_Check(o) || PyArray_TYPE((PyArrayObject *)o) != typenum ||
+        !PyArray_IS_C_CONTIGUOUS((PyArrayObject *)o) || !PyArray_ISWRITEABLE((PyArrayObject *)o) ||
+        (uint64_t)PyArray_SIZE((PyArrayObject *)o) != want) {
+        PyErr_Format(PyExc_TypeError, "%s: expected %llu writeable contiguous %s values", name,
+                     (unsigned long long)want, typenum == NPY_UINT8 ? "uint8" : "float32");
+        return NULL;
+    }
+    return PyArray_DATA((PyArrayObject *)o);
+}
+
+/* ef_sign(e, g, decay, scale, mode, block, codes, scales, threads) -> bool:
+ * whether the fused sign step ran (False: e untouched, see lb_ef_sign).  */
+static PyObject *py_ef_sign(PyObject *self, PyObject *args)
+{
+    PyObject *e_o, *g_o, *c_o, *s_o, *threads;
+    double decay, scale;
+    int mode, nt;
+    unsigned long long block;
+    if (!PyArg_ParseTuple(args, "OOddiKOOO:ef_sign", &e_o, &g_o, &decay, &scale, &mode, &block,
+                          &c_o, &s_o, &threads))
+        return NULL;
+    PyArrayObject *g;
+    lb_dtype dt;
+    uint64_t n;
+    if (state_and_grad(e_o, g_o, &g, &dt, &n) < 0)
+        return NULL;
+    uint64_t nblocks = block ? n / block + (n % block != 0) : 1;
+    uint8_t *codes = out_array(c_o, "codes", NPY_UINT8, lb_packed_bytes(n, 1));
+    float *sc = codes ? out_array(s_o, "scales", NPY_FLOAT32, nblocks) : NULL;
+    if (!sc || lb_py_threads(threads, n, &nt) < 0) {
+        Py_DECREF(g);
+        return NULL;
+    }
+    void *ed = PyArray_DATA((PyArrayObject *)e_o);
+    const void *gd = PyArray_DATA(g);
+    int applied = 0;
+    lb_status st;
+    LB_NOGIL(n, st = lb_ef_sign(ed, gd, n, dt, decay, scale, mode, block, nt, codes, sc,
+                                &applied));
+    if (st != LB_OK) {
+        Py_DECREF(g);
+        return lb_py_raise(st, NULL, "error feedback", "e", NULL);
+    }
+    Py_DECREF(g);
+    return PyBool_FromLong(applied);
+}
+
 PyMethodDef lb_feedback_methods[] = {
+    {"ef_sign", py_ef_sign, METH_VARARGS,
+     "ef_sign(e, g, decay, scale, mode, block, codes, scales, threads) -> bool: fused EF + sign."},
     {"ef_sign_residual", py_ef_sign_residual, METH_VARARGS,
      "ef_sign_residual(e, scales, block, threads): e -= +-scale by the sign of e."},
     {"ef_topk", (PyCFunction)(void (*)(void))py_ef_topk, METH_VARARGS | METH_KEYWORDS,

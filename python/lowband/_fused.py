@@ -4,11 +4,15 @@ handled the step (the state updated in place), or None for the generic
 path.  Every fused kernel produces exactly the bytes of the generic path
 (tests/test_feedback_fused.py checks this)."""
 
+import numpy as np
+
 from . import _core
 from ._payload import Sparse, get_scheme
+from ._schemes import SCHEMES
 from ._validate import k_from_ratio
 from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natural, RandomK, Sign,
                           TernGrad, TopK)
+from .quantize import _payload as _quantized
 
 # Quantizers decoded as table[code] * mult[block]: compensation in C, the
 # quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
@@ -27,6 +31,28 @@ def finite_residual(comp):
     if isinstance(comp, Blockwise) and comp.bits == 1 and comp.rounding == "stochastic":
         return False
     return isinstance(comp, _FINITE_RESIDUAL)
+
+
+def sign_step(fb, e, g, scale):
+    """The step of an l1/rms-scaled Sign compressor as the two-pass kernel
+    ef_sign (p = decay*e + scale*g and its block sums read-only, then the
+    codes and e = p - D(sign(p)) written), or None with e untouched (then
+    the caller takes the transactional path, which reports any error).
+    Once the kernel writes it cannot fail, so no state snapshot is needed."""
+    comp = fb.compressor
+    if type(comp) is not Sign or comp.scale not in ("l1", "rms") or e.size == 0:
+        return None
+    n = e.size
+    block = 0 if comp.block is None else comp.block
+    nblocks = -(-n // block) if block else 1
+    codes = np.empty(-(-n // 8), np.uint8)
+    scales = np.empty(nblocks, np.float32)
+    mode = SCHEMES["sign"].MODES.index(comp.scale)
+    threads = fb.threads if fb.threads is not None else comp.threads
+    if not _core.ef_sign(e, g, fb.decay, scale, mode, block, codes, scales, threads):
+        return None
+    return _quantized("sign", fb.shape, fb.dtype, {"scale": mode, "block": block},
+                    {"codes": codes, "scales": scales})
 
 
 def residual_step(fb, e, g, scale):

@@ -137,7 +137,9 @@ class _Stateful:
         self._backup = None
 
     def _transaction(self):
-        """Every step runs inside this (with the lock held): the state is
+        """Every step runs inside this (with the lock held), except one the
+        two-pass sign kernel takes (it checks all it needs before it writes,
+        so it cannot fail halfway: see _fused.sign_step): the state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
@@ -212,7 +214,19 @@ class _Residual(_Stateful):
 
     def _step(self, grad, scale, lr=None):
         g = self._grad(grad)
-        with self._lock, self._transaction() as txn:
+        with self._lock:
+            if lr is None or getattr(self, "_lr", None) in (None, lr):
+                # sign: two passes that check everything before writing (no snapshot)
+                payload = _fused.sign_step(self, self.error, g, scale)
+                if payload is not None:
+                    if lr is not None:
+                        self._lr = lr
+                    self.t += 1
+                    return payload
+            return self._step_txn(g, scale, lr)
+
+    def _step_txn(self, g, scale, lr):
+        with self._transaction() as txn:
             rescaled = False
             if lr is not None:   # ErrorFeedback's learning-rate-aware rescaling
                 if self._lr is not None and lr != self._lr:
