@@ -683,8 +683,15 @@ static int minifloat_mag(double y, int E, int M)
 static void minifloat_segment(const encode_job *J, uint64_t b, uint64_t i,
                               uint64_t m, const uint32_t *rnd, uint8_t *codes)
 {
-    int E = J->i0, M = J->i1;
-    double inv = pow2(-((const int8_t *)J->params)[b]);
+    int E = J->i0, M = J->i1, k = ((const int8_t *)J->params)[b];
+    double inv = pow2(-k);
+    if (J->dt == LB_F64 || k < 127) {   /* inv is a normal number: the leaf kernel */
+        if (J->dt == LB_F32)
+            lb_quant()->minifloat32((const float *)J->x + i, m, (float)inv, E, M, codes);
+        else
+            lb_quant()->minifloat64((const double *)J->x + i, m, inv, E, M, codes);
+        return;
+    }
     for (uint64_t j = 0; j < m; j++) {
         double v = value_at(J->x, J->dt, i + j);
         int mag = minifloat_mag(fabs(v) * inv, E, M);
