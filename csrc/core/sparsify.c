@@ -735,6 +735,65 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
 #undef POS
 }
 
+/* Samples per chunk of the fast chunk path, and the smallest chunk using it. */
+#define CHUNK_SAMPLE 256
+#define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
+
+/* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
+ * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
+ * spaced samples; one vectorised collect (lb_scan) gathers every element
+ * with key >= lo (every non-finite one too) in index order; the exact kk-th
+ * key among them gives the same selection as topk_small.  buf holds 4m
+ * entries.  Returns 0 (nothing written) when the bound is unusable or too
+ * few elements pass; else 1, with *bad the first non-finite position or
+ * UINT64_MAX.                                                             */
+static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
+                              uint64_t m, uint64_t kk, uint64_t *buf,
+                              uint64_t *out_idx, void *out_values, uint64_t *bad)
+{
+    uint64_t *idx = buf, *raw = buf + m, *keys = buf + 2 * m, *scratch = buf + 3 * m;
+    uint64_t stride = m / CHUNK_SAMPLE;
+    for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
+        keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
+    /* expected rank of the kk-th key in the sample, plus a margin of about
+     * three standard deviations so that the bound is rarely too high     */
+    double r = (double)kk * CHUNK_SAMPLE / (double)m;
+    double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+    uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+    if (rank >= CHUNK_SAMPLE / 2)
+        return 0;
+    uint64_t lo = kth_largest(keys, CHUNK_SAMPLE, rank, scratch);
+    if (lo >= ki->inf)
+        return 0;
+    int nonfinite = 0;
+    uint64_t found = collect_range(ki, x, base, base + m, lo, idx, raw, m, &nonfinite);
+    if (found < kk)
+        return 0;
+    for (uint64_t j = 0; j < found; j++)
+        keys[j] = raw[j] & ki->mask;
+    *bad = UINT64_MAX;
+    if (nonfinite)
+        for (uint64_t j = 0; j < found; j++)
+            if (keys[j] >= ki->inf) {
+                *bad = idx[j];
+                break;
+            }
+    uint64_t T = kth_largest(keys, found, kk, scratch), greater = 0;
+    for (uint64_t j = 0; j < found; j++)
+        greater += keys[j] > T;
+    uint64_t ties = kk - greater, o = 0;
+    for (uint64_t j = 0; j < found && o < kk; j++) {
+        uint64_t eq = keys[j] == T;
+        if (keys[j] > T || (eq && ties > 0)) {
+            ties -= eq;
+            out_idx[o] = idx[j];
+            store_raw(ki, out_values, o, raw[j]);
+            o++;
+        }
+    }
+    return 1;
+}
+
 lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                        double scale, uint64_t n, uint64_t chunk,
                        uint64_t k_per_chunk, int check_finite, int nthreads,
@@ -759,7 +818,7 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
         team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        uint64_t *buf = lb_alloc_n(chunk, 3 * sizeof(uint64_t), 0);
+        uint64_t *buf = lb_alloc_n(chunk, 4 * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
@@ -772,8 +831,11 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
             uint64_t *oi = out->indices + c * k_per_chunk;
             if (g)   /* p = decay*x + scale*g into this (cache-resident) chunk */
                 ef_compensate(ki, x, g, b, b + m, decay, scale);
-            uint64_t bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi,
-                                      (char *)out->values + c * k_per_chunk * (uint64_t)ki->width);
+            void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
+            uint64_t bad;
+            if (m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
+                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad))
+                bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
                 lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
             if (g)   /* the residual is zero where sent */
