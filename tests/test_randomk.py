@@ -33,6 +33,9 @@ def test_hash_and_bitmap_paths_agree_with_twin():
     # n > 2**20 with small k uses the hash set; the twin uses a Python set
     n = (1 << 22) + 5
     assert_same(_core.randomk_indices(n, 1000, 4, 2), ref.randomk_indices(n, 1000, 4, 2))
+    # ... and a bitmap from a density of 1/1024 up (drawn ahead with prefetches)
+    for k in (n // 1000, n // 100):
+        assert_same(_core.randomk_indices(n, k, 4, 2), ref.randomk_indices(n, k, 4, 2))
 
 
 def test_workers_with_same_seed_pick_same_coordinates():

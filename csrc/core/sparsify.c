@@ -1211,7 +1211,9 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     int complement = k > n / 2;
     uint64_t draws = complement ? n - k : k;
     idxset set = {0};
-    int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= draws;
+    /* A bitmap needs no sort afterwards: it wins unless the sample is so
+     * sparse that zeroing and scanning n bits costs more than the table.  */
+    int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
     if (bitmap) {
         set.bits = lb_alloc_n(n / 64 + 1, sizeof(uint64_t), 1);
         if (!set.bits)
@@ -1229,19 +1231,11 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
      * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
     lb_u32x4 block = {{0, 0, 0, 0}};
-    if (bitmap) {
-        for (uint64_t i = 0; i < draws; i++) {
-            uint64_t j = n - draws + i;
-            if ((i & 3) == 0)
-                block = lb_philox_block(&key, i >> 2);
-            uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
-            if (!idxset_add(&set, t))
-                idxset_add(&set, j);
-        }
-    } else {
+    {
         /* The draws do not depend on the set, only the insertions do: draw
-         * FLOYD_AHEAD ahead and prefetch their slots, so the cache misses
-         * of a table larger than the cache overlap (same draws, same set). */
+         * FLOYD_AHEAD ahead and prefetch their word or slot, so the cache
+         * misses of a set larger than the cache overlap (same draws, same
+         * set).                                                            */
         enum { FLOYD_AHEAD = 32 };
         uint64_t ring[FLOYD_AHEAD];
         for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
@@ -1249,7 +1243,10 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                 if ((a & 3) == 0)
                     block = lb_philox_block(&key, a >> 2);
                 uint64_t t = floyd_draw(&key, block.v[a & 3], a, draws, n - draws + a + 1);
-                __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
+                if (bitmap)
+                    __builtin_prefetch(&set.bits[t >> 6], 1);
+                else
+                    __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
                 if (a < FLOYD_AHEAD) {
                     ring[a] = t;
                     continue;
