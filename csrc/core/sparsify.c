@@ -735,6 +735,43 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
 #undef POS
 }
 
+/* The r-th largest (1 <= r <= m) of a[0..m) (a and tmp, m entries each,
+ * are overwritten): quickselect around a median of three whose partition
+ * writes every key to both ends of the other buffer and advances one end,
+ * so it has no data-dependent branch; no histogram to clear either, which
+ * is kth_largest's cost on a few hundred keys.                            */
+static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
+{
+    uint64_t *p = a, *q = tmp;
+    while (m > 1) {
+        uint64_t x = p[0], y = p[m / 2], z = p[m - 1];
+        uint64_t mn = x < y ? x : y, mx = x < y ? y : x;
+        uint64_t piv = mx < z ? mx : z;
+        piv = mn > piv ? mn : piv;
+        uint64_t ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */
+        for (uint64_t j = 0; j < m; j++) {
+            uint64_t v = p[j];
+            q[ng] = v;
+            ng += v > piv;
+            q[m - 1 - nl] = v;
+            nl += v < piv;
+        }
+        uint64_t *t = p;
+        if (r <= ng) {
+            p = q;
+            m = ng;
+        } else if (r <= m - nl) {
+            return piv;
+        } else {
+            r -= m - nl;
+            p = q + (m - nl);
+            m = nl;
+        }
+        q = t;
+    }
+    return p[0];
+}
+
 /* Samples per chunk of the fast chunk path, and the smallest chunk using it. */
 #define CHUNK_SAMPLE 256
 #define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
@@ -743,7 +780,7 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
  * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
  * spaced samples; one vectorised collect (lb_scan) gathers every element
  * with key >= lo (every non-finite one too) in index order; the exact kk-th
- * key among them gives the same selection as topk_small.  buf holds 4m
+ * key among them gives the same selection as topk_small.  buf holds 5m
  * entries.  Returns 0 (nothing written) when the bound is unusable or too
  * few elements pass; else 1, with *bad the first non-finite position or
  * UINT64_MAX.                                                             */
@@ -762,7 +799,7 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
     uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
     if (rank >= CHUNK_SAMPLE / 2)
         return 0;
-    uint64_t lo = kth_largest(keys, CHUNK_SAMPLE, rank, scratch);
+    uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
     if (lo >= ki->inf)
         return 0;
     int nonfinite = 0;
@@ -778,18 +815,22 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
                 *bad = idx[j];
                 break;
             }
-    uint64_t T = kth_largest(keys, found, kk, scratch), greater = 0;
+    memcpy(scratch, keys, (size_t)found * sizeof(uint64_t));
+    uint64_t T = select_small(scratch, found, kk, buf + 4 * m), greater = 0;
     for (uint64_t j = 0; j < found; j++)
         greater += keys[j] > T;
+    /* branch-free compaction of the chosen j into scratch (room for found) */
     uint64_t ties = kk - greater, o = 0;
-    for (uint64_t j = 0; j < found && o < kk; j++) {
+    for (uint64_t j = 0; j < found; j++) {
         uint64_t eq = keys[j] == T;
-        if (keys[j] > T || (eq && ties > 0)) {
-            ties -= eq;
-            out_idx[o] = idx[j];
-            store_raw(ki, out_values, o, raw[j]);
-            o++;
-        }
+        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
+        ties -= eq & take;
+        scratch[o] = j;
+        o += take;
+    }
+    for (o = 0; o < kk; o++) {
+        out_idx[o] = idx[scratch[o]];
+        store_raw(ki, out_values, o, raw[scratch[o]]);
     }
     return 1;
 }
@@ -818,7 +859,7 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
         team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        uint64_t *buf = lb_alloc_n(chunk, 4 * sizeof(uint64_t), 0);
+        uint64_t *buf = lb_alloc_n(chunk, 5 * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
