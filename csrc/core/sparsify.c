@@ -1234,6 +1234,9 @@ static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
         return word;
     if (bound < ((uint64_t)1 << 32)) {
         uint64_t m = (uint64_t)word * bound;
+        /* the threshold is below bound: compute it (a division) only then */
+        if ((uint32_t)m >= (uint32_t)bound)
+            return m >> 32;
         uint32_t threshold = (uint32_t)(((uint64_t)1 << 32) - bound) % (uint32_t)bound;
         if ((uint32_t)m >= threshold)
             return m >> 32;
@@ -1256,9 +1259,12 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
      * sparse that zeroing and scanning n bits costs more than the table.  */
     int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
     if (bitmap) {
-        set.bits = lb_alloc_n(n / 64 + 1, sizeof(uint64_t), 1);
-        if (!set.bits)
+        /* from the scratch cache: its pages stay mapped from call to call */
+        uint64_t words = n / 64 + 1, bytes;
+        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK ||
+            !(set.bits = lb_scratch_alloc((size_t)bytes)))
             return LB_ENOMEM;
+        memset(set.bits, 0, (size_t)bytes);
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
@@ -1305,8 +1311,23 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         }
     }
     if (bitmap) {
-        uint64_t o = 0;
-        for (uint64_t w = 0; w <= n / 64 && o < k; w++) {
+        uint64_t o = 0, w = 0;
+        /* whole words while two more entries fit: the first two set bits
+         * stored unconditionally (kept or not by advancing o), so a sparse
+         * bitmap costs no mispredicted branch per word; the rest by loop  */
+        for (; w < n / 64 && o + 2 <= k; w++) {
+            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
+            for (int r = 0; r < 2; r++) {
+                indices[o] = w * 64 + (uint64_t)(word ? __builtin_ctzll(word) : 0);
+                o += word != 0;
+                word &= word - 1;
+            }
+            while (word && o < k) {
+                indices[o++] = w * 64 + (uint64_t)__builtin_ctzll(word);
+                word &= word - 1;
+            }
+        }
+        for (; w <= n / 64 && o < k; w++) {
             uint64_t word = complement ? ~set.bits[w] : set.bits[w];
             while (word) {
                 uint64_t v = w * 64 + (uint64_t)__builtin_ctzll(word);
@@ -1316,7 +1337,7 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                 word &= word - 1;
             }
         }
-        free(set.bits);
+        lb_scratch_free(set.bits);
         return LB_OK;
     }
     uint64_t o = 0;
@@ -1332,44 +1353,60 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     return LB_OK;
 }
 
+/* lb_gather's body, for either index type (the two entry points below). */
+#define LB_GATHER_BODY()                                                       \
+    const keyinfo *ki = keyinfo_of(dt);                                        \
+    if (!ki || (k && (!x || !indices || !values)))                             \
+        return LB_EINVAL;                                                      \
+    for (uint64_t i = 0; i < k; i++)                                           \
+        if (indices[i] >= n)                                                   \
+            return LB_ERANGE;                                                  \
+    uint64_t bad = UINT64_MAX;                                                 \
+    int team = lb_team(nthreads, k / LB_CHUNK);                                \
+    if (ki->width == 4) {                                                      \
+        const float *xs = x;                                                   \
+        float *vs = values;                                                    \
+        float s = (float)scale;                                                \
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1)) \
+        for (uint64_t i = 0; i < k; i++) {                                     \
+            if (i + 16 < k)   /* sparse indices: each a cache miss */          \
+                __builtin_prefetch(xs + indices[i + 16]);                      \
+            float v = xs[indices[i]];                                          \
+            if (!isfinite(v) && (uint64_t)indices[i] < bad)                    \
+                bad = indices[i];                                              \
+            vs[i] = scale == 1.0 ? v : v * s;                                  \
+        }                                                                      \
+    } else {                                                                   \
+        const double *xs = x;                                                  \
+        double *vs = values;                                                   \
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1)) \
+        for (uint64_t i = 0; i < k; i++) {                                     \
+            if (i + 16 < k)                                                    \
+                __builtin_prefetch(xs + indices[i + 16]);                      \
+            double v = xs[indices[i]];                                         \
+            if (!isfinite(v) && (uint64_t)indices[i] < bad)                    \
+                bad = indices[i];                                              \
+            vs[i] = scale == 1.0 ? v : v * scale;                              \
+        }                                                                      \
+    }                                                                          \
+    if (check_finite && bad != UINT64_MAX) {                                   \
+        if (err)                                                               \
+            err->index = bad;                                                  \
+        return LB_ENONFINITE;                                                  \
+    }                                                                          \
+    return LB_OK;
+
 lb_status lb_gather(const void *x, uint64_t n, lb_dtype dt,
                     const uint64_t *indices, uint64_t k, double scale,
                     int check_finite, int nthreads, void *values, lb_error *err)
 {
-    const keyinfo *ki = keyinfo_of(dt);
-    if (!ki || (k && (!x || !indices || !values)))
-        return LB_EINVAL;
-    for (uint64_t i = 0; i < k; i++)
-        if (indices[i] >= n)
-            return LB_ERANGE;
-    uint64_t bad = UINT64_MAX;
-    int team = lb_team(nthreads, k / LB_CHUNK);
-    if (ki->width == 4) {
-        const float *xs = x;
-        float *vs = values;
-        float s = (float)scale;
-        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
-        for (uint64_t i = 0; i < k; i++) {
-            float v = xs[indices[i]];
-            if (!isfinite(v) && indices[i] < bad)
-                bad = indices[i];
-            vs[i] = scale == 1.0 ? v : v * s;
-        }
-    } else {
-        const double *xs = x;
-        double *vs = values;
-        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
-        for (uint64_t i = 0; i < k; i++) {
-            double v = xs[indices[i]];
-            if (!isfinite(v) && indices[i] < bad)
-                bad = indices[i];
-            vs[i] = scale == 1.0 ? v : v * scale;
-        }
-    }
-    if (check_finite && bad != UINT64_MAX) {
-        if (err)
-            err->index = bad;
-        return LB_ENONFINITE;
-    }
-    return LB_OK;
+    LB_GATHER_BODY()
+}
+
+lb_status lb_gather_u32(const void *x, uint64_t n, lb_dtype dt,
+                        const uint32_t *indices, uint64_t k, double scale,
+                        int check_finite, int nthreads, void *values,
+                        lb_error *err)
+{
+    LB_GATHER_BODY()
 }
