@@ -1318,7 +1318,8 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         for (; w < n / 64 && o + 2 <= k; w++) {
             uint64_t word = complement ? ~set.bits[w] : set.bits[w];
             for (int r = 0; r < 2; r++) {
-                indices[o] = w * 64 + (uint64_t)(word ? __builtin_ctzll(word) : 0);
+                /* bit 63 added: a defined ctz for word 0, and no branch */
+                indices[o] = w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63));
                 o += word != 0;
                 word &= word - 1;
             }
