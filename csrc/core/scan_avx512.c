@@ -1,5 +1,5 @@
 /* scan_avx512.c - scan kernels compiled for AVX-512 (chosen at run time):
- * intrinsics collect kernels (compare mask, then walk its set bits), the
+ * intrinsics collect kernels (compare mask, then pack the flagged lanes), the
  * histogram kernels from the template.                                     */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,popcnt")
