@@ -88,8 +88,9 @@ def cases(ctx):
     c = min(4096, n)   # chunk (whole chunks at any power-of-two size), 1/32 of it kept
     kc = max(1, c // 32)
     rows = x[: n - n % c].reshape(-1, c)
+    trows = t[: rows.size].view(-1, c) if torch else None
     out.append(Case("topk_chunked 128/4096", lambda: lowband.topk_chunked(x, c, kc),
                     {"numpy": lambda: np.argpartition(np.abs(rows), c - kc, axis=1)[:, -kc:],
-                     "torch": (lambda: torch.topk(t[: rows.size].view(-1, c).abs(), kc, dim=1)) if torch else None},
+                     "torch": (lambda: torch.topk(trows.abs(), kc, dim=1)) if torch else None},
                     nb, copy, {"copy": 2}, note="" if c == 4096 else f"{kc}/{c}: the vector is one chunk"))
     return out
