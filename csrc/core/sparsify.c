@@ -772,9 +772,11 @@ static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
     return p[0];
 }
 
-/* Samples per chunk of the fast chunk path, and the smallest chunk using it. */
+/* Samples per chunk of the fast chunk path, and the chunks using it (a
+ * larger chunk keeps topk_small alone and its smaller buffers).          */
 #define CHUNK_SAMPLE 256
 #define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
+#define CHUNK_FAST_MAX LB_CHUNK
 
 /* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
  * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
@@ -859,7 +861,8 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
         team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        uint64_t *buf = lb_alloc_n(chunk, 5 * sizeof(uint64_t), 0);
+        int fast = chunk >= CHUNK_FAST_MIN && chunk <= CHUNK_FAST_MAX;
+        uint64_t *buf = lb_alloc_n(chunk, (fast ? 5 : 3) * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
@@ -874,7 +877,7 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                 ef_compensate(ki, x, g, b, b + m, decay, scale);
             void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
             uint64_t bad;
-            if (m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
+            if (!fast || m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
                 !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad))
                 bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
