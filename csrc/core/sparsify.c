@@ -780,34 +780,50 @@ static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
 
 /* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
  * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
- * spaced samples; one vectorised collect (lb_scan) gathers every element
- * with key >= lo (every non-finite one too) in index order; the exact kk-th
- * key among them gives the same selection as topk_small.  buf holds 5m
- * entries.  Returns 0 (nothing written) when the bound is unusable or too
- * few elements pass; else 1, with *bad the first non-finite position or
- * UINT64_MAX.                                                             */
+ * spaced samples (or *hint, the bound of the thread's previous chunk, while
+ * it passes kk to 4kk + 256 elements: the output does not depend on it);
+ * one vectorised collect (lb_scan) gathers every element with key >= lo
+ * (every non-finite one too) in index order; the exact kk-th key among
+ * them gives the same selection as topk_small.  buf holds 5m entries.
+ * Returns 0 (nothing written) when the bound is unusable or too few
+ * elements pass; else 1, with *bad the first non-finite position or
+ * UINT64_MAX, and *hint the bound used.                                   */
 static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
                               uint64_t m, uint64_t kk, uint64_t *buf,
-                              uint64_t *out_idx, void *out_values, uint64_t *bad)
+                              uint64_t *out_idx, void *out_values, uint64_t *bad,
+                              uint64_t *hint)
 {
     uint64_t *idx = buf, *raw = buf + m, *keys = buf + 2 * m, *scratch = buf + 3 * m;
-    uint64_t stride = m / CHUNK_SAMPLE;
-    for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
-        keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
-    /* expected rank of the kk-th key in the sample, plus a margin of about
-     * three standard deviations so that the bound is rarely too high     */
-    double r = (double)kk * CHUNK_SAMPLE / (double)m;
-    double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
-    uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
-    if (rank >= CHUNK_SAMPLE / 2)
-        return 0;
-    uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
-    if (lo >= ki->inf)
-        return 0;
     int nonfinite = 0;
-    uint64_t found = collect_range(ki, x, base, base + m, lo, idx, raw, m, &nonfinite);
-    if (found < kk)
-        return 0;
+    uint64_t found = 0;
+    /* the bound that served this thread's previous chunk, when it still
+     * passes between kk and a few times kk elements here; else a sample  */
+    if (*hint < ki->inf) {
+        found = collect_range(ki, x, base, base + m, *hint, idx, raw, m, &nonfinite);
+        if (found < kk || found > 4 * kk + 256) {
+            *hint = UINT64_MAX;
+            nonfinite = 0;
+        }
+    }
+    if (*hint >= ki->inf) {
+        uint64_t stride = m / CHUNK_SAMPLE;
+        for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
+            keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
+        /* expected rank of the kk-th key in the sample, plus a margin of
+         * about three standard deviations so the bound is rarely too high */
+        double r = (double)kk * CHUNK_SAMPLE / (double)m;
+        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+        if (rank >= CHUNK_SAMPLE / 2)
+            return 0;
+        uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
+        if (lo >= ki->inf)
+            return 0;
+        found = collect_range(ki, x, base, base + m, lo, idx, raw, m, &nonfinite);
+        if (found < kk)
+            return 0;
+        *hint = lo;
+    }
     for (uint64_t j = 0; j < found; j++)
         keys[j] = raw[j] & ki->mask;
     *bad = UINT64_MAX;
@@ -862,6 +878,7 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
         int fast = chunk >= CHUNK_FAST_MIN && chunk <= CHUNK_FAST_MAX;
+        uint64_t hint = UINT64_MAX;
         uint64_t *buf = lb_alloc_n(chunk, (fast ? 5 : 3) * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
@@ -878,7 +895,7 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
             void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
             uint64_t bad;
             if (!fast || m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
-                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad))
+                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint))
                 bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
                 lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
