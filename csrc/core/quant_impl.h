@@ -200,7 +200,8 @@ LB_DEFINE_TWOLEVEL(double, LB_Q(twolevel64_))
  * the bit patterns and selects are masks, so the loop vectorises without
  * -fno-trapping-math.                                                       */
 #define LB_DEFINE_MINIFLOAT(T, U, MANT, BIAS, NAME)                            \
-    static void NAME(const T *x, uint64_t m, T inv, int E, int M, uint8_t *codes) \
+    static void NAME(const T *restrict x, uint64_t m, T inv, int E, int M,    \
+                     uint8_t *restrict codes)                                  \
     {                                                                          \
         const int pmin = 2 - (1 << E), cmax = (1 << (E + M)) - 1;              \
         const T maxval = (T)2 - (T)1 / (T)(1 << M), inf = (T)INFINITY;         \
