@@ -120,3 +120,9 @@ def test_nonfinite_checks_sent_values():
 def test_bad_arguments(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         lowband.randomk(make_vector(10), **kwargs)
+
+
+def test_every_isa_path_draws_the_same_indices(isa):
+    # the draws' words come from the ISA's vectorised Philox, in batches
+    for n, k in ((10, 3), (5000, 1234), (1 << 21, 3000), ((1 << 22) + 5, 1000)):
+        assert_same(_core.randomk_indices(n, k, 7, 3), ref.randomk_indices(n, k, 7, 3))

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 
 #include "lowband.h"
+#include "quant.h"
 #include "rng.h"
 #include "scan.h"
 #include "scratch.h"
@@ -1297,7 +1298,11 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
      * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
-    lb_u32x4 block = {{0, 0, 0, 0}};
+    /* the 32-bit words of the draws, LB_RK_WORDS at a time from the
+     * vectorised Philox of the quantization kernels (the same words)     */
+    enum { LB_RK_WORDS = 1024 };
+    uint32_t words[LB_RK_WORDS];
+    const lb_quant_fns *qf = lb_quant();
     {
         /* The draws do not depend on the set, only the insertions do: draw
          * FLOYD_AHEAD ahead and prefetch their word or slot, so the cache
@@ -1307,9 +1312,12 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         uint64_t ring[FLOYD_AHEAD];
         for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
             if (a < draws) {
-                if ((a & 3) == 0)
-                    block = lb_philox_block(&key, a >> 2);
-                uint64_t t = floyd_draw(&key, block.v[a & 3], a, draws, n - draws + a + 1);
+                if ((a & (LB_RK_WORDS - 1)) == 0) {
+                    uint64_t left = draws - a < LB_RK_WORDS ? draws - a : LB_RK_WORDS;
+                    qf->philox(&key, a >> 2, (left + 3) / 4, words);
+                }
+                uint64_t t = floyd_draw(&key, words[a & (LB_RK_WORDS - 1)], a, draws,
+                                        n - draws + a + 1);
                 if (bitmap)
                     __builtin_prefetch(&set.bits[t >> 6], 1);
                 else
