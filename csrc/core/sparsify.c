@@ -1276,16 +1276,22 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     int complement = k > n / 2;
     uint64_t draws = complement ? n - k : k;
     idxset set = {0};
+    int pooled = 0;
     /* A bitmap needs no sort afterwards: it wins unless the sample is so
      * sparse that zeroing and scanning n bits costs more than the table.  */
     int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
     if (bitmap) {
-        /* from the scratch cache: its pages stay mapped from call to call */
+        /* a large one from the scratch cache: its pages stay mapped from
+         * call to call instead of being faulted in and zeroed every time */
         uint64_t words = n / 64 + 1, bytes;
-        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK ||
-            !(set.bits = lb_scratch_alloc((size_t)bytes)))
+        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK)
             return LB_ENOMEM;
-        memset(set.bits, 0, (size_t)bytes);
+        pooled = bytes >= ((uint64_t)1 << 16);
+        set.bits = pooled ? lb_scratch_alloc((size_t)bytes) : lb_alloc_n(words, sizeof(uint64_t), 1);
+        if (!set.bits)
+            return LB_ENOMEM;
+        if (pooled)
+            memset(set.bits, 0, (size_t)bytes);
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
@@ -1366,7 +1372,10 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                 word &= word - 1;
             }
         }
-        lb_scratch_free(set.bits);
+        if (pooled)
+            lb_scratch_free(set.bits);
+        else
+            free(set.bits);
         return LB_OK;
     }
     uint64_t o = 0;
