@@ -207,6 +207,11 @@ lb_status lb_gather(const void *x, uint64_t n, lb_dtype dt,
                     const uint64_t *indices, uint64_t k, double scale,
                     int check_finite, int nthreads, void *values,
                     lb_error *err);
+/* lb_gather with uint32 indices (a vector of fewer than 2^32 elements). */
+lb_status lb_gather_u32(const void *x, uint64_t n, lb_dtype dt,
+                        const uint32_t *indices, uint64_t k, double scale,
+                        int check_finite, int nthreads, void *values,
+                        lb_error *err);
 
 /* ------------------------------------------------------------------------ */
 /* Scatter and aggregation (core/scatter.c)                                  */

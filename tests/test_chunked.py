@@ -75,3 +75,29 @@ def test_bad_arguments(args, exc, msg):
 def test_tile_mode_needs_2d():
     with pytest.raises(ValueError, match="2-D"):
         lowband.topk_chunked(make_vector(16), (2, 2), 1)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_chunked_sampled_path_on_every_isa_path(isa, dtype):
+    """Chunks of 1024+ elements take a sampled bound and one vectorised collect
+    (falling back to the full selection when the bound is too high): every
+    structured input, k from 1 to half a chunk, and non-finite values (the
+    first bad index, and what check_finite=False selects)."""
+    for kind in KINDS:
+        x = make_vector(3 * 4096 + 1500, dtype, kind, seed=11)
+        for chunk, k in ((4096, 128), (4096, 1), (1024, 512), (2048, 300), (5000, 64)):
+            assert_sparse_matches(lowband.topk_chunked(x, chunk, k), *ref.topk_chunked(x, chunk, k))
+    # a chunk reuses the bound of the one before while it fits: scales that
+    # jump up and down between chunks make it too low, then too high
+    x = make_vector(12 * 2048, dtype, seed=13)
+    x *= np.repeat(np.array([1, 1, 1e3, 1e3, 1e-3, 1, 0, 1, 1e6, 5, 5, 1], dtype), 2048)
+    for t in (1, 3):
+        assert_sparse_matches(lowband.topk_chunked(x, 2048, 100, threads=t),
+                              *ref.topk_chunked(x, 2048, 100))
+    x = make_vector(5000, dtype, seed=12)
+    x[[4500, 3000, 3001]] = [np.inf, -np.inf, np.nan]
+    with pytest.raises(ValueError, match="flat index 3000\\b"):
+        lowband.topk_chunked(x, 4096, 128)
+    p = lowband.topk_chunked(x, 2500, 64, check_finite=False)
+    i, v = ref.topk_chunked(np.where(np.isnan(x), np.inf, x), 2500, 64)
+    assert p.indices.tolist() == i.tolist()

@@ -233,3 +233,28 @@ def test_cast_overflow_and_nonfinite():
     p = lowband.cast(f16, "float16")
     assert p.dtype == np.float16
     assert_same(p.dequantize(), f16)
+
+
+def test_minifloat_edge_values_on_every_isa_path(isa):
+    """The vectorised minifloat kernels against the twin where rounding is
+    delicate: ties, subnormal inputs and results, block exponents at the clamp
+    (+-127, where 2^-k is not a normal float), and Inf/NaN (check_finite=False,
+    one element a block: the twin's block exponent is defined for finite
+    blocks only)."""
+    edges = [3e38, 1e38, -2e37, 1.0, -1e-45, 0.0, -0.0, 5e-39, -2.5, 1.5, 0.75, -0.375, 1.75, 1.875,
+             2 ** -6, 2 ** -7, 3 * 2 ** -8]
+    rng = np.random.default_rng(7)
+    base = np.array(edges * 9, np.float64)
+    ties = rng.integers(-16, 17, 500) / 8.0
+    wide = rng.standard_normal(700) * np.exp2(rng.integers(-150, 124, 700))
+    special = np.array(edges + [np.inf, -np.inf, np.nan, -np.nan])
+    cases = [(x64, block) for x64 in (base, base * 1e-30, ties, wide) for block in (1, 12, 128)]
+    with np.errstate(over="ignore", invalid="ignore"):
+        for x64, block in cases + [(special, 1)]:
+            for x in (x64.astype(np.float32), x64):
+                for E, M in ((3, 0), (1, 0), (2, 1), (4, 3), (5, 2), (2, 3)):
+                    p = lowband.minifloat(x, E, M, block=block, check_finite=False)
+                    codes, exps = ref.minifloat(x, E, M, block)
+                    assert_same(p.codes, codes, f"minifloat E{E}M{M} block {block} {x.dtype}")
+                    if np.isfinite(x).all():
+                        assert_same(p.arrays["exponents"], exps, "exponents")

@@ -33,6 +33,9 @@ def test_hash_and_bitmap_paths_agree_with_twin():
     # n > 2**20 with small k uses the hash set; the twin uses a Python set
     n = (1 << 22) + 5
     assert_same(_core.randomk_indices(n, 1000, 4, 2), ref.randomk_indices(n, 1000, 4, 2))
+    # ... and a bitmap from a density of 1/1024 up (drawn ahead with prefetches)
+    for k in (n // 1000, n // 100):
+        assert_same(_core.randomk_indices(n, k, 4, 2), ref.randomk_indices(n, k, 4, 2))
 
 
 def test_workers_with_same_seed_pick_same_coordinates():
@@ -117,3 +120,9 @@ def test_nonfinite_checks_sent_values():
 def test_bad_arguments(kwargs, exc, msg):
     with pytest.raises(exc, match=msg):
         lowband.randomk(make_vector(10), **kwargs)
+
+
+def test_every_isa_path_draws_the_same_indices(isa):
+    # the draws' words come from the ISA's vectorised Philox, in batches
+    for n, k in ((10, 3), (5000, 1234), (1 << 21, 3000), ((1 << 22) + 5, 1000)):
+        assert_same(_core.randomk_indices(n, k, 7, 3), ref.randomk_indices(n, k, 7, 3))

@@ -197,6 +197,23 @@ typedef union {
 
 #define STAT_MAXKEY (-1)
 
+/* The STAT_MAXKEY statistic of x[s, s + m): the largest magnitude as a
+ * double's bits (float32 keys widened, which keeps their order).         */
+static uint64_t maxkey_stat(const lb_quant_fns *fns, const void *x, lb_dtype dt,
+                            uint64_t s, uint64_t m)
+{
+    if (dt == LB_F32) {
+        uint32_t k = m ? fns->maxkey32((const uint32_t *)x + s, m) : 0;
+        float f;
+        memcpy(&f, &k, 4);
+        double d = f;
+        uint64_t key;
+        memcpy(&key, &d, 8);
+        return key;
+    }
+    return m ? fns->maxkey64((const uint64_t *)x + s, m) : 0;
+}
+
 /* out[b] = the statistic of block b: its largest magnitude key (as a value:
  * float32 keys widened) when kind == STAT_MAXKEY, else the sum of mode
  * `kind` (LB_SUM_*) with `mu`.  Pieces are computed in parallel; sums over
@@ -247,15 +264,7 @@ static lb_status block_stats(const void *x, lb_dtype dt, const blocks *L,
         uint64_t m = s < e ? (e - s < L->piece ? e - s : L->piece) : 0;
         lb_stat st;
         if (kind == STAT_MAXKEY) {
-            if (dt == LB_F32) {
-                uint32_t k = m ? fns->maxkey32((const uint32_t *)x + s, m) : 0;
-                float f;
-                memcpy(&f, &k, 4);
-                double d = f;
-                memcpy(&st.key, &d, 8);   /* ordered like the key */
-            } else {
-                st.key = m ? fns->maxkey64((const uint64_t *)x + s, m) : 0;
-            }
+            st.key = maxkey_stat(fns, x, dt, s, m);
         } else {
             st.sum = m == 0 ? 0.0
                      : dt == LB_F32 ? fns->lanesum32((const float *)x + s, m, kind, mu)
@@ -902,13 +911,74 @@ static int minifloat_mag(double y, int E, int M)
 static void minifloat_segment(const encode_job *J, uint64_t b, uint64_t i,
                               uint64_t m, const uint32_t *rnd, uint8_t *codes)
 {
-    int E = J->i0, M = J->i1;
-    double inv = pow2(-((const int8_t *)J->params)[b]);
+    int E = J->i0, M = J->i1, k = ((const int8_t *)J->params)[b];
+    double inv = pow2(-k);
+    if (J->dt == LB_F64 || k < 127) {   /* inv is a normal number: the leaf kernel */
+        if (J->dt == LB_F32)
+            lb_quant()->minifloat32((const float *)J->x + i, m, (float)inv, E, M, codes);
+        else
+            lb_quant()->minifloat64((const double *)J->x + i, m, inv, E, M, codes);
+        return;
+    }
     for (uint64_t j = 0; j < m; j++) {
         double v = value_at(J->x, J->dt, i + j);
         int mag = minifloat_mag(fabs(v) * inv, E, M);
         codes[j] = (uint8_t)(mag && v < 0 ? mag | (1 << (E + M)) : mag);
     }
+}
+
+/* The block exponent k of a block whose largest magnitude is maxv: the
+ * smallest k with maxv <= (2 - 2^-M) * 2^k, clamped to [-127, kmax]; kmax
+ * for an infinite maximum, 0 for a zero or NaN one.                        */
+static int8_t minifloat_exp(double maxv, int man_bits, int kmax)
+{
+    int k = 0;
+    if (maxv > 0 && isfinite(maxv)) {
+        int p;
+        double f = frexp(maxv, &p);
+        k = f <= 1.0 - pow2(-(man_bits + 1)) ? p - 1 : p;
+    } else if (maxv > 0) {
+        k = kmax;
+    }
+    k = k > kmax ? kmax : (k < -127 ? -127 : k);
+    return (int8_t)k;
+}
+
+/* Blocks that tile LB_QTILE exactly, in one pass: each tile's block maxima
+ * and exponents, then its codes, while the tile is in cache.  Returns the
+ * first block with a non-finite maximum or one >= 2^(kmax+1) (beyond what
+ * the largest exponent represents), or UINT64_MAX.                         */
+static uint64_t minifloat_fused(const encode_job *J, int man_bits, int kmax,
+                                int8_t *exps, int nthreads)
+{
+    const lb_quant_fns *fns = lb_quant();
+    const double limit = pow2(kmax + 1);   /* twice the largest 2^kmax reaches */
+    uint64_t nchunks = lb_num_chunks(J->n, LB_CHUNK), bad = UINT64_MAX;
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t codes[LB_QTILE];
+        LB_OMP(omp for schedule(static) reduction(min:bad))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
+            for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                for (uint64_t i = t; i < t + m; i += J->B) {
+                    uint64_t b = i / J->B, len = t + m - i < J->B ? t + m - i : J->B;
+                    uint64_t key = maxkey_stat(fns, J->x, J->dt, i, len);
+                    lb_stat st;
+                    st.key = key;
+                    double maxv = stat_max(st);
+                    if (!(maxv < limit) && b < bad)   /* non-finite or out of reach */
+                        bad = b;
+                    exps[b] = minifloat_exp(maxv, man_bits, kmax);
+                    J->segment(J, b, i, len, NULL, codes + (i - t));
+                }
+                fns->pack(codes, m, J->bits, J->out + t / 8 * (uint64_t)J->bits);
+            }
+        }
+    }
+    return bad;
 }
 
 lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
@@ -921,12 +991,21 @@ lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
         kmax < -127 || kmax > 127)
         return LB_EINVAL;
     blocks L = blocks_of(n, block);
+    encode_job J = job_of(x, dt, n, L.B, 1 + exp_bits + man_bits, minifloat_segment,
+                          exps, codes);
+    J.i0 = exp_bits;
+    J.i1 = man_bits;
+    if (n && L.B <= LB_QTILE && LB_QTILE % L.B == 0) {
+        uint64_t bad = minifloat_fused(&J, man_bits, kmax, exps, nthreads);
+        if (bad != UINT64_MAX && check_finite)
+            return nonfinite_or_range(x, dt, n, bad, err);
+        return LB_OK;
+    }
     double *maxv = NULL;
     lb_status st = absmax_blocks(x, n, dt, &L, check_finite, nthreads, &maxv, err);
     if (st != LB_OK)
         return st;
     for (uint64_t b = 0; b < L.nblocks; b++) {
-        int k = 0;
         if (check_finite && maxv[b] >= pow2(kmax + 1)) {
             /* beyond twice the largest value 2^kmax can scale to */
             free(maxv);
@@ -934,23 +1013,11 @@ lb_status lb_minifloat(const void *x, uint64_t n, lb_dtype dt, int exp_bits,
                 err->index = b;
             return LB_ERANGE;
         }
-        if (maxv[b] > 0 && isfinite(maxv[b])) {
-            int p;
-            double f = frexp(maxv[b], &p);
-            k = f <= 1.0 - pow2(-(man_bits + 1)) ? p - 1 : p;
-        } else if (maxv[b] > 0) {
-            k = kmax;
-        }
-        k = k > kmax ? kmax : (k < -127 ? -127 : k);
-        exps[b] = (int8_t)k;
+        exps[b] = minifloat_exp(maxv[b], man_bits, kmax);
     }
     free(maxv);
     if (block == 0 && n == 0)
         exps[0] = 0;
-    encode_job J = job_of(x, dt, n, L.B, 1 + exp_bits + man_bits, minifloat_segment,
-                          exps, codes);
-    J.i0 = exp_bits;
-    J.i1 = man_bits;
     encode_elements(&J, nthreads);
     return LB_OK;
 }

@@ -81,6 +81,13 @@ typedef struct {
     /* float32 <-> float16 bit patterns, round to nearest even.            */
     void (*f32_to_f16)(const float *x, uint64_t m, uint16_t *out);
     void (*f16_to_f32)(const uint16_t *x, uint64_t m, float *out);
+    /* Minifloat codes (1 + E + M bits, E <= 5, M <= 3) of x[0..m) scaled
+     * by inv = 2^-k (a normal number): round to nearest even, saturating
+     * at the largest magnitude (NaN too); see lb_minifloat.               */
+    void (*minifloat32)(const float *x, uint64_t m, float inv, int E, int M,
+                        uint8_t *codes);
+    void (*minifloat64)(const double *x, uint64_t m, double inv, int E, int M,
+                        uint8_t *codes);
 } lb_quant_fns;
 
 /* The table for the active instruction set (lb_active_isa()). */

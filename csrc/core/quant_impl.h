@@ -279,6 +279,54 @@ static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const fl
 LB_DEFINE_TWOLEVEL(float, LB_Q(twolevel32_))
 LB_DEFINE_TWOLEVEL(double, LB_Q(twolevel64_))
 
+/* ---- minifloat ------------------------------------------------------------------- */
+
+/* Sign + magnitude minifloat codes: y = |x| * inv (inv a power of two, so y
+ * is exact unless it is below the smallest normal, where every code is 0);
+ * p = max(floor(log2 y), pmin), magnitude ((p - pmin) << M) + rint(y * 2^(M-p))
+ * (ties to even: the low bits of y * 2^(M-p) + 2^MANT, exact as the product
+ * is below 2^(M+1)), at most cmax, and cmax when !(y < 2 - 2^-M) (NaN too);
+ * the sign bit is set for x < 0 with a non-zero magnitude.  Compares are on
+ * the bit patterns and selects are masks, so the loop vectorises without
+ * -fno-trapping-math.                                                       */
+#define LB_DEFINE_MINIFLOAT(T, U, MANT, BIAS, NAME)                            \
+    static void NAME(const T *restrict x, uint64_t m, T inv, int E, int M,    \
+                     uint8_t *restrict codes)                                  \
+    {                                                                          \
+        const int pmin = 2 - (1 << E), cmax = (1 << (E + M)) - 1;              \
+        const T maxval = (T)2 - (T)1 / (T)(1 << M), inf = (T)INFINITY;         \
+        const U magic = (U)(BIAS + MANT) << MANT, sign = (U)1 << (8 * sizeof(U) - 1); \
+        U maxb, infb;                                                          \
+        memcpy(&maxb, &maxval, sizeof maxb);                                   \
+        memcpy(&infb, &inf, sizeof infb);                                      \
+        for (uint64_t j = 0; j < m; j++) {                                     \
+            U vb, yb, sb, tb;                                                  \
+            memcpy(&vb, x + j, sizeof vb);                                     \
+            U ab = vb & ~sign;                                                 \
+            T a, y, sc, t;                                                     \
+            memcpy(&a, &ab, sizeof a);                                         \
+            y = a * inv;                                                       \
+            memcpy(&yb, &y, sizeof yb);                                        \
+            int ok = yb < maxb;                                                \
+            yb &= (U)0 - (U)ok;                                                \
+            memcpy(&y, &yb, sizeof y);                                         \
+            int p = (int)(yb >> MANT) - BIAS;                                  \
+            p = p < pmin ? pmin : p;                                           \
+            sb = (U)(BIAS + M - p) << MANT;                                    \
+            memcpy(&sc, &sb, sizeof sc);                                       \
+            t = y * sc + (T)((U)1 << MANT);                                    \
+            memcpy(&tb, &t, sizeof tb);                                        \
+            int mag = ((p - pmin) << M) + (int)(tb - magic);                   \
+            mag = mag > cmax ? cmax : mag;                                     \
+            mag |= (ok - 1) & cmax;                                            \
+            int neg = (mag != 0) & (int)(vb >> (8 * sizeof(U) - 1)) & (ab <= infb); \
+            codes[j] = (uint8_t)(mag | (neg << (E + M)));                      \
+        }                                                                      \
+    }
+
+LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_))
+LB_DEFINE_MINIFLOAT(double, uint64_t, 52, 1023, LB_Q(minifloat64_))
+
 /* ---- bit streams of uint8 codes ------------------------------------------------ */
 
 /* Up to 8 codes of up to 8 bits into ceil(cnt * bits / 8) bytes. */
@@ -420,5 +468,5 @@ const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(efsign64_), LB_Q(philox_), LB_Q(smq32_),
     LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
-    LB_Q(f16_to_f32_),
+    LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_),
 };

@@ -1,11 +1,41 @@
 /* scan_avx512.c - scan kernels compiled for AVX-512 (chosen at run time):
- * intrinsics collect kernels (compare mask, then walk its set bits), the
+ * intrinsics collect kernels (compare mask, then pack the flagged lanes), the
  * histogram kernels from the template.                                     */
 #if defined(__x86_64__) || defined(__i386__)
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,bmi,bmi2,popcnt")
 #include <immintrin.h>
 
 #include "scan_mask_collect.h"
+
+/* LB_STORE_MASKED for 16 float32 lanes by compression: the flagged lanes'
+ * indices (i + lane) and raw bits (rawv, widened) are packed with
+ * vpcompressq and written with masked stores, in lane order, with no
+ * branch per set bit; near `cap` the bit walk keeps its bound exactly.     */
+static inline uint64_t lb_store_compress32(__mmask16 m, uint64_t i, __m512i rawv,
+                                           const uint32_t *bits, uint64_t *idx,
+                                           uint64_t *raw, uint64_t cap,
+                                           uint64_t found)
+{
+    if (cap < 16 || found > cap - 16) {
+        LB_STORE_MASKED(m, i, bits, idx, raw, cap, found);
+        return found;
+    }
+    const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
+    __m512i lo = _mm512_add_epi64(_mm512_set1_epi64((long long)i), iota);
+    __m512i hi = _mm512_add_epi64(lo, _mm512_set1_epi64(8));
+    __m512i rlo = _mm512_cvtepu32_epi64(_mm512_castsi512_si256(rawv));
+    __m512i rhi = _mm512_cvtepu32_epi64(_mm512_extracti64x4_epi64(rawv, 1));
+    __mmask8 ml = (__mmask8)m, mh = (__mmask8)(m >> 8);
+    unsigned cl = (unsigned)__builtin_popcount(ml), ch = (unsigned)__builtin_popcount(mh);
+    __mmask8 wl = (__mmask8)((1u << cl) - 1), wh = (__mmask8)((1u << ch) - 1);
+    _mm512_mask_storeu_epi64(idx + found, wl, _mm512_maskz_compress_epi64(ml, lo));
+    _mm512_mask_storeu_epi64(raw + found, wl, _mm512_maskz_compress_epi64(ml, rlo));
+    found += cl;
+    _mm512_mask_storeu_epi64(idx + found, wh, _mm512_maskz_compress_epi64(mh, hi));
+    _mm512_mask_storeu_epi64(raw + found, wh, _mm512_maskz_compress_epi64(mh, rhi));
+    return found + ch;
+}
+
 #define LB_SCAN_SUFFIX avx512
 #define LB_SCAN_OWN_COLLECT
 
@@ -34,18 +64,20 @@ static uint64_t collect32_avx512(const uint32_t *bits, uint64_t begin,
     __m512i maxkey = _mm512_setzero_si512();
     uint64_t found = 0, i = begin;
     for (; i + 16 <= end; i += 16) {
-        __m512i key = _mm512_and_si512(_mm512_loadu_si512(bits + i), maskv);
+        __m512i rawv = _mm512_loadu_si512(bits + i);
+        __m512i key = _mm512_and_si512(rawv, maskv);
         maxkey = _mm512_max_epu32(maxkey, key);
         __mmask16 m = _mm512_cmpge_epu32_mask(key, lov);
         if (m)
-            LB_STORE_MASKED(m, i, bits, idx, raw, cap, found);
+            found = lb_store_compress32(m, i, rawv, bits, idx, raw, cap, found);
     }
     if (i < end) {
         __mmask16 tail = (__mmask16)((1u << (end - i)) - 1);
-        __m512i key = _mm512_and_si512(_mm512_maskz_loadu_epi32(tail, bits + i), maskv);
+        __m512i rawv = _mm512_maskz_loadu_epi32(tail, bits + i);
+        __m512i key = _mm512_and_si512(rawv, maskv);
         maxkey = _mm512_max_epu32(maxkey, key);
         __mmask16 m = _mm512_mask_cmpge_epu32_mask(tail, key, lov);
-        LB_STORE_MASKED(m, i, bits, idx, raw, cap, found);
+        found = lb_store_compress32(m, i, rawv, bits, idx, raw, cap, found);
     }
     if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
         *nonfinite = 1;
@@ -101,7 +133,8 @@ static uint64_t ef_collect32_avx512(float *e, const float *g, uint64_t begin,
         maxkey = _mm512_mask_max_epu32(maxkey, lanes, maxkey, key);
         __mmask16 m = _mm512_mask_cmpge_epu32_mask(lanes, key, lov);
         if (m)
-            LB_STORE_MASKED(m, i, bits, idx, raw, cap, found);
+            found = lb_store_compress32(m, i, _mm512_castps_si512(p), bits, idx, raw, cap,
+                                        found);
     }
     if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
         *nonfinite = 1;

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 
 #include "lowband.h"
+#include "quant.h"
 #include "rng.h"
 #include "scan.h"
 #include "scratch.h"
@@ -766,6 +767,124 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
 #undef POS
 }
 
+/* The r-th largest (1 <= r <= m) of a[0..m) (a and tmp, m entries each,
+ * are overwritten): quickselect around a median of three whose partition
+ * writes every key to both ends of the other buffer and advances one end,
+ * so it has no data-dependent branch; no histogram to clear either, which
+ * is kth_largest's cost on a few hundred keys.                            */
+static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
+{
+    uint64_t *p = a, *q = tmp;
+    while (m > 1) {
+        uint64_t x = p[0], y = p[m / 2], z = p[m - 1];
+        uint64_t mn = x < y ? x : y, mx = x < y ? y : x;
+        uint64_t piv = mx < z ? mx : z;
+        piv = mn > piv ? mn : piv;
+        uint64_t ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */
+        for (uint64_t j = 0; j < m; j++) {
+            uint64_t v = p[j];
+            q[ng] = v;
+            ng += v > piv;
+            q[m - 1 - nl] = v;
+            nl += v < piv;
+        }
+        uint64_t *t = p;
+        if (r <= ng) {
+            p = q;
+            m = ng;
+        } else if (r <= m - nl) {
+            return piv;
+        } else {
+            r -= m - nl;
+            p = q + (m - nl);
+            m = nl;
+        }
+        q = t;
+    }
+    return p[0];
+}
+
+/* Samples per chunk of the fast chunk path, and the chunks using it (a
+ * larger chunk keeps topk_small alone and its smaller buffers).          */
+#define CHUNK_SAMPLE 256
+#define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
+#define CHUNK_FAST_MAX LB_CHUNK
+
+/* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
+ * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
+ * spaced samples (or *hint, the bound of the thread's previous chunk, while
+ * it passes kk to 4kk + 256 elements: the output does not depend on it);
+ * one vectorised collect (lb_scan) gathers every element with key >= lo
+ * (every non-finite one too) in index order; the exact kk-th key among
+ * them gives the same selection as topk_small.  buf holds 5m entries.
+ * Returns 0 (nothing written) when the bound is unusable or too few
+ * elements pass; else 1, with *bad the first non-finite position or
+ * UINT64_MAX, and *hint the bound used.                                   */
+static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
+                              uint64_t m, uint64_t kk, uint64_t *buf,
+                              uint64_t *out_idx, void *out_values, uint64_t *bad,
+                              uint64_t *hint)
+{
+    uint64_t *idx = buf, *raw = buf + m, *keys = buf + 2 * m, *scratch = buf + 3 * m;
+    int nonfinite = 0;
+    uint64_t found = 0;
+    /* the bound that served this thread's previous chunk, when it still
+     * passes between kk and a few times kk elements here; else a sample  */
+    if (*hint < ki->inf) {
+        found = collect_range(ki, x, base, base + m, *hint, idx, raw, m, &nonfinite);
+        if (found < kk || found > 4 * kk + 256) {
+            *hint = UINT64_MAX;
+            nonfinite = 0;
+        }
+    }
+    if (*hint >= ki->inf) {
+        uint64_t stride = m / CHUNK_SAMPLE;
+        for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
+            keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
+        /* expected rank of the kk-th key in the sample, plus a margin of
+         * about three standard deviations so the bound is rarely too high */
+        double r = (double)kk * CHUNK_SAMPLE / (double)m;
+        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+        if (rank >= CHUNK_SAMPLE / 2)
+            return 0;
+        uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
+        if (lo >= ki->inf)
+            return 0;
+        found = collect_range(ki, x, base, base + m, lo, idx, raw, m, &nonfinite);
+        if (found < kk)
+            return 0;
+        *hint = lo;
+    }
+    for (uint64_t j = 0; j < found; j++)
+        keys[j] = raw[j] & ki->mask;
+    *bad = UINT64_MAX;
+    if (nonfinite)
+        for (uint64_t j = 0; j < found; j++)
+            if (keys[j] >= ki->inf) {
+                *bad = idx[j];
+                break;
+            }
+    memcpy(scratch, keys, (size_t)found * sizeof(uint64_t));
+    uint64_t T = select_small(scratch, found, kk, buf + 4 * m), greater = 0;
+    for (uint64_t j = 0; j < found; j++)
+        greater += keys[j] > T;
+    /* branch-free compaction of the chosen j into scratch (room for found) */
+    uint64_t ties = kk - greater, o = 0;
+    for (uint64_t j = 0; j < found; j++) {
+        uint64_t eq = keys[j] == T;
+        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
+        ties -= eq & take;
+        scratch[o] = j;
+        o += take;
+    }
+    for (o = 0; o < kk; o++) {
+        out_idx[o] = idx[scratch[o]];
+        store_raw(ki, out_values, o, raw[scratch[o]]);
+    }
+    return 1;
+}
+
 lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                        double scale, uint64_t n, uint64_t chunk,
                        uint64_t k_per_chunk, int check_finite, int nthreads,
@@ -790,7 +909,9 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
         team = lb_team(nthreads, nchunks);
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
-        uint64_t *buf = lb_alloc_n(chunk, 3 * sizeof(uint64_t), 0);
+        int fast = chunk >= CHUNK_FAST_MIN && chunk <= CHUNK_FAST_MAX;
+        uint64_t hint = UINT64_MAX;
+        uint64_t *buf = lb_alloc_n(chunk, (fast ? 5 : 3) * sizeof(uint64_t), 0);
         if (!buf)
             lb_record_error(&fail, &fail_at, LB_ENOMEM, 0);
         LB_OMP(omp for schedule(dynamic, 4))   /* blocks are independent: any thread may take any */
@@ -803,8 +924,11 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
             uint64_t *oi = out->indices + c * k_per_chunk;
             if (g)   /* p = decay*x + scale*g into this (cache-resident) chunk */
                 ef_compensate(ki, x, g, b, b + m, decay, scale);
-            uint64_t bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi,
-                                      (char *)out->values + c * k_per_chunk * (uint64_t)ki->width);
+            void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
+            uint64_t bad;
+            if (!fast || m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
+                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint))
+                bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
                 lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
             if (g)   /* the residual is zero where sent */
@@ -1162,6 +1286,9 @@ static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
         return word;
     if (bound < ((uint64_t)1 << 32)) {
         uint64_t m = (uint64_t)word * bound;
+        /* the threshold is below bound: compute it (a division) only then */
+        if ((uint32_t)m >= (uint32_t)bound)
+            return m >> 32;
         uint32_t threshold = (uint32_t)(((uint64_t)1 << 32) - bound) % (uint32_t)bound;
         if ((uint32_t)m >= threshold)
             return m >> 32;
@@ -1180,11 +1307,22 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     int complement = k > n / 2;
     uint64_t draws = complement ? n - k : k;
     idxset set = {0};
-    int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= draws;
+    int pooled = 0;
+    /* A bitmap needs no sort afterwards: it wins unless the sample is so
+     * sparse that zeroing and scanning n bits costs more than the table.  */
+    int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
     if (bitmap) {
-        set.bits = lb_alloc_n(n / 64 + 1, sizeof(uint64_t), 1);
+        /* a large one from the scratch cache: its pages stay mapped from
+         * call to call instead of being faulted in and zeroed every time */
+        uint64_t words = n / 64 + 1, bytes;
+        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK)
+            return LB_ENOMEM;
+        pooled = bytes >= ((uint64_t)1 << 16);
+        set.bits = pooled ? lb_scratch_alloc((size_t)bytes) : lb_alloc_n(words, sizeof(uint64_t), 1);
         if (!set.bits)
             return LB_ENOMEM;
+        if (pooled)
+            memset(set.bits, 0, (size_t)bytes);
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
@@ -1197,28 +1335,30 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
      * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
-    lb_u32x4 block = {{0, 0, 0, 0}};
-    if (bitmap) {
-        for (uint64_t i = 0; i < draws; i++) {
-            uint64_t j = n - draws + i;
-            if ((i & 3) == 0)
-                block = lb_philox_block(&key, i >> 2);
-            uint64_t t = floyd_draw(&key, block.v[i & 3], i, draws, j + 1);
-            if (!idxset_add(&set, t))
-                idxset_add(&set, j);
-        }
-    } else {
+    /* the 32-bit words of the draws, LB_RK_WORDS at a time from the
+     * vectorised Philox of the quantization kernels (the same words)     */
+    enum { LB_RK_WORDS = 1024 };
+    uint32_t words[LB_RK_WORDS];
+    const lb_quant_fns *qf = lb_quant();
+    {
         /* The draws do not depend on the set, only the insertions do: draw
-         * FLOYD_AHEAD ahead and prefetch their slots, so the cache misses
-         * of a table larger than the cache overlap (same draws, same set). */
+         * FLOYD_AHEAD ahead and prefetch their word or slot, so the cache
+         * misses of a set larger than the cache overlap (same draws, same
+         * set).                                                            */
         enum { FLOYD_AHEAD = 32 };
         uint64_t ring[FLOYD_AHEAD];
         for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
             if (a < draws) {
-                if ((a & 3) == 0)
-                    block = lb_philox_block(&key, a >> 2);
-                uint64_t t = floyd_draw(&key, block.v[a & 3], a, draws, n - draws + a + 1);
-                __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
+                if ((a & (LB_RK_WORDS - 1)) == 0) {
+                    uint64_t left = draws - a < LB_RK_WORDS ? draws - a : LB_RK_WORDS;
+                    qf->philox(&key, a >> 2, (left + 3) / 4, words);
+                }
+                uint64_t t = floyd_draw(&key, words[a & (LB_RK_WORDS - 1)], a, draws,
+                                        n - draws + a + 1);
+                if (bitmap)
+                    __builtin_prefetch(&set.bits[t >> 6], 1);
+                else
+                    __builtin_prefetch(&set.slots[idxset_home(t) & set.mask], 1);
                 if (a < FLOYD_AHEAD) {
                     ring[a] = t;
                     continue;
@@ -1236,8 +1376,24 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
         }
     }
     if (bitmap) {
-        uint64_t o = 0;
-        for (uint64_t w = 0; w <= n / 64 && o < k; w++) {
+        uint64_t o = 0, w = 0;
+        /* whole words while two more entries fit: the first two set bits
+         * stored unconditionally (kept or not by advancing o), so a sparse
+         * bitmap costs no mispredicted branch per word; the rest by loop  */
+        for (; w < n / 64 && o + 2 <= k; w++) {
+            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
+            for (int r = 0; r < 2; r++) {
+                /* bit 63 added: a defined ctz for word 0, and no branch */
+                indices[o] = w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63));
+                o += word != 0;
+                word &= word - 1;
+            }
+            while (word && o < k) {
+                indices[o++] = w * 64 + (uint64_t)__builtin_ctzll(word);
+                word &= word - 1;
+            }
+        }
+        for (; w <= n / 64 && o < k; w++) {
             uint64_t word = complement ? ~set.bits[w] : set.bits[w];
             while (word) {
                 uint64_t v = w * 64 + (uint64_t)__builtin_ctzll(word);
@@ -1247,7 +1403,10 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                 word &= word - 1;
             }
         }
-        free(set.bits);
+        if (pooled)
+            lb_scratch_free(set.bits);
+        else
+            free(set.bits);
         return LB_OK;
     }
     uint64_t o = 0;
@@ -1263,44 +1422,60 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     return LB_OK;
 }
 
+/* lb_gather's body, for either index type (the two entry points below). */
+#define LB_GATHER_BODY()                                                       \
+    const keyinfo *ki = keyinfo_of(dt);                                        \
+    if (!ki || (k && (!x || !indices || !values)))                             \
+        return LB_EINVAL;                                                      \
+    for (uint64_t i = 0; i < k; i++)                                           \
+        if (indices[i] >= n)                                                   \
+            return LB_ERANGE;                                                  \
+    uint64_t bad = UINT64_MAX;                                                 \
+    int team = lb_team(nthreads, k / LB_CHUNK);                                \
+    if (ki->width == 4) {                                                      \
+        const float *xs = x;                                                   \
+        float *vs = values;                                                    \
+        float s = (float)scale;                                                \
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1)) \
+        for (uint64_t i = 0; i < k; i++) {                                     \
+            if (i + 16 < k)   /* sparse indices: each a cache miss */          \
+                __builtin_prefetch(xs + indices[i + 16]);                      \
+            float v = xs[indices[i]];                                          \
+            if (!isfinite(v) && (uint64_t)indices[i] < bad)                    \
+                bad = indices[i];                                              \
+            vs[i] = scale == 1.0 ? v : v * s;                                  \
+        }                                                                      \
+    } else {                                                                   \
+        const double *xs = x;                                                  \
+        double *vs = values;                                                   \
+        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1)) \
+        for (uint64_t i = 0; i < k; i++) {                                     \
+            if (i + 16 < k)                                                    \
+                __builtin_prefetch(xs + indices[i + 16]);                      \
+            double v = xs[indices[i]];                                         \
+            if (!isfinite(v) && (uint64_t)indices[i] < bad)                    \
+                bad = indices[i];                                              \
+            vs[i] = scale == 1.0 ? v : v * scale;                              \
+        }                                                                      \
+    }                                                                          \
+    if (check_finite && bad != UINT64_MAX) {                                   \
+        if (err)                                                               \
+            err->index = bad;                                                  \
+        return LB_ENONFINITE;                                                  \
+    }                                                                          \
+    return LB_OK;
+
 lb_status lb_gather(const void *x, uint64_t n, lb_dtype dt,
                     const uint64_t *indices, uint64_t k, double scale,
                     int check_finite, int nthreads, void *values, lb_error *err)
 {
-    const keyinfo *ki = keyinfo_of(dt);
-    if (!ki || (k && (!x || !indices || !values)))
-        return LB_EINVAL;
-    for (uint64_t i = 0; i < k; i++)
-        if (indices[i] >= n)
-            return LB_ERANGE;
-    uint64_t bad = UINT64_MAX;
-    int team = lb_team(nthreads, k / LB_CHUNK);
-    if (ki->width == 4) {
-        const float *xs = x;
-        float *vs = values;
-        float s = (float)scale;
-        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
-        for (uint64_t i = 0; i < k; i++) {
-            float v = xs[indices[i]];
-            if (!isfinite(v) && indices[i] < bad)
-                bad = indices[i];
-            vs[i] = scale == 1.0 ? v : v * s;
-        }
-    } else {
-        const double *xs = x;
-        double *vs = values;
-        LB_OMP(omp parallel for num_threads(team) schedule(static) reduction(min:bad) if(team > 1))
-        for (uint64_t i = 0; i < k; i++) {
-            double v = xs[indices[i]];
-            if (!isfinite(v) && indices[i] < bad)
-                bad = indices[i];
-            vs[i] = scale == 1.0 ? v : v * scale;
-        }
-    }
-    if (check_finite && bad != UINT64_MAX) {
-        if (err)
-            err->index = bad;
-        return LB_ENONFINITE;
-    }
-    return LB_OK;
+    LB_GATHER_BODY()
+}
+
+lb_status lb_gather_u32(const void *x, uint64_t n, lb_dtype dt,
+                        const uint32_t *indices, uint64_t k, double scale,
+                        int check_finite, int nthreads, void *values,
+                        lb_error *err)
+{
+    LB_GATHER_BODY()
 }

@@ -277,8 +277,11 @@ static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw)
     PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
     if (!x)
         return NULL;
+    /* uint32 indices (randomk's for n < 2^32) are used as they are */
+    int narrow = PyArray_Check(i_o) && PyArray_TYPE((PyArrayObject *)i_o) == NPY_UINT32;
     PyArrayObject *ix = (PyArrayObject *)PyArray_FROMANY(
-        i_o, NPY_UINT64, 1, 1, NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
+        i_o, narrow ? NPY_UINT32 : NPY_UINT64, 1, 1,
+        NPY_ARRAY_C_CONTIGUOUS | NPY_ARRAY_ALIGNED | NPY_ARRAY_FORCECAST);
     if (!ix) {
         Py_DECREF(x);
         return NULL;
@@ -300,9 +303,10 @@ static PyObject *py_gather(PyObject *self, PyObject *args, PyObject *kw)
     lb_error err = {0};
     lb_status st;
     const void *xd = PyArray_DATA(x);
-    const uint64_t *id = (const uint64_t *)PyArray_DATA(ix);
+    const void *id = PyArray_DATA(ix);
     void *vd = PyArray_DATA((PyArrayObject *)vals);
-    LB_NOGIL(k, st = lb_gather(xd, n, dt, id, k, scale, check, nt, vd, &err));
+    LB_NOGIL(k, st = narrow ? lb_gather_u32(xd, n, dt, id, k, scale, check, nt, vd, &err)
+                            : lb_gather(xd, n, dt, id, k, scale, check, nt, vd, &err));
     Py_DECREF(ix);
     if (st != LB_OK) {
         Py_DECREF(vals);

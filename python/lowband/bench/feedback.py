@@ -12,7 +12,7 @@ def cases(ctx):
     torch = ctx.torch
     copy = ctx.copier(g)
     out = []
-    k = n // 100
+    k = max(1, n // 100)
 
     fb = lowband.ErrorFeedback("topk:0.01", np.zeros(n, np.float32))
     e_np = np.zeros(n, np.float32)
@@ -38,20 +38,22 @@ def cases(ctx):
 
     out.append(Case("EF + topk 1% (fused)", lambda: fb.step(g),
                     {"numpy": numpy_ef_topk, "torch": torch_ef_topk if torch else None},
-                    g.nbytes, copy, {"numpy": 10, "copy": 4}))
-    fbc = lowband.ErrorFeedback("chunked:4096:128", np.zeros(n, np.float32))
-    rows = e_np.reshape(-1, 4096)
+                    g.nbytes, copy, {"numpy": 10, "copy": 2.5}))
+    c = min(4096, n)   # chunk (whole chunks at any power-of-two size), 1/32 of it kept
+    kc = max(1, c // 32)
+    fbc = lowband.ErrorFeedback(f"chunked:{c}:{kc}", np.zeros(n, np.float32))
+    rows = e_np[: n - n % c].reshape(-1, c)
 
     def numpy_ef_chunked():
-        p = rows + g.reshape(-1, 4096)
-        idx = np.argpartition(np.abs(p), 4096 - 128, axis=1)[:, -128:]
+        p = rows + g[: rows.size].reshape(-1, c)
+        idx = np.argpartition(np.abs(p), c - kc, axis=1)[:, -kc:]
         vals = np.take_along_axis(p, idx, axis=1)
         np.put_along_axis(p, idx, 0, axis=1)
         rows[:] = p
         return idx, vals
 
     out.append(Case("EF + chunked 128/4096 (fused)", lambda: fbc.step(g), {"numpy": numpy_ef_chunked},
-                    g.nbytes, copy))
+                    g.nbytes, copy, note="" if c == 4096 else f"{kc}/{c}: the vector is one chunk"))
     fbs = lowband.ErrorFeedback("sign:l1", np.zeros(n, np.float32))
     e_sign = np.zeros(n, np.float32)
 

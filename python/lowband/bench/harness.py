@@ -107,19 +107,71 @@ def default_suites():
             if getattr(importlib.import_module(f"lowband.bench.{s}"), "RUN_BY_DEFAULT", True)]
 
 
-def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdout):
+# The sizes a bare ``--sizes`` runs: 1 Ki to 64 Mi elements.
+DEFAULT_SIZES = (1 << 10, 64 << 10, 1 << 20, 16 << 20, 64 << 20)
+_UNITS = {"": 1, "ki": 1 << 10, "mi": 1 << 20, "gi": 1 << 30, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
+
+
+def parse_size(text):
+    """Elements from ``"4096"``, ``"64Ki"``, ``"16Mi"`` or ``"1Gi"`` (``K``/``M``/``G``
+    are the same binary units); ValueError naming the text otherwise."""
+    t = str(text).strip()
+    digits = t.rstrip("KkMmGgIi")
+    unit = t[len(digits):].lower()
+    if not digits.isdigit() or unit not in _UNITS:
+        raise ValueError(f"size: expected elements such as 4096, 64Ki or 16Mi, got {text!r}")
+    n = int(digits) * _UNITS[unit]
+    if n < 1:
+        raise ValueError(f"size: expected at least 1 element, got {text!r}")
+    return n
+
+
+def parse_sizes(text):
+    """A comma-separated list of sizes (see parse_size), in the order given."""
+    parts = [p for p in str(text).split(",") if p.strip()]
+    if not parts:
+        raise ValueError(f"sizes: expected a comma-separated list such as 1Ki,1Mi,16Mi, got {text!r}")
+    return [parse_size(p) for p in parts]
+
+
+def format_size(n):
+    """``n`` elements in the largest binary unit dividing it: 1024 -> "1Ki"."""
+    for unit, mult in (("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10)):
+        if n % mult == 0:
+            return f"{n // mult}{unit}"
+    return str(n)
+
+
+def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdout,
+        measured_elsewhere=True):
+    """Times every case of `suites` on vectors of `size` elements; prints one table
+    and returns its rows.  measured_elsewhere=False skips the suites that measure
+    in other processes at a fixed size (``rows``), as a sweep over sizes does
+    after its first size."""
     lowband.set_num_threads(threads)
     ctx = Context(size, threads, quick)
     rows = []
+    header = [False]
+
+    def emit(row):
+        row.setdefault("size", size)
+        rows.append(row)
+        if not header[0]:
+            print(_HEADER, file=out)
+            print("-" * len(_HEADER), file=out)
+            header[0] = True
+        print_row(row, out)
+
     for suite in suites or default_suites():
         mod = importlib.import_module(f"lowband.bench.{suite}")
         if hasattr(mod, "rows"):   # a suite that measures elsewhere (e.g. in spawned ranks)
-            for row in mod.rows(ctx, reps):
-                rows.append(row)
-                print_row(row, out)
+            if measured_elsewhere:
+                for row in mod.rows(ctx, reps):
+                    emit(row)
             continue
         for case in mod.cases(ctx):
-            row = {"suite": suite, "case": case.name, "nbytes": case.nbytes, "note": case.note}
+            row = {"suite": suite, "case": case.name, "size": size, "nbytes": case.nbytes,
+                   "note": case.note}
             row["lowband_ms"] = time_median(case.lowband, reps) * 1e3
             for other, fn in case.others.items():
                 if fn is None:
@@ -138,9 +190,53 @@ def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdo
                     ratio = row[f"{what}_ms"] / row["lowband_ms"]
                     checks.append((f">={target:g}x {what}", ratio >= target, ratio))
             row["targets"] = [{"target": t, "met": bool(m), "ratio": r} for t, m, r in checks]
-            rows.append(row)
-            print_row(row, out)
+            emit(row)
     return rows
+
+
+def run_sizes(suites=None, sizes=DEFAULT_SIZES, threads=2, reps=5, quick=False, out=sys.stdout):
+    """run() at each of `sizes` (one table per size, then a summary of the
+    ratios by size); the suites measured in other processes run once, at the
+    first size.  Returns the rows of every size (each row has its "size")."""
+    rows = []
+    for i, size in enumerate(sizes):
+        print(f"\n== size {format_size(size)} ({size} elements) ==", file=out)
+        rows += run(suites, size, threads, reps, quick, out, measured_elsewhere=i == 0)
+    print_summary(rows, sizes, out)
+    return rows
+
+
+def _ratio(row, what):
+    lb, other = row.get("lowband_ms"), row.get(f"{what}_ms")
+    if not lb or not other:
+        return None
+    return lb / other if what == "copy" else other / lb
+
+
+def print_summary(rows, sizes, out):
+    """Tables of x copy, speedup vs numpy and vs torch: a line per case, a
+    column per size ("-" where a case has no such comparison)."""
+    cases = []
+    for r in rows:
+        key = (r["suite"], r["case"])
+        if key not in cases:
+            cases.append(key)
+    by = {(r["suite"], r["case"], r.get("size")): r for r in rows}
+    cols = [format_size(s) for s in sizes]
+    for what, title in (("copy", "x copy (lowband / copy; <1 is faster)"),
+                        ("numpy", "speedup vs numpy (numpy / lowband)"),
+                        ("torch", "speedup vs torch (torch / lowband)")):
+        lines = []
+        for suite, case in cases:
+            vals = [_ratio(by[(suite, case, s)], what) if (suite, case, s) in by else None for s in sizes]
+            if any(v is not None for v in vals):
+                lines.append(f"{suite + ': ' + case:<44} " + " ".join(f"{_fmt(v, '8.2f'):>8}" for v in vals))
+        if lines:
+            print(f"\n{title}", file=out)
+            print(f"{'case':<44} " + " ".join(f"{c:>8}" for c in cols), file=out)
+            for line in lines:
+                print(line, file=out)
+    out.flush()
 
 
 def _fmt(v, spec):
@@ -152,10 +248,6 @@ _HEADER = (f"{'case':<34} {'lowband':>9} {'GB/s':>6} {'numpy':>9} {'vs np':>6} {
 
 
 def print_row(row, out):
-    if not getattr(print_row, "_header_done", False):
-        print(_HEADER, file=out)
-        print("-" * len(_HEADER), file=out)
-        print_row._header_done = True
     lb = row["lowband_ms"]
     np_ms, t_ms, c_ms = row.get("numpy_ms"), row.get("torch_ms"), row.get("copy_ms")
     targets = ", ".join(f"{t['target']} {'ok' if t['met'] else 'MISSED'} ({t['ratio']:.2f})"
@@ -167,29 +259,66 @@ def print_row(row, out):
     out.flush()
 
 
-def main(argv=None):
+def _size_arg(text):
+    try:
+        return parse_size(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def parse_args(argv=None):
+    """The bench command line as a Namespace; ``sizes`` is a list of sizes
+    (``--sizes`` alone gives DEFAULT_SIZES) or None for the one ``--size``."""
     ap = argparse.ArgumentParser(prog="python -m lowband bench",
                                  description="Time lowband's kernels against NumPy, torch and a copy.")
     ap.add_argument("suites", nargs="*", help=f"suites to run (default: {default_suites()}; also: {sorted(set(discover_suites()) - set(default_suites()))})")
-    ap.add_argument("--size", type=int, default=16 << 20, help="elements per vector (default 16 Mi)")
+    ap.add_argument("--size", type=_size_arg, default=16 << 20,
+                    help="elements per vector: 4096, 64Ki, 16Mi, ... (default 16Mi)")
+    ap.add_argument("--sizes", nargs="?", const=",".join(format_size(s) for s in DEFAULT_SIZES),
+                    metavar="LIST",
+                    help="run at each of these sizes and print the ratios by size, e.g. 1Ki,1Mi,16Mi "
+                         f"(alone: {','.join(format_size(s) for s in DEFAULT_SIZES)}); overrides --size")
     ap.add_argument("--threads", type=int, default=2, help="threads for lowband and torch (default 2)")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
     ap.add_argument("--quick", action="store_true", help="fewer cases (the quick version)")
     ap.add_argument("--json", help="also write the rows as JSON to this path")
     args = ap.parse_args(argv)
+    if args.sizes is not None:
+        try:
+            args.sizes = parse_sizes(args.sizes)
+        except ValueError as e:
+            # `--sizes sparsify`: a bare --sizes followed by suite names
+            names = [p for p in args.sizes.split(",") if p]
+            if not names or set(names) - set(discover_suites()):
+                ap.error(str(e))
+            args.suites = names + args.suites
+            args.sizes = list(DEFAULT_SIZES)
     unknown = set(args.suites) - set(discover_suites())
     if unknown:
         ap.error(f"unknown suite(s) {sorted(unknown)}; known: {discover_suites()}")
+    return args
+
+
+def main(argv=None, out=sys.stdout):
+    args = parse_args(argv)
+    sizes = args.sizes or [args.size]
     print(f"lowband {lowband.__version__} | isa {lowband.isa()} | threads {args.threads} | "
-          f"size {args.size} | numpy {np.__version__} | python {platform.python_version()} | "
-          f"{os.cpu_count()} cpus | OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}")
-    rows = run(args.suites or None, args.size, args.threads, args.reps, args.quick)
-    missed = [f"{r['suite']}: {r['case']} {t['target']}" for r in rows for t in r["targets"] if not t["met"]]
-    print(f"\n{len(rows)} cases; targets missed: {', '.join(missed) if missed else 'none'}")
+          f"size{'s' if len(sizes) > 1 else ''} {','.join(format_size(s) for s in sizes)} | "
+          f"numpy {np.__version__} | python {platform.python_version()} | "
+          f"{os.cpu_count()} cpus | OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}",
+          file=out)
+    if args.sizes:
+        rows = run_sizes(args.suites or None, sizes, args.threads, args.reps, args.quick, out)
+    else:
+        rows = run(args.suites or None, args.size, args.threads, args.reps, args.quick, out)
+    missed = [f"{r['suite']}: {r['case']}{' @' + format_size(r['size']) if args.sizes else ''} {t['target']}"
+              for r in rows for t in r["targets"] if not t["met"]]
+    print(f"\n{len(rows)} cases; targets missed: {', '.join(missed) if missed else 'none'}", file=out)
     if args.json:
         meta = {"version": lowband.__version__, "isa": lowband.isa(), "threads": args.threads,
-                "size": args.size, "numpy": np.__version__, "python": platform.python_version()}
+                "size": args.size if not args.sizes else None, "sizes": sizes,
+                "numpy": np.__version__, "python": platform.python_version()}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=1)
-        print(f"wrote {args.json}")
+        print(f"wrote {args.json}", file=out)
     return 0

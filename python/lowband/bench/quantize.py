@@ -3,6 +3,7 @@ payload (issue targets included)."""
 import numpy as np
 
 import lowband
+from lowband import _reference
 from lowband.bench.harness import Case
 
 
@@ -76,7 +77,9 @@ def cases(ctx):
                                         .astype(np.float32) - 7) * q4.scales[:, None])},
                     nb, copy))
     out.append(Case("qsgd 127 levels", lambda: lowband.qsgd(x, 127, seed=1), {}, nb, copy))
-    out.append(Case("e3m0 minifloat (128)", lambda: lowband.minifloat(x, 3, 0, block=128), {}, nb, copy))
+    out.append(Case("e3m0 minifloat (128)", lambda: lowband.minifloat(x, 3, 0, block=128),
+                    {"numpy": lambda: _reference.minifloat(x, 3, 0, 128)}, nb, copy, {"copy": 2},
+                    note="numpy: the NumPy twin (float64 arithmetic)"))
     v = topk.values
     out.append(Case("lut2bit of 1% top-k values", lambda: lowband.lut2bit(v), {}, v.nbytes,
                     ctx.copier(v)))

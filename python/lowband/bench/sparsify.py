@@ -74,20 +74,23 @@ def cases(ctx):
                     {"numpy": lambda: np.put(np.zeros(n, np.float32), p1.indices, p1.values),
                      "torch": (lambda: torch.zeros(n).index_copy_(0, tpay[0][0], tpay[0][1])) if torch else None},
                     nb, copy))
-    k = n // 100
+    k = max(1, n // 100)
     rng = np.random.default_rng(0)
     out.append(Case("randomk 1%", lambda: lowband.randomk(x, k, seed=1, step=2),
                     {"numpy": lambda: x[np.sort(rng.choice(n, k, replace=False))],
                      "torch": (lambda: t[torch.sort(torch.randperm(n)[:k]).values]) if torch else None},
-                    nb, copy))
+                    nb, copy, {"numpy": 3}))
     tau = 2.576  # ~1% of a standard normal
     out.append(Case("threshold ~1%", lambda: lowband.threshold(x, tau),
                     {"numpy": lambda: x[np.flatnonzero(np.abs(x) >= tau)],
                      "torch": (lambda: t[torch.nonzero(t.abs() >= tau).view(-1)]) if torch else None},
                     nb, copy))
-    rows = x.reshape(-1, 4096)
-    out.append(Case("topk_chunked 128/4096", lambda: lowband.topk_chunked(x, 4096, 128),
-                    {"numpy": lambda: np.argpartition(np.abs(rows), 4096 - 128, axis=1)[:, -128:],
-                     "torch": (lambda: torch.topk(t.view(-1, 4096).abs(), 128, dim=1)) if torch else None},
-                    nb, copy))
+    c = min(4096, n)   # chunk (whole chunks at any power-of-two size), 1/32 of it kept
+    kc = max(1, c // 32)
+    rows = x[: n - n % c].reshape(-1, c)
+    trows = t[: rows.size].view(-1, c) if torch else None
+    out.append(Case("topk_chunked 128/4096", lambda: lowband.topk_chunked(x, c, kc),
+                    {"numpy": lambda: np.argpartition(np.abs(rows), c - kc, axis=1)[:, -kc:],
+                     "torch": (lambda: torch.topk(trows.abs(), kc, dim=1)) if torch else None},
+                    nb, copy, {"copy": 2}, note="" if c == 4096 else f"{kc}/{c}: the vector is one chunk"))
     return out
