@@ -289,11 +289,59 @@ static int coded_outputs(group *g, int bits, uint64_t block, int no_scales, PyOb
     return rc;
 }
 
+/* One sign or quantize group call: the parsed tensors, the thread count,
+ * and the (codes, scales) outputs with their data pointers cd / sd.        */
+typedef struct {
+    group g;
+    int nt;
+    void **cd, **sd;
+    PyObject *codes, *scales;
+} coded_call;
+
+/* Parse xs and threads, and allocate every segment's codes (bits per
+ * element) and scales (per block; none when no_scales).  -1 with an
+ * exception set; coded_finish frees c either way.                          */
+static int coded_begin(coded_call *c, PyObject *xs, PyObject *threads, int bits,
+                       uint64_t block, int no_scales)
+{
+    *c = (coded_call){0};
+    if (group_parse(&c->g, xs, NULL, "tensors") < 0 ||
+        lb_py_threads(threads, c->g.total, &c->nt) < 0)
+        return -1;
+    c->cd = PyMem_Calloc((size_t)(c->g.nseg ? c->g.nseg : 1), sizeof(void *));
+    c->sd = PyMem_Calloc((size_t)(c->g.nseg ? c->g.nseg : 1), sizeof(void *));
+    if (!c->cd || !c->sd) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    return coded_outputs(&c->g, bits, block, no_scales, &c->codes, &c->scales, c->cd, c->sd);
+}
+
+/* The call's result ([(codes, scales), ...] when st is LB_OK and no
+ * exception is set, else NULL with the error named after `what`); frees c. */
+static PyObject *coded_finish(coded_call *c, int ok, lb_status st, lb_error *err,
+                              uint64_t seg, const char *what)
+{
+    PyObject *res = NULL;
+    if (ok && st != LB_OK)
+        coded_error(&c->g, st, err, seg, what, "tensors");
+    else if (ok)
+        res = zip_lists(c->codes, c->scales, c->g.nseg);
+    if (!res) {
+        Py_CLEAR(c->codes);
+        Py_CLEAR(c->scales);
+    }
+    PyMem_Free(c->cd);
+    PyMem_Free(c->sd);
+    group_free(&c->g);
+    return res;
+}
+
 /* sign_group(xs, mode, block, check_finite, threads) -> [(codes, scales), ...] */
 static PyObject *py_sign_group(PyObject *self, PyObject *args)
 {
-    PyObject *xs, *threads, *codes = NULL, *scales = NULL, *res = NULL;
-    int mode, check, nt;
+    PyObject *xs, *threads;
+    int mode, check;
     unsigned long long block;
     if (!PyArg_ParseTuple(args, "OiKpO:sign_group", &xs, &mode, &block, &check, &threads))
         return NULL;
@@ -301,36 +349,16 @@ static PyObject *py_sign_group(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "mode: expected 0, 1 or 2, got %d", mode);
         return NULL;
     }
-    group g;
-    void **cd = NULL, **sd = NULL;
-    if (group_parse(&g, xs, NULL, "tensors") < 0 || lb_py_threads(threads, g.total, &nt) < 0)
-        goto done;
-    cd = PyMem_Calloc((size_t)(g.nseg ? g.nseg : 1), sizeof(void *));
-    sd = PyMem_Calloc((size_t)(g.nseg ? g.nseg : 1), sizeof(void *));
-    if (!cd || !sd) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (coded_outputs(&g, 1, block, mode == LB_SCALE_NONE, &codes, &scales, cd, sd) < 0)
-        goto done;
+    coded_call c;
     lb_error err = {0};
     uint64_t seg = UINT64_MAX;
-    lb_status st;
-    LB_NOGIL(g.total, st = lb_sign_group(g.xd, g.n, (uint64_t)g.nseg, g.dt, mode, block, check,
-                                         nt, (uint8_t *const *)cd, (float *const *)sd, &err,
-                                         &seg));
-    if (st != LB_OK) {
-        coded_error(&g, st, &err, seg, "sign_group", "tensors");
-        Py_CLEAR(codes);
-        Py_CLEAR(scales);
-        goto done;
-    }
-    res = zip_lists(codes, scales, g.nseg);
-done:
-    PyMem_Free(cd);
-    PyMem_Free(sd);
-    group_free(&g);
-    return res;
+    lb_status st = LB_OK;
+    int ok = coded_begin(&c, xs, threads, 1, block, mode == LB_SCALE_NONE) == 0;
+    if (ok)
+        LB_NOGIL(c.g.total, st = lb_sign_group(c.g.xd, c.g.n, (uint64_t)c.g.nseg, c.g.dt, mode,
+                                               block, check, c.nt, (uint8_t *const *)c.cd,
+                                               (float *const *)c.sd, &err, &seg));
+    return coded_finish(&c, ok, st, &err, seg, "sign_group");
 }
 
 /* quantize_group(xs, out_dtypes, bits, block, stochastic, seed, step, check_finite,
@@ -338,10 +366,10 @@ done:
  * lb_dtype code per tensor (the dtype its payload decodes to).            */
 static PyObject *py_quantize_group(PyObject *self, PyObject *args)
 {
-    PyObject *xs, *threads, *codes = NULL, *scales = NULL, *res = NULL;
+    PyObject *xs, *threads;
     const char *out_dt;
     Py_ssize_t n_out_dt;
-    int bits, stochastic, check, nt;
+    int bits, stochastic, check;
     unsigned long long block, seed, step;
     if (!PyArg_ParseTuple(args, "Oy#iKpKKpO:quantize_group", &xs, &out_dt, &n_out_dt, &bits,
                           &block, &stochastic, &seed, &step, &check, &threads))
@@ -350,43 +378,23 @@ static PyObject *py_quantize_group(PyObject *self, PyObject *args)
         PyErr_Format(PyExc_ValueError, "bits: expected one of 1, 2, 3, 4, 8, got %d", bits);
         return NULL;
     }
-    group g;
-    void **cd = NULL, **sd = NULL;
-    if (group_parse(&g, xs, NULL, "tensors") < 0 || lb_py_threads(threads, g.total, &nt) < 0)
-        goto done;
-    if (n_out_dt != g.nseg) {
-        PyErr_Format(PyExc_ValueError, "out_dtypes: expected %zd codes, got %zd", g.nseg,
-                     n_out_dt);
-        goto done;
-    }
-    cd = PyMem_Calloc((size_t)(g.nseg ? g.nseg : 1), sizeof(void *));
-    sd = PyMem_Calloc((size_t)(g.nseg ? g.nseg : 1), sizeof(void *));
-    if (!cd || !sd) {
-        PyErr_NoMemory();
-        goto done;
-    }
-    if (coded_outputs(&g, bits, block, 0, &codes, &scales, cd, sd) < 0)
-        goto done;
+    coded_call c;
     lb_error err = {0};
     uint64_t seg = UINT64_MAX;
-    lb_status st;
-    LB_NOGIL(g.total, st = lb_quantize_group(g.xd, g.n, (uint64_t)g.nseg, g.dt,
-                                             (const uint8_t *)out_dt, bits, block,
-                                             stochastic, seed, step, check, nt,
-                                             (uint8_t *const *)cd, (float *const *)sd, &err,
-                                             &seg));
-    if (st != LB_OK) {
-        coded_error(&g, st, &err, seg, "quantize_group", "tensors");
-        Py_CLEAR(codes);
-        Py_CLEAR(scales);
-        goto done;
+    lb_status st = LB_OK;
+    int ok = coded_begin(&c, xs, threads, bits, block, 0) == 0;
+    if (ok && n_out_dt != c.g.nseg) {
+        PyErr_Format(PyExc_ValueError, "out_dtypes: expected %zd codes, got %zd", c.g.nseg,
+                     n_out_dt);
+        ok = 0;
     }
-    res = zip_lists(codes, scales, g.nseg);
-done:
-    PyMem_Free(cd);
-    PyMem_Free(sd);
-    group_free(&g);
-    return res;
+    if (ok)
+        LB_NOGIL(c.g.total, st = lb_quantize_group(c.g.xd, c.g.n, (uint64_t)c.g.nseg, c.g.dt,
+                                                   (const uint8_t *)out_dt, bits, block,
+                                                   stochastic, seed, step, check, c.nt,
+                                                   (uint8_t *const *)c.cd,
+                                                   (float *const *)c.sd, &err, &seg));
+    return coded_finish(&c, ok, st, &err, seg, "quantize_group");
 }
 
 /* randomk_group(xs, ks, seed, step, rescale, check_finite, threads)
