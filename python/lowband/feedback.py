@@ -113,12 +113,7 @@ class _Transaction:
         return False
 
     def _restore(self):
-        obj = self.obj
-        for n in obj._state_names:
-            np.copyto(getattr(obj, n), obj._backup[n])
-        obj.t = self.t
-        if hasattr(obj, "_lr"):
-            obj._lr = self.lr
+        self.obj._put_back(self.obj._backup, self.t, self.lr)
 
 
 class _Stateful:
@@ -135,6 +130,14 @@ class _Stateful:
         for name in self._state_names:
             setattr(self, name, np.zeros(self.size, dtype=self.dtype))
         self._backup = None
+
+    def _put_back(self, arrays, t, lr):
+        """Restore the state arrays (name -> saved copy), t and the last lr."""
+        for n in self._state_names:
+            np.copyto(getattr(self, n), arrays[n])
+        self.t = t
+        if hasattr(self, "_lr"):
+            self._lr = lr
 
     def _transaction(self):
         """Every step runs inside this (with the lock held), except one the
@@ -272,7 +275,6 @@ def _step_group(feedbacks, grads):
     gs = [fb._grad(g, f"grads[{i}]") for i, (fb, g) in enumerate(zip(fbs, grads))]
     if not fbs:
         return []
-    from . import _fused
     first = fbs[0]
     fused = (all(type(fb.compressor) is TopK for fb in fbs)
              and len({(fb.dtype, fb.decay) for fb in fbs}) == 1)
@@ -290,18 +292,16 @@ def _step_group(feedbacks, grads):
             return out
     for i, g in enumerate(gs):   # before any state is touched
         _check_grad_finite(g, f"grads[{i}]")
-    saved = [(fb.error.copy(), fb.t, getattr(fb, "_lr", None)) for fb in fbs]
+    saved = [({n: getattr(fb, n).copy() for n in fb._state_names}, fb.t, getattr(fb, "_lr", None))
+             for fb in fbs]
     out = []
     try:
         for fb, g in zip(fbs, gs):
             out.append(fb._step(g, 1.0))
     except BaseException:
-        for fb, (e, t, lr) in zip(fbs[:len(out)], saved):
+        for fb, (arrays, t, lr) in zip(fbs[:len(out)], saved):
             with fb._lock:
-                np.copyto(fb.error, e)
-                fb.t = t
-                if hasattr(fb, "_lr"):
-                    fb._lr = lr
+                fb._put_back(arrays, t, lr)
         raise
     return out
 
@@ -374,7 +374,6 @@ class GroupedErrorFeedback(ErrorFeedback):
             if g.dtype != self.dtype:
                 raise TypeError(f"grads[{i}]: expected dtype {self.dtype} (the state's), got {g.dtype}")
         gs = [g.reshape(-1) for g in gs]
-        from . import _fused
         comp = self.compressor
         threads = self.threads if self.threads is not None else comp.threads
         with self._lock, self._transaction() as txn:
