@@ -63,6 +63,30 @@ def test_cli_sizes_runs_each_size():
     assert len(line.split()[-2:]) == 2 and all(v != "-" for v in line.split()[-2:])
 
 
+def test_cli_threads_list_prints_the_speedup_over_the_first_count():
+    out = io.StringIO()
+    assert harness.main(["sparsify", "--size", "4Ki", "--threads", "1,2", "--reps", "1", "--quick"],
+                        out=out) == 0
+    text = out.getvalue()
+    assert "== threads 1 ==" in text and "== threads 2 ==" in text
+    table = text[text.index("speedup over 1 thread (lowband)"):]
+    line = next(s for s in table.splitlines() if s.startswith("sparsify: topk 1%"))
+    assert line.split()[-2] == "1.00" and float(line.split()[-1]) > 0
+    # NumPy does not depend on the thread count: timed at the first count only
+    rows = harness.run_threads(["sparsify"], size=1 << 12, thread_counts=(1, 2), reps=1, quick=True,
+                               out=io.StringIO())
+    assert {r["threads"] for r in rows} == {1, 2}
+    assert all(("numpy_ms" in r) == (r["threads"] == 1) for r in rows if r["case"] == "topk 1%")
+
+
+@pytest.mark.parametrize("bad", ["0", "1,x", "", "2,-1"])
+def test_cli_threads_rejects_bad_counts(bad):
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--threads", bad])
+    with pytest.raises(SystemExit):
+        harness.parse_args(["--threads", "1,2", "--sizes", "1Ki,2Ki"])
+
+
 @pytest.mark.parametrize("size", [1 << 10])
 def test_full_suites_run_at_the_smallest_size(size):
     rows = harness.run(["sparsify", "feedback", "quantize"], size=size, threads=1, reps=1, out=io.StringIO())

@@ -143,11 +143,12 @@ def format_size(n):
 
 
 def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdout,
-        measured_elsewhere=True):
+        measured_elsewhere=True, others=None):
     """Times every case of `suites` on vectors of `size` elements; prints one table
     and returns its rows.  measured_elsewhere=False skips the suites that measure
     in other processes at a fixed size (``rows``), as a sweep over sizes does
-    after its first size."""
+    after its first size.  others: the comparison implementations to time
+    (None: all of them; a thread sweep times only torch after its first count)."""
     lowband.set_num_threads(threads)
     ctx = Context(size, threads, quick)
     rows = []
@@ -174,7 +175,7 @@ def run(suites=None, size=16 << 20, threads=2, reps=5, quick=False, out=sys.stdo
                    "note": case.note}
             row["lowband_ms"] = time_median(case.lowband, reps) * 1e3
             for other, fn in case.others.items():
-                if fn is None:
+                if fn is None or (others is not None and other not in others):
                     continue
                 row[f"{other}_ms"] = time_median(fn, max(1, reps if other != "numpy-slow" else 1)) * 1e3
             if case.copy is not None:
@@ -204,6 +205,49 @@ def run_sizes(suites=None, sizes=DEFAULT_SIZES, threads=2, reps=5, quick=False, 
         rows += run(suites, size, threads, reps, quick, out, measured_elsewhere=i == 0)
     print_summary(rows, sizes, out)
     return rows
+
+
+def run_threads(suites=None, size=16 << 20, thread_counts=(1, 2), reps=5, quick=False,
+                out=sys.stdout):
+    """run() at each of `thread_counts` (one table per count; NumPy, which runs on
+    one thread whatever the count, is timed at the first count only), then a
+    table of lowband's speedup over its time at the first count.  The suites
+    measured in other processes are left out.  Returns the rows of every count
+    (each row has its "threads")."""
+    rows = []
+    for i, threads in enumerate(thread_counts):
+        print(f"\n== threads {threads} ==", file=out)
+        part = run(suites, size, threads, reps, quick, out, measured_elsewhere=False,
+                   others=None if i == 0 else ("torch",))
+        for row in part:
+            row["threads"] = threads
+        rows += part
+    print_scaling(rows, thread_counts, out)
+    return rows
+
+
+def print_scaling(rows, thread_counts, out):
+    """Tables of lowband's speedup over its first thread count, and of its time
+    over a copy's, a line per case and a column per thread count."""
+    cases = []
+    for r in rows:
+        if (r["suite"], r["case"]) not in cases:
+            cases.append((r["suite"], r["case"]))
+    by = {(r["suite"], r["case"], r["threads"]): r for r in rows}
+    base = thread_counts[0]
+    cols = [f"{t} thr" for t in thread_counts]
+    for title, value in ((f"speedup over {base} thread{'s' if base > 1 else ''} (lowband)",
+                          lambda r, b: b["lowband_ms"] / r["lowband_ms"]),
+                         ("x copy (lowband / copy; <1 is faster)", lambda r, b: _ratio(r, "copy"))):
+        print(f"\n{title}", file=out)
+        print(f"{'case':<44} " + " ".join(f"{c:>8}" for c in cols), file=out)
+        for suite, case in cases:
+            first = by.get((suite, case, base))
+            vals = [value(by[(suite, case, t)], first) if first and (suite, case, t) in by else None
+                    for t in thread_counts]
+            print(f"{suite + ': ' + case:<44} " + " ".join(f"{_fmt(v, '8.2f'):>8}" for v in vals),
+                  file=out)
+    out.flush()
 
 
 def _ratio(row, what):
@@ -278,7 +322,9 @@ def parse_args(argv=None):
                     metavar="LIST",
                     help="run at each of these sizes and print the ratios by size, e.g. 1Ki,1Mi,16Mi "
                          f"(alone: {','.join(format_size(s) for s in DEFAULT_SIZES)}); overrides --size")
-    ap.add_argument("--threads", type=int, default=2, help="threads for lowband and torch (default 2)")
+    ap.add_argument("--threads", default="2", metavar="N|LIST",
+                    help="threads for lowband and torch (default 2); a list such as 1,2,4,8,16 "
+                         "runs at each count and prints each case's speedup over the first")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per implementation (median)")
     ap.add_argument("--quick", action="store_true", help="fewer cases (the quick version)")
     ap.add_argument("--json", help="also write the rows as JSON to this path")
@@ -293,6 +339,17 @@ def parse_args(argv=None):
                 ap.error(str(e))
             args.suites = names + args.suites
             args.sizes = list(DEFAULT_SIZES)
+    text = str(args.threads)
+    try:
+        args.threads = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        args.threads = []
+    if not args.threads or min(args.threads) < 1:
+        ap.error(f"--threads: expected a count such as 2 or a list such as 1,2,4, got {text!r}")
+    if len(args.threads) > 1 and args.sizes is not None:
+        ap.error("--threads with a list and --sizes: choose one sweep")
+    if len(args.threads) == 1:
+        args.threads = args.threads[0]
     unknown = set(args.suites) - set(discover_suites())
     if unknown:
         ap.error(f"unknown suite(s) {sorted(unknown)}; known: {discover_suites()}")
@@ -307,11 +364,14 @@ def main(argv=None, out=sys.stdout):
           f"numpy {np.__version__} | python {platform.python_version()} | "
           f"{os.cpu_count()} cpus | OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS', 'unset')}",
           file=out)
-    if args.sizes:
+    if isinstance(args.threads, list):
+        rows = run_threads(args.suites or None, args.size, args.threads, args.reps, args.quick, out)
+    elif args.sizes:
         rows = run_sizes(args.suites or None, sizes, args.threads, args.reps, args.quick, out)
     else:
         rows = run(args.suites or None, args.size, args.threads, args.reps, args.quick, out)
-    missed = [f"{r['suite']}: {r['case']}{' @' + format_size(r['size']) if args.sizes else ''} {t['target']}"
+    missed = [f"{r['suite']}: {r['case']}{' @' + format_size(r['size']) if args.sizes else ''}"
+              f"{' @' + str(r['threads']) + ' threads' if 'threads' in r else ''} {t['target']}"
               for r in rows for t in r["targets"] if not t["met"]]
     print(f"\n{len(rows)} cases; targets missed: {', '.join(missed) if missed else 'none'}", file=out)
     if args.json:
