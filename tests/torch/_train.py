@@ -7,6 +7,8 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from lowband.bench.torch import make_hook
+
 _DATA = None
 
 
@@ -41,26 +43,6 @@ def accuracy(model):
     _, _, x, y = digits()
     with torch.no_grad():
         return float((model(x).argmax(1) == y).float().mean())
-
-
-def make_hook(kind, **opts):
-    """(state, hook) for a hook name; None for DDP's own allreduce."""
-    import lowband.torch as lt
-    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as ps
-    if kind == "none":
-        return None, None
-    if kind == "allreduce_hook":
-        return None, default_hooks.allreduce_hook
-    if kind == "fp16_hook":
-        return None, default_hooks.fp16_compress_hook
-    if kind == "torch_powersgd":
-        return ps.PowerSGDState(None, **opts), ps.powerSGD_hook
-    if kind == "powersgd":
-        return lt.hooks.PowerSGDState(**opts), lt.hooks.powersgd_hook
-    grouped = opts.pop("grouped", True)
-    state = lt.hooks.CompressionState(**opts)
-    state._grouped = grouped     # False: the tensor-by-tensor messages
-    return state, lt.hooks.compression_hook
 
 
 def train(rank, world, kind, steps, *, opts=None, ddp_opts=None, lr=0.1, seed=0, state=None,

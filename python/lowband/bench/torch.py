@@ -33,7 +33,7 @@ STEPS = 20
 HOOKS = (
     # name, kind, options
     ("no hook", "none", None),
-    ("torch fp16_compress_hook", "fp16", None),
+    ("torch fp16_compress_hook", "fp16_hook", None),
     ("torch powerSGD_hook r=2", "torch_powersgd", dict(matrix_approximation_rank=2, start_powerSGD_iter=10)),
     ("lowband topk 1% + EF", "compression", dict(compressor="topk:0.01", feedback="ef", start_iter=10)),
     ("lowband sign + EF", "compression", dict(compressor="sign", feedback="ef", start_iter=10)),
@@ -51,18 +51,28 @@ def _model(width, depth):
     return nn.Sequential(*layers, nn.Linear(width, 10))
 
 
-def _hook(kind, opts):
+def make_hook(kind, **opts):
+    """(state, hook) for DDP's register_comm_hook by name: "none" (DDP's own
+    allreduce, no hook), torch's "allreduce_hook", "fp16_hook" and
+    "torch_powersgd", lowband's "powersgd", or any other name for lowband's
+    compression hook with CompressionState(**opts) (``grouped=False``: the
+    bucket's tensors are compressed one call each instead of one grouped call)."""
     import lowband.torch as lt
     from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook as ps
     if kind == "none":
         return None, None
-    if kind == "fp16":
+    if kind == "allreduce_hook":
+        return None, default_hooks.allreduce_hook
+    if kind == "fp16_hook":
         return None, default_hooks.fp16_compress_hook
     if kind == "torch_powersgd":
         return ps.PowerSGDState(None, **opts), ps.powerSGD_hook
     if kind == "powersgd":
         return lt.hooks.PowerSGDState(**opts), lt.hooks.powersgd_hook
-    return lt.hooks.CompressionState(**opts), lt.hooks.compression_hook
+    grouped = opts.pop("grouped", True)
+    state = lt.hooks.CompressionState(**opts)
+    state._grouped = grouped
+    return state, lt.hooks.compression_hook
 
 
 class _Counting:
@@ -107,7 +117,7 @@ def _ddp_times(rank, width, depth, batch):
         model = _model(width, depth)
         # one bucket: torch's powerSGD_hook can mismatch on gloo with several
         ddp = nn.parallel.DistributedDataParallel(model, bucket_cap_mb=1024)
-        state, hook = _hook(kind, opts)
+        state, hook = make_hook(kind, **(opts or {}))
         if hook is not None:
             ddp.register_comm_hook(state, hook)
         runs.append((name, ddp, torch.optim.SGD(model.parameters(), lr=0.01), [], [0]))
