@@ -117,6 +117,12 @@ class Scheme:
 
 _SCHEMES_BY_NAME: dict[str, Scheme] = {}
 _SCHEMES_BY_ID: dict[int, Scheme] = {}
+# Schemes whose layout and checks the C decoder (wire.decode's fast path)
+# implements: a Scheme class that sets ``c_wire`` to its wire id in its own
+# body (not inherited).  {wire id: (name, parameter names, array names)}
+# and the bit mask of those ids; any other scheme decodes in Python.
+C_WIRE: dict[int, tuple] = {}
+C_WIRE_MASK = 0
 
 
 def register_scheme(scheme):
@@ -130,6 +136,13 @@ def register_scheme(scheme):
         raise ValueError(f"register_scheme: wire_id {scheme.wire_id} is taken by {old.name!r}")
     _SCHEMES_BY_NAME[scheme.name] = scheme
     _SCHEMES_BY_ID[scheme.wire_id] = scheme
+    global C_WIRE_MASK
+    if type(scheme).__dict__.get("c_wire") == scheme.wire_id:
+        C_WIRE[scheme.wire_id] = (scheme.name, tuple(p for p, _ in scheme.params), tuple(scheme.arrays))
+        C_WIRE_MASK |= 1 << scheme.wire_id
+    else:
+        C_WIRE.pop(scheme.wire_id, None)
+        C_WIRE_MASK &= ~(1 << scheme.wire_id)
     return scheme
 
 
