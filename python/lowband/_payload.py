@@ -20,6 +20,7 @@ from ._validate import (BFLOAT16, FLOAT_DTYPES, check_out, check_seed, check_ste
                         from_torch)
 
 FormatError = _core.FormatError
+_new = object.__new__   # the trusted constructors' allocation (no __init__)
 
 MAX_NDIM = 32
 MAX_SIZE = 1 << 60     # every shape's shape_bound() is below this (2**63 bytes of float64:
@@ -210,10 +211,10 @@ class Quantized:
     @classmethod
     def _make(cls, scheme, shape, dtype, params, arrays):
         """Trusted constructor for kernels (no checks)."""
-        q = cls.__new__(cls)
+        q = _new(cls)
         q.scheme = scheme
-        q.shape = tuple(shape)
-        q.dtype = np.dtype(dtype)
+        q.shape = shape if type(shape) is tuple else tuple(shape)
+        q.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         q.params = params
         q.arrays = arrays
         q._nbytes = None
@@ -330,11 +331,11 @@ class Sparse:
     @classmethod
     def _make(cls, indices, values, shape, dtype, seed=None, step=None):
         """Trusted constructor for kernels (no checks)."""
-        s = cls.__new__(cls)
+        s = _new(cls)
         s.indices = indices
         s.values = values
-        s.shape = tuple(shape)
-        s.dtype = np.dtype(dtype)
+        s.shape = shape if type(shape) is tuple else tuple(shape)
+        s.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
         s.seed = seed
         s.step = step
         s._nbytes = None
