@@ -1,7 +1,9 @@
 /* glue.c - shared argument conversion, thread resolution and errors. */
 #include "glue.h"
 
+#include <float.h>
 #include <limits.h>
+#include <math.h>
 #include <string.h>
 
 #include "core/scratch.h"
@@ -423,4 +425,15 @@ int lb_fc_p(PyObject *o, int *v)
         return -1;
     *v = t;
     return 0;
+}
+
+double lb_py_safe_bound(unsigned code)
+{
+    switch (code) {
+    case 1: return (double)FLT_MAX / 2;
+    case 2: return DBL_MAX / 2;
+    case 3: return 32752.0;
+    case 4: return (2 - 1.0 / 128) * ldexp(1.0, 127) / 2;
+    }
+    return 0.0;
 }

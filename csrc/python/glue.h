@@ -125,6 +125,12 @@ int lb_fc_K(PyObject *o, unsigned long long *v);
 int lb_fc_i(PyObject *o, int *v);
 int lb_fc_p(PyObject *o, int *v);
 
+/* Half the largest finite value of the dtype of wire code `code` (1
+ * float32, 2 float64, 3 float16, 4 bfloat16; 0 for another): a largest
+ * code times largest scale below it cannot round to Inf on the way to
+ * that dtype (the fast bound of _schemes._Table.check_range).           */
+double lb_py_safe_bound(unsigned code);
+
 /* Method tables of the binding files, concatenated by module.c. */
 extern PyMethodDef lb_core_methods[];
 extern PyMethodDef lb_sparsify_methods[];

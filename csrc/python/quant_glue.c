@@ -452,7 +452,37 @@ static PyObject *py_check_codes(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(err.index);
 }
 
+/* range_ok(scales, levels, code) -> bool: levels * max(scales) (1.0 for
+ * no scales) <= lb_py_safe_bound(code), False with a NaN scale: the fast
+ * bound of check_range for a kernel's float32 scales (False: run it).   */
+static PyObject *py_range_ok(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int code;
+    if (lb_fc_args("range_ok", nargs, 3, 3) < 0 || lb_fc_i(args[2], &code) < 0)
+        return NULL;
+    double levels = PyFloat_AsDouble(args[1]);
+    if (levels == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyArrayObject *a = (PyArrayObject *)args[0];
+    if (!PyArray_Check(args[0]) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_SetString(PyExc_TypeError, "scales: expected a contiguous float32 array");
+        return NULL;
+    }
+    const float *s = PyArray_DATA(a);
+    npy_intp n = PyArray_SIZE(a);
+    double top = n ? (double)s[0] : 1.0;
+    for (npy_intp i = 1; i < n; i++) {
+        if (s[i] != s[i])
+            Py_RETURN_FALSE;
+        if ((double)s[i] > top)
+            top = (double)s[i];
+    }
+    return PyBool_FromLong(top == top && levels * top <= lb_py_safe_bound((unsigned)code));
+}
+
 PyMethodDef lb_quant_methods[] = {
+    {"range_ok", (PyCFunction)(void (*)(void))py_range_ok, METH_FASTCALL,
+     "range_ok(scales, levels, dtype_code) -> whether levels * max(scales) is far from overflow."},
     {"sign", (PyCFunction)(void (*)(void))py_sign, METH_FASTCALL,
      "sign(x, mode, block, check_finite, threads)"},
     {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,

@@ -1,8 +1,6 @@
 /* wire_glue.c - bindings of core/wire.c (CRC-32C and index encodings). */
 #include "glue.h"
 
-#include <float.h>
-#include <math.h>
 #include <string.h>
 
 /* A 1-D uint32/uint64 C-contiguous index array or NULL with TypeError. */
@@ -285,18 +283,6 @@ static PyObject *wire_array(PyObject *owner, const Py_buffer *view, uint64_t at,
     return v;
 }
 
-/* Half the largest finite value of each decoded dtype (_schemes._SAFE). */
-static double wire_safe(unsigned code)
-{
-    switch (code) {
-    case 1: return (double)FLT_MAX / 2;
-    case 2: return DBL_MAX / 2;
-    case 3: return 32752.0;
-    case 4: return (2 - 1.0 / 128) * ldexp(1.0, 127) / 2;
-    }
-    return 0.0;
-}
-
 /* The quantized body of the built-in schemes sign (wire id 1), blockwise
  * (2) and blockwise_sr (3) for a tensor of `size` elements: the checks of
  * their layout() and check() (scales finite and >= 0, every code valid,
@@ -363,7 +349,7 @@ static PyObject *wire_quant(wreader *r, PyObject *owner, const Py_buffer *view, 
         Py_RETURN_NONE;
     if (sid == 1 && prm[0] == 0)
         top = 1.0;   /* mode "none": no multipliers */
-    if (size && !(levels * top <= wire_safe(qcode)))
+    if (size && !(levels * top <= lb_py_safe_bound(qcode)))
         Py_RETURN_NONE;   /* near overflow: the exact check is Python's */
     PyArray_Descr *u8 = PyArray_DescrFromType(NPY_UINT8), *f32 = PyArray_DescrFromType(NPY_FLOAT32);
     Py_DECREF(u8);    /* built-in descriptors: numpy keeps them alive */

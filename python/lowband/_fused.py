@@ -4,15 +4,16 @@ handled the step (the state updated in place), or None for the generic
 path.  Every fused kernel produces exactly the bytes of the generic path
 (tests/test_feedback_fused.py checks this)."""
 
-import numpy as np
-
 from . import _core
 from ._payload import Sparse, get_scheme
 from ._schemes import SCHEMES
 from ._validate import k_from_ratio
 from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natural, RandomK, Sign,
                           TernGrad, TopK)
-from .quantize import _payload as _quantized
+from .quantize import _linear_payload
+
+# the scale modes the two-pass sign kernel handles, as the scheme numbers them
+_SIGN_MODES = {m: SCHEMES["sign"].MODES.index(m) for m in ("l1", "rms")}
 
 # Quantizers decoded as table[code] * mult[block]: compensation in C, the
 # quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
@@ -40,19 +41,18 @@ def sign_step(fb, e, g, scale):
     the caller takes the transactional path, which reports any error).
     Once the kernel writes it cannot fail, so no state snapshot is needed."""
     comp = fb.compressor
-    if type(comp) is not Sign or comp.scale not in ("l1", "rms") or e.size == 0:
+    if type(comp) is not Sign or e.size == 0:
         return None
-    n = e.size
+    mode = _SIGN_MODES.get(comp.scale)
+    if mode is None:
+        return None
     block = 0 if comp.block is None else comp.block
-    nblocks = -(-n // block) if block else 1
-    codes = np.empty(-(-n // 8), np.uint8)
-    scales = np.empty(nblocks, np.float32)
-    mode = SCHEMES["sign"].MODES.index(comp.scale)
     threads = fb.threads if fb.threads is not None else comp.threads
-    if not _core.ef_sign(e, g, fb.decay, scale, mode, block, codes, scales, threads):
+    out = _core.ef_sign(e, g, fb.decay, scale, mode, block, None, None, threads)
+    if out is None:
         return None
-    return _quantized("sign", fb.shape, fb.dtype, {"scale": mode, "block": block},
-                    {"codes": codes, "scales": scales})
+    return _linear_payload("sign", fb.shape, fb.dtype, {"scale": mode, "block": block},
+                           out[0], out[1], 1.0)
 
 
 def residual_step(fb, e, g, scale):

@@ -32,6 +32,7 @@ DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.flo
 if BFLOAT16 is not None:
     DTYPE_CODES[BFLOAT16] = 4
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_DTYPE_TYPES = frozenset(type(d) for d in DTYPE_CODES)   # np.dtype(d) is d for these
 
 
 def normalize_shape(shape, name="shape"):
@@ -214,7 +215,7 @@ class Quantized:
         q = _new(cls)
         q.scheme = scheme
         q.shape = shape if type(shape) is tuple else tuple(shape)
-        q.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+        q.dtype = dtype if type(dtype) in _DTYPE_TYPES else np.dtype(dtype)
         q.params = params
         q.arrays = arrays
         q._nbytes = None
@@ -335,7 +336,7 @@ class Sparse:
         s.indices = indices
         s.values = values
         s.shape = shape if type(shape) is tuple else tuple(shape)
-        s.dtype = dtype if isinstance(dtype, np.dtype) else np.dtype(dtype)
+        s.dtype = dtype if type(dtype) in _DTYPE_TYPES else np.dtype(dtype)
         s.seed = seed
         s.step = step
         s._nbytes = None

@@ -151,6 +151,11 @@ class _Stateful:
         return _Transaction(self)
 
     def _grad(self, grad, name="grad"):
+        if (type(grad) is np.ndarray and grad.dtype == self.dtype and grad.size == self.size
+                and (grad.ndim == 1 or grad.shape == self.shape)):
+            flags = grad.flags   # the common case: what as_float_array returns as it is
+            if flags.c_contiguous and flags.aligned:
+                return grad.reshape(-1)
         g = as_float_array(grad, name)
         if g.size != self.size or (g.shape != self.shape and g.ndim != 1):
             raise ValueError(f"{name}: expected shape {self.shape}, got {g.shape}")

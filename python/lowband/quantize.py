@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _core
 from ._payload import DTYPE_CODES, Quantized, shape_size
-from ._schemes import (_SAFE, SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
+from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads,
@@ -81,18 +81,11 @@ _TWO_MEANS = SCHEMES["sign"].TWO_MEANS
 
 
 def _linear_payload(scheme, shape, dtype, params, codes, scales, levels):
-    """_payload for sign and blockwise output: check_range only runs when
-    its fast bound (largest level times largest scale, see
-    _Table.check_range) does not already show the values far from overflow."""
+    """_payload for sign and blockwise output (``levels``: the largest
+    |table entry|): check_range runs only when its fast bound (levels times
+    the largest scale far from overflow, checked in C) does not hold."""
     q = Quantized._make(scheme, shape, dtype, params, {"codes": codes, "scales": scales})
-    n = scales.size
-    if n and n <= 64:
-        top = max(scales.tolist())
-    elif n:
-        top = float(scales.max())
-    else:
-        top = 1.0
-    if levels * top <= _SAFE.get(q.dtype, 0.0) or not shape_size(shape):
+    if _core.range_ok(scales, levels, DTYPE_CODES[q.dtype]) or not shape_size(shape):
         return q
     return _payload(scheme, shape, dtype, params, q.arrays)
 
