@@ -29,6 +29,8 @@ _FINITE_RESIDUAL = (TopK, ChunkedTopK, Sign, Blockwise, QSGD, TernGrad, Natural,
 
 def finite_residual(comp):
     """Whether the fused residual of `comp` is finite whenever p is."""
+    if type(comp) is TopK:
+        return True
     if isinstance(comp, Blockwise) and comp.bits == 1 and comp.rounding == "stochastic":
         return False
     return isinstance(comp, _FINITE_RESIDUAL)
@@ -61,8 +63,9 @@ def residual_step(fb, e, g, scale):
     kind = type(comp)
     threads = fb.threads if fb.threads is not None else comp.threads
     if kind is TopK:
-        k = comp.k if comp.k is not None else k_from_ratio(e.size, comp.ratio)
-        idx, vals = _core.ef_topk(e, g, min(k, e.size), fb.decay, scale, True, threads)
+        n, k = e.size, comp.k
+        k = k_from_ratio(n, comp.ratio) if k is None else k if k <= n else n
+        idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads)
         return Sparse._make(idx, vals, fb.shape, fb.dtype)
     if kind is ChunkedTopK and not isinstance(comp.chunk, tuple):
         idx, vals = _core.ef_topk_chunked(e, g, comp.chunk, comp.k_per_chunk, fb.decay, scale,

@@ -92,8 +92,9 @@ class _Transaction:
         obj = self.obj
         if obj._backup is None:
             obj._backup = {n: np.empty_like(getattr(obj, n)) for n in obj._state_names}
+        backup = obj._backup
         for n in obj._state_names:
-            np.copyto(obj._backup[n], getattr(obj, n))
+            backup[n][...] = getattr(obj, n)   # same dtype and shape: np.copyto's bytes
         self.t, self.lr = obj.t, getattr(obj, "_lr", None)
         self.txn = {"finite": False}
         return self.txn
