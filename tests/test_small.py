@@ -13,7 +13,7 @@ from helpers import FLOATS, KINDS, assert_sparse_matches, make_vector
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("n", [5, 1023, 1024, 1025])   # both sides of the serial path's bound
+@pytest.mark.parametrize("n", [5, 511, 512, 513, 1024])   # both sides of the serial path's bound
 def test_topk_around_the_serial_bound(n, dtype):
     for kind in KINDS:
         x = make_vector(n, dtype, kind, seed=n)
