@@ -57,16 +57,38 @@ def sign_step(fb, e, g, scale):
                            out[0], out[1], 1.0)
 
 
+def _topk(fb, comp, e, g, scale, threads, atomic):
+    """The fused top-k step (ef_topk; `atomic`: e unchanged when it fails)."""
+    n, k = e.size, comp.k
+    k = k_from_ratio(n, comp.ratio) if k is None else k if k <= n else n
+    idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads, atomic)
+    return Sparse._make(idx, vals, fb.shape, fb.dtype)
+
+
+# Largest state whose top-k step copies it in C (a fresh buffer per call);
+# larger ones take the transaction, whose snapshot buffer is kept.
+ATOMIC_MAX = 1 << 16
+
+
+def topk_step(fb, e, g, scale):
+    """The step of a TopK compressor on a state of at most ATOMIC_MAX
+    elements as one C call that leaves e as it was when it fails (ef_topk's
+    atomic mode copies e first), so the caller needs no transaction (the
+    residual is 0 or p, finite when p is); None otherwise."""
+    comp = fb.compressor
+    if type(comp) is not TopK or e.size > ATOMIC_MAX:
+        return None
+    return _topk(fb, comp, e, g, scale, fb.threads if fb.threads is not None else comp.threads,
+                 True)
+
+
 def residual_step(fb, e, g, scale):
     """One ErrorFeedback/DecayedFeedback step of `fb` fused in C, or None."""
     comp = fb.compressor
     kind = type(comp)
     threads = fb.threads if fb.threads is not None else comp.threads
     if kind is TopK:
-        n, k = e.size, comp.k
-        k = k_from_ratio(n, comp.ratio) if k is None else k if k <= n else n
-        idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads)
-        return Sparse._make(idx, vals, fb.shape, fb.dtype)
+        return _topk(fb, comp, e, g, scale, threads, False)
     if kind is ChunkedTopK and not isinstance(comp.chunk, tuple):
         idx, vals = _core.ef_topk_chunked(e, g, comp.chunk, comp.k_per_chunk, fb.decay, scale,
                                           True, threads)

@@ -141,9 +141,10 @@ class _Stateful:
             self._lr = lr
 
     def _transaction(self):
-        """Every step runs inside this (with the lock held), except one the
-        two-pass sign kernel takes (it checks all it needs before it writes,
-        so it cannot fail halfway: see _fused.sign_step): the state is
+        """Every step runs inside this (with the lock held), except those
+        that cannot fail halfway: the two-pass sign kernel (it checks all it
+        needs before it writes: see _fused.sign_step) and top-k on a small
+        state (the C call restores it: see _fused.topk_step).  The state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
@@ -225,8 +226,11 @@ class _Residual(_Stateful):
         g = self._grad(grad)
         with self._lock:
             if lr is None or getattr(self, "_lr", None) in (None, lr):
-                # sign: two passes that check everything before writing (no snapshot)
+                # sign: two passes that check everything before writing; top-k:
+                # one call that restores e itself when it fails (no snapshot here)
                 payload = _fused.sign_step(self, self.error, g, scale)
+                if payload is None:
+                    payload = _fused.topk_step(self, self.error, g, scale)
                 if payload is not None:
                     if lr is not None:
                         self._lr = lr
