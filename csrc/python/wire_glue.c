@@ -278,8 +278,12 @@ static PyObject *wire_array(PyObject *owner, const Py_buffer *view, uint64_t at,
     }
     Py_INCREF(descr);
     v = PyArray_NewFromDescr(&PyArray_Type, descr, nd, (npy_intp *)shape, NULL, NULL, 0, NULL);
-    if (v && PyArray_NBYTES((PyArrayObject *)v))
-        memcpy(PyArray_DATA((PyArrayObject *)v), src, (size_t)PyArray_NBYTES((PyArrayObject *)v));
+    if (v) {
+        size_t nb = (size_t)PyArray_ITEMSIZE((PyArrayObject *)v) * (size_t)count;
+        char *dst = PyArray_DATA((PyArrayObject *)v);
+        if (nb)
+            LB_NOGIL(nb / 4, memcpy(dst, src, nb));
+    }
     return v;
 }
 
@@ -344,8 +348,10 @@ static PyObject *wire_quant(wreader *r, PyObject *owner, const Py_buffer *view, 
             top = (double)f;
     }
     lb_error err = {0};
-    if (lb_check_codes((const uint8_t *)view->buf + c_at, size, bits, maxcode, UINT32_MAX,
-                       &err) != LB_OK)
+    lb_status st;
+    const uint8_t *cbuf = (const uint8_t *)view->buf + c_at;
+    LB_NOGIL(size, st = lb_check_codes(cbuf, size, bits, maxcode, UINT32_MAX, &err));
+    if (st != LB_OK)
         Py_RETURN_NONE;
     if (sid == 1 && prm[0] == 0)
         top = 1.0;   /* mode "none": no multipliers */
