@@ -22,7 +22,7 @@ import numpy as np
 
 from . import _core
 from ._payload import DTYPE_CODES, Quantized, shape_size
-from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
+from ._schemes import (SCHEMES, BlockwiseScheme, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads,
@@ -152,7 +152,7 @@ def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_
                                    check_finite is True or bool(check_finite), threads)
     return _linear_payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
                            {"bits": bits, "block": block}, codes, scales,
-                           1.0 if bits == 1 else float((1 << (bits - 1)) - 1))
+                           float(BlockwiseScheme.levels(bits)))
 
 
 def _group_inputs(tensors, offsets, threads):
