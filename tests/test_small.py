@@ -13,7 +13,7 @@ from helpers import FLOATS, KINDS, assert_sparse_matches, make_vector
 
 
 @pytest.mark.parametrize("dtype", FLOATS)
-@pytest.mark.parametrize("n", [5, 1023, 1024, 1025])   # both sides of the serial path's bound
+@pytest.mark.parametrize("n", [5, 511, 512, 513, 1024])   # both sides of the serial path's bound
 def test_topk_around_the_serial_bound(n, dtype):
     for kind in KINDS:
         x = make_vector(n, dtype, kind, seed=n)
@@ -107,3 +107,29 @@ def test_quantize_still_refuses_an_overflowing_encoding(dtype):
             assert "cannot be decoded" in str(exc)
             continue
         assert np.isfinite(q.dequantize().astype(np.float64)).all()
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [100, 70000])   # the C call's own copy of e / the transaction
+def test_topk_step_failure_leaves_state(n, dtype):
+    from lowband import _fused
+    from lowband.feedback import ErrorFeedback
+    assert (n <= _fused.ATOMIC_MAX) == (n == 100)
+    fb = ErrorFeedback(lowband.compressors.TopK(k=5), np.zeros(n, dtype))
+    big = np.full(n, np.finfo(dtype).max * 0.75, dtype)
+    nan = make_vector(n, dtype, "heavy", seed=3)
+    nan[n // 2] = np.nan
+    fb.step(big)   # the residual keeps n - 5 entries of big
+    before, t = fb.error.copy(), fb.t
+    for bad, msg in ((big, "overflowed"), (nan, f"flat index {n // 2}")):
+        with pytest.raises(ValueError, match=msg):
+            fb.step(bad)
+        assert fb.error.tobytes() == before.tobytes() and fb.t == t
+    g = make_vector(n, dtype, "heavy", seed=4) / 1e6
+    p = fb.step(g)   # then as the generic step: p = e + g, send its top-5, keep the rest
+    pe = before + g
+    idx = np.sort(np.argsort(-np.abs(pe), kind="stable")[:5])
+    assert p.indices.tolist() == idx.tolist() and p.values.tobytes() == pe[idx].tobytes()
+    pe[idx] = 0
+    assert fb.error.tobytes() == pe.tobytes() and fb.t == t + 1

@@ -30,10 +30,12 @@ typedef struct {
 /* Sample size of the fast path, and the smallest n that uses it. */
 #define TOPK_SAMPLE ((uint64_t)65536)
 #define TOPK_SAMPLE_MIN_N (16 * TOPK_SAMPLE)
-/* Below this many elements exact top-k runs serially through topk_small
- * (one call, no team, no candidate buffers): the fixed cost of a call.   */
+/* Up to this many elements exact top-k runs serially through topk_small
+ * (one call, no team, no candidate buffers): the fixed cost of a call.
+ * Above about 512 elements the radix path is the faster one (measured:
+ * 1 Ki floats, k = 10, 3.2 us against 5.2 us serially).                  */
 #ifndef TOPK_SMALL_N
-#define TOPK_SMALL_N ((uint64_t)1024)
+#define TOPK_SMALL_N ((uint64_t)512)
 #endif
 /* Samples come in runs of TOPK_RUN consecutive elements. */
 #define TOPK_RUN ((uint64_t)16)

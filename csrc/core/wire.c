@@ -1,7 +1,9 @@
 /*
  * wire.c - the byte-level pieces of the wire format (docs/formats.md) that
  * need speed or careful bounds: CRC-32C and the three index encodings.  The
- * framing itself (header, sections) is assembled by python/lowband/wire.py.
+ * framing itself (header, sections) is written and parsed by
+ * python/lowband/wire.py, and for the common payloads in one call by the
+ * fast path of csrc/python/wire_glue.c (wire_encode / wire_decode).
  * Decoders treat their input as hostile: every read is bounds-checked and
  * every decoded index is checked for order and range before it is stored.
  */

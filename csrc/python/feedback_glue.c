@@ -1,6 +1,9 @@
 /* feedback_glue.c - bindings of core/feedback.c (fused error feedback). */
 #include "glue.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 /* The state e: a writeable, C-contiguous, aligned, native float32/64 array
  * (borrowed), and g converted to a vector of the same dtype and size.    */
 static int state_and_grad(PyObject *e_o, PyObject *g_o, PyArrayObject **g_out,
@@ -65,16 +68,38 @@ static PyObject *ef_result(lb_status st, lb_sparse *out, lb_error *err,
     return res;
 }
 
-/* ef_topk(e, g, k, decay, scale, check_finite, threads) -> (indices, values) */
-static PyObject *py_ef_topk(PyObject *self, PyObject *args, PyObject *kw)
+/* lb_ef_topk that leaves e as it was when it fails: e is copied to `save`
+ * (n elements of `width` bytes) first and copied back on failure.        */
+static lb_status ef_topk_atomic(void *e, const void *g, uint64_t n, lb_dtype dt, int width,
+                                double decay, double scale, uint64_t k, int check, int nt,
+                                void *save, lb_sparse *out, lb_error *err)
 {
-    static char *kwlist[] = {"e", "g", "k", "decay", "scale", "check_finite", "threads", NULL};
+    memcpy(save, e, (size_t)n * (size_t)width);
+    lb_status st = lb_ef_topk(e, g, n, dt, decay, scale, k, check, nt, out, err);
+    if (st != LB_OK)
+        memcpy(e, save, (size_t)n * (size_t)width);
+    return st;
+}
+
+/* ef_topk(e, g, k, decay, scale, check_finite, threads, atomic=False)
+ *   -> (indices, values).  atomic: e is unchanged when the step fails (an
+ * overflow of the compensated vector included), at the cost of one copy
+ * of e, so error feedback needs no snapshot of its own.                 */
+static PyObject *py_ef_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
     PyObject *e_o, *g_o, *k_o, *threads = Py_None;
     double decay = 1.0, scale = 1.0;
-    int check = 1, nt;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOO|ddpO:ef_topk", kwlist, &e_o, &g_o, &k_o,
-                                     &decay, &scale, &check, &threads))
+    int check = 1, nt, atomic = 0;
+    if (lb_fc_args("ef_topk", nargs, 3, 8) < 0 ||
+        (nargs > 3 && (decay = PyFloat_AsDouble(args[3])) == -1.0 && PyErr_Occurred()) ||
+        (nargs > 4 && (scale = PyFloat_AsDouble(args[4])) == -1.0 && PyErr_Occurred()) ||
+        (nargs > 5 && lb_fc_p(args[5], &check) < 0) || (nargs > 7 && lb_fc_p(args[7], &atomic) < 0))
         return NULL;
+    e_o = args[0];
+    g_o = args[1];
+    k_o = args[2];
+    if (nargs > 6)
+        threads = args[6];
     PyArrayObject *g;
     lb_dtype dt;
     uint64_t n, k;
@@ -89,7 +114,21 @@ static PyObject *py_ef_topk(PyObject *self, PyObject *args, PyObject *kw)
     lb_status st;
     void *ed = PyArray_DATA((PyArrayObject *)e_o);
     const void *gd = PyArray_DATA(g);
-    LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
+    if (!atomic) {
+        LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
+        return ef_result(st, &out, &err, g, n, dt);
+    }
+    int width = dt == LB_F64 ? 8 : 4;
+    void *save = lb_alloc_n(n ? n : 1, (uint64_t)width, 0);
+    if (!save) {
+        Py_DECREF(g);
+        return PyErr_Format(PyExc_MemoryError,
+                            "error feedback: out of memory copying the state (%llu elements)",
+                            (unsigned long long)n);
+    }
+    LB_NOGIL(n, st = ef_topk_atomic(ed, gd, n, dt, width, decay, scale, k, check, nt, save, &out,
+                                    &err));
+    free(save);
     return ef_result(st, &out, &err, g, n, dt);
 }
 
@@ -211,25 +250,49 @@ static void *out_array(PyObject *o, const char *name, int typenum, uint64_t want
 }
 
 /* ef_sign(e, g, decay, scale, mode, block, codes, scales, threads) -> bool:
- * whether the fused sign step ran (False: e untouched, see lb_ef_sign).  */
-static PyObject *py_ef_sign(PyObject *self, PyObject *args)
+ * whether the fused sign step ran (False: e untouched, see lb_ef_sign).
+ * codes and scales None: they are allocated here and the result is
+ * (codes, scales) when the step ran, else None.                          */
+static PyObject *py_ef_sign(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *e_o, *g_o, *c_o, *s_o, *threads;
     double decay, scale;
     int mode, nt;
     unsigned long long block;
-    if (!PyArg_ParseTuple(args, "OOddiKOOO:ef_sign", &e_o, &g_o, &decay, &scale, &mode, &block,
-                          &c_o, &s_o, &threads))
+    if (lb_fc_args("ef_sign", nargs, 9, 9) < 0 ||
+        ((decay = PyFloat_AsDouble(args[2])) == -1.0 && PyErr_Occurred()) ||
+        ((scale = PyFloat_AsDouble(args[3])) == -1.0 && PyErr_Occurred()) ||
+        lb_fc_i(args[4], &mode) < 0 || lb_fc_K(args[5], &block) < 0)
         return NULL;
+    e_o = args[0];
+    g_o = args[1];
+    c_o = args[6];
+    s_o = args[7];
+    threads = args[8];
     PyArrayObject *g;
     lb_dtype dt;
     uint64_t n;
     if (state_and_grad(e_o, g_o, &g, &dt, &n) < 0)
         return NULL;
     uint64_t nblocks = block ? n / block + (n % block != 0) : 1;
+    PyObject *own_c = NULL, *own_s = NULL;   /* allocated here (c_o, s_o None) */
+    if (c_o == Py_None && s_o == Py_None) {
+        npy_intp dc[1] = {(npy_intp)lb_packed_bytes(n, 1)}, ds[1] = {(npy_intp)nblocks};
+        own_c = lb_py_empty(1, dc, NPY_UINT8);
+        own_s = own_c ? lb_py_empty(1, ds, NPY_FLOAT32) : NULL;
+        if (!own_s) {
+            Py_XDECREF(own_c);
+            Py_DECREF(g);
+            return NULL;
+        }
+        c_o = own_c;
+        s_o = own_s;
+    }
     uint8_t *codes = out_array(c_o, "codes", NPY_UINT8, lb_packed_bytes(n, 1));
     float *sc = codes ? out_array(s_o, "scales", NPY_FLOAT32, nblocks) : NULL;
     if (!sc || lb_py_threads(threads, n, &nt) < 0) {
+        Py_XDECREF(own_c);
+        Py_XDECREF(own_s);
         Py_DECREF(g);
         return NULL;
     }
@@ -239,20 +302,29 @@ static PyObject *py_ef_sign(PyObject *self, PyObject *args)
     lb_status st;
     LB_NOGIL(n, st = lb_ef_sign(ed, gd, n, dt, decay, scale, mode, block, nt, codes, sc,
                                 &applied));
+    Py_DECREF(g);
     if (st != LB_OK) {
-        Py_DECREF(g);
+        Py_XDECREF(own_c);
+        Py_XDECREF(own_s);
         return lb_py_raise(st, NULL, "error feedback", "e", NULL);
     }
-    Py_DECREF(g);
-    return PyBool_FromLong(applied);
+    if (!own_c)
+        return PyBool_FromLong(applied);
+    if (!applied) {
+        Py_DECREF(own_c);
+        Py_DECREF(own_s);
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(NN)", own_c, own_s);
 }
 
 PyMethodDef lb_feedback_methods[] = {
-    {"ef_sign", py_ef_sign, METH_VARARGS,
-     "ef_sign(e, g, decay, scale, mode, block, codes, scales, threads) -> bool: fused EF + sign."},
+    {"ef_sign", (PyCFunction)(void (*)(void))py_ef_sign, METH_FASTCALL,
+     "ef_sign(e, g, decay, scale, mode, block, codes, scales, threads) -> bool: fused EF + sign "
+     "(codes and scales None: -> (codes, scales) or None)."},
     {"ef_sign_residual", py_ef_sign_residual, METH_VARARGS,
      "ef_sign_residual(e, scales, block, threads): e -= +-scale by the sign of e."},
-    {"ef_topk", (PyCFunction)(void (*)(void))py_ef_topk, METH_VARARGS | METH_KEYWORDS,
+    {"ef_topk", (PyCFunction)(void (*)(void))py_ef_topk, METH_FASTCALL,
      "Fused EF step with exact top-k: e updated in place -> (indices, values)."},
     {"ef_topk_chunked", (PyCFunction)(void (*)(void))py_ef_topk_chunked,
      METH_VARARGS | METH_KEYWORDS, "Fused EF step with chunked top-k."},

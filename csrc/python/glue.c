@@ -1,6 +1,9 @@
 /* glue.c - shared argument conversion, thread resolution and errors. */
 #include "glue.h"
 
+#include <float.h>
+#include <limits.h>
+#include <math.h>
 #include <string.h>
 
 #include "core/scratch.h"
@@ -377,4 +380,60 @@ PyObject *lb_py_decode_error(lb_status st, const lb_error *err, uint64_t n, cons
                      "codes: the %s stream does not end after the last element "
                      "(wrong length or non-zero spare bits)", kind);
     return NULL;
+}
+
+int lb_fc_args(const char *fname, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi)
+{
+    if (nargs >= lo && nargs <= hi)
+        return 0;
+    PyErr_Format(PyExc_TypeError, "%s: expected %zd to %zd arguments, got %zd", fname, lo, hi,
+                 nargs);
+    return -1;
+}
+
+int lb_fc_K(PyObject *o, unsigned long long *v)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *v = PyLong_AsUnsignedLongLongMask(o);
+    return *v == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+int lb_fc_i(PyObject *o, int *v)
+{
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "expected an int, got %.100s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    long l = PyLong_AsLong(o);
+    if (l == -1 && PyErr_Occurred())
+        return -1;
+    if (l < INT_MIN || l > INT_MAX) {
+        PyErr_SetString(PyExc_OverflowError, "signed integer is greater than maximum");
+        return -1;
+    }
+    *v = (int)l;
+    return 0;
+}
+
+int lb_fc_p(PyObject *o, int *v)
+{
+    int t = o == Py_True ? 1 : o == Py_False ? 0 : PyObject_IsTrue(o);
+    if (t < 0)
+        return -1;
+    *v = t;
+    return 0;
+}
+
+double lb_py_safe_bound(unsigned code)
+{
+    switch (code) {
+    case 1: return (double)FLT_MAX / 2;
+    case 2: return DBL_MAX / 2;
+    case 3: return 32752.0;
+    case 4: return (2 - 1.0 / 128) * ldexp(1.0, 127) / 2;
+    }
+    return 0.0;
 }

@@ -115,6 +115,22 @@ int lb_py_decode_target(PyObject *table, const char *tname, uint64_t count, PyOb
 PyObject *lb_py_decode_error(lb_status st, const lb_error *err, uint64_t n, const char *kind,
                              const char *what);
 
+/* METH_FASTCALL argument parsing for the per-call hot paths (a small
+ * tensor's call costs what its argument parsing costs): lb_fc_args checks
+ * the count (TypeError naming `fname` otherwise); the converters follow
+ * PyArg_ParseTuple's "K" (an int, masked to 64 bits), "i" (an int in C
+ * int range) and "p" (truth value).  0 or -1 with an exception.          */
+int lb_fc_args(const char *fname, Py_ssize_t nargs, Py_ssize_t lo, Py_ssize_t hi);
+int lb_fc_K(PyObject *o, unsigned long long *v);
+int lb_fc_i(PyObject *o, int *v);
+int lb_fc_p(PyObject *o, int *v);
+
+/* Half the largest finite value of the dtype of wire code `code` (1
+ * float32, 2 float64, 3 float16, 4 bfloat16; 0 for another): a largest
+ * code times largest scale below it cannot round to Inf on the way to
+ * that dtype (the fast bound of _schemes._Table.check_range).           */
+double lb_py_safe_bound(unsigned code);
+
 /* Method tables of the binding files, concatenated by module.c. */
 extern PyMethodDef lb_core_methods[];
 extern PyMethodDef lb_sparsify_methods[];

@@ -88,14 +88,14 @@ static uint64_t nblocks_of(uint64_t n, uint64_t block)
 }
 
 /* sign(x, mode, block, check_finite, threads) -> (codes, scales) */
-static PyObject *py_sign(PyObject *self, PyObject *args)
+static PyObject *py_sign(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *x_o, *threads;
     int mode, check;
     unsigned long long block;
     qcall q;
-    if (!PyArg_ParseTuple(args, "OiKpO:sign", &x_o, &mode, &block, &check, &threads) ||
-        qcall_open(&q, x_o, threads) < 0)
+    if (lb_fc_args("sign", nargs, 5, 5) < 0 || lb_fc_i(args[1], &mode) < 0 ||
+        lb_fc_K(args[2], &block) < 0 || lb_fc_p(args[3], &check) < 0 ||
+        qcall_open(&q, args[0], args[4]) < 0)
         return NULL;
     uint64_t ns = mode == LB_SCALE_NONE ? 0 : nblocks_of(q.n, block);
     if (qcall_alloc(&q, lb_packed_bytes(q.n, 1), ns, NPY_FLOAT32) < 0)
@@ -109,15 +109,16 @@ static PyObject *py_sign(PyObject *self, PyObject *args)
 
 /* quantize(x, out_dt, bits, block, stochastic, seed, step, check_finite,
  *          threads); out_dt: the lb_dtype code the payload decodes to     */
-static PyObject *py_quantize(PyObject *self, PyObject *args)
+static PyObject *py_quantize(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    PyObject *x_o, *threads;
     int out_dt, bits, stochastic, check;
     unsigned long long block, seed, step;
     qcall q;
-    if (!PyArg_ParseTuple(args, "OiiKpKKpO:quantize", &x_o, &out_dt, &bits, &block,
-                          &stochastic, &seed, &step, &check, &threads) ||
-        qcall_open(&q, x_o, threads) < 0)
+    if (lb_fc_args("quantize", nargs, 9, 9) < 0 || lb_fc_i(args[1], &out_dt) < 0 ||
+        lb_fc_i(args[2], &bits) < 0 || lb_fc_K(args[3], &block) < 0 ||
+        lb_fc_p(args[4], &stochastic) < 0 || lb_fc_K(args[5], &seed) < 0 ||
+        lb_fc_K(args[6], &step) < 0 || lb_fc_p(args[7], &check) < 0 ||
+        qcall_open(&q, args[0], args[8]) < 0)
         return NULL;
     if (qcall_alloc(&q, lb_packed_bytes(q.n, bits), nblocks_of(q.n, block), NPY_FLOAT32) < 0)
         return NULL;
@@ -451,9 +452,40 @@ static PyObject *py_check_codes(PyObject *self, PyObject *args)
     return PyLong_FromUnsignedLongLong(err.index);
 }
 
+/* range_ok(scales, levels, code) -> bool: levels * max(scales) (1.0 for
+ * no scales) <= lb_py_safe_bound(code), False with a NaN scale: the fast
+ * bound of check_range for a kernel's float32 scales (False: run it).   */
+static PyObject *py_range_ok(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    int code;
+    if (lb_fc_args("range_ok", nargs, 3, 3) < 0 || lb_fc_i(args[2], &code) < 0)
+        return NULL;
+    double levels = PyFloat_AsDouble(args[1]);
+    if (levels == -1.0 && PyErr_Occurred())
+        return NULL;
+    PyArrayObject *a = (PyArrayObject *)args[0];
+    if (!PyArray_Check(args[0]) || PyArray_TYPE(a) != NPY_FLOAT32 || !PyArray_IS_C_CONTIGUOUS(a)) {
+        PyErr_SetString(PyExc_TypeError, "scales: expected a contiguous float32 array");
+        return NULL;
+    }
+    const float *s = PyArray_DATA(a);
+    npy_intp n = PyArray_SIZE(a);
+    double top = n ? (double)s[0] : 1.0;
+    for (npy_intp i = 1; i < n; i++) {
+        if (s[i] != s[i])
+            Py_RETURN_FALSE;
+        if ((double)s[i] > top)
+            top = (double)s[i];
+    }
+    return PyBool_FromLong(top == top && levels * top <= lb_py_safe_bound((unsigned)code));
+}
+
 PyMethodDef lb_quant_methods[] = {
-    {"sign", py_sign, METH_VARARGS, "sign(x, mode, block, check_finite, threads)"},
-    {"quantize", py_quantize, METH_VARARGS,
+    {"range_ok", (PyCFunction)(void (*)(void))py_range_ok, METH_FASTCALL,
+     "range_ok(scales, levels, dtype_code) -> whether levels * max(scales) is far from overflow."},
+    {"sign", (PyCFunction)(void (*)(void))py_sign, METH_FASTCALL,
+     "sign(x, mode, block, check_finite, threads)"},
+    {"quantize", (PyCFunction)(void (*)(void))py_quantize, METH_FASTCALL,
      "quantize(x, bits, block, stochastic, seed, step, check_finite, threads)"},
     {"qsgd", py_qsgd, METH_VARARGS, "qsgd(x, levels, block, seed, step, check_finite, threads)"},
     {"terngrad", py_terngrad, METH_VARARGS, "terngrad(x, clip, seed, step, check_finite, threads)"},

@@ -19,16 +19,19 @@ static PyObject *sparse_result(lb_sparse *s, uint64_t n, lb_dtype dt)
     return Py_BuildValue("(NN)", idx, vals);
 }
 
-/* topk(x, k, check_finite=True, threads=None) -> (indices, values) */
-static PyObject *py_topk(PyObject *self, PyObject *args, PyObject *kw)
+/* topk(x, k, check_finite=True, threads=None) -> (indices, values)
+ * (positional arguments: the per-call path of small tensors)            */
+static PyObject *py_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    static char *kwlist[] = {"x", "k", "check_finite", "threads", NULL};
     PyObject *x_o, *k_o, *threads = Py_None;
     int check = 1, nt;
     uint64_t k;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OO|pO:topk", kwlist, &x_o, &k_o,
-                                     &check, &threads))
+    if (lb_fc_args("topk", nargs, 2, 4) < 0 || (nargs > 2 && lb_fc_p(args[2], &check) < 0))
         return NULL;
+    x_o = args[0];
+    k_o = args[1];
+    if (nargs > 3)
+        threads = args[3];
     PyArrayObject *x = lb_py_vector(x_o, "x", LB_ALLOW_F32_F64);
     if (!x)
         return NULL;
@@ -431,7 +434,7 @@ done:
 }
 
 PyMethodDef lb_sparsify_methods[] = {
-    {"topk", (PyCFunction)(void (*)(void))py_topk, METH_VARARGS | METH_KEYWORDS,
+    {"topk", (PyCFunction)(void (*)(void))py_topk, METH_FASTCALL,
      "Exact top-k by magnitude -> (indices, values)."},
     {"threshold", (PyCFunction)(void (*)(void))py_threshold, METH_VARARGS | METH_KEYWORDS,
      "All |x| >= tau -> (indices, values)."},

@@ -4,15 +4,16 @@ handled the step (the state updated in place), or None for the generic
 path.  Every fused kernel produces exactly the bytes of the generic path
 (tests/test_feedback_fused.py checks this)."""
 
-import numpy as np
-
 from . import _core
 from ._payload import Sparse, get_scheme
 from ._schemes import SCHEMES
 from ._validate import k_from_ratio
 from .compressors import (QSGD, Blockwise, ChunkedTopK, Lut2Bit, MiniFloat, Natural, RandomK, Sign,
                           TernGrad, TopK)
-from .quantize import _payload as _quantized
+from .quantize import _linear_payload
+
+# the scale modes the two-pass sign kernel handles, as the scheme numbers them
+_SIGN_MODES = {m: SCHEMES["sign"].MODES.index(m) for m in ("l1", "rms")}
 
 # Quantizers decoded as table[code] * mult[block]: compensation in C, the
 # quantizer's own kernel on p, then e -= D(C(p)) in place (no temporary).
@@ -28,6 +29,8 @@ _FINITE_RESIDUAL = (TopK, ChunkedTopK, Sign, Blockwise, QSGD, TernGrad, Natural,
 
 def finite_residual(comp):
     """Whether the fused residual of `comp` is finite whenever p is."""
+    if type(comp) is TopK:
+        return True
     if isinstance(comp, Blockwise) and comp.bits == 1 and comp.rounding == "stochastic":
         return False
     return isinstance(comp, _FINITE_RESIDUAL)
@@ -40,19 +43,43 @@ def sign_step(fb, e, g, scale):
     the caller takes the transactional path, which reports any error).
     Once the kernel writes it cannot fail, so no state snapshot is needed."""
     comp = fb.compressor
-    if type(comp) is not Sign or comp.scale not in ("l1", "rms") or e.size == 0:
+    if type(comp) is not Sign or e.size == 0:
         return None
-    n = e.size
+    mode = _SIGN_MODES.get(comp.scale)
+    if mode is None:
+        return None
     block = 0 if comp.block is None else comp.block
-    nblocks = -(-n // block) if block else 1
-    codes = np.empty(-(-n // 8), np.uint8)
-    scales = np.empty(nblocks, np.float32)
-    mode = SCHEMES["sign"].MODES.index(comp.scale)
     threads = fb.threads if fb.threads is not None else comp.threads
-    if not _core.ef_sign(e, g, fb.decay, scale, mode, block, codes, scales, threads):
+    out = _core.ef_sign(e, g, fb.decay, scale, mode, block, None, None, threads)
+    if out is None:
         return None
-    return _quantized("sign", fb.shape, fb.dtype, {"scale": mode, "block": block},
-                    {"codes": codes, "scales": scales})
+    return _linear_payload("sign", fb.shape, fb.dtype, {"scale": mode, "block": block},
+                           out[0], out[1], 1.0)
+
+
+def _topk(fb, comp, e, g, scale, threads, atomic):
+    """The fused top-k step (ef_topk; `atomic`: e unchanged when it fails)."""
+    n, k = e.size, comp.k
+    k = k_from_ratio(n, comp.ratio) if k is None else k if k <= n else n
+    idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads, atomic)
+    return Sparse._make(idx, vals, fb.shape, fb.dtype)
+
+
+# Largest state whose top-k step copies it in C (a fresh buffer per call);
+# larger ones take the transaction, whose snapshot buffer is kept.
+ATOMIC_MAX = 1 << 16
+
+
+def topk_step(fb, e, g, scale):
+    """The step of a TopK compressor on a state of at most ATOMIC_MAX
+    elements as one C call that leaves e as it was when it fails (ef_topk's
+    atomic mode copies e first), so the caller needs no transaction (the
+    residual is 0 or p, finite when p is); None otherwise."""
+    comp = fb.compressor
+    if type(comp) is not TopK or e.size > ATOMIC_MAX:
+        return None
+    return _topk(fb, comp, e, g, scale, fb.threads if fb.threads is not None else comp.threads,
+                 True)
 
 
 def residual_step(fb, e, g, scale):
@@ -61,9 +88,7 @@ def residual_step(fb, e, g, scale):
     kind = type(comp)
     threads = fb.threads if fb.threads is not None else comp.threads
     if kind is TopK:
-        k = comp.k if comp.k is not None else k_from_ratio(e.size, comp.ratio)
-        idx, vals = _core.ef_topk(e, g, min(k, e.size), fb.decay, scale, True, threads)
-        return Sparse._make(idx, vals, fb.shape, fb.dtype)
+        return _topk(fb, comp, e, g, scale, threads, False)
     if kind is ChunkedTopK and not isinstance(comp.chunk, tuple):
         idx, vals = _core.ef_topk_chunked(e, g, comp.chunk, comp.k_per_chunk, fb.decay, scale,
                                           True, threads)

@@ -20,6 +20,7 @@ from ._validate import (BFLOAT16, FLOAT_DTYPES, check_out, check_seed, check_ste
                         from_torch)
 
 FormatError = _core.FormatError
+_new = object.__new__   # the trusted constructors' allocation (no __init__)
 
 MAX_NDIM = 32
 MAX_SIZE = 1 << 60     # every shape's shape_bound() is below this (2**63 bytes of float64:
@@ -31,6 +32,7 @@ DTYPE_CODES = {np.dtype(np.float32): 1, np.dtype(np.float64): 2, np.dtype(np.flo
 if BFLOAT16 is not None:
     DTYPE_CODES[BFLOAT16] = 4
 CODE_DTYPES = {v: k for k, v in DTYPE_CODES.items()}
+_DTYPE_TYPES = frozenset(type(d) for d in DTYPE_CODES)   # np.dtype(d) is d for these
 
 
 def normalize_shape(shape, name="shape"):
@@ -117,6 +119,12 @@ class Scheme:
 
 _SCHEMES_BY_NAME: dict[str, Scheme] = {}
 _SCHEMES_BY_ID: dict[int, Scheme] = {}
+# Schemes whose layout and checks the C decoder (wire.decode's fast path)
+# implements: a Scheme class that sets ``c_wire`` to its wire id in its own
+# body (not inherited).  {wire id: (name, parameter names, array names)}
+# and the bit mask of those ids; any other scheme decodes in Python.
+C_WIRE: dict[int, tuple] = {}
+C_WIRE_MASK = 0
 
 
 def register_scheme(scheme):
@@ -130,6 +138,13 @@ def register_scheme(scheme):
         raise ValueError(f"register_scheme: wire_id {scheme.wire_id} is taken by {old.name!r}")
     _SCHEMES_BY_NAME[scheme.name] = scheme
     _SCHEMES_BY_ID[scheme.wire_id] = scheme
+    global C_WIRE_MASK
+    if type(scheme).__dict__.get("c_wire") == scheme.wire_id:
+        C_WIRE[scheme.wire_id] = (scheme.name, tuple(p for p, _ in scheme.params), tuple(scheme.arrays))
+        C_WIRE_MASK |= 1 << scheme.wire_id
+    else:
+        C_WIRE.pop(scheme.wire_id, None)
+        C_WIRE_MASK &= ~(1 << scheme.wire_id)
     return scheme
 
 
@@ -197,10 +212,10 @@ class Quantized:
     @classmethod
     def _make(cls, scheme, shape, dtype, params, arrays):
         """Trusted constructor for kernels (no checks)."""
-        q = cls.__new__(cls)
+        q = _new(cls)
         q.scheme = scheme
-        q.shape = tuple(shape)
-        q.dtype = np.dtype(dtype)
+        q.shape = shape if type(shape) is tuple else tuple(shape)
+        q.dtype = dtype if type(dtype) in _DTYPE_TYPES else np.dtype(dtype)
         q.params = params
         q.arrays = arrays
         q._nbytes = None
@@ -317,11 +332,11 @@ class Sparse:
     @classmethod
     def _make(cls, indices, values, shape, dtype, seed=None, step=None):
         """Trusted constructor for kernels (no checks)."""
-        s = cls.__new__(cls)
+        s = _new(cls)
         s.indices = indices
         s.values = values
-        s.shape = tuple(shape)
-        s.dtype = np.dtype(dtype)
+        s.shape = shape if type(shape) is tuple else tuple(shape)
+        s.dtype = dtype if type(dtype) in _DTYPE_TYPES else np.dtype(dtype)
         s.seed = seed
         s.step = step
         s._nbytes = None

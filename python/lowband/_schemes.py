@@ -202,7 +202,7 @@ class SignScheme(_Linear):
     2014): two float32 per block, code 1 means +scales[2b] (the mean of the
     non-negative elements) and code 0 means -scales[2b + 1] (minus the mean
     of the negative ones)."""
-    name, wire_id = "sign", 1
+    name, wire_id, c_wire = "sign", 1, 1   # c_wire: decoded in C (csrc/python/wire_glue.c)
     params = (("scale", "u"), ("block", "u"))
     MODES = ("none", "l1", "rms", "two_means")
     TWO_MEANS = 3
@@ -273,7 +273,7 @@ class SignScheme(_Linear):
 class BlockwiseScheme(_Linear):
     """Symmetric absmax: code c means (c - Q) * d (bits >= 2, Q = 2^(bits-1) - 1)
     or (2c - 1) * d (bits 1)."""
-    name, wire_id, unbiased = "blockwise", 2, False
+    name, wire_id, unbiased, c_wire = "blockwise", 2, False, 2
     params = (("bits", "u"), ("block", "u"))
     BITS = (1, 2, 3, 4, 8)
 
@@ -309,7 +309,7 @@ class BlockwiseScheme(_Linear):
 
 
 class BlockwiseSRScheme(BlockwiseScheme):
-    name, wire_id, unbiased = "blockwise_sr", 3, True
+    name, wire_id, unbiased, c_wire = "blockwise_sr", 3, True, 3
 
 
 class QSGDScheme(_Linear):

@@ -92,8 +92,9 @@ class _Transaction:
         obj = self.obj
         if obj._backup is None:
             obj._backup = {n: np.empty_like(getattr(obj, n)) for n in obj._state_names}
+        backup = obj._backup
         for n in obj._state_names:
-            np.copyto(obj._backup[n], getattr(obj, n))
+            backup[n][...] = getattr(obj, n)   # same dtype and shape: np.copyto's bytes
         self.t, self.lr = obj.t, getattr(obj, "_lr", None)
         self.txn = {"finite": False}
         return self.txn
@@ -140,9 +141,10 @@ class _Stateful:
             self._lr = lr
 
     def _transaction(self):
-        """Every step runs inside this (with the lock held), except one the
-        two-pass sign kernel takes (it checks all it needs before it writes,
-        so it cannot fail halfway: see _fused.sign_step): the state is
+        """Every step runs inside this (with the lock held), except those
+        that cannot fail halfway: the two-pass sign kernel (it checks all it
+        needs before it writes: see _fused.sign_step) and top-k on a small
+        state (the C call restores it: see _fused.topk_step).  The state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
@@ -151,6 +153,11 @@ class _Stateful:
         return _Transaction(self)
 
     def _grad(self, grad, name="grad"):
+        if (type(grad) is np.ndarray and grad.dtype == self.dtype and grad.size == self.size
+                and (grad.ndim == 1 or grad.shape == self.shape)):
+            flags = grad.flags   # the common case: what as_float_array returns as it is
+            if flags.c_contiguous and flags.aligned:
+                return grad.reshape(-1)
         g = as_float_array(grad, name)
         if g.size != self.size or (g.shape != self.shape and g.ndim != 1):
             raise ValueError(f"{name}: expected shape {self.shape}, got {g.shape}")
@@ -219,8 +226,11 @@ class _Residual(_Stateful):
         g = self._grad(grad)
         with self._lock:
             if lr is None or getattr(self, "_lr", None) in (None, lr):
-                # sign: two passes that check everything before writing (no snapshot)
+                # sign: two passes that check everything before writing; top-k:
+                # one call that restores e itself when it fails (no snapshot here)
                 payload = _fused.sign_step(self, self.error, g, scale)
+                if payload is None:
+                    payload = _fused.topk_step(self, self.error, g, scale)
                 if payload is not None:
                     if lr is not None:
                         self._lr = lr

@@ -21,12 +21,12 @@ from __future__ import annotations
 import numpy as np
 
 from . import _core
-from ._payload import DTYPE_CODES, Quantized
-from ._schemes import (SCHEMES, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
+from ._payload import DTYPE_CODES, Quantized, shape_size
+from ._schemes import (SCHEMES, BlockwiseScheme, DitherScheme, FedZipScheme, MinifloatScheme, QSGDScheme, emax_of,
                        packed_bytes)
 from ._validate import (ANY_FLOAT_DTYPES, BFLOAT16, FLOAT_DTYPES, as_float_array, from_torch, check_choice,
                         check_finite_number, check_int, check_seed, check_step, check_threads,
-                        group_arrays)
+                        group_arrays, MAX_STEP)
 
 __all__ = ["sign", "quantize", "qsgd", "terngrad", "natural", "minifloat", "lut2bit",
            "cast", "pack_bits", "unpack_bits", "dither", "fedzip", "sign_group", "quantize_group"]
@@ -39,6 +39,8 @@ MAX_BLOCK = _core.MAX_BLOCK   # inclusive; the one bound (csrc/lowband.h)
 
 def _input(x, threads):
     """(float32/float64 working array, decoded dtype, shape)."""
+    if type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:   # the C glue copies a strided x
+        return x, x.dtype, x.shape
     return _widened(as_float_array(x, "x", INPUT_DTYPES), threads)
 
 
@@ -54,6 +56,8 @@ def _widened(arr, threads):
 
 
 def _block(block, name="block"):
+    if type(block) is int and 1 <= block <= MAX_BLOCK:
+        return block
     return 0 if block is None else check_int(block, name, 1, MAX_BLOCK)
 
 
@@ -72,6 +76,20 @@ def _payload(scheme, shape, dtype, params, arrays):
     return q
 
 
+_SIGN_MODES = {m: i for i, m in enumerate(SCHEMES["sign"].MODES)}
+_TWO_MEANS = SCHEMES["sign"].TWO_MEANS
+
+
+def _linear_payload(scheme, shape, dtype, params, codes, scales, levels):
+    """_payload for sign and blockwise output (``levels``: the largest
+    |table entry|): check_range runs only when its fast bound (levels times
+    the largest scale far from overflow, checked in C) does not hold."""
+    q = Quantized._make(scheme, shape, dtype, params, {"codes": codes, "scales": scales})
+    if _core.range_ok(scales, levels, DTYPE_CODES[q.dtype]) or not shape_size(shape):
+        return q
+    return _payload(scheme, shape, dtype, params, q.arrays)
+
+
 def sign(x, *, scale="l1", block=None, check_finite=True, threads=None):
     """1-bit signs with an optional scale (EF-signSGD, 1-bit Adam, Seide et
     al.'s 1-bit SGD).
@@ -86,17 +104,21 @@ def sign(x, *, scale="l1", block=None, check_finite=True, threads=None):
     squared error for the sign partition; an empty side gets 0); 1 bit per
     element plus 64 bits per block.
     """
-    mode = SCHEMES["sign"].MODES.index(
-        check_choice(scale, "scale", ("l1", "rms", "none", "two_means")))
-    block = _block(block)
-    threads = check_threads(threads)
+    mode = _SIGN_MODES.get(scale) if type(scale) is str else None
+    if mode is None:
+        mode = SCHEMES["sign"].MODES.index(
+            check_choice(scale, "scale", ("l1", "rms", "none", "two_means")))
+    block = 0 if block is None else _block(block)
+    if threads is not None:
+        threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
-    if mode == SCHEMES["sign"].TWO_MEANS:
-        codes, scales = _core.sign_two_means(work, block, bool(check_finite), threads)
+    check_finite = check_finite is True or bool(check_finite)
+    if mode == _TWO_MEANS:
+        codes, scales = _core.sign_two_means(work, block, check_finite, threads)
     else:
-        codes, scales = _core.sign(work, mode, block, bool(check_finite), threads)
-    return _payload("sign", shape, dtype, {"scale": mode, "block": block},
-                    {"codes": codes, "scales": scales})
+        codes, scales = _core.sign(work, mode, block, check_finite, threads)
+    return _linear_payload("sign", shape, dtype, {"scale": mode, "block": block},
+                           codes, scales, 1.0)
 
 
 def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_finite=True,
@@ -111,19 +133,26 @@ def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_
     fraction, from 24 random bits per element keyed by (seed, step, index):
     unbiased; needs ``seed``).
     """
-    bits = check_int(bits, "bits")
+    if type(bits) is not int:
+        bits = check_int(bits, "bits")
     if bits not in (1, 2, 3, 4, 8):
         raise ValueError(f"bits: expected one of 1, 2, 3, 4, 8, got {bits}")
     block = _block(block)
-    stochastic = check_choice(rounding, "rounding", ("nearest", "stochastic")) == "stochastic"
+    if type(rounding) is str and rounding == "nearest":
+        stochastic = False
+    else:
+        stochastic = check_choice(rounding, "rounding", ("nearest", "stochastic")) == "stochastic"
     seed = check_seed(seed) if stochastic else 0
-    step = check_step(step)
-    threads = check_threads(threads)
+    if type(step) is not int or not 0 <= step < MAX_STEP:
+        step = check_step(step)
+    if threads is not None:
+        threads = check_threads(threads)
     work, dtype, shape = _input(x, threads)
     codes, scales = _core.quantize(work, DTYPE_CODES[dtype], bits, block, stochastic, seed, step,
-                                   bool(check_finite), threads)
-    return _payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
-                    {"bits": bits, "block": block}, {"codes": codes, "scales": scales})
+                                   check_finite is True or bool(check_finite), threads)
+    return _linear_payload("blockwise_sr" if stochastic else "blockwise", shape, dtype,
+                           {"bits": bits, "block": block}, codes, scales,
+                           float(BlockwiseScheme.levels(bits)))
 
 
 def _group_inputs(tensors, offsets, threads):

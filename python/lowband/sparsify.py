@@ -44,6 +44,11 @@ def topk(x, k=None, *, ratio=None, check_finite=True, threads=None):
     pass collect the candidates, with a two-pass histogram select as the
     fallback.
     """
+    if type(x) is np.ndarray and x.dtype in FLOAT_DTYPES:   # used as it is (C copies a strided x)
+        k = resolve_k(x.size, k, ratio)
+        idx, vals = _core.topk(x, k, check_finite is True or bool(check_finite),
+                               None if threads is None else check_threads(threads))
+        return Sparse._make(idx, vals, x.shape, x.dtype)
     x, half = as_selectable(x)
     k = resolve_k(x.size, k, ratio)
     return _sparse(x, half, _core.topk(x, k, bool(check_finite), check_threads(threads)))

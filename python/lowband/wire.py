@@ -19,6 +19,7 @@ import sys
 import numpy as np
 
 from . import _core
+from . import _payload as _payload_mod
 from ._payload import (CODE_DTYPES, DTYPE_CODES, IDX_SEEDED, MAX_NDIM, MAX_SIZE, Dense, FormatError, Quantized, Sparse, get_scheme,
                        index_choice, normalize_shape, scheme_by_id, shape_bound, shape_size,
                        smallest_index_encoding)
@@ -129,6 +130,47 @@ def _pieces(payload):
     raise TypeError(f"payload: expected a Sparse, Quantized or Dense, got {type(payload).__name__}")
 
 
+# The C fast path (csrc/python/wire_glue.c): one call writes the whole
+# payload; it returns None for what it does not handle (then the pieces
+# above are assembled in Python: same bytes).
+
+_QINFO = {}   # Scheme -> (wire id, parameter kinds as bytes, parameter names, array names)
+
+
+def _quant_parts(q):
+    """A Quantized as wire_encode's tuple (wire id, dtype code, kinds, params, arrays)."""
+    sch = get_scheme(q.scheme)
+    info = _QINFO.get(sch)
+    if info is None:
+        info = _QINFO[sch] = (sch.wire_id, "".join(k for _, k in sch.params).encode(),
+                              tuple(p for p, _ in sch.params), tuple(sch.arrays))
+    wid, kinds, pnames, anames = info
+    params, arrays = q.params, q.arrays
+    return (wid, DTYPE_CODES[q.dtype], kinds, tuple([params[p] for p in pnames]),
+            tuple([arrays[a] for a in anames]))
+
+
+def _encode_c(payload):
+    """encode(payload) in one C call, or None (not handled there)."""
+    t = type(payload)
+    try:
+        if t is Sparse:
+            v = payload.values
+            if type(v) is Quantized:
+                v = _quant_parts(v)
+            return _core.wire_encode(1, payload.shape, DTYPE_CODES[payload.dtype], payload.indices,
+                                     payload.seed, payload.step, v)
+        if t is Quantized:
+            return _core.wire_encode(2, payload.shape, DTYPE_CODES[payload.dtype],
+                                     _quant_parts(payload))
+        if t is Dense:
+            a = payload.array
+            return _core.wire_encode(3, a.shape, DTYPE_CODES[a.dtype], a)
+    except (KeyError, ValueError, TypeError):   # the Python path raises the error
+        return None
+    return None
+
+
 def encoded_size(payload):
     """len(encode(payload)), computed without building the bytes."""
     if not isinstance(payload, (Sparse, Quantized, Dense)):
@@ -138,6 +180,12 @@ def encoded_size(payload):
 
 def encode(payload):
     """The canonical wire bytes of a payload (docs/formats.md)."""
+    out = _encode_c(payload)
+    return _encode_py(payload) if out is None else out
+
+
+def _encode_py(payload):
+    """encode() in Python (what the C fast path hands over)."""
     parts = [_piece_bytes(p) for p in _pieces(payload)]
     crc = 0
     for part in parts:
@@ -345,16 +393,58 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None, copy=Tr
     and changes with it, so use it only on a buffer nobody rewrites while
     the payload is in use.
     """
+    ecode, limit = -1, -1
     if expect_shape is not None:
         expect_shape = normalize_shape(expect_shape, "expect_shape")
     if expect_dtype is not None:
         expect_dtype = np.dtype(expect_dtype)
+        ecode = DTYPE_CODES.get(expect_dtype, 0)   # 0: no payload has it
     if max_size is not None:
         max_size = check_int(max_size, "max_size", 0)
-    try:
-        buf = memoryview(from_torch(data, "data")).cast("B")
-    except TypeError:
-        raise TypeError(f"data: expected a bytes-like object, got {type(data).__name__}") from None
+        limit = min(max_size, MAX_SIZE)
+    if type(data) is bytes:
+        buf = data
+    else:
+        try:
+            buf = memoryview(from_torch(data, "data")).cast("B")
+        except TypeError:
+            raise TypeError(f"data: expected a bytes-like object, got {type(data).__name__}") from None
+    parts = _core.wire_decode(buf, bool(copy), expect_shape, ecode, limit, _payload_mod.C_WIRE_MASK)
+    if parts is not None:
+        return _from_parts(parts, len(buf))
+    return _decode_py(memoryview(buf).cast("B") if type(buf) is bytes else buf, expect_shape,
+                      expect_dtype, max_size, copy)
+
+
+def _quant_from(t, shape):
+    """The Quantized of a wire_decode quant tuple."""
+    sid, code, params, arrays = t
+    name, pnames, anames = _payload_mod.C_WIRE[sid]
+    return Quantized._make(name, shape, CODE_DTYPES[code], dict(zip(pnames, params)),
+                           dict(zip(anames, arrays)))
+
+
+def _from_parts(parts, n):
+    """The payload of what wire_decode parsed and checked (n: its bytes)."""
+    kind = parts[0]
+    if kind == KIND_SPARSE:
+        _, shape, code, idx, values, seed, step = parts
+        if type(values) is tuple:
+            values = _quant_from(values, (len(idx),))
+        p = Sparse._make(idx, values, shape, CODE_DTYPES[code], seed, step)
+    elif kind == KIND_QUANTIZED:
+        p = _quant_from(parts[3], parts[1])
+    else:
+        p = Dense.__new__(Dense)   # the array is native, C-contiguous and of a payload dtype
+        p.array = parts[3]
+        return p
+    p._nbytes = n
+    return p
+
+
+def _decode_py(buf, expect_shape, expect_dtype, max_size, copy):
+    """decode() in Python: every check with its FormatError message (the C
+    fast path hands over everything it does not accept)."""
     n = len(buf)
     if n < 12:
         raise FormatError(f"decode: {n} bytes is shorter than the smallest payload (12)")
@@ -402,3 +492,6 @@ def decode(data, *, expect_shape=None, expect_dtype=None, max_size=None, copy=Tr
         payload._nbytes = n
     return payload
 
+
+
+_core.wire_setup(tuple(CODE_DTYPES.get(c) for c in range(max(CODE_DTYPES) + 1)))
