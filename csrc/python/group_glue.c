@@ -1,7 +1,7 @@
 /* group_glue.c - bindings of core/group.c (one call for many tensors). */
-#include <stdio.h>
+#include "glue.h"   /* Python.h first: it sets the feature macros */
 
-#include "glue.h"
+#include <stdio.h>
 
 /* The arrays and sizes of one group call, owned until group_free(). */
 typedef struct {
