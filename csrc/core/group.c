@@ -77,11 +77,18 @@ static lb_status seg_topk(const void *ctx, uint64_t s, int nthreads, lb_error *e
                    a->out + s, err);
 }
 
-static lb_status seg_ef_topk(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+static lb_status seg_ef_topk_begin(const void *ctx, uint64_t s, int nthreads, lb_error *err)
 {
     const group_args *a = ctx;
-    return lb_ef_topk(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->k[s],
-                      a->check_finite, nthreads, a->out + s, err);
+    return lb_ef_topk_begin(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->k[s],
+                            a->check_finite, nthreads, a->out + s, err);
+}
+
+static lb_status seg_ef_topk_commit(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+{
+    const group_args *a = ctx;
+    return lb_ef_topk_commit(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->out + s,
+                             nthreads);
 }
 
 /* Common checks: k[s] <= n[s] for every segment; results zeroed so that
@@ -134,7 +141,10 @@ lb_status lb_ef_topk_group(void *const *e, const void *const *g,
     if (nseg && (!e || !g))
         return LB_EINVAL;
     group_args a = {e, g, n, k, dt, decay, scale, check_finite, out};
-    st = run_group(&a, seg_ef_topk, n, nseg, nthreads, err, seg);
+    /* every selection first (nothing written), then every state */
+    st = run_group(&a, seg_ef_topk_begin, n, nseg, nthreads, err, seg);
+    if (st == LB_OK)
+        st = run_group(&a, seg_ef_topk_commit, n, nseg, nthreads, err, seg);
     if (st != LB_OK)
         free_all(out, nseg);
     return st;

@@ -55,6 +55,24 @@ def sign_step(fb, e, g, scale):
                     {"codes": codes, "scales": scales})
 
 
+def topk_step(fb, e, g, scale):
+    """The step of a TopK compressor as the all-or-nothing kernel ef_topk
+    (the selection of p = decay*e + scale*g made reading e and g only, then
+    e = p with zeros where sent), or None for other compressors.  A failure
+    (a non-finite g, an overflow) raises with e unchanged, so no state
+    snapshot is needed."""
+    if type(fb.compressor) is not TopK:
+        return None
+    return residual_step(fb, e, g, scale)
+
+
+def direct_step(fb, e, g, scale):
+    """The step of `fb` by a kernel that needs no state snapshot (sign_step,
+    topk_step), or None (then the caller takes the transactional path)."""
+    payload = sign_step(fb, e, g, scale)
+    return payload if payload is not None else topk_step(fb, e, g, scale)
+
+
 def residual_step(fb, e, g, scale):
     """One ErrorFeedback/DecayedFeedback step of `fb` fused in C, or None."""
     comp = fb.compressor
@@ -97,7 +115,9 @@ def residual_group(comps, es, gs, shapes, dtype, decay, threads):
     state es[i] updated in place, gradient gs[i]) as one fused C call, when
     every compressor is a TopK (each segment with its own k); None for the
     generic path.  Returns one Sparse per segment, each the bytes
-    residual_step gives on it."""
+    residual_step gives on it.  All or nothing: every selection is made
+    before any state is written, so a failure raises with every es[i]
+    unchanged (no snapshot needed)."""
     if any(type(c) is not TopK for c in comps):
         return None
     ks = [_k_of(c, e.size) for c, e in zip(comps, es)]
