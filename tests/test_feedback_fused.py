@@ -337,3 +337,15 @@ def test_grouped_topk_failure_leaves_every_state(t):
     out_g, out_s = group.step(grads), F.ErrorFeedback.step_group(objs, grads)
     assert out_g == out_s
     assert_same(group.error, np.concatenate([o.error for o in objs]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "zeros", "sparse", "heavy"])
+@pytest.mark.parametrize("n", [4099, 20011, 65537])
+def test_fused_topk_sampled_small_vectors(kind, n):
+    """Vectors from 4 Ki elements take the sampled path with a sample that
+    scales with n (or fall back when it misses, as ties do): the same bytes
+    as the generic path, for 1 and 2 threads."""
+    for t in (1, 2):
+        run_pair(lambda: C.TopK(ratio=0.01, threads=t), lambda: GenericTopK(ratio=0.01, threads=t),
+                 lambda c, m, dt: F.ErrorFeedback(c, np.zeros(m, dt), threads=t), n, np.float32,
+                 steps=3, kind=kind)

@@ -41,6 +41,25 @@ static inline uint64_t p_key(const keyinfo *ki, const void *e, const void *g,
     return b & LB_KEY64_MASK;
 }
 
+/* The keys of p over the TOPK_RUN elements from `at` (one sample run). */
+static void run_keys(const keyinfo *ki, const void *e, const void *g, uint64_t at,
+                     double decay, double scale, uint64_t *keys)
+{
+    if (ki->width == 4) {
+        const float *ef = (const float *)e + at, *gf = (const float *)g + at;
+        float d = (float)decay, c = (float)scale;
+        for (uint64_t j = 0; j < TOPK_RUN; j++) {
+            float t1 = d * ef[j], t2 = c * gf[j], p = t1 + t2;
+            uint32_t b;
+            memcpy(&b, &p, 4);
+            keys[j] = b & LB_KEY32_MASK;
+        }
+    } else {
+        for (uint64_t j = 0; j < TOPK_RUN; j++)
+            keys[j] = p_key(ki, e, g, at + j, decay, scale);
+    }
+}
+
 /* Common argument checks; LB_ENONFINITE (e untouched) for a bad g. */
 static lb_status ef_begin(const keyinfo *ki, const void *e, const void *g,
                           uint64_t n, double decay, double scale,
@@ -127,10 +146,10 @@ static lb_status plan_aside(const keyinfo *ki, const void *e, const void *g, uin
                             lb_dtype dt, double decay, double scale, uint64_t k,
                             int check_finite, int nthreads, lb_sparse *out, lb_error *err)
 {
-    uint64_t bytes = 0;
+    uint64_t bytes = 0, local[TOPK_SMALL_N];   /* small vectors: p on the stack */
     if (lb_size_mul(n ? n : 1, (uint64_t)ki->width, &bytes) != LB_OK)
         return LB_ENOMEM;
-    void *p = lb_scratch_alloc((size_t)bytes);
+    void *p = bytes <= sizeof(local) ? (void *)local : lb_scratch_alloc((size_t)bytes);
     if (!p)
         return LB_ENOMEM;
     int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
@@ -143,7 +162,8 @@ static lb_status plan_aside(const keyinfo *ki, const void *e, const void *g, uin
         ef_compensate(ki, p, g, b, end, decay, scale);
     }
     lb_status st = lb_topk(p, n, dt, k, check_finite, nthreads, out, err);
-    lb_scratch_free(p);
+    if (p != (void *)local)
+        lb_scratch_free(p);
     if (st == LB_ENONFINITE)
         st = ef_failure(ki, e, g, n, decay, scale, err);
     return st;
@@ -166,8 +186,9 @@ static lb_status ef_topk_plan(const keyinfo *ki, const void *e, const void *g, u
         if (keys) {
             int team = lb_team(nthreads, m / (TOPK_SAMPLE / 2));
             LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-            for (uint64_t j = 0; j < m; j++)
-                keys[j] = p_key(ki, e, g, sample_position(n, m, j), decay, scale);
+            for (uint64_t r = 0; r < m / TOPK_RUN; r++)
+                run_keys(ki, e, g, sample_run_start(n, m, r), decay, scale,
+                         keys + r * TOPK_RUN);
             fast = sample_bounds_from(keys, m, n, k, &lo, &hi, &expected);
             lb_scratch_free(keys);
         }

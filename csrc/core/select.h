@@ -28,18 +28,19 @@ typedef struct {
 } cand_part;
 
 /* Sample size of the fast path: n / TOPK_SAMPLE_DIV elements, at least
- * TOPK_SAMPLE_FLOOR and at most TOPK_SAMPLE (so the sample costs a fixed
- * small share of a pass, and its bounds keep enough ranks below k); the
- * smallest n that uses it.                                                */
+ * TOPK_SAMPLE_FLOOR (or one run in every TOPK_RUN runs of a smaller
+ * vector) and at most TOPK_SAMPLE, so that the sample costs a small share
+ * of a pass and its bounds keep enough ranks around k; the smallest n that
+ * uses it.                                                                */
 #define TOPK_SAMPLE ((uint64_t)65536)
 #ifndef TOPK_SAMPLE_FLOOR
 #define TOPK_SAMPLE_FLOOR ((uint64_t)4096)
 #endif
 #ifndef TOPK_SAMPLE_DIV
-#define TOPK_SAMPLE_DIV ((uint64_t)64)
+#define TOPK_SAMPLE_DIV ((uint64_t)128)
 #endif
 #ifndef TOPK_SAMPLE_MIN_N
-#define TOPK_SAMPLE_MIN_N ((uint64_t)1 << 20)
+#define TOPK_SAMPLE_MIN_N ((uint64_t)4096)
 #endif
 /* Below this many elements exact top-k runs serially through topk_small
  * (one call, no team, no candidate buffers): the fixed cost of a call.   */
@@ -119,8 +120,10 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
 /* Samples the fast path takes of n elements (a multiple of TOPK_RUN), or
  * 0 when n is below TOPK_SAMPLE_MIN_N.                                     */
 uint64_t sample_size(uint64_t n);
-/* Position of sample j (< m = sample_size(n)) in a vector of n elements. */
-uint64_t sample_position(uint64_t n, uint64_t m, uint64_t j);
+/* First position of run r (< m / TOPK_RUN) of the m = sample_size(n)
+ * samples of a vector of n elements: the samples are the TOPK_RUN
+ * consecutive elements from there, run after run.                         */
+uint64_t sample_run_start(uint64_t n, uint64_t m, uint64_t run);
 /* Bounds lo/hi and the expected candidate count from the keys of the m
  * samples (keys holds 2 * m entries; the second half is scratch).
  * Returns 0 when k is too large a fraction for the sample.                 */

@@ -448,24 +448,24 @@ uint64_t sample_size(uint64_t n)
 {
     if (n < TOPK_SAMPLE_MIN_N)
         return 0;
-    uint64_t m = n / TOPK_SAMPLE_DIV;
-    m = m < TOPK_SAMPLE_FLOOR ? TOPK_SAMPLE_FLOOR : m > TOPK_SAMPLE ? TOPK_SAMPLE : m;
+    uint64_t m = n / TOPK_SAMPLE_DIV, floor = n / TOPK_RUN;
+    floor = floor < TOPK_SAMPLE_FLOOR ? floor : TOPK_SAMPLE_FLOOR;
+    m = m < floor ? floor : m > TOPK_SAMPLE ? TOPK_SAMPLE : m;
     m -= m % TOPK_RUN;
     return m <= n / TOPK_RUN ? m : 0;   /* every stratum holds a whole run */
 }
 
-uint64_t sample_position(uint64_t n, uint64_t m, uint64_t j)
+uint64_t sample_run_start(uint64_t n, uint64_t m, uint64_t run)
 {
     /* runs of TOPK_RUN consecutive elements (a cache line of float32), one
      * run per stratum of n / (m / TOPK_RUN) elements, placed at a fixed
      * hashed offset inside it: few cache misses, even coverage            */
-    uint64_t run = j / TOPK_RUN, runs = m / TOPK_RUN;
-    uint64_t stride = n / runs;
+    uint64_t stride = n / (m / TOPK_RUN);
     uint64_t h = (run + 1) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 31;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 29;
-    return run * stride + h % (stride - TOPK_RUN + 1) + j % TOPK_RUN;
+    return run * stride + h % (stride - TOPK_RUN + 1);
 }
 
 int sample_bounds_from(uint64_t *keys, uint64_t m, uint64_t n, uint64_t k,
@@ -504,8 +504,11 @@ static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
         return 0;
     int team = lb_team(nthreads, m / (TOPK_SAMPLE / 2));
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-    for (uint64_t j = 0; j < m; j++)
-        keys[j] = raw_at(ki, x, sample_position(n, m, j)) & ki->mask;
+    for (uint64_t r = 0; r < m / TOPK_RUN; r++) {
+        uint64_t at = sample_run_start(n, m, r);
+        for (uint64_t j = 0; j < TOPK_RUN; j++)
+            keys[r * TOPK_RUN + j] = raw_at(ki, x, at + j) & ki->mask;
+    }
     int ok = sample_bounds_from(keys, m, n, k, lo, hi, expected);
     lb_scratch_free(keys);
     return ok;
