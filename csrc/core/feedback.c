@@ -225,36 +225,51 @@ static lb_status ef_topk_plan(const keyinfo *ki, const void *e, const void *g, u
     return st;
 }
 
-/* The write of a planned step (cannot fail): e = p, then 0 at the sent
- * indices (ascending), block by block while the block is in cache.        */
+/* e = p over [b, end), then 0 at the sent indices there (ix ascending),
+ * block by block while the block is in cache.                            */
+static void apply_range(const keyinfo *ki, void *e, const void *g, uint64_t b, uint64_t end,
+                        double decay, double scale, const uint64_t *ix, uint64_t count)
+{
+    const uint64_t block = 4096;
+    uint64_t lo = 0, hi = count;   /* first sent index >= b */
+    while (lo < hi) {
+        uint64_t mid = lo + (hi - lo) / 2;
+        if (ix[mid] < b)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    for (uint64_t i = b; i < end; i += block) {
+        uint64_t stop = end - i < block ? end : i + block;
+        ef_compensate(ki, e, g, i, stop, decay, scale);
+        if (ki->width == 4)
+            for (; lo < count && ix[lo] < stop; lo++)
+                ((float *)e)[ix[lo]] = 0.0f;
+        else
+            for (; lo < count && ix[lo] < stop; lo++)
+                ((double *)e)[ix[lo]] = 0.0;
+    }
+}
+
+/* The write of a planned step (cannot fail): apply_range over chunks,
+ * handed out dynamically to a team (a thread that runs slower, e.g. on a
+ * busy core, takes fewer); the writes do not depend on who makes them.
+ * A team of one loops here (no OpenMP: a dynamic loop needs a real team). */
 static void ef_topk_apply(const keyinfo *ki, void *e, const void *g, uint64_t n,
                           double decay, double scale, const lb_sparse *sent, int nthreads)
 {
-    const uint64_t block = 4096;
-    int nparts = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
+    const uint64_t chunk = 4 * LB_CHUNK;
+    uint64_t nchunks = lb_num_chunks(n, chunk);
+    int team = lb_team(nthreads, lb_num_chunks(n, LB_CHUNK));
     const uint64_t *ix = sent->indices, count = sent->count;
-    LB_OMP(omp parallel for num_threads(nparts) schedule(static, 1) if(nparts > 1))
-    for (int part = 0; part < nparts; part++) {
-        uint64_t b, end;
-        lb_split(n, nparts, part, &b, &end);
-        uint64_t lo = 0, hi = count;   /* first sent index >= b */
-        while (lo < hi) {
-            uint64_t mid = lo + (hi - lo) / 2;
-            if (ix[mid] < b)
-                lo = mid + 1;
-            else
-                hi = mid;
-        }
-        for (uint64_t i = b; i < end; i += block) {
-            uint64_t stop = end - i < block ? end : i + block;
-            ef_compensate(ki, e, g, i, stop, decay, scale);
-            if (ki->width == 4)
-                for (; lo < count && ix[lo] < stop; lo++)
-                    ((float *)e)[ix[lo]] = 0.0f;
-            else
-                for (; lo < count && ix[lo] < stop; lo++)
-                    ((double *)e)[ix[lo]] = 0.0;
-        }
+    if (team < 2) {
+        apply_range(ki, e, g, 0, n, decay, scale, ix, count);
+        return;
+    }
+    LB_OMP(omp parallel for num_threads(team) schedule(dynamic, 1))
+    for (uint64_t c = 0; c < nchunks; c++) {
+        uint64_t b = c * chunk, end = n - b < chunk ? n : b + chunk;
+        apply_range(ki, e, g, b, end, decay, scale, ix, count);
     }
 }
 
