@@ -157,8 +157,9 @@ static lb_status plan_aside(const keyinfo *ki, const void *e, const void *g, uin
     for (int part = 0; part < nparts; part++) {
         uint64_t b, end;
         lb_split(n, nparts, part, &b, &end);
-        memcpy((char *)p + b * (uint64_t)ki->width, (const char *)e + b * (uint64_t)ki->width,
-               (size_t)((end - b) * (uint64_t)ki->width));
+        if (end > b)
+            memcpy((char *)p + b * (uint64_t)ki->width, (const char *)e + b * (uint64_t)ki->width,
+                   (size_t)((end - b) * (uint64_t)ki->width));
         ef_compensate(ki, p, g, b, end, decay, scale);
     }
     lb_status st = lb_topk(p, n, dt, k, check_finite, nthreads, out, err);
