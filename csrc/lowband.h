@@ -412,10 +412,26 @@ lb_status lb_ef_axpby(void *e, const void *g, uint64_t n, lb_dtype dt,
                       double decay, double scale, int check_finite,
                       int nthreads, lb_error *err);
 
-/* Exact top-k of p (as lb_topk), sent values in `out`.                    */
+/* Exact top-k of p (as lb_topk), sent values in `out`.  Unlike the others
+ * it is all or nothing: it reads e and g only until the selection is made
+ * and p is known to be finite, so on any failure (LB_ENONFINITE for g,
+ * LB_EOVERFLOW for p, LB_ENOMEM) e is unchanged.  It is lb_ef_topk_begin
+ * followed by lb_ef_topk_commit.                                          */
 lb_status lb_ef_topk(void *e, const void *g, uint64_t n, lb_dtype dt,
                      double decay, double scale, uint64_t k, int check_finite,
                      int nthreads, lb_sparse *out, lb_error *err);
+
+/* The read-only half of lb_ef_topk: the selection of p into `out`, e and g
+ * only read; its errors are lb_ef_topk's.                                  */
+lb_status lb_ef_topk_begin(const void *e, const void *g, uint64_t n, lb_dtype dt,
+                           double decay, double scale, uint64_t k, int check_finite,
+                           int nthreads, lb_sparse *out, lb_error *err);
+
+/* The writing half, after a successful lb_ef_topk_begin with the same
+ * e, g, n, dt, decay and scale (e not changed in between): e = p, then 0
+ * at out's indices.  Cannot fail (LB_EINVAL only for bad arguments).      */
+lb_status lb_ef_topk_commit(void *e, const void *g, uint64_t n, lb_dtype dt, double decay,
+                            double scale, const lb_sparse *out, int nthreads);
 
 /* Error feedback fused with sign (mode LB_SCALE_L1 or LB_SCALE_RMS): with
  * p = decay * e + scale * g, writes codes and scales exactly as lb_sign(p)
@@ -716,10 +732,9 @@ lb_status lb_topk_group(const void *const *x, const uint64_t *n,
                         int check_finite, int nthreads, lb_sparse *out,
                         lb_error *err, uint64_t *seg);
 
-/* lb_ef_topk on every segment (state e[s], gradient g[s]).  A segment
- * that fails may leave its e[s] holding p (as lb_ef_topk), and the other
- * segments are updated: the caller restores the state (the Python layer
- * keeps a copy, so a failed group step changes nothing).                   */
+/* lb_ef_topk on every segment (state e[s], gradient g[s]), all or
+ * nothing: every segment's selection is made (reading only) before any
+ * e[s] is written, so on any failure no state is changed.                 */
 lb_status lb_ef_topk_group(void *const *e, const void *const *g,
                            const uint64_t *n, const uint64_t *k, uint64_t nseg,
                            lb_dtype dt, double decay, double scale,

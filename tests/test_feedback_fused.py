@@ -231,3 +231,121 @@ def test_sign_residual_equals_table_subtract(scale, block, dtype):
     _schemes.SCHEMES["sign"].residual(q, a, None)
     _schemes._Table.residual(_schemes.SCHEMES["sign"], q, b, None)
     assert_same(a, b)
+
+
+def _failing_grads(n, dtype, at):
+    """(label, state or None, gradient) cases that must fail: a NaN and an
+    Inf in g, and an overflow of p = e + g from finite e and g."""
+    big = np.finfo(dtype).max
+    nan = make_vector(n, dtype, "heavy", seed=5)
+    nan[at] = np.nan
+    inf = make_vector(n, dtype, "heavy", seed=6)
+    inf[at] = -np.inf
+    state = make_vector(n, dtype, "heavy", seed=7)
+    state[at] = big * 0.75
+    over = make_vector(n, dtype, "heavy", seed=8)
+    over[at] = big * 0.75
+    return [("nan", None, nan, "flat index"), ("inf", None, inf, "flat index"),
+            ("overflow", state, over, "overflowed")]
+
+
+def _check_topk_failures(n, dtype, threads):
+    """A failing EF + top-k step (NaN or Inf in g, p overflowing to Inf)
+    raises and leaves the state byte for byte, with no snapshot taken (the
+    kernel reads e and g only until it knows the step succeeds); the next
+    step then matches the generic path."""
+    at = n - 3
+    for t in threads:
+        a = F.ErrorFeedback(C.TopK(ratio=0.01), np.zeros(n, dtype), threads=t)
+        b = F.ErrorFeedback(GenericTopK(ratio=0.01), np.zeros(n, dtype), threads=t)
+        for label, state, gb, msg in _failing_grads(n, dtype, at):
+            for fb in (a, b):
+                fb.step(make_vector(n, dtype, "heavy", seed=1))
+                if state is not None:
+                    fb.load_state_dict({**fb.state_dict(), "arrays": {"error": state.copy()}})
+                before, steps = fb.error.copy(), fb.t
+                with pytest.raises(ValueError, match=msg if fb is a else None):   # the twin's own words
+                    fb.step(gb)
+                assert fb.error.tobytes() == before.tobytes(), label
+                assert fb.t == steps
+            assert a._backup is None   # the fused step never copied the state
+            g = make_vector(n, dtype, "heavy", seed=9)
+            assert a.step(g) == b.step(g)
+            assert_same(a.error, b.error, "error")
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")   # the generic twin overflows on purpose
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("n", [700, 50021])   # serial, radix on p computed aside
+def test_topk_failure_leaves_state_without_snapshot(isa, dtype, n):
+    _check_topk_failures(n, dtype, (1, 2))
+
+
+@pytest.mark.filterwarnings("ignore:overflow:RuntimeWarning")
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_topk_failure_leaves_state_sampled_path(dtype):
+    # LARGE: the sampled read-only collect pass
+    _check_topk_failures(LARGE, dtype, (2,))
+
+
+def test_topk_failure_reports_first_bad_index():
+    """g's first non-finite element is reported (before an overflow of p at
+    a lower index); with g finite, p's first non-finite element."""
+    n = LARGE
+    fb = F.ErrorFeedback("topk:0.01", np.zeros(n, np.float32))
+    state = np.zeros(n, np.float32)
+    state[[10, 20]] = 3e38
+    fb.load_state_dict({**fb.state_dict(), "arrays": {"error": state}})
+    g = make_vector(n, np.float32, seed=2)
+    g[[10, 20]] = 3e38
+    g[500000] = np.nan
+    with pytest.raises(ValueError, match="flat index 500000"):
+        fb.step(g)
+    g[500000] = 1.0
+    with pytest.raises(ValueError, match="overflowed.*|.*index 10"):
+        fb.step(g)
+    assert fb.error.tobytes() == state.tobytes()
+
+
+@pytest.mark.parametrize("t", THREADS)
+def test_grouped_topk_failure_leaves_every_state(t):
+    """One bad tensor in a group fails the whole grouped step (one C call)
+    with every segment's state unchanged and no snapshot; ErrorFeedback.
+    step_group likewise."""
+    sizes = [3000, LARGE, 70001, 900]
+    grads = [make_vector(s, np.float32, "heavy", seed=i) for i, s in enumerate(sizes)]
+    group = F.GroupedErrorFeedback("topk:0.01", grads, threads=t)
+    objs = [F.ErrorFeedback("topk:0.01", g, threads=t) for g in grads]
+    group.step(grads)
+    F.ErrorFeedback.step_group(objs, grads)
+    for bad in range(len(sizes)):
+        for label, state, gb, msg in _failing_grads(sizes[bad], np.float32, sizes[bad] // 2):
+            if state is not None:
+                group.errors[bad][:] = state
+                objs[bad].error[:] = state
+            gs = [g * np.float32(0.5) for g in grads]
+            gs[bad] = gb
+            before, singles = group.error.copy(), [o.error.copy() for o in objs]
+            with pytest.raises(ValueError, match=msg):
+                group.step(gs)
+            with pytest.raises(ValueError, match=msg):
+                F.ErrorFeedback.step_group(objs, gs)
+            assert group.error.tobytes() == before.tobytes(), (bad, label)
+            assert all(o.error.tobytes() == s.tobytes() for o, s in zip(objs, singles)), (bad, label)
+            assert group._backup is None and all(o._backup is None for o in objs)
+    # the states still agree with each other and step on identically
+    out_g, out_s = group.step(grads), F.ErrorFeedback.step_group(objs, grads)
+    assert out_g == out_s
+    assert_same(group.error, np.concatenate([o.error for o in objs]))
+
+
+@pytest.mark.parametrize("kind", ["normal", "ties", "equal", "zeros", "sparse", "heavy"])
+@pytest.mark.parametrize("n", [4099, 20011, 65537])
+def test_fused_topk_sampled_small_vectors(kind, n):
+    """Vectors from 4 Ki elements take the sampled path with a sample that
+    scales with n (or fall back when it misses, as ties do): the same bytes
+    as the generic path, for 1 and 2 threads."""
+    for t in (1, 2):
+        run_pair(lambda: C.TopK(ratio=0.01, threads=t), lambda: GenericTopK(ratio=0.01, threads=t),
+                 lambda c, m, dt: F.ErrorFeedback(c, np.zeros(m, dt), threads=t), n, np.float32,
+                 steps=3, kind=kind)

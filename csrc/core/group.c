@@ -22,11 +22,12 @@
 typedef lb_status (*seg_fn)(const void *ctx, uint64_t s, int nthreads,
                             lb_error *err);
 
-/* Runs fn on every segment (big ones with the team, small ones across it);
- * the first failure by segment index goes to *seg and err.               */
+/* Runs fn on every segment (big ones with the team, small ones across it;
+ * the small ones first, or last with big_first); the first failure by
+ * segment index goes to *seg and err.                                     */
 static lb_status run_group(const void *ctx, seg_fn fn, const uint64_t *n,
                            uint64_t nseg, int nthreads, lb_error *err,
-                           uint64_t *seg)
+                           uint64_t *seg, int big_first)
 {
     lb_status acc = LB_OK;
     uint64_t where = UINT64_MAX, nsmall = 0;
@@ -36,13 +37,18 @@ static lb_status run_group(const void *ctx, seg_fn fn, const uint64_t *n,
     for (uint64_t s = 0; s < nseg; s++)
         nsmall += n[s] < LB_GROUP_BIG;
     int team = lb_team(nthreads, nsmall);
-    LB_OMP(omp parallel for num_threads(team) schedule(dynamic, 1) if(team > 1))
-    for (uint64_t s = 0; s < nseg; s++)
-        if (n[s] < LB_GROUP_BIG)
-            lb_record_error(&acc, &where, fn(ctx, s, 1, errs + s), s);
-    for (uint64_t s = 0; s < nseg; s++)
-        if (n[s] >= LB_GROUP_BIG)
-            lb_record_error(&acc, &where, fn(ctx, s, nthreads, errs + s), s);
+    for (int round = 0; round < 2; round++) {
+        if (round == big_first) {
+            LB_OMP(omp parallel for num_threads(team) schedule(dynamic, 1) if(team > 1))
+            for (uint64_t s = 0; s < nseg; s++)
+                if (n[s] < LB_GROUP_BIG)
+                    lb_record_error(&acc, &where, fn(ctx, s, 1, errs + s), s);
+        } else {
+            for (uint64_t s = 0; s < nseg; s++)
+                if (n[s] >= LB_GROUP_BIG)
+                    lb_record_error(&acc, &where, fn(ctx, s, nthreads, errs + s), s);
+        }
+    }
     if (acc != LB_OK) {
         if (err)
             *err = errs[where];
@@ -77,11 +83,18 @@ static lb_status seg_topk(const void *ctx, uint64_t s, int nthreads, lb_error *e
                    a->out + s, err);
 }
 
-static lb_status seg_ef_topk(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+static lb_status seg_ef_topk_begin(const void *ctx, uint64_t s, int nthreads, lb_error *err)
 {
     const group_args *a = ctx;
-    return lb_ef_topk(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->k[s],
-                      a->check_finite, nthreads, a->out + s, err);
+    return lb_ef_topk_begin(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->k[s],
+                            a->check_finite, nthreads, a->out + s, err);
+}
+
+static lb_status seg_ef_topk_commit(const void *ctx, uint64_t s, int nthreads, lb_error *err)
+{
+    const group_args *a = ctx;
+    return lb_ef_topk_commit(a->e[s], a->x[s], a->n[s], a->dt, a->decay, a->scale, a->out + s,
+                             nthreads);
 }
 
 /* Common checks: k[s] <= n[s] for every segment; results zeroed so that
@@ -116,7 +129,7 @@ lb_status lb_topk_group(const void *const *x, const uint64_t *n,
     if (nseg && !x)
         return LB_EINVAL;
     group_args a = {NULL, x, n, k, dt, 1.0, 1.0, check_finite, out};
-    st = run_group(&a, seg_topk, n, nseg, nthreads, err, seg);
+    st = run_group(&a, seg_topk, n, nseg, nthreads, err, seg, 0);
     if (st != LB_OK)
         free_all(out, nseg);
     return st;
@@ -134,7 +147,11 @@ lb_status lb_ef_topk_group(void *const *e, const void *const *g,
     if (nseg && (!e || !g))
         return LB_EINVAL;
     group_args a = {e, g, n, k, dt, decay, scale, check_finite, out};
-    st = run_group(&a, seg_ef_topk, n, nseg, nthreads, err, seg);
+    /* every selection first (nothing written), then every state; the
+     * small segments last and first, so that their data is still cached */
+    st = run_group(&a, seg_ef_topk_begin, n, nseg, nthreads, err, seg, 1);
+    if (st == LB_OK)
+        st = run_group(&a, seg_ef_topk_commit, n, nseg, nthreads, err, seg, 0);
     if (st != LB_OK)
         free_all(out, nseg);
     return st;
@@ -189,7 +206,7 @@ lb_status lb_sign_group(const void *const *x, const uint64_t *n, uint64_t nseg,
         return LB_EINVAL;
     coded_args a = {x, n, NULL, dt, mode, 1, 0, 0, check_finite, block, 0, 0,
                     codes, scales, NULL, NULL};
-    return run_group(&a, seg_sign, n, nseg, nthreads, err, seg);
+    return run_group(&a, seg_sign, n, nseg, nthreads, err, seg, 0);
 }
 
 lb_status lb_quantize_group(const void *const *x, const uint64_t *n, uint64_t nseg,
@@ -202,7 +219,7 @@ lb_status lb_quantize_group(const void *const *x, const uint64_t *n, uint64_t ns
         return LB_EINVAL;
     coded_args a = {x, n, NULL, dt, 0, bits, stochastic, 0, check_finite, block, seed, step,
                     codes, scales, NULL, NULL, out_dt};
-    return run_group(&a, seg_quantize, n, nseg, nthreads, err, seg);
+    return run_group(&a, seg_quantize, n, nseg, nthreads, err, seg, 0);
 }
 
 lb_status lb_randomk_group(const void *const *x, const uint64_t *n,
@@ -222,5 +239,5 @@ lb_status lb_randomk_group(const void *const *x, const uint64_t *n,
         }
     coded_args a = {x, n, k, dt, 0, 0, 0, rescale, check_finite, 0, seed, step,
                     NULL, NULL, indices, values};
-    return run_group(&a, seg_randomk, n, nseg, nthreads, err, seg);
+    return run_group(&a, seg_randomk, n, nseg, nthreads, err, seg, 0);
 }

@@ -41,6 +41,18 @@ typedef struct {
                              uint64_t end, double decay, double scale,
                              uint64_t lo, uint64_t *idx, uint64_t *raw,
                              uint64_t cap, int *nonfinite);
+    /* The same selection read-only: p = decay*e[i] + scale*g[i] computed
+     * as ef_collect32/64 but not stored (e and g are only read); raw holds
+     * the bits of p.  The first pass of a step that writes nothing until
+     * it knows the step succeeds.                                          */
+    uint64_t (*efp_collect32)(const float *e, const float *g, uint64_t begin,
+                              uint64_t end, float decay, float scale,
+                              uint32_t lo, uint64_t *idx, uint64_t *raw,
+                              uint64_t cap, int *nonfinite);
+    uint64_t (*efp_collect64)(const double *e, const double *g, uint64_t begin,
+                              uint64_t end, double decay, double scale,
+                              uint64_t lo, uint64_t *idx, uint64_t *raw,
+                              uint64_t cap, int *nonfinite);
     /* Adds to hist[(key >> shift)] for every element of bits[begin, end). */
     void (*hist32)(const uint32_t *bits, uint64_t begin, uint64_t end,
                    int shift, uint64_t *hist);

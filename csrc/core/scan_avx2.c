@@ -24,6 +24,11 @@ static uint64_t ef_collect64_avx2(double *e, const double *g, uint64_t begin,
                                   uint64_t end, double decay, double scale,
                                   uint64_t lo, uint64_t *idx, uint64_t *raw,
                                   uint64_t cap, int *nonfinite);
+static uint64_t efp_collect32_avx2(const float *e, const float *g, uint64_t begin,
+                                   uint64_t end, float decay, float scale,
+                                   uint32_t lo, uint64_t *idx, uint64_t *raw,
+                                   uint64_t cap, int *nonfinite);
+#define LB_SCAN_OWN_EFP32
 #include "scan_impl.h"
 
 static uint64_t collect32_avx2(const uint32_t *bits, uint64_t begin,
@@ -188,6 +193,62 @@ static uint64_t ef_collect64_avx2(double *e, const double *g, uint64_t begin,
         *nonfinite = 1;
     return found;
 }
+/* ef_collect32_avx2 without the store: e and g are only read; the
+ * flagged lanes' bits are taken from p, spilled.                          */
+static uint64_t efp_collect32_avx2(const float *e, const float *g, uint64_t begin,
+                                   uint64_t end, float decay, float scale,
+                                   uint32_t lo, uint64_t *idx, uint64_t *raw,
+                                   uint64_t cap, int *nonfinite)
+{
+    const __m256 dv = _mm256_set1_ps(decay), sv = _mm256_set1_ps(scale);
+    const __m256i maskv = _mm256_set1_epi32((int)LB_KEY32_MASK);
+    const int none = lo > LB_KEY32_MASK;
+    const __m256i below = _mm256_set1_epi32(none ? (int)LB_KEY32_MASK : (int)lo - 1);
+    __m256i maxkey = _mm256_setzero_si256();
+    uint64_t found = 0, i = begin;
+    for (; i + 8 <= end; i += 8) {
+        __m256 p = _mm256_add_ps(_mm256_mul_ps(dv, _mm256_loadu_ps(e + i)),
+                                 _mm256_mul_ps(sv, _mm256_loadu_ps(g + i)));
+        __m256i key = _mm256_and_si256(_mm256_castps_si256(p), maskv);
+        maxkey = _mm256_max_epu32(maxkey, key);
+        int m = _mm256_movemask_ps(_mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)));
+        if (m) {
+            uint32_t lanes[8];
+            _mm256_storeu_si256((__m256i *)lanes, _mm256_castps_si256(p));
+            for (unsigned left = (unsigned)m; left; left &= left - 1) {
+                unsigned j = (unsigned)__builtin_ctz(left);
+                if (found < cap) {
+                    idx[found] = i + j;
+                    raw[found] = lanes[j];
+                }
+                found++;
+            }
+        }
+    }
+    uint32_t maxs[8];
+    _mm256_storeu_si256((__m256i *)maxs, maxkey);
+    uint32_t mx = 0;
+    for (int j = 0; j < 8; j++)
+        mx = maxs[j] > mx ? maxs[j] : mx;
+    for (; i < end; i++) {
+        float t1 = decay * e[i], t2 = scale * g[i], p = t1 + t2;
+        uint32_t b;
+        memcpy(&b, &p, 4);
+        uint32_t key = b & LB_KEY32_MASK;
+        mx = key > mx ? key : mx;
+        if (!none && key >= lo) {
+            if (found < cap) {
+                idx[found] = i;
+                raw[found] = b;
+            }
+            found++;
+        }
+    }
+    if (mx >= LB_KEY32_INF)
+        *nonfinite = 1;
+    return found;
+}
+
 #else
 #include "scan.h"
 const lb_scan_fns lb_scan_avx2 = {0};

@@ -10,14 +10,23 @@
 /* LB_STORE_MASKED for 16 float32 lanes by compression: the flagged lanes'
  * indices (i + lane) and raw bits (rawv, widened) are packed with
  * vpcompressq and written with masked stores, in lane order, with no
- * branch per set bit; near `cap` the bit walk keeps its bound exactly.     */
+ * branch per set bit; near `cap` the bit walk (over rawv's lanes, spilled)
+ * keeps its bound exactly.                                                 */
 static inline uint64_t lb_store_compress32(__mmask16 m, uint64_t i, __m512i rawv,
-                                           const uint32_t *bits, uint64_t *idx,
-                                           uint64_t *raw, uint64_t cap,
-                                           uint64_t found)
+                                           uint64_t *idx, uint64_t *raw,
+                                           uint64_t cap, uint64_t found)
 {
     if (cap < 16 || found > cap - 16) {
-        LB_STORE_MASKED(m, i, bits, idx, raw, cap, found);
+        uint32_t lanes[16];
+        _mm512_storeu_si512(lanes, rawv);
+        for (unsigned bitsleft = m; bitsleft; bitsleft &= bitsleft - 1) {
+            unsigned j = (unsigned)__builtin_ctz(bitsleft);
+            if (found < cap) {
+                idx[found] = i + j;
+                raw[found] = lanes[j];
+            }
+            found++;
+        }
         return found;
     }
     const __m512i iota = _mm512_set_epi64(7, 6, 5, 4, 3, 2, 1, 0);
@@ -53,6 +62,11 @@ static uint64_t ef_collect64_avx512(double *e, const double *g, uint64_t begin,
                                     uint64_t end, double decay, double scale,
                                     uint64_t lo, uint64_t *idx, uint64_t *raw,
                                     uint64_t cap, int *nonfinite);
+static uint64_t efp_collect32_avx512(const float *e, const float *g, uint64_t begin,
+                                     uint64_t end, float decay, float scale,
+                                     uint32_t lo, uint64_t *idx, uint64_t *raw,
+                                     uint64_t cap, int *nonfinite);
+#define LB_SCAN_OWN_EFP32
 #include "scan_impl.h"
 
 static uint64_t collect32_avx512(const uint32_t *bits, uint64_t begin,
@@ -69,7 +83,7 @@ static uint64_t collect32_avx512(const uint32_t *bits, uint64_t begin,
         maxkey = _mm512_max_epu32(maxkey, key);
         __mmask16 m = _mm512_cmpge_epu32_mask(key, lov);
         if (m)
-            found = lb_store_compress32(m, i, rawv, bits, idx, raw, cap, found);
+            found = lb_store_compress32(m, i, rawv, idx, raw, cap, found);
     }
     if (i < end) {
         __mmask16 tail = (__mmask16)((1u << (end - i)) - 1);
@@ -77,7 +91,7 @@ static uint64_t collect32_avx512(const uint32_t *bits, uint64_t begin,
         __m512i key = _mm512_and_si512(rawv, maskv);
         maxkey = _mm512_max_epu32(maxkey, key);
         __mmask16 m = _mm512_mask_cmpge_epu32_mask(tail, key, lov);
-        found = lb_store_compress32(m, i, rawv, bits, idx, raw, cap, found);
+        found = lb_store_compress32(m, i, rawv, idx, raw, cap, found);
     }
     if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
         *nonfinite = 1;
@@ -120,7 +134,6 @@ static uint64_t ef_collect32_avx512(float *e, const float *g, uint64_t begin,
     const __m512i maskv = _mm512_set1_epi32((int)LB_KEY32_MASK);
     const __m512i lov = _mm512_set1_epi32((int)lo);
     __m512i maxkey = _mm512_setzero_si512();
-    const uint32_t *bits = (const uint32_t *)e;
     uint64_t found = 0, i = begin;
     for (; i < end; i += 16) {
         __mmask16 lanes = end - i >= 16 ? (__mmask16)0xFFFF
@@ -133,8 +146,7 @@ static uint64_t ef_collect32_avx512(float *e, const float *g, uint64_t begin,
         maxkey = _mm512_mask_max_epu32(maxkey, lanes, maxkey, key);
         __mmask16 m = _mm512_mask_cmpge_epu32_mask(lanes, key, lov);
         if (m)
-            found = lb_store_compress32(m, i, _mm512_castps_si512(p), bits, idx, raw, cap,
-                                        found);
+            found = lb_store_compress32(m, i, _mm512_castps_si512(p), idx, raw, cap, found);
     }
     if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
         *nonfinite = 1;
@@ -168,6 +180,34 @@ static uint64_t ef_collect64_avx512(double *e, const double *g, uint64_t begin,
         *nonfinite = 1;
     return found;
 }
+/* ef_collect32_avx512 without the store: e and g are only read. */
+static uint64_t efp_collect32_avx512(const float *e, const float *g, uint64_t begin,
+                                     uint64_t end, float decay, float scale,
+                                     uint32_t lo, uint64_t *idx, uint64_t *raw,
+                                     uint64_t cap, int *nonfinite)
+{
+    const __m512 dv = _mm512_set1_ps(decay), sv = _mm512_set1_ps(scale);
+    const __m512i maskv = _mm512_set1_epi32((int)LB_KEY32_MASK);
+    const __m512i lov = _mm512_set1_epi32((int)lo);
+    __m512i maxkey = _mm512_setzero_si512();
+    uint64_t found = 0, i = begin;
+    for (; i < end; i += 16) {
+        __mmask16 lanes = end - i >= 16 ? (__mmask16)0xFFFF
+                                        : (__mmask16)((1u << (end - i)) - 1);
+        __m512 ev = _mm512_maskz_loadu_ps(lanes, e + i);
+        __m512 gv = _mm512_maskz_loadu_ps(lanes, g + i);
+        __m512 p = _mm512_add_ps(_mm512_mul_ps(dv, ev), _mm512_mul_ps(sv, gv));
+        __m512i key = _mm512_and_si512(_mm512_castps_si512(p), maskv);
+        maxkey = _mm512_mask_max_epu32(maxkey, lanes, maxkey, key);
+        __mmask16 m = _mm512_mask_cmpge_epu32_mask(lanes, key, lov);
+        if (m)
+            found = lb_store_compress32(m, i, _mm512_castps_si512(p), idx, raw, cap, found);
+    }
+    if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
+        *nonfinite = 1;
+    return found;
+}
+
 #else
 #include "scan.h"
 const lb_scan_fns lb_scan_avx512 = {0};

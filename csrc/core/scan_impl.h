@@ -124,10 +124,59 @@ LB_DEFINE_COLLECT(uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(collect64_))
 LB_DEFINE_EF_COLLECT(float, uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(ef_collect32_))
 LB_DEFINE_EF_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(ef_collect64_))
 #endif
+/* ef_collect without the store: p of each block goes to a small buffer,
+ * from which the (rare) qualifying elements are taken.                    */
+#define LB_DEFINE_EFP_COLLECT(FT, BITS_T, MASK, INF, NAME)                      \
+    static uint64_t NAME(const FT *e, const FT *g, uint64_t begin,             \
+                         uint64_t end, FT decay, FT scale, BITS_T lo,          \
+                         uint64_t *idx, uint64_t *raw, uint64_t cap,           \
+                         int *nonfinite)                                       \
+    {                                                                          \
+        uint64_t found = 0;                                                    \
+        BITS_T maxkey = 0;                                                     \
+        BITS_T pb[LB_SCAN_BLOCK];                                              \
+        for (uint64_t i = begin; i < end; i += LB_SCAN_BLOCK) {                \
+            int len = end - i < LB_SCAN_BLOCK ? (int)(end - i) : LB_SCAN_BLOCK; \
+            BITS_T any = 0;                                                    \
+            for (int j = 0; j < len; j++) {                                    \
+                FT t1 = decay * e[i + j];                                      \
+                FT t2 = scale * g[i + j];                                      \
+                FT p = t1 + t2;                                                \
+                BITS_T bitsv;                                                  \
+                memcpy(&bitsv, &p, sizeof bitsv);                              \
+                pb[j] = bitsv;                                                 \
+                BITS_T key = bitsv & MASK;                                     \
+                any |= (BITS_T)(key >= lo);                                    \
+                maxkey = key > maxkey ? key : maxkey;                          \
+            }                                                                  \
+            if (!any)                                                          \
+                continue;                                                      \
+            for (int j = 0; j < len; j++) {                                    \
+                if ((pb[j] & MASK) >= lo) {                                    \
+                    if (found < cap) {                                         \
+                        idx[found] = i + (uint64_t)j;                          \
+                        raw[found] = pb[j];                                    \
+                    }                                                          \
+                    found++;                                                   \
+                }                                                              \
+            }                                                                  \
+        }                                                                      \
+        if (maxkey >= INF)                                                     \
+            *nonfinite = 1;                                                    \
+        return found;                                                          \
+    }
+
+/* An including file may supply its own float32 read-only kernel by defining
+ * LB_SCAN_OWN_EFP32.                                                      */
+#ifndef LB_SCAN_OWN_EFP32
+LB_DEFINE_EFP_COLLECT(float, uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(efp_collect32_))
+#endif
+LB_DEFINE_EFP_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(efp_collect64_))
 LB_DEFINE_HIST(uint32_t, LB_KEY32_MASK, LB_SFX(hist32_))
 LB_DEFINE_HIST(uint64_t, LB_KEY64_MASK, LB_SFX(hist64_))
 
 const lb_scan_fns LB_SFX(lb_scan_) = {
     LB_SFX(collect32_),    LB_SFX(collect64_), LB_SFX(ef_collect32_),
-    LB_SFX(ef_collect64_), LB_SFX(hist32_),    LB_SFX(hist64_),
+    LB_SFX(ef_collect64_), LB_SFX(efp_collect32_), LB_SFX(efp_collect64_),
+    LB_SFX(hist32_),       LB_SFX(hist64_),
 };

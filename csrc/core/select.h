@@ -27,9 +27,21 @@ typedef struct {
     uint64_t found;     /* entries that qualified (may exceed cap)           */
 } cand_part;
 
-/* Sample size of the fast path, and the smallest n that uses it. */
+/* Sample size of the fast path: n / TOPK_SAMPLE_DIV elements, at least
+ * TOPK_SAMPLE_FLOOR (or one run in every TOPK_RUN runs of a smaller
+ * vector) and at most TOPK_SAMPLE, so that the sample costs a small share
+ * of a pass and its bounds keep enough ranks around k; the smallest n that
+ * uses it.                                                                */
 #define TOPK_SAMPLE ((uint64_t)65536)
-#define TOPK_SAMPLE_MIN_N (16 * TOPK_SAMPLE)
+#ifndef TOPK_SAMPLE_FLOOR
+#define TOPK_SAMPLE_FLOOR ((uint64_t)4096)
+#endif
+#ifndef TOPK_SAMPLE_DIV
+#define TOPK_SAMPLE_DIV ((uint64_t)128)
+#endif
+#ifndef TOPK_SAMPLE_MIN_N
+#define TOPK_SAMPLE_MIN_N ((uint64_t)4096)
+#endif
 /* Up to this many elements exact top-k runs serially through topk_small
  * (one call, no team, no candidate buffers): the fixed cost of a call.
  * Above about 512 elements the radix path is the faster one (measured:
@@ -107,12 +119,17 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                        double scale, uint64_t n, uint64_t chunk,
                        uint64_t k_per_chunk, int check_finite, int nthreads,
                        lb_sparse *out, lb_error *err);
-/* Position of sample j (< TOPK_SAMPLE) in a vector of n >= TOPK_SAMPLE_MIN_N. */
-uint64_t sample_position(uint64_t n, uint64_t j);
-/* Bounds lo/hi and the expected candidate count from the keys of the
- * TOPK_SAMPLE samples (keys holds 2 * TOPK_SAMPLE entries; the second half
- * is scratch).  Returns 0 when k is too large a fraction for the sample.   */
-int sample_bounds_from(uint64_t *keys, uint64_t n, uint64_t k, uint64_t *lo,
-                       uint64_t *hi, uint64_t *expected);
+/* Samples the fast path takes of n elements (a multiple of TOPK_RUN), or
+ * 0 when n is below TOPK_SAMPLE_MIN_N.                                     */
+uint64_t sample_size(uint64_t n);
+/* First position of run r (< m / TOPK_RUN) of the m = sample_size(n)
+ * samples of a vector of n elements: the samples are the TOPK_RUN
+ * consecutive elements from there, run after run.                         */
+uint64_t sample_run_start(uint64_t n, uint64_t m, uint64_t run);
+/* Bounds lo/hi and the expected candidate count from the keys of the m
+ * samples (keys holds 2 * m entries; the second half is scratch).
+ * Returns 0 when k is too large a fraction for the sample.                 */
+int sample_bounds_from(uint64_t *keys, uint64_t m, uint64_t n, uint64_t k,
+                       uint64_t *lo, uint64_t *hi, uint64_t *expected);
 
 #endif /* LB_SELECT_H */

@@ -444,24 +444,33 @@ static lb_status radix_bound(const keyinfo *ki, const void *x, uint64_t n,
     return LB_OK;
 }
 
-uint64_t sample_position(uint64_t n, uint64_t j)
+uint64_t sample_size(uint64_t n)
+{
+    if (n < TOPK_SAMPLE_MIN_N)
+        return 0;
+    uint64_t m = n / TOPK_SAMPLE_DIV, floor = n / TOPK_RUN;
+    floor = floor < TOPK_SAMPLE_FLOOR ? floor : TOPK_SAMPLE_FLOOR;
+    m = m < floor ? floor : m > TOPK_SAMPLE ? TOPK_SAMPLE : m;
+    m -= m % TOPK_RUN;
+    return m <= n / TOPK_RUN ? m : 0;   /* every stratum holds a whole run */
+}
+
+uint64_t sample_run_start(uint64_t n, uint64_t m, uint64_t run)
 {
     /* runs of TOPK_RUN consecutive elements (a cache line of float32), one
-     * run per stratum of n / (TOPK_SAMPLE / TOPK_RUN) elements, placed at a
-     * fixed hashed offset inside it: few cache misses, even coverage      */
-    uint64_t run = j / TOPK_RUN, runs = TOPK_SAMPLE / TOPK_RUN;
-    uint64_t stride = n / runs;
+     * run per stratum of n / (m / TOPK_RUN) elements, placed at a fixed
+     * hashed offset inside it: few cache misses, even coverage            */
+    uint64_t stride = n / (m / TOPK_RUN);
     uint64_t h = (run + 1) * 0x9E3779B97F4A7C15ull;
     h ^= h >> 31;
     h *= 0xBF58476D1CE4E5B9ull;
     h ^= h >> 29;
-    return run * stride + h % (stride - TOPK_RUN + 1) + j % TOPK_RUN;
+    return run * stride + h % (stride - TOPK_RUN + 1);
 }
 
-int sample_bounds_from(uint64_t *keys, uint64_t n, uint64_t k, uint64_t *lo,
-                       uint64_t *hi, uint64_t *expected)
+int sample_bounds_from(uint64_t *keys, uint64_t m, uint64_t n, uint64_t k,
+                       uint64_t *lo, uint64_t *hi, uint64_t *expected)
 {
-    const uint64_t m = TOPK_SAMPLE;
     double q = (double)k / (double)n;
     double sd = sqrt((double)m * q * (1.0 - q));
     double rank_lo = ceil(q * (double)m + 4.0 * sd + 2.0);
@@ -487,16 +496,20 @@ static int sample_bounds(const keyinfo *ki, const void *x, uint64_t n,
                          uint64_t k, int nthreads, uint64_t *lo, uint64_t *hi,
                          uint64_t *expected)
 {
-    if (n < TOPK_SAMPLE_MIN_N)
+    uint64_t m = sample_size(n);
+    if (!m)
         return 0;
-    uint64_t *keys = lb_scratch_alloc(2 * TOPK_SAMPLE * sizeof(uint64_t));
+    uint64_t *keys = lb_scratch_alloc(2 * m * sizeof(uint64_t));
     if (!keys)
         return 0;
-    int team = lb_team(nthreads, 2);
+    int team = lb_team(nthreads, m / (TOPK_SAMPLE / 2));
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
-    for (uint64_t j = 0; j < TOPK_SAMPLE; j++)
-        keys[j] = raw_at(ki, x, sample_position(n, j)) & ki->mask;
-    int ok = sample_bounds_from(keys, n, k, lo, hi, expected);
+    for (uint64_t r = 0; r < m / TOPK_RUN; r++) {
+        uint64_t at = sample_run_start(n, m, r);
+        for (uint64_t j = 0; j < TOPK_RUN; j++)
+            keys[r * TOPK_RUN + j] = raw_at(ki, x, at + j) & ki->mask;
+    }
+    int ok = sample_bounds_from(keys, m, n, k, lo, hi, expected);
     lb_scratch_free(keys);
     return ok;
 }

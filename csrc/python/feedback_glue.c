@@ -68,32 +68,18 @@ static PyObject *ef_result(lb_status st, lb_sparse *out, lb_error *err,
     return res;
 }
 
-/* lb_ef_topk that leaves e as it was when it fails: e is copied to `save`
- * (n elements of `width` bytes) first and copied back on failure.        */
-static lb_status ef_topk_atomic(void *e, const void *g, uint64_t n, lb_dtype dt, int width,
-                                double decay, double scale, uint64_t k, int check, int nt,
-                                void *save, lb_sparse *out, lb_error *err)
-{
-    memcpy(save, e, (size_t)n * (size_t)width);
-    lb_status st = lb_ef_topk(e, g, n, dt, decay, scale, k, check, nt, out, err);
-    if (st != LB_OK)
-        memcpy(e, save, (size_t)n * (size_t)width);
-    return st;
-}
-
-/* ef_topk(e, g, k, decay, scale, check_finite, threads, atomic=False)
- *   -> (indices, values).  atomic: e is unchanged when the step fails (an
- * overflow of the compensated vector included), at the cost of one copy
- * of e, so error feedback needs no snapshot of its own.                 */
+/* ef_topk(e, g, k, decay, scale, check_finite, threads) -> (indices,
+ * values).  lb_ef_topk is all or nothing: e is unchanged when the step
+ * fails (an overflow of the compensated vector included).                */
 static PyObject *py_ef_topk(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
 {
     PyObject *e_o, *g_o, *k_o, *threads = Py_None;
     double decay = 1.0, scale = 1.0;
-    int check = 1, nt, atomic = 0;
-    if (lb_fc_args("ef_topk", nargs, 3, 8) < 0 ||
+    int check = 1, nt;
+    if (lb_fc_args("ef_topk", nargs, 3, 7) < 0 ||
         (nargs > 3 && (decay = PyFloat_AsDouble(args[3])) == -1.0 && PyErr_Occurred()) ||
         (nargs > 4 && (scale = PyFloat_AsDouble(args[4])) == -1.0 && PyErr_Occurred()) ||
-        (nargs > 5 && lb_fc_p(args[5], &check) < 0) || (nargs > 7 && lb_fc_p(args[7], &atomic) < 0))
+        (nargs > 5 && lb_fc_p(args[5], &check) < 0))
         return NULL;
     e_o = args[0];
     g_o = args[1];
@@ -114,21 +100,7 @@ static PyObject *py_ef_topk(PyObject *self, PyObject *const *args, Py_ssize_t na
     lb_status st;
     void *ed = PyArray_DATA((PyArrayObject *)e_o);
     const void *gd = PyArray_DATA(g);
-    if (!atomic) {
-        LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
-        return ef_result(st, &out, &err, g, n, dt);
-    }
-    int width = dt == LB_F64 ? 8 : 4;
-    void *save = lb_alloc_n(n ? n : 1, (uint64_t)width, 0);
-    if (!save) {
-        Py_DECREF(g);
-        return PyErr_Format(PyExc_MemoryError,
-                            "error feedback: out of memory copying the state (%llu elements)",
-                            (unsigned long long)n);
-    }
-    LB_NOGIL(n, st = ef_topk_atomic(ed, gd, n, dt, width, decay, scale, k, check, nt, save, &out,
-                                    &err));
-    free(save);
+    LB_NOGIL(n, st = lb_ef_topk(ed, gd, n, dt, decay, scale, k, check, nt, &out, &err));
     return ef_result(st, &out, &err, g, n, dt);
 }
 

@@ -57,29 +57,30 @@ def sign_step(fb, e, g, scale):
                            out[0], out[1], 1.0)
 
 
-def _topk(fb, comp, e, g, scale, threads, atomic):
-    """The fused top-k step (ef_topk; `atomic`: e unchanged when it fails)."""
+def _topk(fb, comp, e, g, scale, threads):
+    """The fused top-k step (ef_topk: all or nothing, e unchanged when it fails)."""
     n, k = e.size, comp.k
     k = k_from_ratio(n, comp.ratio) if k is None else k if k <= n else n
-    idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads, atomic)
+    idx, vals = _core.ef_topk(e, g, k, fb.decay, scale, True, threads)
     return Sparse._make(idx, vals, fb.shape, fb.dtype)
 
 
-# Largest state whose top-k step copies it in C (a fresh buffer per call);
-# larger ones take the transaction, whose snapshot buffer is kept.
-ATOMIC_MAX = 1 << 16
-
-
 def topk_step(fb, e, g, scale):
-    """The step of a TopK compressor on a state of at most ATOMIC_MAX
-    elements as one C call that leaves e as it was when it fails (ef_topk's
-    atomic mode copies e first), so the caller needs no transaction (the
-    residual is 0 or p, finite when p is); None otherwise."""
-    comp = fb.compressor
-    if type(comp) is not TopK or e.size > ATOMIC_MAX:
+    """The step of a TopK compressor as the all-or-nothing kernel ef_topk
+    (the selection of p = decay*e + scale*g made reading e and g only, then
+    e = p with zeros where sent), or None for other compressors.  A failure
+    (a non-finite g, an overflow) raises with e unchanged, so no state
+    snapshot is needed."""
+    if type(fb.compressor) is not TopK:
         return None
-    return _topk(fb, comp, e, g, scale, fb.threads if fb.threads is not None else comp.threads,
-                 True)
+    return residual_step(fb, e, g, scale)
+
+
+def direct_step(fb, e, g, scale):
+    """The step of `fb` by a kernel that needs no state snapshot (sign_step,
+    topk_step), or None (then the caller takes the transactional path)."""
+    payload = sign_step(fb, e, g, scale)
+    return payload if payload is not None else topk_step(fb, e, g, scale)
 
 
 def residual_step(fb, e, g, scale):
@@ -88,7 +89,7 @@ def residual_step(fb, e, g, scale):
     kind = type(comp)
     threads = fb.threads if fb.threads is not None else comp.threads
     if kind is TopK:
-        return _topk(fb, comp, e, g, scale, threads, False)
+        return _topk(fb, comp, e, g, scale, threads)
     if kind is ChunkedTopK and not isinstance(comp.chunk, tuple):
         idx, vals = _core.ef_topk_chunked(e, g, comp.chunk, comp.k_per_chunk, fb.decay, scale,
                                           True, threads)
@@ -122,7 +123,9 @@ def residual_group(comps, es, gs, shapes, dtype, decay, threads):
     state es[i] updated in place, gradient gs[i]) as one fused C call, when
     every compressor is a TopK (each segment with its own k); None for the
     generic path.  Returns one Sparse per segment, each the bytes
-    residual_step gives on it."""
+    residual_step gives on it.  All or nothing: every selection is made
+    before any state is written, so a failure raises with every es[i]
+    unchanged (no snapshot needed)."""
     if any(type(c) is not TopK for c in comps):
         return None
     ks = [_k_of(c, e.size) for c, e in zip(comps, es)]

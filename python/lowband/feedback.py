@@ -141,10 +141,9 @@ class _Stateful:
             self._lr = lr
 
     def _transaction(self):
-        """Every step runs inside this (with the lock held), except those
-        that cannot fail halfway: the two-pass sign kernel (it checks all it
-        needs before it writes: see _fused.sign_step) and top-k on a small
-        state (the C call restores it: see _fused.topk_step).  The state is
+        """Every step runs inside this (with the lock held), except one the
+        sign or top-k kernels take (they check all they need before they
+        write, so they cannot fail halfway: see _fused.direct_step): the state is
         copied first, and if the step raises, or leaves a non-finite value in
         the state (an overflow: finite input never becomes Inf silently),
         the copy is put back, so a failed step leaves the state byte for
@@ -226,11 +225,9 @@ class _Residual(_Stateful):
         g = self._grad(grad)
         with self._lock:
             if lr is None or getattr(self, "_lr", None) in (None, lr):
-                # sign: two passes that check everything before writing; top-k:
-                # one call that restores e itself when it fails (no snapshot here)
-                payload = _fused.sign_step(self, self.error, g, scale)
-                if payload is None:
-                    payload = _fused.topk_step(self, self.error, g, scale)
+                # sign and top-k: kernels that check everything before they
+                # write (a failure raises with the state unchanged): no snapshot
+                payload = _fused.direct_step(self, self.error, g, scale)
                 if payload is not None:
                     if lr is not None:
                         self._lr = lr
@@ -293,11 +290,10 @@ def _step_group(feedbacks, grads):
         with contextlib.ExitStack() as stack:
             for fb in sorted(fbs, key=id):   # one lock order for every caller
                 stack.enter_context(fb._lock)
-            txns = [stack.enter_context(fb._transaction()) for fb in fbs]
+            # all or nothing, no snapshot: a failure leaves every state as it was
             out = _fused.residual_group([fb.compressor for fb in fbs], [fb.error for fb in fbs], gs,
                                         [fb.shape for fb in fbs], first.dtype, first.decay, threads)
-            for fb, txn in zip(fbs, txns):
-                txn["finite"] = True   # top-k's residual is 0 or p, and p was checked
+            for fb in fbs:
                 fb.t += 1
             return out
     for i, g in enumerate(gs):   # before any state is touched
@@ -386,27 +382,35 @@ class GroupedErrorFeedback(ErrorFeedback):
         gs = [g.reshape(-1) for g in gs]
         comp = self.compressor
         threads = self.threads if self.threads is not None else comp.threads
-        with self._lock, self._transaction() as txn:
+        with self._lock:
+            # TopK: all or nothing in one C call (a failure changes nothing), no snapshot
             out = _fused.residual_group([comp] * len(gs), self.errors, gs, self.shapes, self.dtype,
                                         1.0, threads)
-            txn["finite"] = out is not None
-            if out is None:    # tensor by tensor: the fused kernel if any, else generic
-                for i, g in enumerate(gs):
-                    _check_grad_finite(g, f"grads[{i}]")
-                out = []
-                finite = _fused.finite_residual(comp)
-                for e, g, shape in zip(self.errors, gs, self.shapes):
-                    seg = SimpleNamespace(compressor=comp, threads=self.threads, decay=1.0,
-                                          shape=shape, dtype=self.dtype, t=self.t)
-                    payload = _fused.residual_step(seg, e, g, 1.0)
-                    if payload is None:
-                        finite = False
-                        e += g
-                        payload = comp.compress(e.reshape(shape), step=self.t)
-                        _subtract_decoded(e, payload, self.threads)
-                    out.append(payload)
-                txn["finite"] = finite
+            if out is None:
+                out = self._step_each(gs)
             self.t += 1
+            return out
+
+    def _step_each(self, gs):
+        """Tensor by tensor (the fused kernel if any, else generic), inside a
+        transaction (the lock held)."""
+        comp = self.compressor
+        with self._transaction() as txn:
+            for i, g in enumerate(gs):
+                _check_grad_finite(g, f"grads[{i}]")
+            out = []
+            finite = _fused.finite_residual(comp)
+            for e, g, shape in zip(self.errors, gs, self.shapes):
+                seg = SimpleNamespace(compressor=comp, threads=self.threads, decay=1.0,
+                                      shape=shape, dtype=self.dtype, t=self.t)
+                payload = _fused.residual_step(seg, e, g, 1.0)
+                if payload is None:
+                    finite = False
+                    e += g
+                    payload = comp.compress(e.reshape(shape), step=self.t)
+                    _subtract_decoded(e, payload, self.threads)
+                out.append(payload)
+            txn["finite"] = finite
             return out
 
 

@@ -308,6 +308,26 @@ static void test_group(void)
     const uint64_t big_k[3] = {0, A + 1, 1};
     CHECK(lb_topk_group(xs, n, big_k, 3, LB_F32, 1, 1, out, &err, &seg) == LB_EINVAL && seg == 1,
           "topk group: k > n names the segment");
+    /* all or nothing: the bad gradients of segments 1 and 2 fail the group
+     * before any state is written (the large segment's own is planned too) */
+    memcpy(e1, e, (A + B) * sizeof(float));
+    void *es[3] = {e, e, e + A};
+    CHECK(lb_ef_topk_group(es, xs, n, k, 3, LB_F32, 1.0, 1.0, 1, 2, out, &err, &seg) ==
+                  LB_ENONFINITE && seg == 1 && err.index == 7 && !out[2].indices &&
+              !memcmp(e, e1, (A + B) * sizeof(float)),
+          "ef_topk group: a failure leaves every state unchanged");
+    x[7] = 1.0f;
+    e[A + 5] = 3e38f;
+    x[A + 5] = 3e38f;
+    memcpy(e1, e, (A + B) * sizeof(float));
+    CHECK(lb_ef_topk_group(es, xs, n, k, 3, LB_F32, 1.0, 1.0, 1, 1, out, &err, &seg) ==
+                  LB_ENONFINITE && seg == 2 && err.index == 123 &&
+              !memcmp(e, e1, (A + B) * sizeof(float)),
+          "ef_topk group: g's non-finite value named before an overflow");
+    x[A + 123] = 1.0f;
+    CHECK(lb_ef_topk(e + A, x + A, B, LB_F32, 1.0, 1.0, 3000, 1, 2, out, &err) == LB_EOVERFLOW &&
+              err.index == 5 && !memcmp(e, e1, (A + B) * sizeof(float)),
+          "ef_topk: an overflow of p leaves the state unchanged");
     free(x);
     free(e);
     free(e1);
