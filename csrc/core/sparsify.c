@@ -684,6 +684,23 @@ lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
 /* Chunked and tiled top-k                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* Branch-free compaction of the chosen j (keys[j] > T, then the first
+ * `ties` with keys[j] == T, in order) into sel (room for m); returns how
+ * many were chosen.                                                      */
+static uint64_t compact_chosen(const uint64_t *keys, uint64_t m, uint64_t T,
+                               uint64_t ties, uint64_t *sel)
+{
+    uint64_t o = 0;
+    for (uint64_t j = 0; j < m; j++) {
+        uint64_t eq = keys[j] == T;
+        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
+        ties -= eq & take;
+        sel[o] = j;
+        o += take;
+    }
+    return o;
+}
+
 /* Top-kk of the m keys gathered from positions pos[0..m) (ascending): writes
  * the chosen positions and raw bits in ascending order.  keys and scratch
  * hold m entries.  Returns the first non-finite position or UINT64_MAX.   */
@@ -749,16 +766,8 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
                 greater += keys[j] > T;
         }
     }
-    /* branch-free compaction of the chosen j into scratch (room for m) */
-    uint64_t ties = kk - greater, o = 0;
-    for (uint64_t j = 0; j < m; j++) {
-        uint64_t eq = keys[j] == T;
-        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
-        ties -= eq & take;
-        scratch[o] = j;
-        o += take;
-    }
-    for (o = 0; o < kk; o++) {
+    compact_chosen(keys, m, T, kk - greater, scratch);
+    for (uint64_t o = 0; o < kk; o++) {
         uint64_t at = POS(scratch[o]);
         out_idx[o] = at;
         store_raw(ki, out_values, o, raw_at(ki, x, at));
@@ -869,18 +878,93 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
     uint64_t T = select_small(scratch, found, kk, buf + 4 * m), greater = 0;
     for (uint64_t j = 0; j < found; j++)
         greater += keys[j] > T;
-    /* branch-free compaction of the chosen j into scratch (room for found) */
-    uint64_t ties = kk - greater, o = 0;
-    for (uint64_t j = 0; j < found; j++) {
-        uint64_t eq = keys[j] == T;
-        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
-        ties -= eq & take;
-        scratch[o] = j;
-        o += take;
-    }
-    for (o = 0; o < kk; o++) {
+    compact_chosen(keys, found, T, kk - greater, scratch);
+    for (uint64_t o = 0; o < kk; o++) {
         out_idx[o] = idx[scratch[o]];
         store_raw(ki, out_values, o, raw[scratch[o]]);
+    }
+    return 1;
+}
+
+/* topk_chunk_sampled for float32 through the chunk kernels of lb_scan():
+ * 32-bit positions, raw bits and keys, a vectorised collect and select.
+ * buf holds 5 (m + LB_CHUNK_SLACK) 32-bit entries; same contract.         */
+static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
+                        uint32_t *buf, uint64_t *out_idx, void *out_values,
+                        uint64_t *bad, uint64_t *hint)
+{
+    const lb_scan_fns *fns = lb_scan();
+    uint64_t sb = m + LB_CHUNK_SLACK;
+    uint32_t *pos = buf, *raw = buf + sb, *keys = buf + 2 * sb;
+    uint32_t *t1 = buf + 3 * sb, *t2 = buf + 4 * sb;
+    const uint32_t *bits = (const uint32_t *)x + base;
+    int nonfinite = 0;
+    uint32_t found = 0;
+    if (*hint < LB_KEY32_INF) {
+        found = fns->chunk_collect32(bits, (uint32_t)m, (uint32_t)*hint, pos, raw, &nonfinite);
+        if (found < kk || found > 4 * kk + 256) {
+            *hint = UINT64_MAX;
+            nonfinite = 0;
+        }
+    }
+    if (*hint >= LB_KEY32_INF) {
+        uint64_t stride = m / CHUNK_SAMPLE;
+        for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
+            keys[j] = bits[j * stride + stride / 2] & LB_KEY32_MASK;
+        double r = (double)kk * CHUNK_SAMPLE / (double)m;
+        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+        if (rank >= CHUNK_SAMPLE / 2)
+            return 0;
+        uint32_t lo = fns->select32(keys, CHUNK_SAMPLE, (uint32_t)rank, t1, t2);
+        if (lo >= LB_KEY32_INF)
+            return 0;
+        found = fns->chunk_collect32(bits, (uint32_t)m, lo, pos, raw, &nonfinite);
+        if (found < kk)
+            return 0;
+        *hint = lo;
+    }
+    *bad = UINT64_MAX;
+    if (nonfinite)
+        for (uint32_t j = 0; j < found; j++)
+            if ((raw[j] & LB_KEY32_MASK) >= LB_KEY32_INF) {
+                *bad = base + pos[j];
+                break;
+            }
+    for (uint32_t j = 0; j < found; j++)
+        keys[j] = raw[j] & LB_KEY32_MASK;
+    uint32_t T = fns->select32(keys, found, (uint32_t)kk, t1, t2);
+    uint32_t greater = 0, atleast = 0;
+    for (uint32_t j = 0; j < found; j++) {
+        uint32_t key = raw[j] & LB_KEY32_MASK;
+        greater += key > T;
+        atleast += key >= T;
+    }
+    /* the chosen positions and raw bits into t1 and t2, branch-free; the
+     * keys equal to T are all chosen unless there are surplus ties      */
+    uint32_t o = 0;
+    if (atleast == kk) {
+        for (uint32_t j = 0; j < found; j++) {
+            t1[o] = pos[j];
+            t2[o] = raw[j];
+            o += (raw[j] & LB_KEY32_MASK) >= T;
+        }
+    } else {
+        uint32_t ties = (uint32_t)kk - greater;
+        for (uint32_t j = 0; j < found; j++) {
+            uint32_t key = raw[j] & LB_KEY32_MASK;
+            uint32_t eq = key == T;
+            uint32_t take = (key > T) | (eq & (ties > 0));
+            ties -= eq & take;
+            t1[o] = pos[j];
+            t2[o] = raw[j];
+            o += take;
+        }
+    }
+    uint32_t *ov = out_values;
+    for (o = 0; o < kk; o++) {
+        out_idx[o] = base + t1[o];
+        ov[o] = t2[o];
     }
     return 1;
 }
@@ -926,8 +1010,12 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                 ef_compensate(ki, x, g, b, b + m, decay, scale);
             void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
             uint64_t bad;
-            if (!fast || m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
-                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint))
+            int done = fast && m >= CHUNK_FAST_MIN && kk > 0 && kk < m;
+            if (done && ki->width == 4)
+                done = topk_chunk32(x, b, m, kk, (uint32_t *)buf, oi, ov, &bad, &hint);
+            else if (done)
+                done = topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint);
+            if (!done)
                 bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
                 lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
