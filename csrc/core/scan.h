@@ -61,6 +61,11 @@ typedef struct {
 
 /* Entries past the end that the chunk kernels may write. */
 #define LB_CHUNK_SLACK 16
+/* How far ahead (elements) chunk_collect32 prefetches: into the next
+ * chunk at the end of this one (a prefetch past the data never faults). */
+#ifndef LB_CHUNK_PREFETCH
+#define LB_CHUNK_PREFETCH 512
+#endif
 
 /* The table for the active instruction set (lb_active_isa()). */
 const lb_scan_fns *lb_scan(void);

@@ -75,6 +75,7 @@ static uint32_t chunk_collect32_avx512(const uint32_t *bits, uint32_t m,
     uint32_t o = 0, j = 0;
     for (; j < m; j += 16) {
         __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+        __builtin_prefetch(bits + j + LB_CHUNK_PREFETCH);
         __m512i rawv = _mm512_maskz_loadu_epi32(lanes, bits + j);
         __m512i key = _mm512_and_si512(rawv, maskv);
         maxkey = _mm512_max_epu32(maxkey, key);

@@ -131,12 +131,16 @@ static uint32_t LB_SFX(chunk_collect32_)(const uint32_t *bits, uint32_t m,
                                          uint32_t *raw, int *nonfinite)
 {
     uint32_t o = 0, mx = 0;
-    for (uint32_t j = 0; j < m; j++) {
-        uint32_t v = bits[j], key = v & LB_KEY32_MASK;
-        mx = key > mx ? key : mx;
-        pos[o] = j;
-        raw[o] = v;
-        o += key >= lo;
+    for (uint32_t b = 0; b < m; b += 16) {
+        __builtin_prefetch(bits + b + LB_CHUNK_PREFETCH);
+        uint32_t e = m - b < 16 ? m : b + 16;
+        for (uint32_t j = b; j < e; j++) {
+            uint32_t v = bits[j], key = v & LB_KEY32_MASK;
+            mx = key > mx ? key : mx;
+            pos[o] = j;
+            raw[o] = v;
+            o += key >= lo;
+        }
     }
     if (mx >= LB_KEY32_INF)
         *nonfinite = 1;

@@ -966,6 +966,15 @@ static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
         out_idx[o] = base + t1[o];
         ov[o] = t2[o];
     }
+    /* A bound far below the kk-th key makes every pass longer: re-aim it
+     * at the key of rank kk + margin here (a few standard deviations of
+     * the count, so the next chunk rarely has fewer than kk above it).  */
+    uint64_t margin = 4 * (uint64_t)sqrt((double)kk) + 16, r2 = kk + margin;
+    if (found > r2 + 2 * margin) {
+        for (uint32_t j = 0; j < found; j++)
+            keys[j] = raw[j] & LB_KEY32_MASK;
+        *hint = fns->select32(keys, found, (uint32_t)r2, t1, t2);
+    }
     return 1;
 }
 
