@@ -47,12 +47,12 @@ typedef struct {
     void (*hist64)(const uint64_t *bits, uint64_t begin, uint64_t end,
                    int shift, uint64_t *hist);
     /* Chunk kernels of float32 chunked top-k (m < 2^31).  chunk_collect32:
-     * for every j in [0, m) whose key is >= lo, in order, stores pos[o] = j
+     * for every j in [0, m) whose key is >= lo (lo <= LB_KEY32_INF, so
+     * every non-finite element is among them), in order, stores pos[o] = j
      * and raw[o] = bits[j]; returns how many (pos and raw need room for
-     * m + LB_CHUNK_SLACK: whole vectors are stored).  Sets *nonfinite to 1
-     * when any key is non-finite.                                          */
+     * m + LB_CHUNK_SLACK: whole vectors are stored).                       */
     uint32_t (*chunk_collect32)(const uint32_t *bits, uint32_t m, uint32_t lo,
-                                uint32_t *pos, uint32_t *raw, int *nonfinite);
+                                uint32_t *pos, uint32_t *raw);
     /* The r-th largest (1 <= r <= m) of the keys a[0..m); a, t1 and t2
      * (room for m + LB_CHUNK_SLACK each) are overwritten.                  */
     uint32_t (*select32)(uint32_t *a, uint32_t m, uint32_t r, uint32_t *t1,

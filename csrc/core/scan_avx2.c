@@ -27,7 +27,7 @@ static uint64_t ef_collect64_avx2(double *e, const double *g, uint64_t begin,
 #define LB_SCAN_OWN_CHUNK
 static uint32_t chunk_collect32_avx2(const uint32_t *bits, uint32_t m,
                                      uint32_t lo, uint32_t *pos,
-                                     uint32_t *raw, int *nonfinite);
+                                     uint32_t *raw);
 static uint32_t select32_avx2(uint32_t *a, uint32_t m, uint32_t r,
                               uint32_t *t1, uint32_t *t2);
 #include "scan_impl.h"
@@ -92,21 +92,19 @@ static inline __m256i lb_pack8(unsigned m)
  * permutation and stored whole (the slack takes the rest); scalar tail. */
 static uint32_t chunk_collect32_avx2(const uint32_t *bits, uint32_t m,
                                      uint32_t lo, uint32_t *pos,
-                                     uint32_t *raw, int *nonfinite)
+                                     uint32_t *raw)
 {
     const __m256i maskv = _mm256_set1_epi32((int)LB_KEY32_MASK);
     /* key >= lo  <=>  key > lo - 1 (signed: keys are < 2^31, lo <= 2^31) */
     const __m256i below = _mm256_set1_epi32((int)(lo - 1));
     const __m256i eight = _mm256_set1_epi32(8);
     __m256i at = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-    __m256i maxkey = _mm256_setzero_si256();
     uint32_t o = 0, j = 0;
     for (; j + 8 <= m; j += 8) {
         if ((j & 15) == 0)
             __builtin_prefetch(bits + j + LB_CHUNK_PREFETCH);
         __m256i rawv = _mm256_loadu_si256((const __m256i *)(bits + j));
         __m256i key = _mm256_and_si256(rawv, maskv);
-        maxkey = _mm256_max_epu32(maxkey, key);
         unsigned hit = (unsigned)_mm256_movemask_ps(
             _mm256_castsi256_ps(_mm256_cmpgt_epi32(key, below)));
         __m256i perm = lb_pack8(hit);
@@ -115,19 +113,11 @@ static uint32_t chunk_collect32_avx2(const uint32_t *bits, uint32_t m,
         o += (uint32_t)__builtin_popcount(hit);
         at = _mm256_add_epi32(at, eight);
     }
-    uint32_t maxs[8], mx = 0;
-    _mm256_storeu_si256((__m256i *)maxs, maxkey);
-    for (int i = 0; i < 8; i++)
-        mx = maxs[i] > mx ? maxs[i] : mx;
     for (; j < m; j++) {
-        uint32_t v = bits[j], key = v & LB_KEY32_MASK;
-        mx = key > mx ? key : mx;
         pos[o] = j;
-        raw[o] = v;
-        o += key >= lo;
+        raw[o] = bits[j];
+        o += (bits[j] & LB_KEY32_MASK) >= lo;
     }
-    if (mx >= LB_KEY32_INF)
-        *nonfinite = 1;
     return o;
 }
 

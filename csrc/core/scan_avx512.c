@@ -56,7 +56,7 @@ static uint64_t ef_collect64_avx512(double *e, const double *g, uint64_t begin,
 #define LB_SCAN_OWN_CHUNK
 static uint32_t chunk_collect32_avx512(const uint32_t *bits, uint32_t m,
                                        uint32_t lo, uint32_t *pos,
-                                       uint32_t *raw, int *nonfinite);
+                                       uint32_t *raw);
 static uint32_t select32_avx512(uint32_t *a, uint32_t m, uint32_t r,
                                 uint32_t *t1, uint32_t *t2);
 #include "scan_impl.h"
@@ -65,28 +65,24 @@ static uint32_t select32_avx512(uint32_t *a, uint32_t m, uint32_t r,
  * vpcompressd into registers and stored whole (the slack takes the rest). */
 static uint32_t chunk_collect32_avx512(const uint32_t *bits, uint32_t m,
                                        uint32_t lo, uint32_t *pos,
-                                       uint32_t *raw, int *nonfinite)
+                                       uint32_t *raw)
 {
     const __m512i maskv = _mm512_set1_epi32((int)LB_KEY32_MASK);
     const __m512i lov = _mm512_set1_epi32((int)lo);
     const __m512i sixteen = _mm512_set1_epi32(16);
     __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-    __m512i maxkey = _mm512_setzero_si512();
     uint32_t o = 0, j = 0;
     for (; j < m; j += 16) {
         __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1);
         __builtin_prefetch(bits + j + LB_CHUNK_PREFETCH);
         __m512i rawv = _mm512_maskz_loadu_epi32(lanes, bits + j);
         __m512i key = _mm512_and_si512(rawv, maskv);
-        maxkey = _mm512_max_epu32(maxkey, key);
         __mmask16 hit = _mm512_mask_cmpge_epu32_mask(lanes, key, lov);
         _mm512_storeu_si512(pos + o, _mm512_maskz_compress_epi32(hit, at));
         _mm512_storeu_si512(raw + o, _mm512_maskz_compress_epi32(hit, rawv));
         o += (uint32_t)__builtin_popcount(hit);
         at = _mm512_add_epi32(at, sixteen);
     }
-    if (_mm512_reduce_max_epu32(maxkey) >= LB_KEY32_INF)
-        *nonfinite = 1;
     return o;
 }
 

@@ -125,25 +125,23 @@ LB_DEFINE_EF_COLLECT(float, uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(ef_col
 LB_DEFINE_EF_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(ef_collect64_))
 #endif
 #ifndef LB_SCAN_OWN_CHUNK
-/* Branch-free: every element is stored, the count advances on a hit. */
+/* Branch-free: every position is stored, the count advances on a hit;
+ * the few raw bits are fetched afterwards (the chunk is in the cache). */
 static uint32_t LB_SFX(chunk_collect32_)(const uint32_t *bits, uint32_t m,
                                          uint32_t lo, uint32_t *pos,
-                                         uint32_t *raw, int *nonfinite)
+                                         uint32_t *raw)
 {
-    uint32_t o = 0, mx = 0;
+    uint32_t o = 0;
     for (uint32_t b = 0; b < m; b += 16) {
         __builtin_prefetch(bits + b + LB_CHUNK_PREFETCH);
         uint32_t e = m - b < 16 ? m : b + 16;
         for (uint32_t j = b; j < e; j++) {
-            uint32_t v = bits[j], key = v & LB_KEY32_MASK;
-            mx = key > mx ? key : mx;
             pos[o] = j;
-            raw[o] = v;
-            o += key >= lo;
+            o += (bits[j] & LB_KEY32_MASK) >= lo;
         }
     }
-    if (mx >= LB_KEY32_INF)
-        *nonfinite = 1;
+    for (uint32_t j = 0; j < o; j++)
+        raw[j] = bits[pos[j]];
     return o;
 }
 #endif

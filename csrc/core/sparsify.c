@@ -898,14 +898,11 @@ static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
     uint32_t *pos = buf, *raw = buf + sb, *keys = buf + 2 * sb;
     uint32_t *t1 = buf + 3 * sb, *t2 = buf + 4 * sb;
     const uint32_t *bits = (const uint32_t *)x + base;
-    int nonfinite = 0;
     uint32_t found = 0;
     if (*hint < LB_KEY32_INF) {
-        found = fns->chunk_collect32(bits, (uint32_t)m, (uint32_t)*hint, pos, raw, &nonfinite);
-        if (found < kk || found > 4 * kk + 256) {
+        found = fns->chunk_collect32(bits, (uint32_t)m, (uint32_t)*hint, pos, raw);
+        if (found < kk || found > 4 * kk + 256)
             *hint = UINT64_MAX;
-            nonfinite = 0;
-        }
     }
     if (*hint >= LB_KEY32_INF) {
         uint64_t stride = m / CHUNK_SAMPLE;
@@ -919,20 +916,24 @@ static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
         uint32_t lo = fns->select32(keys, CHUNK_SAMPLE, (uint32_t)rank, t1, t2);
         if (lo >= LB_KEY32_INF)
             return 0;
-        found = fns->chunk_collect32(bits, (uint32_t)m, lo, pos, raw, &nonfinite);
+        found = fns->chunk_collect32(bits, (uint32_t)m, lo, pos, raw);
         if (found < kk)
             return 0;
         *hint = lo;
     }
+    /* lo < Inf: every non-finite element of the chunk was collected */
+    uint32_t maxkey = 0;
+    for (uint32_t j = 0; j < found; j++) {
+        keys[j] = raw[j] & LB_KEY32_MASK;
+        maxkey = keys[j] > maxkey ? keys[j] : maxkey;
+    }
     *bad = UINT64_MAX;
-    if (nonfinite)
+    if (maxkey >= LB_KEY32_INF)
         for (uint32_t j = 0; j < found; j++)
-            if ((raw[j] & LB_KEY32_MASK) >= LB_KEY32_INF) {
+            if (keys[j] >= LB_KEY32_INF) {
                 *bad = base + pos[j];
                 break;
             }
-    for (uint32_t j = 0; j < found; j++)
-        keys[j] = raw[j] & LB_KEY32_MASK;
     uint32_t T = fns->select32(keys, found, (uint32_t)kk, t1, t2);
     uint32_t greater = 0, atleast = 0;
     for (uint32_t j = 0; j < found; j++) {
