@@ -1394,10 +1394,97 @@ static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
     return lb_philox_below(key, (draws + 3) / 4 + i, draws, bound);
 }
 
-lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
-                             uint64_t step, uint64_t *indices)
+/* Writes v as entry o of the output: 64-bit indices, else 32-bit ones. */
+static inline void rk_put(uint64_t *i64, uint32_t *i32, uint64_t o, uint64_t v)
 {
-    if (k > n || step >= LB_MAX_STEP || (!indices && k))
+    if (i64)
+        i64[o] = v;
+    else
+        i32[o] = (uint32_t)v;
+}
+
+/* Word w of the bitmap as members: complemented when the set holds the
+ * complement, bits at or beyond n cleared.                              */
+static inline uint64_t rk_word(const uint64_t *bits, uint64_t w, uint64_t n,
+                               int complement)
+{
+    uint64_t word = complement ? ~bits[w] : bits[w];
+    if (w == n / 64)
+        word &= ((uint64_t)1 << (n % 64)) - 1;
+    return word;
+}
+
+/* The members in bitmap words [w0, w1), ascending, to entries [o, end) of
+ * the output (exactly end - o of them).  Whole words while two more
+ * entries fit: the first two set bits stored unconditionally (kept or not
+ * by advancing o), so a sparse bitmap costs no mispredicted branch per
+ * word; the rest by loop.                                                */
+static void rk_extract(const uint64_t *bits, uint64_t w0, uint64_t w1,
+                       uint64_t n, int complement, uint64_t o, uint64_t end,
+                       uint64_t *i64, uint32_t *i32)
+{
+    uint64_t w = w0;
+    for (; w < w1 && o + 2 <= end; w++) {
+        uint64_t word = rk_word(bits, w, n, complement);
+        for (int r = 0; r < 2; r++) {
+            /* bit 63 added: a defined ctz for word 0, and no branch */
+            rk_put(i64, i32, o, w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63)));
+            o += word != 0;
+            word &= word - 1;
+        }
+        while (word && o < end) {
+            rk_put(i64, i32, o++, w * 64 + (uint64_t)__builtin_ctzll(word));
+            word &= word - 1;
+        }
+    }
+    for (; w < w1 && o < end; w++) {
+        uint64_t word = rk_word(bits, w, n, complement);
+        while (word) {
+            rk_put(i64, i32, o++, w * 64 + (uint64_t)__builtin_ctzll(word));
+            word &= word - 1;
+        }
+    }
+}
+
+/* Members in bitmap words [w0, w1). */
+static uint64_t rk_count(const uint64_t *bits, uint64_t w0, uint64_t w1,
+                         uint64_t n, int complement)
+{
+    uint64_t c = 0;
+    for (uint64_t w = w0; w < w1; w++)
+        c += (uint64_t)__builtin_popcountll(rk_word(bits, w, n, complement));
+    return c;
+}
+
+/* Part t of nt of random-k's set-up: the Philox words of its share of the
+ * nblocks blocks into rw, and (bits not NULL) its share of the bitmap's
+ * words cleared.                                                         */
+static void rk_fill(const lb_philox_key *key, const lb_quant_fns *qf,
+                    uint32_t *rw, uint64_t nblocks, uint64_t *bits,
+                    uint64_t words, int t, int nt)
+{
+    uint64_t b0, b1;
+    lb_split(nblocks, nt, t, &b0, &b1);
+    if (b1 > b0)
+        qf->philox(key, b0, b1 - b0, rw + 4 * b0);
+    if (bits) {
+        lb_split(words, nt, t, &b0, &b1);
+        memset(bits + b0, 0, (size_t)(b1 - b0) * sizeof(uint64_t));
+    }
+}
+
+/* Maximum team of the parallel parts of random-k. */
+#define RK_MAX_TEAM 64
+
+/* lb_randomk_indices into 64-bit (i64) or 32-bit (i32) indices.  The
+ * Philox words, the bitmap clearing and the bitmap scan run on up to
+ * nthreads threads; Floyd's insertions are serial; the result does not
+ * depend on the team.                                                    */
+static lb_status randomk_body(uint64_t n, uint64_t k, uint64_t seed,
+                              uint64_t step, int nthreads, uint64_t *i64,
+                              uint32_t *i32)
+{
+    if (k > n || step >= LB_MAX_STEP || (!i64 && !i32 && k) || (i32 && n > ((uint64_t)1 << 32)))
         return LB_EINVAL;
     if (k == 0)
         return LB_OK;
@@ -1405,54 +1492,62 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     int complement = k > n / 2;
     uint64_t draws = complement ? n - k : k;
     idxset set = {0};
-    int pooled = 0;
     /* A bitmap needs no sort afterwards: it wins unless the sample is so
      * sparse that zeroing and scanning n bits costs more than the table.  */
     int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
+    uint64_t words = n / 64 + 1, bytes = 0;
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    if (team > RK_MAX_TEAM)
+        team = RK_MAX_TEAM;
+    /* the 32-bit words of the draws (word a for draw a, four per Philox
+     * block of the vectorised generator of the quantization kernels)     */
+    uint64_t nblocks = (draws + 3) / 4, wbytes;
+    if (lb_size_mul(nblocks, 4 * sizeof(uint32_t), &wbytes) != LB_OK)
+        return LB_ENOMEM;
+    uint32_t *rw = lb_scratch_alloc((size_t)wbytes);
+    if (!rw)
+        return LB_ENOMEM;
     if (bitmap) {
-        /* a large one from the scratch cache: its pages stay mapped from
-         * call to call instead of being faulted in and zeroed every time */
-        uint64_t words = n / 64 + 1, bytes;
-        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK)
+        /* from the scratch cache: its pages stay mapped from call to call
+         * instead of being faulted in and zeroed every time              */
+        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK ||
+            !(set.bits = lb_scratch_alloc((size_t)bytes))) {
+            lb_scratch_free(rw);
             return LB_ENOMEM;
-        pooled = bytes >= ((uint64_t)1 << 16);
-        set.bits = pooled ? lb_scratch_alloc((size_t)bytes) : lb_alloc_n(words, sizeof(uint64_t), 1);
-        if (!set.bits)
-            return LB_ENOMEM;
-        if (pooled)
-            memset(set.bits, 0, (size_t)bytes);
+        }
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
             size <<= 1;
         set.slots = table_alloc(size);
-        if (!set.slots)
+        if (!set.slots) {
+            lb_scratch_free(rw);
             return LB_ENOMEM;
+        }
         set.mask = size - 1;
     }
-    /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
-     * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
-    /* the 32-bit words of the draws, LB_RK_WORDS at a time from the
-     * vectorised Philox of the quantization kernels (the same words)     */
-    enum { LB_RK_WORDS = 1024 };
-    uint32_t words[LB_RK_WORDS];
     const lb_quant_fns *qf = lb_quant();
+    /* a team of one runs the bodies directly: no region at all, even
+     * when called from inside another one (lb_randomk_group)          */
+    if (team > 1) {
+        LB_OMP(omp parallel num_threads(team))
+        rk_fill(&key, qf, rw, nblocks, bitmap ? set.bits : NULL, words,
+                omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        rk_fill(&key, qf, rw, nblocks, bitmap ? set.bits : NULL, words, 0, 1);
+    }
     {
-        /* The draws do not depend on the set, only the insertions do: draw
-         * FLOYD_AHEAD ahead and prefetch their word or slot, so the cache
-         * misses of a set larger than the cache overlap (same draws, same
-         * set).                                                            */
+        /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t,
+         * or j when t is already in.  The draws do not depend on the set,
+         * only the insertions do: draw FLOYD_AHEAD ahead and prefetch
+         * their word or slot, so the cache misses of a set larger than the
+         * cache overlap (same draws, same set).                           */
         enum { FLOYD_AHEAD = 32 };
         uint64_t ring[FLOYD_AHEAD];
         for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
             if (a < draws) {
-                if ((a & (LB_RK_WORDS - 1)) == 0) {
-                    uint64_t left = draws - a < LB_RK_WORDS ? draws - a : LB_RK_WORDS;
-                    qf->philox(&key, a >> 2, (left + 3) / 4, words);
-                }
-                uint64_t t = floyd_draw(&key, words[a & (LB_RK_WORDS - 1)], a, draws,
-                                        n - draws + a + 1);
+                uint64_t t = floyd_draw(&key, rw[a], a, draws, n - draws + a + 1);
                 if (bitmap)
                     __builtin_prefetch(&set.bits[t >> 6], 1);
                 else
@@ -1473,51 +1568,62 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
             }
         }
     }
+    lb_scratch_free(rw);
     if (bitmap) {
-        uint64_t o = 0, w = 0;
-        /* whole words while two more entries fit: the first two set bits
-         * stored unconditionally (kept or not by advancing o), so a sparse
-         * bitmap costs no mispredicted branch per word; the rest by loop  */
-        for (; w < n / 64 && o + 2 <= k; w++) {
-            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
-            for (int r = 0; r < 2; r++) {
-                /* bit 63 added: a defined ctz for word 0, and no branch */
-                indices[o] = w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63));
-                o += word != 0;
-                word &= word - 1;
+        /* each part of the words counts its members, then writes them at
+         * the sum of the counts before it                                */
+        uint64_t count[RK_MAX_TEAM + 1] = {0};
+        if (team > 1) {
+            LB_OMP(omp parallel num_threads(team))
+            {
+                int t = omp_get_thread_num(), nt = omp_get_num_threads();
+                uint64_t w0, w1;
+                lb_split(words, nt, t, &w0, &w1);
+                uint64_t c = rk_count(set.bits, w0, w1, n, complement);
+                count[t + 1] = c;
+                LB_OMP(omp barrier)
+                uint64_t o = 0;
+                for (int p = 0; p <= t; p++)
+                    o += count[p];
+                rk_extract(set.bits, w0, w1, n, complement, o, o + c, i64, i32);
             }
-            while (word && o < k) {
-                indices[o++] = w * 64 + (uint64_t)__builtin_ctzll(word);
-                word &= word - 1;
-            }
+        } else {
+            rk_extract(set.bits, 0, words, n, complement, 0, k, i64, i32);
         }
-        for (; w <= n / 64 && o < k; w++) {
-            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
-            while (word) {
-                uint64_t v = w * 64 + (uint64_t)__builtin_ctzll(word);
-                if (v >= n)
-                    break;
-                indices[o++] = v;
-                word &= word - 1;
-            }
-        }
-        if (pooled)
-            lb_scratch_free(set.bits);
-        else
-            free(set.bits);
+        lb_scratch_free(set.bits);
         return LB_OK;
+    }
+    uint64_t *tmp = lb_alloc_n(2 * k, sizeof(uint64_t), 0);
+    if (!tmp) {
+        free(set.slots);
+        return LB_ENOMEM;
     }
     uint64_t o = 0;
     for (uint64_t i = 0; i <= set.mask; i++)
         if (set.slots[i])
-            indices[o++] = set.slots[i] - 1;
+            tmp[o++] = set.slots[i] - 1;
     free(set.slots);
-    uint64_t *tmp = lb_alloc_n(k, sizeof(uint64_t), 0);
-    if (!tmp)
-        return LB_ENOMEM;
-    radix_sort_u64(indices, tmp, k, n);
+    radix_sort_u64(tmp, tmp + k, k, n);
+    for (o = 0; o < k; o++)
+        rk_put(i64, i32, o, tmp[o]);
     free(tmp);
     return LB_OK;
+}
+
+lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
+                             uint64_t step, uint64_t *indices)
+{
+    if (!indices && k)
+        return LB_EINVAL;
+    return randomk_body(n, k, seed, step, 1, indices, NULL);
+}
+
+lb_status lb_randomk_indices32(uint64_t n, uint64_t k, uint64_t seed,
+                               uint64_t step, int nthreads, uint32_t *indices)
+{
+    if (!indices && k)
+        return LB_EINVAL;
+    return randomk_body(n, k, seed, step, nthreads, NULL, indices);
 }
 
 /* lb_gather's body, for either index type (the two entry points below). */

@@ -89,7 +89,7 @@ def randomk(x, k=None, *, ratio=None, seed, step=0, rescale=False, check_finite=
     k = resolve_k(x.size, k, ratio)
     seed, step = check_seed(seed), check_step(step)
     threads = check_threads(threads)
-    indices = _core.randomk_indices(x.size, k, seed, step)
+    indices = _core.randomk_indices(x.size, k, seed, step, threads)
     scale = x.size / k if (rescale and k) else 1.0
     values = _core.gather(x, indices, scale, bool(check_finite), threads)
     if scale != 1.0 and check_finite:   # finite input never becomes Inf silently
