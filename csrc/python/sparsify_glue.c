@@ -235,18 +235,19 @@ static PyObject *py_topk_sampled(PyObject *self, PyObject *args, PyObject *kw)
 }
 
 /* randomk_indices(n, k, seed, step, threads=None) -> ascending indices
- * (uint32 when n <= 2^32, else uint64) */
+ * (uint32 when n <= 2^32, else uint64); threads None: one thread */
 static PyObject *py_randomk_indices(PyObject *self, PyObject *args)
 {
     PyObject *n_o, *k_o, *seed_o, *step_o, *threads = Py_None;
     uint64_t n, k, seed, step;
-    int nt;
+    int nt = 1;
     if (!PyArg_ParseTuple(args, "OOOO|O:randomk_indices", &n_o, &k_o, &seed_o, &step_o,
                           &threads))
         return NULL;
     if (lb_py_u64(n_o, "n", (uint64_t)1 << 62, &n) < 0 ||
         lb_py_u64(k_o, "k", n + 1, &k) < 0 || lb_py_u64(seed_o, "seed", 0, &seed) < 0 ||
-        lb_py_u64(step_o, "step", LB_MAX_STEP, &step) < 0 || lb_py_threads(threads, n, &nt) < 0)
+        lb_py_u64(step_o, "step", LB_MAX_STEP, &step) < 0 ||
+        (threads != Py_None && lb_py_threads(threads, n, &nt) < 0))
         return NULL;
     lb_status st;
     PyObject *res = NULL;
@@ -457,7 +458,7 @@ PyMethodDef lb_sparsify_methods[] = {
     {"topk_sampled", (PyCFunction)(void (*)(void))py_topk_sampled,
      METH_VARARGS | METH_KEYWORDS, "DGC sampled top-k -> (indices, values, info)."},
     {"randomk_indices", py_randomk_indices, METH_VARARGS,
-     "randomk_indices(n, k, seed, step, threads=None) -> k sorted distinct indices."},
+     "randomk_indices(n, k, seed, step, threads=None: 1) -> k sorted distinct indices."},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(x, indices, scale=1.0) -> x[indices] * scale."},
     {"aggregate", (PyCFunction)(void (*)(void))py_aggregate, METH_VARARGS | METH_KEYWORDS,
