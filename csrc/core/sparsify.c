@@ -819,6 +819,18 @@ static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
 #define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
 #define CHUNK_FAST_MAX LB_CHUNK
 
+/* The rank in CHUNK_SAMPLE evenly spaced samples of a chunk of m whose key
+ * bounds its kk largest: the expected rank of the kk-th key plus a margin
+ * of about three standard deviations, so the bound is rarely too high; 0
+ * when it would be half the sample or more (no saving).                   */
+static uint64_t chunk_sample_rank(uint64_t m, uint64_t kk)
+{
+    double r = (double)kk * CHUNK_SAMPLE / (double)m;
+    double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+    uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+    return rank < CHUNK_SAMPLE / 2 ? rank : 0;
+}
+
 /* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
  * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
  * spaced samples (or *hint, the bound of the thread's previous chunk, while
@@ -850,12 +862,8 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
         uint64_t stride = m / CHUNK_SAMPLE;
         for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
             keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
-        /* expected rank of the kk-th key in the sample, plus a margin of
-         * about three standard deviations so the bound is rarely too high */
-        double r = (double)kk * CHUNK_SAMPLE / (double)m;
-        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
-        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
-        if (rank >= CHUNK_SAMPLE / 2)
+        uint64_t rank = chunk_sample_rank(m, kk);
+        if (!rank)
             return 0;
         uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
         if (lo >= ki->inf)
@@ -908,10 +916,8 @@ static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
         uint64_t stride = m / CHUNK_SAMPLE;
         for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
             keys[j] = bits[j * stride + stride / 2] & LB_KEY32_MASK;
-        double r = (double)kk * CHUNK_SAMPLE / (double)m;
-        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
-        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
-        if (rank >= CHUNK_SAMPLE / 2)
+        uint64_t rank = chunk_sample_rank(m, kk);
+        if (!rank)
             return 0;
         uint32_t lo = fns->select32(keys, CHUNK_SAMPLE, (uint32_t)rank, t1, t2);
         if (lo >= LB_KEY32_INF)
