@@ -200,6 +200,11 @@ lb_status lb_topk_sampled(const void *x, uint64_t n, lb_dtype dt, uint64_t k,
  * ascending.  `indices` must hold k entries.                               */
 lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
                              uint64_t step, uint64_t *indices);
+/* The same indices as 32-bit values (n <= 2^32), with the Philox draws and
+ * the scan of the index set on up to `nthreads` threads (same result for
+ * any count).                                                              */
+lb_status lb_randomk_indices32(uint64_t n, uint64_t k, uint64_t seed,
+                               uint64_t step, int nthreads, uint32_t *indices);
 
 /* values[i] = x[indices[i]] * scale for i < k (scale 1 copies exactly).
  * Indices must be < n.                                                     */

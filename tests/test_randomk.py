@@ -89,6 +89,18 @@ def test_thread_independent(t):
     assert lowband.randomk(x, 3000, seed=1, threads=t) == base
 
 
+@pytest.mark.parametrize("t", THREADS)
+def test_indices_thread_independent(t):
+    """The Philox words, the clearing and the scan of the index set run on
+    the team: every team gives the twin's indices (uint32), for a sample,
+    a complement and a near-full one, n not a multiple of 64."""
+    n = 5 * 65536 + 37
+    for k in (n // 100, n // 2 + 1000, n - 3):
+        got = _core.randomk_indices(n, k, 3, 1, t)
+        assert got.dtype == np.uint32
+        assert_same(got, ref.randomk_indices(n, k, 3, 1))
+
+
 def test_noncontiguous_and_2d():
     v = noncontiguous(make_vector(999, np.float64))
     assert_sparse_matches(lowband.randomk(v, 9, seed=1), *ref.randomk(v.copy(), 9, 1, 0))

@@ -58,7 +58,26 @@ typedef struct {
                    int shift, uint64_t *hist);
     void (*hist64)(const uint64_t *bits, uint64_t begin, uint64_t end,
                    int shift, uint64_t *hist);
+    /* Chunk kernels of float32 chunked top-k (m < 2^31).  chunk_collect32:
+     * for every j in [0, m) whose key is >= lo (lo <= LB_KEY32_INF, so
+     * every non-finite element is among them), in order, stores pos[o] = j
+     * and raw[o] = bits[j]; returns how many (pos and raw need room for
+     * m + LB_CHUNK_SLACK: whole vectors are stored).                       */
+    uint32_t (*chunk_collect32)(const uint32_t *bits, uint32_t m, uint32_t lo,
+                                uint32_t *pos, uint32_t *raw);
+    /* The r-th largest (1 <= r <= m) of the keys a[0..m); a, t1 and t2
+     * (room for m + LB_CHUNK_SLACK each) are overwritten.                  */
+    uint32_t (*select32)(uint32_t *a, uint32_t m, uint32_t r, uint32_t *t1,
+                         uint32_t *t2);
 } lb_scan_fns;
+
+/* Entries past the end that the chunk kernels may write. */
+#define LB_CHUNK_SLACK 16
+/* How far ahead (elements) chunk_collect32 prefetches: into the next
+ * chunk at the end of this one (a prefetch past the data never faults). */
+#ifndef LB_CHUNK_PREFETCH
+#define LB_CHUNK_PREFETCH 512
+#endif
 
 /* The table for the active instruction set (lb_active_isa()). */
 const lb_scan_fns *lb_scan(void);

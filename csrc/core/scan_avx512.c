@@ -67,7 +67,79 @@ static uint64_t efp_collect32_avx512(const float *e, const float *g, uint64_t be
                                      uint32_t lo, uint64_t *idx, uint64_t *raw,
                                      uint64_t cap, int *nonfinite);
 #define LB_SCAN_OWN_EFP32
+#define LB_SCAN_OWN_CHUNK
+static uint32_t chunk_collect32_avx512(const uint32_t *bits, uint32_t m,
+                                       uint32_t lo, uint32_t *pos,
+                                       uint32_t *raw);
+static uint32_t select32_avx512(uint32_t *a, uint32_t m, uint32_t r,
+                                uint32_t *t1, uint32_t *t2);
 #include "scan_impl.h"
+
+/* 16 lanes a step: the flagged lanes' positions and raw bits packed with
+ * vpcompressd into registers and stored whole (the slack takes the rest). */
+static uint32_t chunk_collect32_avx512(const uint32_t *bits, uint32_t m,
+                                       uint32_t lo, uint32_t *pos,
+                                       uint32_t *raw)
+{
+    const __m512i maskv = _mm512_set1_epi32((int)LB_KEY32_MASK);
+    const __m512i lov = _mm512_set1_epi32((int)lo);
+    const __m512i sixteen = _mm512_set1_epi32(16);
+    __m512i at = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    uint32_t o = 0, j = 0;
+    for (; j < m; j += 16) {
+        __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+        __builtin_prefetch(bits + j + LB_CHUNK_PREFETCH);
+        __m512i rawv = _mm512_maskz_loadu_epi32(lanes, bits + j);
+        __m512i key = _mm512_and_si512(rawv, maskv);
+        __mmask16 hit = _mm512_mask_cmpge_epu32_mask(lanes, key, lov);
+        _mm512_storeu_si512(pos + o, _mm512_maskz_compress_epi32(hit, at));
+        _mm512_storeu_si512(raw + o, _mm512_maskz_compress_epi32(hit, rawv));
+        o += (uint32_t)__builtin_popcount(hit);
+        at = _mm512_add_epi32(at, sixteen);
+    }
+    return o;
+}
+
+/* Quickselect whose partition packs the keys above and below the pivot
+ * into two other buffers 16 at a time; the last few keys go to the
+ * branch-free scalar select.                                             */
+static uint32_t select32_avx512(uint32_t *a, uint32_t m, uint32_t r,
+                                uint32_t *t1, uint32_t *t2)
+{
+    uint32_t *p = a, *g = t1, *l = t2;
+    while (m > 64) {
+        uint32_t x = p[0], y = p[m / 2], z = p[m - 1];
+        uint32_t mn = x < y ? x : y, mx = x < y ? y : x;
+        uint32_t piv = mx < z ? mx : z;
+        piv = mn > piv ? mn : piv;
+        const __m512i pv = _mm512_set1_epi32((int)piv);
+        uint32_t ng = 0, nl = 0;
+        for (uint32_t j = 0; j < m; j += 16) {
+            __mmask16 lanes = m - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (m - j)) - 1);
+            __m512i v = _mm512_maskz_loadu_epi32(lanes, p + j);
+            __mmask16 gt = _mm512_mask_cmpgt_epu32_mask(lanes, v, pv);
+            __mmask16 lt = _mm512_mask_cmplt_epu32_mask(lanes, v, pv);
+            _mm512_storeu_si512(g + ng, _mm512_maskz_compress_epi32(gt, v));
+            _mm512_storeu_si512(l + nl, _mm512_maskz_compress_epi32(lt, v));
+            ng += (uint32_t)__builtin_popcount(gt);
+            nl += (uint32_t)__builtin_popcount(lt);
+        }
+        uint32_t *t = p;
+        if (r <= ng) {
+            p = g;
+            m = ng;
+            g = t;
+        } else if (r <= m - nl) {
+            return piv;
+        } else {
+            r -= m - nl;
+            p = l;
+            m = nl;
+            l = t;
+        }
+    }
+    return select32_tail_avx512(p, m, r, g);
+}
 
 static uint64_t collect32_avx512(const uint32_t *bits, uint64_t begin,
                                  uint64_t end, uint32_t lo, uint64_t *idx,

@@ -172,11 +172,84 @@ LB_DEFINE_EF_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(ef_co
 LB_DEFINE_EFP_COLLECT(float, uint32_t, LB_KEY32_MASK, LB_KEY32_INF, LB_SFX(efp_collect32_))
 #endif
 LB_DEFINE_EFP_COLLECT(double, uint64_t, LB_KEY64_MASK, LB_KEY64_INF, LB_SFX(efp_collect64_))
+#ifndef LB_SCAN_OWN_CHUNK
+/* Branch-free: every position is stored, the count advances on a hit;
+ * the few raw bits are fetched afterwards (the chunk is in the cache). */
+static uint32_t LB_SFX(chunk_collect32_)(const uint32_t *bits, uint32_t m,
+                                         uint32_t lo, uint32_t *pos,
+                                         uint32_t *raw)
+{
+    uint32_t o = 0;
+    for (uint32_t b = 0; b < m; b += 16) {
+        __builtin_prefetch(bits + b + LB_CHUNK_PREFETCH);
+        uint32_t e = m - b < 16 ? m : b + 16;
+        for (uint32_t j = b; j < e; j++) {
+            pos[o] = j;
+            o += (bits[j] & LB_KEY32_MASK) >= lo;
+        }
+    }
+    for (uint32_t j = 0; j < o; j++)
+        raw[j] = bits[pos[j]];
+    return o;
+}
+#endif
+
+/* The branch-free quickselect of select32 for a few keys: a median of
+ * three pivot; the partition writes every key to both ends of the other
+ * buffer and advances one end, so no branch depends on the data.        */
+static inline uint32_t LB_SFX(select32_tail_)(uint32_t *p, uint32_t m,
+                                              uint32_t r, uint32_t *q)
+{
+    while (m > 1) {
+        uint32_t x = p[0], y = p[m / 2], z = p[m - 1];
+        uint32_t mn = x < y ? x : y, mx = x < y ? y : x;
+        uint32_t piv = mx < z ? mx : z;
+        piv = mn > piv ? mn : piv;
+        uint32_t ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */
+        for (uint32_t j = 0; j < m; j++) {
+            uint32_t v = p[j];
+            q[ng] = v;
+            ng += v > piv;
+            q[m - 1 - nl] = v;
+            nl += v < piv;
+        }
+        uint32_t *t = p;
+        if (r <= ng) {
+            p = q;
+            m = ng;
+        } else if (r <= m - nl) {
+            return piv;
+        } else {
+            r -= m - nl;
+            p = q + (m - nl);
+            m = nl;
+        }
+        q = t;
+    }
+    return p[0];
+}
+
+#ifndef LB_SCAN_OWN_CHUNK
+static uint32_t LB_SFX(select32_)(uint32_t *a, uint32_t m, uint32_t r,
+                                  uint32_t *t1, uint32_t *t2)
+{
+    (void)t2;
+    return LB_SFX(select32_tail_)(a, m, r, t1);
+}
+#endif
+
 LB_DEFINE_HIST(uint32_t, LB_KEY32_MASK, LB_SFX(hist32_))
 LB_DEFINE_HIST(uint64_t, LB_KEY64_MASK, LB_SFX(hist64_))
 
 const lb_scan_fns LB_SFX(lb_scan_) = {
-    LB_SFX(collect32_),    LB_SFX(collect64_), LB_SFX(ef_collect32_),
-    LB_SFX(ef_collect64_), LB_SFX(efp_collect32_), LB_SFX(efp_collect64_),
-    LB_SFX(hist32_),       LB_SFX(hist64_),
+    .collect32 = LB_SFX(collect32_),
+    .collect64 = LB_SFX(collect64_),
+    .ef_collect32 = LB_SFX(ef_collect32_),
+    .ef_collect64 = LB_SFX(ef_collect64_),
+    .efp_collect32 = LB_SFX(efp_collect32_),
+    .efp_collect64 = LB_SFX(efp_collect64_),
+    .hist32 = LB_SFX(hist32_),
+    .hist64 = LB_SFX(hist64_),
+    .chunk_collect32 = LB_SFX(chunk_collect32_),
+    .select32 = LB_SFX(select32_),
 };

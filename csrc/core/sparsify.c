@@ -697,6 +697,23 @@ lb_status lb_threshold(const void *x, uint64_t n, lb_dtype dt, double tau,
 /* Chunked and tiled top-k                                                   */
 /* ------------------------------------------------------------------------ */
 
+/* Branch-free compaction of the chosen j (keys[j] > T, then the first
+ * `ties` with keys[j] == T, in order) into sel (room for m); returns how
+ * many were chosen.                                                      */
+static uint64_t compact_chosen(const uint64_t *keys, uint64_t m, uint64_t T,
+                               uint64_t ties, uint64_t *sel)
+{
+    uint64_t o = 0;
+    for (uint64_t j = 0; j < m; j++) {
+        uint64_t eq = keys[j] == T;
+        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
+        ties -= eq & take;
+        sel[o] = j;
+        o += take;
+    }
+    return o;
+}
+
 /* Top-kk of the m keys gathered from positions pos[0..m) (ascending): writes
  * the chosen positions and raw bits in ascending order.  keys and scratch
  * hold m entries.  Returns the first non-finite position or UINT64_MAX.   */
@@ -762,16 +779,8 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
                 greater += keys[j] > T;
         }
     }
-    /* branch-free compaction of the chosen j into scratch (room for m) */
-    uint64_t ties = kk - greater, o = 0;
-    for (uint64_t j = 0; j < m; j++) {
-        uint64_t eq = keys[j] == T;
-        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
-        ties -= eq & take;
-        scratch[o] = j;
-        o += take;
-    }
-    for (o = 0; o < kk; o++) {
+    compact_chosen(keys, m, T, kk - greater, scratch);
+    for (uint64_t o = 0; o < kk; o++) {
         uint64_t at = POS(scratch[o]);
         out_idx[o] = at;
         store_raw(ki, out_values, o, raw_at(ki, x, at));
@@ -823,6 +832,18 @@ static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
 #define CHUNK_FAST_MIN (4 * CHUNK_SAMPLE)
 #define CHUNK_FAST_MAX LB_CHUNK
 
+/* The rank in CHUNK_SAMPLE evenly spaced samples of a chunk of m whose key
+ * bounds its kk largest: the expected rank of the kk-th key plus a margin
+ * of about three standard deviations, so the bound is rarely too high; 0
+ * when it would be half the sample or more (no saving).                   */
+static uint64_t chunk_sample_rank(uint64_t m, uint64_t kk)
+{
+    double r = (double)kk * CHUNK_SAMPLE / (double)m;
+    double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
+    uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
+    return rank < CHUNK_SAMPLE / 2 ? rank : 0;
+}
+
 /* topk_small of the contiguous x[base, base + m) (0 < kk < m) by a sampled
  * bound: lo = a key a little below the kk-th largest of CHUNK_SAMPLE evenly
  * spaced samples (or *hint, the bound of the thread's previous chunk, while
@@ -854,12 +875,8 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
         uint64_t stride = m / CHUNK_SAMPLE;
         for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
             keys[j] = raw_at(ki, x, base + j * stride + stride / 2) & ki->mask;
-        /* expected rank of the kk-th key in the sample, plus a margin of
-         * about three standard deviations so the bound is rarely too high */
-        double r = (double)kk * CHUNK_SAMPLE / (double)m;
-        double sd = sqrt(r * (1.0 - r / CHUNK_SAMPLE)) + 1.0;
-        uint64_t rank = (uint64_t)(r + 3.0 * sd) + 2;
-        if (rank >= CHUNK_SAMPLE / 2)
+        uint64_t rank = chunk_sample_rank(m, kk);
+        if (!rank)
             return 0;
         uint64_t lo = select_small(keys, CHUNK_SAMPLE, rank, scratch);
         if (lo >= ki->inf)
@@ -882,18 +899,101 @@ static int topk_chunk_sampled(const keyinfo *ki, const void *x, uint64_t base,
     uint64_t T = select_small(scratch, found, kk, buf + 4 * m), greater = 0;
     for (uint64_t j = 0; j < found; j++)
         greater += keys[j] > T;
-    /* branch-free compaction of the chosen j into scratch (room for found) */
-    uint64_t ties = kk - greater, o = 0;
-    for (uint64_t j = 0; j < found; j++) {
-        uint64_t eq = keys[j] == T;
-        uint64_t take = (keys[j] > T) | (eq & (ties > 0));
-        ties -= eq & take;
-        scratch[o] = j;
-        o += take;
-    }
-    for (o = 0; o < kk; o++) {
+    compact_chosen(keys, found, T, kk - greater, scratch);
+    for (uint64_t o = 0; o < kk; o++) {
         out_idx[o] = idx[scratch[o]];
         store_raw(ki, out_values, o, raw[scratch[o]]);
+    }
+    return 1;
+}
+
+/* topk_chunk_sampled for float32 through the chunk kernels of lb_scan():
+ * 32-bit positions, raw bits and keys, a vectorised collect and select.
+ * buf holds 5 (m + LB_CHUNK_SLACK) 32-bit entries; same contract.         */
+static int topk_chunk32(const void *x, uint64_t base, uint64_t m, uint64_t kk,
+                        uint32_t *buf, uint64_t *out_idx, void *out_values,
+                        uint64_t *bad, uint64_t *hint)
+{
+    const lb_scan_fns *fns = lb_scan();
+    uint64_t sb = m + LB_CHUNK_SLACK;
+    uint32_t *pos = buf, *raw = buf + sb, *keys = buf + 2 * sb;
+    uint32_t *t1 = buf + 3 * sb, *t2 = buf + 4 * sb;
+    const uint32_t *bits = (const uint32_t *)x + base;
+    uint32_t found = 0;
+    if (*hint < LB_KEY32_INF) {
+        found = fns->chunk_collect32(bits, (uint32_t)m, (uint32_t)*hint, pos, raw);
+        if (found < kk || found > 4 * kk + 256)
+            *hint = UINT64_MAX;
+    }
+    if (*hint >= LB_KEY32_INF) {
+        uint64_t stride = m / CHUNK_SAMPLE;
+        for (uint64_t j = 0; j < CHUNK_SAMPLE; j++)
+            keys[j] = bits[j * stride + stride / 2] & LB_KEY32_MASK;
+        uint64_t rank = chunk_sample_rank(m, kk);
+        if (!rank)
+            return 0;
+        uint32_t lo = fns->select32(keys, CHUNK_SAMPLE, (uint32_t)rank, t1, t2);
+        if (lo >= LB_KEY32_INF)
+            return 0;
+        found = fns->chunk_collect32(bits, (uint32_t)m, lo, pos, raw);
+        if (found < kk)
+            return 0;
+        *hint = lo;
+    }
+    /* lo < Inf: every non-finite element of the chunk was collected */
+    uint32_t maxkey = 0;
+    for (uint32_t j = 0; j < found; j++) {
+        keys[j] = raw[j] & LB_KEY32_MASK;
+        maxkey = keys[j] > maxkey ? keys[j] : maxkey;
+    }
+    *bad = UINT64_MAX;
+    if (maxkey >= LB_KEY32_INF)
+        for (uint32_t j = 0; j < found; j++)
+            if (keys[j] >= LB_KEY32_INF) {
+                *bad = base + pos[j];
+                break;
+            }
+    uint32_t T = fns->select32(keys, found, (uint32_t)kk, t1, t2);
+    uint32_t greater = 0, atleast = 0;
+    for (uint32_t j = 0; j < found; j++) {
+        uint32_t key = raw[j] & LB_KEY32_MASK;
+        greater += key > T;
+        atleast += key >= T;
+    }
+    /* the chosen positions and raw bits into t1 and t2, branch-free; the
+     * keys equal to T are all chosen unless there are surplus ties      */
+    uint32_t o = 0;
+    if (atleast == kk) {
+        for (uint32_t j = 0; j < found; j++) {
+            t1[o] = pos[j];
+            t2[o] = raw[j];
+            o += (raw[j] & LB_KEY32_MASK) >= T;
+        }
+    } else {
+        uint32_t ties = (uint32_t)kk - greater;
+        for (uint32_t j = 0; j < found; j++) {
+            uint32_t key = raw[j] & LB_KEY32_MASK;
+            uint32_t eq = key == T;
+            uint32_t take = (key > T) | (eq & (ties > 0));
+            ties -= eq & take;
+            t1[o] = pos[j];
+            t2[o] = raw[j];
+            o += take;
+        }
+    }
+    uint32_t *ov = out_values;
+    for (o = 0; o < kk; o++) {
+        out_idx[o] = base + t1[o];
+        ov[o] = t2[o];
+    }
+    /* A bound far below the kk-th key makes every pass longer: re-aim it
+     * at the key of rank kk + margin here (a few standard deviations of
+     * the count, so the next chunk rarely has fewer than kk above it).  */
+    uint64_t margin = 4 * (uint64_t)sqrt((double)kk) + 16, r2 = kk + margin;
+    if (found > r2 + 2 * margin) {
+        for (uint32_t j = 0; j < found; j++)
+            keys[j] = raw[j] & LB_KEY32_MASK;
+        *hint = fns->select32(keys, found, (uint32_t)r2, t1, t2);
     }
     return 1;
 }
@@ -939,8 +1039,12 @@ lb_status chunked_topk(const keyinfo *ki, void *x, const void *g, double decay,
                 ef_compensate(ki, x, g, b, b + m, decay, scale);
             void *ov = (char *)out->values + c * k_per_chunk * (uint64_t)ki->width;
             uint64_t bad;
-            if (!fast || m < CHUNK_FAST_MIN || kk == 0 || kk >= m ||
-                !topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint))
+            int done = fast && m >= CHUNK_FAST_MIN && kk > 0 && kk < m;
+            if (done && ki->width == 4)
+                done = topk_chunk32(x, b, m, kk, (uint32_t *)buf, oi, ov, &bad, &hint);
+            else if (done)
+                done = topk_chunk_sampled(ki, x, b, m, kk, buf, oi, ov, &bad, &hint);
+            if (!done)
                 bad = topk_small(ki, x, b, NULL, m, kk, buf + chunk, buf + 2 * chunk, oi, ov);
             if (bad != UINT64_MAX && check_finite)
                 lb_record_error(&fail, &fail_at, g ? LB_EOVERFLOW : LB_ENONFINITE, bad);
@@ -1309,10 +1413,97 @@ static uint64_t floyd_draw(const lb_philox_key *key, uint32_t word, uint64_t i,
     return lb_philox_below(key, (draws + 3) / 4 + i, draws, bound);
 }
 
-lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
-                             uint64_t step, uint64_t *indices)
+/* Writes v as entry o of the output: 64-bit indices, else 32-bit ones. */
+static inline void rk_put(uint64_t *i64, uint32_t *i32, uint64_t o, uint64_t v)
 {
-    if (k > n || step >= LB_MAX_STEP || (!indices && k))
+    if (i64)
+        i64[o] = v;
+    else
+        i32[o] = (uint32_t)v;
+}
+
+/* Word w of the bitmap as members: complemented when the set holds the
+ * complement, bits at or beyond n cleared.                              */
+static inline uint64_t rk_word(const uint64_t *bits, uint64_t w, uint64_t n,
+                               int complement)
+{
+    uint64_t word = complement ? ~bits[w] : bits[w];
+    if (w == n / 64)
+        word &= ((uint64_t)1 << (n % 64)) - 1;
+    return word;
+}
+
+/* The members in bitmap words [w0, w1), ascending, to entries [o, end) of
+ * the output (exactly end - o of them).  Whole words while two more
+ * entries fit: the first two set bits stored unconditionally (kept or not
+ * by advancing o), so a sparse bitmap costs no mispredicted branch per
+ * word; the rest by loop.                                                */
+static void rk_extract(const uint64_t *bits, uint64_t w0, uint64_t w1,
+                       uint64_t n, int complement, uint64_t o, uint64_t end,
+                       uint64_t *i64, uint32_t *i32)
+{
+    uint64_t w = w0;
+    for (; w < w1 && o + 2 <= end; w++) {
+        uint64_t word = rk_word(bits, w, n, complement);
+        for (int r = 0; r < 2; r++) {
+            /* bit 63 added: a defined ctz for word 0, and no branch */
+            rk_put(i64, i32, o, w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63)));
+            o += word != 0;
+            word &= word - 1;
+        }
+        while (word && o < end) {
+            rk_put(i64, i32, o++, w * 64 + (uint64_t)__builtin_ctzll(word));
+            word &= word - 1;
+        }
+    }
+    for (; w < w1 && o < end; w++) {
+        uint64_t word = rk_word(bits, w, n, complement);
+        while (word) {
+            rk_put(i64, i32, o++, w * 64 + (uint64_t)__builtin_ctzll(word));
+            word &= word - 1;
+        }
+    }
+}
+
+/* Members in bitmap words [w0, w1). */
+static uint64_t rk_count(const uint64_t *bits, uint64_t w0, uint64_t w1,
+                         uint64_t n, int complement)
+{
+    uint64_t c = 0;
+    for (uint64_t w = w0; w < w1; w++)
+        c += (uint64_t)__builtin_popcountll(rk_word(bits, w, n, complement));
+    return c;
+}
+
+/* Part t of nt of random-k's set-up: the Philox words of its share of the
+ * nblocks blocks into rw, and (bits not NULL) its share of the bitmap's
+ * words cleared.                                                         */
+static void rk_fill(const lb_philox_key *key, const lb_quant_fns *qf,
+                    uint32_t *rw, uint64_t nblocks, uint64_t *bits,
+                    uint64_t words, int t, int nt)
+{
+    uint64_t b0, b1;
+    lb_split(nblocks, nt, t, &b0, &b1);
+    if (b1 > b0)
+        qf->philox(key, b0, b1 - b0, rw + 4 * b0);
+    if (bits) {
+        lb_split(words, nt, t, &b0, &b1);
+        memset(bits + b0, 0, (size_t)(b1 - b0) * sizeof(uint64_t));
+    }
+}
+
+/* Maximum team of the parallel parts of random-k. */
+#define RK_MAX_TEAM 64
+
+/* lb_randomk_indices into 64-bit (i64) or 32-bit (i32) indices.  The
+ * Philox words, the bitmap clearing and the bitmap scan run on up to
+ * nthreads threads; Floyd's insertions are serial; the result does not
+ * depend on the team.                                                    */
+static lb_status randomk_body(uint64_t n, uint64_t k, uint64_t seed,
+                              uint64_t step, int nthreads, uint64_t *i64,
+                              uint32_t *i32)
+{
+    if (k > n || step >= LB_MAX_STEP || (!i64 && !i32 && k) || (i32 && n > ((uint64_t)1 << 32)))
         return LB_EINVAL;
     if (k == 0)
         return LB_OK;
@@ -1320,54 +1511,62 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
     int complement = k > n / 2;
     uint64_t draws = complement ? n - k : k;
     idxset set = {0};
-    int pooled = 0;
     /* A bitmap needs no sort afterwards: it wins unless the sample is so
      * sparse that zeroing and scanning n bits costs more than the table.  */
     int bitmap = complement || n <= ((uint64_t)1 << 20) || n / 64 <= 16 * draws;
+    uint64_t words = n / 64 + 1, bytes = 0;
+    int team = lb_team(nthreads, n / LB_CHUNK);
+    if (team > RK_MAX_TEAM)
+        team = RK_MAX_TEAM;
+    /* the 32-bit words of the draws (word a for draw a, four per Philox
+     * block of the vectorised generator of the quantization kernels)     */
+    uint64_t nblocks = (draws + 3) / 4, wbytes;
+    if (lb_size_mul(nblocks, 4 * sizeof(uint32_t), &wbytes) != LB_OK)
+        return LB_ENOMEM;
+    uint32_t *rw = lb_scratch_alloc((size_t)wbytes);
+    if (!rw)
+        return LB_ENOMEM;
     if (bitmap) {
-        /* a large one from the scratch cache: its pages stay mapped from
-         * call to call instead of being faulted in and zeroed every time */
-        uint64_t words = n / 64 + 1, bytes;
-        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK)
+        /* from the scratch cache: its pages stay mapped from call to call
+         * instead of being faulted in and zeroed every time              */
+        if (lb_size_mul(words, sizeof(uint64_t), &bytes) != LB_OK ||
+            !(set.bits = lb_scratch_alloc((size_t)bytes))) {
+            lb_scratch_free(rw);
             return LB_ENOMEM;
-        pooled = bytes >= ((uint64_t)1 << 16);
-        set.bits = pooled ? lb_scratch_alloc((size_t)bytes) : lb_alloc_n(words, sizeof(uint64_t), 1);
-        if (!set.bits)
-            return LB_ENOMEM;
-        if (pooled)
-            memset(set.bits, 0, (size_t)bytes);
+        }
     } else {
         uint64_t size = 1;
         while (size < 2 * draws)
             size <<= 1;
         set.slots = table_alloc(size);
-        if (!set.slots)
+        if (!set.slots) {
+            lb_scratch_free(rw);
             return LB_ENOMEM;
+        }
         set.mask = size - 1;
     }
-    /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t, or j
-     * when t is already in.  The draws come from floyd_draw().             */
     lb_philox_key key = lb_philox_make(seed, step, LB_DOMAIN_RANDOMK);
-    /* the 32-bit words of the draws, LB_RK_WORDS at a time from the
-     * vectorised Philox of the quantization kernels (the same words)     */
-    enum { LB_RK_WORDS = 1024 };
-    uint32_t words[LB_RK_WORDS];
     const lb_quant_fns *qf = lb_quant();
+    /* a team of one runs the bodies directly: no region at all, even
+     * when called from inside another one (lb_randomk_group)          */
+    if (team > 1) {
+        LB_OMP(omp parallel num_threads(team))
+        rk_fill(&key, qf, rw, nblocks, bitmap ? set.bits : NULL, words,
+                omp_get_thread_num(), omp_get_num_threads());
+    } else {
+        rk_fill(&key, qf, rw, nblocks, bitmap ? set.bits : NULL, words, 0, 1);
+    }
     {
-        /* The draws do not depend on the set, only the insertions do: draw
-         * FLOYD_AHEAD ahead and prefetch their word or slot, so the cache
-         * misses of a set larger than the cache overlap (same draws, same
-         * set).                                                            */
+        /* Floyd: for j = n-draws .. n-1 pick t uniform in [0, j]; add t,
+         * or j when t is already in.  The draws do not depend on the set,
+         * only the insertions do: draw FLOYD_AHEAD ahead and prefetch
+         * their word or slot, so the cache misses of a set larger than the
+         * cache overlap (same draws, same set).                           */
         enum { FLOYD_AHEAD = 32 };
         uint64_t ring[FLOYD_AHEAD];
         for (uint64_t a = 0; a < draws + FLOYD_AHEAD; a++) {
             if (a < draws) {
-                if ((a & (LB_RK_WORDS - 1)) == 0) {
-                    uint64_t left = draws - a < LB_RK_WORDS ? draws - a : LB_RK_WORDS;
-                    qf->philox(&key, a >> 2, (left + 3) / 4, words);
-                }
-                uint64_t t = floyd_draw(&key, words[a & (LB_RK_WORDS - 1)], a, draws,
-                                        n - draws + a + 1);
+                uint64_t t = floyd_draw(&key, rw[a], a, draws, n - draws + a + 1);
                 if (bitmap)
                     __builtin_prefetch(&set.bits[t >> 6], 1);
                 else
@@ -1388,51 +1587,62 @@ lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
             }
         }
     }
+    lb_scratch_free(rw);
     if (bitmap) {
-        uint64_t o = 0, w = 0;
-        /* whole words while two more entries fit: the first two set bits
-         * stored unconditionally (kept or not by advancing o), so a sparse
-         * bitmap costs no mispredicted branch per word; the rest by loop  */
-        for (; w < n / 64 && o + 2 <= k; w++) {
-            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
-            for (int r = 0; r < 2; r++) {
-                /* bit 63 added: a defined ctz for word 0, and no branch */
-                indices[o] = w * 64 + (uint64_t)__builtin_ctzll(word | ((uint64_t)1 << 63));
-                o += word != 0;
-                word &= word - 1;
+        /* each part of the words counts its members, then writes them at
+         * the sum of the counts before it                                */
+        uint64_t count[RK_MAX_TEAM + 1] = {0};
+        if (team > 1) {
+            LB_OMP(omp parallel num_threads(team))
+            {
+                int t = omp_get_thread_num(), nt = omp_get_num_threads();
+                uint64_t w0, w1;
+                lb_split(words, nt, t, &w0, &w1);
+                uint64_t c = rk_count(set.bits, w0, w1, n, complement);
+                count[t + 1] = c;
+                LB_OMP(omp barrier)
+                uint64_t o = 0;
+                for (int p = 0; p <= t; p++)
+                    o += count[p];
+                rk_extract(set.bits, w0, w1, n, complement, o, o + c, i64, i32);
             }
-            while (word && o < k) {
-                indices[o++] = w * 64 + (uint64_t)__builtin_ctzll(word);
-                word &= word - 1;
-            }
+        } else {
+            rk_extract(set.bits, 0, words, n, complement, 0, k, i64, i32);
         }
-        for (; w <= n / 64 && o < k; w++) {
-            uint64_t word = complement ? ~set.bits[w] : set.bits[w];
-            while (word) {
-                uint64_t v = w * 64 + (uint64_t)__builtin_ctzll(word);
-                if (v >= n)
-                    break;
-                indices[o++] = v;
-                word &= word - 1;
-            }
-        }
-        if (pooled)
-            lb_scratch_free(set.bits);
-        else
-            free(set.bits);
+        lb_scratch_free(set.bits);
         return LB_OK;
+    }
+    uint64_t *tmp = lb_alloc_n(2 * k, sizeof(uint64_t), 0);
+    if (!tmp) {
+        free(set.slots);
+        return LB_ENOMEM;
     }
     uint64_t o = 0;
     for (uint64_t i = 0; i <= set.mask; i++)
         if (set.slots[i])
-            indices[o++] = set.slots[i] - 1;
+            tmp[o++] = set.slots[i] - 1;
     free(set.slots);
-    uint64_t *tmp = lb_alloc_n(k, sizeof(uint64_t), 0);
-    if (!tmp)
-        return LB_ENOMEM;
-    radix_sort_u64(indices, tmp, k, n);
+    radix_sort_u64(tmp, tmp + k, k, n);
+    for (o = 0; o < k; o++)
+        rk_put(i64, i32, o, tmp[o]);
     free(tmp);
     return LB_OK;
+}
+
+lb_status lb_randomk_indices(uint64_t n, uint64_t k, uint64_t seed,
+                             uint64_t step, uint64_t *indices)
+{
+    if (!indices && k)
+        return LB_EINVAL;
+    return randomk_body(n, k, seed, step, 1, indices, NULL);
+}
+
+lb_status lb_randomk_indices32(uint64_t n, uint64_t k, uint64_t seed,
+                               uint64_t step, int nthreads, uint32_t *indices)
+{
+    if (!indices && k)
+        return LB_EINVAL;
+    return randomk_body(n, k, seed, step, nthreads, NULL, indices);
 }
 
 /* lb_gather's body, for either index type (the two entry points below). */

@@ -237,26 +237,42 @@ static PyObject *py_topk_sampled(PyObject *self, PyObject *args, PyObject *kw)
     return res;
 }
 
-/* randomk_indices(n, k, seed, step) -> ascending indices */
+/* randomk_indices(n, k, seed, step, threads=None) -> ascending indices
+ * (uint32 when n <= 2^32, else uint64); threads None: one thread */
 static PyObject *py_randomk_indices(PyObject *self, PyObject *args)
 {
-    PyObject *n_o, *k_o, *seed_o, *step_o;
+    PyObject *n_o, *k_o, *seed_o, *step_o, *threads = Py_None;
     uint64_t n, k, seed, step;
-    if (!PyArg_ParseTuple(args, "OOOO:randomk_indices", &n_o, &k_o, &seed_o, &step_o))
+    int nt = 1;
+    if (!PyArg_ParseTuple(args, "OOOO|O:randomk_indices", &n_o, &k_o, &seed_o, &step_o,
+                          &threads))
         return NULL;
     if (lb_py_u64(n_o, "n", (uint64_t)1 << 62, &n) < 0 ||
         lb_py_u64(k_o, "k", n + 1, &k) < 0 || lb_py_u64(seed_o, "seed", 0, &seed) < 0 ||
-        lb_py_u64(step_o, "step", LB_MAX_STEP, &step) < 0)
+        lb_py_u64(step_o, "step", LB_MAX_STEP, &step) < 0 ||
+        (threads != Py_None && lb_py_threads(threads, n, &nt) < 0))
         return NULL;
-    uint64_t *idx = lb_alloc_n(k, sizeof(uint64_t), 0);
-    if (!idx)
-        return PyErr_Format(PyExc_MemoryError,
-                            "randomk: out of memory allocating %llu indices (k)",
-                            (unsigned long long)k);
     lb_status st;
-    LB_NOGIL(k, st = lb_randomk_indices(n, k, seed, step, idx));
+    PyObject *res = NULL;
+    uint64_t *idx = NULL;
+    if (n <= 0xFFFFFFFFull) {   /* straight into a (pooled) uint32 array */
+        npy_intp dims[1] = {(npy_intp)k};
+        res = lb_py_empty(1, dims, NPY_UINT32);
+        if (!res)
+            return NULL;
+        uint32_t *out = PyArray_DATA((PyArrayObject *)res);
+        LB_NOGIL(k, st = lb_randomk_indices32(n, k, seed, step, nt, out));
+    } else {
+        idx = lb_alloc_n(k, sizeof(uint64_t), 0);
+        if (!idx)
+            return PyErr_Format(PyExc_MemoryError,
+                                "randomk: out of memory allocating %llu indices (k)",
+                                (unsigned long long)k);
+        LB_NOGIL(k, st = lb_randomk_indices(n, k, seed, step, idx));
+    }
     if (st != LB_OK) {
         free(idx);
+        Py_XDECREF(res);
         if (st == LB_ENOMEM)
             return PyErr_Format(PyExc_MemoryError,
                                 "randomk: out of memory allocating the index set of "
@@ -264,7 +280,7 @@ static PyObject *py_randomk_indices(PyObject *self, PyObject *args)
                                 (k > n / 2 ? n - k : k), (unsigned long long)n);
         return lb_py_raise(st, NULL, "randomk", "", NULL);
     }
-    return lb_py_indices(idx, k, n);
+    return res ? res : lb_py_indices(idx, k, n);
 }
 
 /* gather(x, indices, scale=1.0, check_finite=True, threads=None) -> values */
@@ -445,7 +461,7 @@ PyMethodDef lb_sparsify_methods[] = {
     {"topk_sampled", (PyCFunction)(void (*)(void))py_topk_sampled,
      METH_VARARGS | METH_KEYWORDS, "DGC sampled top-k -> (indices, values, info)."},
     {"randomk_indices", py_randomk_indices, METH_VARARGS,
-     "randomk_indices(n, k, seed, step) -> k sorted distinct indices."},
+     "randomk_indices(n, k, seed, step, threads=None: 1) -> k sorted distinct indices."},
     {"gather", (PyCFunction)(void (*)(void))py_gather, METH_VARARGS | METH_KEYWORDS,
      "gather(x, indices, scale=1.0) -> x[indices] * scale."},
     {"aggregate", (PyCFunction)(void (*)(void))py_aggregate, METH_VARARGS | METH_KEYWORDS,

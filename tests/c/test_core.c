@@ -111,6 +111,23 @@ static void test_randomk(void)
     uint64_t again[50];
     lb_randomk_indices(1000, 50, 7, 3, again);
     CHECK(memcmp(idx, again, sizeof idx) == 0, "randomk is a function of (seed, step, n, k)");
+    /* 32-bit indices on teams of 1 and 3: the 64-bit ones, sample and complement */
+    const uint64_t n = 300001, ks[2] = {3001, 200000};
+    uint64_t *wide = malloc(200000 * sizeof(uint64_t));
+    uint32_t *narrow = malloc(200000 * sizeof(uint32_t));
+    for (int c = 0; c < 2 && wide && narrow; c++) {
+        CHECK(lb_randomk_indices(n, ks[c], 5, 1, wide) == LB_OK, "randomk 64-bit");
+        for (int t = 1; t <= 3; t += 2) {
+            int same = lb_randomk_indices32(n, ks[c], 5, 1, t, narrow) == LB_OK;
+            for (uint64_t i = 0; i < ks[c] && same; i++)
+                same = narrow[i] == wide[i];
+            CHECK(same, "randomk 32-bit indices equal the 64-bit ones on any team");
+        }
+    }
+    CHECK(lb_randomk_indices32((uint64_t)1 << 33, 1, 5, 1, 1, narrow) == LB_EINVAL,
+          "randomk 32-bit refuses n > 2^32");
+    free(wide);
+    free(narrow);
 }
 
 static void test_index_codec(void)
