@@ -266,6 +266,219 @@ static inline double exp_f64(double x)
     return over ? INFINITY : y;
 }
 
+#if defined(__AVX2__)
+/* The fused softmax routing row of float32 logits with 8 <= E <= 64,
+ * E % 8 == 0, on 256-bit vectors (the AVX2 and AVX-512 builds both use
+ * it): one pass over the row held in NB = E / 8 registers gives the
+ * maximum, exp(z - max), their sum, the scores and the top-k candidates.
+ * Every value is the one of the generic row code (moe_rows.h): the same
+ * IEEE operations in the same order (exp_f32, the lane sum, e * (1 / sum),
+ * the column sums in row order), and the same experts (descending logits,
+ * ties to the lower index).                                               */
+
+/* exp_f32 on 8 lanes of x <= 0 (the same operations; no overflow branch). */
+static inline __attribute__((always_inline)) __m256 exp8_nonpos_f32(__m256 x)
+{
+    const __m256 lo = _mm256_set1_ps(-87.0f), magic = _mm256_set1_ps(12582912.0f);
+    __m256 under = _mm256_cmp_ps(x, lo, _CMP_LT_OQ);
+    __m256 xc = _mm256_blendv_ps(x, lo, under);
+    __m256 n = _mm256_sub_ps(
+        _mm256_add_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)), magic), magic);
+    __m256 r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693359375f)));
+    r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.12194440e-4f)));
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5.0000001201e-1f));
+    __m256 y = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, _mm256_mul_ps(r, r)), r),
+                             _mm256_set1_ps(1.0f));
+    __m256i bits = _mm256_slli_epi32(
+        _mm256_add_epi32(_mm256_cvttps_epi32(n), _mm256_set1_epi32(127)), 23);
+    y = _mm256_mul_ps(y, _mm256_castsi256_ps(bits));
+    return _mm256_andnot_ps(under, y);
+}
+
+static inline __m256i hmax8_epi32(__m256i x)
+{
+    x = _mm256_max_epi32(x, _mm256_permute2x128_si256(x, x, 1));
+    x = _mm256_max_epi32(x, _mm256_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_max_epi32(x, _mm256_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+static inline __m256 hmin8_ps(__m256 x)
+{
+    x = _mm256_min_ps(x, _mm256_permute2f128_ps(x, x, 1));
+    x = _mm256_min_ps(x, _mm256_shuffle_ps(x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    return _mm256_min_ps(x, _mm256_shuffle_ps(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+}
+
+/* One row (see above): scores to sr, exp(z - max) to e, the scores
+ * widened and added onto acc (E doubles; NULL: none), the top k <= 8
+ * experts to ex, the maximum to *maxv.  Returns 0 (nothing written) when
+ * the row holds a non-finite value or more than 32 logits tie at or above
+ * the selection bound; the caller then takes the generic path.
+ * Selection: the k-th largest of 8 (or 16) lane maxima bounds the row's k-th
+ * largest from below (they are distinct elements), so only the few
+ * logits at or above it compete; each one's rank (greater values, plus
+ * equal ones at lower indices) is counted with vector compares, and the k
+ * of rank < k land in place without branches.                            */
+static inline __attribute__((always_inline)) int
+softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
+                      double *acc, int32_t *ex, float *maxv)
+{
+    __m256 v[8];
+    __m256i key = _mm256_set1_epi32(INT32_MIN), bad = _mm256_setzero_si256();
+    const __m256i absm = _mm256_set1_epi32(INT32_MAX);
+    for (int r = 0; r < NB; r++) {
+        v[r] = _mm256_loadu_ps(z + 8 * r);
+        __m256i b = _mm256_castps_si256(v[r]);
+        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(_mm256_and_si256(b, absm),
+                                                      _mm256_set1_epi32(0x7F7FFFFF)));
+        /* order-preserving integer key of the bits, as row_max */
+        key = _mm256_max_epi32(key, _mm256_xor_si256(
+                                        b, _mm256_and_si256(_mm256_srai_epi32(b, 31), absm)));
+    }
+    if (!_mm256_testz_si256(bad, bad))
+        return 0;
+    key = hmax8_epi32(key);
+    __m256 m = _mm256_castsi256_ps(
+        _mm256_xor_si256(key, _mm256_and_si256(_mm256_srai_epi32(key, 31), absm)));
+
+    /* selection bound: t = the k-th largest of the lane maxima (8 lanes,
+     * or 16 over even and odd registers for k > 4: fewer candidates),
+     * found as the least lane maximum with fewer than k lanes strictly
+     * above it                                                          */
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i kk = _mm256_set1_epi32((int)k);
+    __m256 t;
+    if (k <= 4 || NB < 2) {
+        __m256 lm = v[0];
+        for (int r = 1; r < NB; r++)
+            lm = _mm256_max_ps(lm, v[r]);
+        __m256i above = _mm256_setzero_si256();
+        for (int s = 1; s < 8; s++) {   /* lane indices mod 8 by the instruction */
+            __m256 rot = _mm256_permutevar8x32_ps(lm, _mm256_add_epi32(iota, _mm256_set1_epi32(s)));
+            above = _mm256_sub_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(rot, lm, _CMP_GT_OQ)));
+        }
+        t = hmin8_ps(_mm256_blendv_ps(_mm256_set1_ps(INFINITY), lm,
+                                      _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, above))));
+    } else {
+        __m256 la = v[0], lb = v[1];
+        for (int r = 2; r < NB; r++) {
+            if (r & 1)
+                lb = _mm256_max_ps(lb, v[r]);
+            else
+                la = _mm256_max_ps(la, v[r]);
+        }
+        __m256i aa = _mm256_setzero_si256(), ab = _mm256_setzero_si256();
+        for (int s = 0; s < 8; s++) {
+            __m256i idx = _mm256_add_epi32(iota, _mm256_set1_epi32(s));
+            __m256 ra = _mm256_permutevar8x32_ps(la, idx), rb = _mm256_permutevar8x32_ps(lb, idx);
+            if (s) {
+                aa = _mm256_sub_epi32(aa, _mm256_castps_si256(_mm256_cmp_ps(ra, la, _CMP_GT_OQ)));
+                ab = _mm256_sub_epi32(ab, _mm256_castps_si256(_mm256_cmp_ps(rb, lb, _CMP_GT_OQ)));
+            }
+            aa = _mm256_sub_epi32(aa, _mm256_castps_si256(_mm256_cmp_ps(rb, la, _CMP_GT_OQ)));
+            ab = _mm256_sub_epi32(ab, _mm256_castps_si256(_mm256_cmp_ps(ra, lb, _CMP_GT_OQ)));
+        }
+        const __m256 inf = _mm256_set1_ps(INFINITY);
+        t = hmin8_ps(_mm256_min_ps(
+            _mm256_blendv_ps(inf, la, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, aa))),
+            _mm256_blendv_ps(inf, lb, _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, ab)))));
+    }
+    uint64_t cand = 0;
+    for (int r = 0; r < NB; r++)
+        cand |= (uint64_t)(uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(v[r], t, _CMP_GE_OQ))
+                << (8 * r);
+    int nc = __builtin_popcountll(cand);
+    if (nc > 32)
+        return 0;
+
+    /* the candidates in index order, written before the exponentials so
+     * that the stores have left the store buffer when they are loaded as
+     * vectors (a load spanning recent narrower stores stalls)            */
+    float cv[32];
+    int32_t ci[32];
+    const int nv = (nc + 7) / 8;
+    for (int r = 0; r < 4; r++)
+        _mm256_storeu_ps(cv + 8 * r, _mm256_set1_ps(-INFINITY));
+    for (int i = 0; cand; cand &= cand - 1, i++) {
+        int j = __builtin_ctzll(cand);
+        cv[i] = z[j];
+        ci[i] = j;
+    }
+    /* exp, the lane sum, the scores and the column sums */
+    __m256 lane = _mm256_setzero_ps();
+    for (int r = 0; r < NB; r++) {
+        v[r] = exp8_nonpos_f32(_mm256_sub_ps(v[r], m));   /* the logits are in cv now */
+        _mm256_storeu_ps(e + 8 * r, v[r]);
+        lane = _mm256_add_ps(lane, v[r]);
+    }
+    float ls[8];
+    _mm256_storeu_ps(ls, lane);
+    float sum = ls[0];
+    for (int l = 1; l < 8; l++)
+        sum += ls[l];
+    const __m256 inv = _mm256_set1_ps(1.0f / sum);
+    for (int r = 0; r < NB; r++) {
+        __m256 p = _mm256_mul_ps(v[r], inv);
+        _mm256_storeu_ps(sr + 8 * r, p);
+        if (acc) {
+            double *a = acc + 8 * r;
+            _mm256_storeu_pd(a, _mm256_add_pd(_mm256_loadu_pd(a),
+                                              _mm256_cvtps_pd(_mm256_castps256_ps128(p))));
+            _mm256_storeu_pd(a + 4, _mm256_add_pd(_mm256_loadu_pd(a + 4),
+                                                  _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1))));
+        }
+    }
+
+    /* each candidate's rank */
+    /* four named registers (an array of them would be copied by memcpy) */
+    const __m256 c0 = _mm256_loadu_ps(cv), c1 = _mm256_loadu_ps(cv + 8),
+                 c2 = _mm256_loadu_ps(cv + 16), c3 = _mm256_loadu_ps(cv + 24);
+#define LB_RANK_BITS(c, r)                                                            \
+    gt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_GT_OQ)) << (8 * r);   \
+    eq |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_EQ_OQ)) << (8 * r)
+    __m256i outv = _mm256_setzero_si256();
+    for (int i = 0; i < nc; i++) {
+        __m256 b = _mm256_set1_ps(cv[i]);
+        uint32_t gt = 0, eq = 0;
+        LB_RANK_BITS(c0, 0);
+        if (nv > 1) {
+            LB_RANK_BITS(c1, 1);
+            if (nv > 2) {
+                LB_RANK_BITS(c2, 2);
+                LB_RANK_BITS(c3, 3);
+            }
+        }
+        uint64_t rank = (uint64_t)__builtin_popcount(gt) +
+                        (uint64_t)__builtin_popcount(eq & ((1u << i) - 1u));
+        /* into lane `rank` of the result (ranks >= 8 match no lane) */
+        outv = _mm256_blendv_epi8(outv, _mm256_set1_epi32(ci[i]),
+                                  _mm256_cmpeq_epi32(iota, _mm256_set1_epi32((int)rank)));
+    }
+#undef LB_RANK_BITS
+    /* a masked store (a loop of k copies would become a memcpy call) */
+    _mm256_maskstore_epi32(ex, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), iota), outv);
+    _mm_store_ss(maxv, _mm256_castps256_ps128(m));
+    return 1;
+}
+
+/* softmax_topk_row8_f32 with NB a constant (registers, unrolled loops). */
+static inline int softmax_topk_row_f32(const float *z, uint64_t E, uint64_t k, float *sr,
+                                       float *e, double *acc, int32_t *ex, float *maxv)
+{
+    switch (E / 8) {
+    case 8: return softmax_topk_row8_f32(z, 8, k, sr, e, acc, ex, maxv);
+    case 4: return softmax_topk_row8_f32(z, 4, k, sr, e, acc, ex, maxv);
+    case 2: return softmax_topk_row8_f32(z, 2, k, sr, e, acc, ex, maxv);
+    default: return softmax_topk_row8_f32(z, (int)(E / 8), k, sr, e, acc, ex, maxv);
+    }
+}
+#endif
+
 /* ------------------------------------------------------------------------ */
 /* Small helpers shared by both element types                                */
 /* ------------------------------------------------------------------------ */

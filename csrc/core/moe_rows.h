@@ -210,8 +210,13 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
     const int grouped = o->groups > 1;
     const uint64_t gs = grouped ? E / o->groups : E;
     int preselected = 0;   /* experts chosen up front from the logits */
+    int fused = 0;         /* rows go through softmax_topk_row_f32 first */
+#if defined(__AVX2__)
+    fused = sizeof(LB_T) == 4 && o->score == LB_SCORE_SOFTMAX && !o->bias && !grouped &&
+            k <= 8 && E % 8 == 0 && E >= 8 && E <= 64;
+#endif
 #if defined(__AVX512F__)
-    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
+    if (!fused && sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
         uint64_t t = r0;
         if (k <= 8)   /* sixteen rows per pass, one per lane */
             for (; t + 16 <= r1; t += 16)
@@ -224,7 +229,7 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
 #elif defined(__AVX2__)
     /* rows [r0, vert) are selected eight at a time, the rest one by one */
     uint64_t vert = r0;
-    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 8 && E >= 16 && E <= 256)
+    if (!fused && sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 8 && E >= 16 && E <= 256)
         for (; vert + 8 <= r1; vert += 8)
             topk_vertical8_f32((const float *)z + vert * E, E, k, experts + vert * k);
 #endif
@@ -237,6 +242,28 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         int32_t *ex = experts + t * k;
         LB_T *w = weights + t * k;
         LB_T m;
+#if defined(__AVX2__)
+        /* the fused row (float32 only; column sums added per row) */
+        if (fused && softmax_topk_row_f32((const float *)zr, E, k, (float *)sr,
+                                          (float *)ws->q, acc, ex, (float *)&m)) {
+            const LB_T *e = (const LB_T *)ws->q;
+            if (o->renormalize) {   /* as below: the row maximum is selected */
+                LB_T sum = 0;
+                for (uint64_t s = 0; s < k; s++) {
+                    w[s] = e[ex[s]];
+                    sum += w[s];
+                }
+                for (uint64_t s = 0; s < k; s++)
+                    w[s] = w[s] / sum;
+            } else {
+                for (uint64_t s = 0; s < k; s++)
+                    w[s] = sr[ex[s]];
+            }
+            for (uint64_t s = 0; s < k; s++)
+                counts[ex[s]]++;
+            continue;
+        }
+#endif
         uint64_t bad = LB_F(row_max)(zr, E, &m);
         if (bad < E)
             return t * E + bad;
@@ -305,13 +332,13 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         for (uint64_t s = 0; s < k; s++)
             counts[ex[s]]++;
-        if (acc && o->score == LB_SCORE_SIGMOID) {
+        if (acc && (o->score == LB_SCORE_SIGMOID || fused)) {
             LB_F(aux_row)(sr, E, o->score, ws->q);
             for (uint64_t j = 0; j < E; j++)
                 acc[j] += ws->q[j];
         }
     }
-    if (acc && o->score == LB_SCORE_SOFTMAX)
+    if (acc && o->score == LB_SCORE_SOFTMAX && !fused)
         LB_F(column_sums)(scores + r0 * E, r1 - r0, E, acc);
     return UINT64_MAX;
 }
