@@ -300,12 +300,31 @@ static inline __attribute__((always_inline)) __m256 exp8_nonpos_f32(__m256 x)
     return _mm256_andnot_ps(under, y);
 }
 
-static inline __m256i hmax8_epi32(__m256i x)
+#if defined(__AVX512F__)
+/* exp8_nonpos_f32 on 16 lanes (the AVX-512 build: half the instructions). */
+static inline __attribute__((always_inline)) __m512 exp16_nonpos_f32(__m512 x)
 {
-    x = _mm256_max_epi32(x, _mm256_permute2x128_si256(x, x, 1));
-    x = _mm256_max_epi32(x, _mm256_shuffle_epi32(x, _MM_SHUFFLE(1, 0, 3, 2)));
-    return _mm256_max_epi32(x, _mm256_shuffle_epi32(x, _MM_SHUFFLE(2, 3, 0, 1)));
+    const __m512 lo = _mm512_set1_ps(-87.0f), magic = _mm512_set1_ps(12582912.0f);
+    __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+    __m512 xc = _mm512_mask_mov_ps(x, under, lo);
+    __m512 n = _mm512_sub_ps(
+        _mm512_add_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)), magic), magic);
+    __m512 r = _mm512_sub_ps(xc, _mm512_mul_ps(n, _mm512_set1_ps(0.693359375f)));
+    r = _mm512_sub_ps(r, _mm512_mul_ps(n, _mm512_set1_ps(-2.12194440e-4f)));
+    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.3981999507e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(8.3334519073e-3f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(4.1665795894e-2f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(1.6666665459e-1f));
+    p = _mm512_add_ps(_mm512_mul_ps(p, r), _mm512_set1_ps(5.0000001201e-1f));
+    __m512 y = _mm512_add_ps(_mm512_add_ps(_mm512_mul_ps(p, _mm512_mul_ps(r, r)), r),
+                             _mm512_set1_ps(1.0f));
+    __m512i bits = _mm512_slli_epi32(
+        _mm512_add_epi32(_mm512_cvttps_epi32(n), _mm512_set1_epi32(127)), 23);
+    y = _mm512_mul_ps(y, _mm512_castsi512_ps(bits));
+    return _mm512_maskz_mov_ps((__mmask16)~under, y);
 }
+#endif
 
 static inline __m256 hmin8_ps(__m256 x)
 {
@@ -329,22 +348,30 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
                       double *acc, int32_t *ex, float *maxv)
 {
     __m256 v[8];
-    __m256i key = _mm256_set1_epi32(INT32_MIN), bad = _mm256_setzero_si256();
-    const __m256i absm = _mm256_set1_epi32(INT32_MAX);
-    for (int r = 0; r < NB; r++) {
+    v[0] = _mm256_loadu_ps(z);   /* x - x: +0 unless x is not finite */
+    __m256i bad = _mm256_castps_si256(_mm256_sub_ps(v[0], v[0]));
+    for (int r = 1; r < NB; r++) {
         v[r] = _mm256_loadu_ps(z + 8 * r);
-        __m256i b = _mm256_castps_si256(v[r]);
-        bad = _mm256_or_si256(bad, _mm256_cmpgt_epi32(_mm256_and_si256(b, absm),
-                                                      _mm256_set1_epi32(0x7F7FFFFF)));
-        /* order-preserving integer key of the bits, as row_max */
-        key = _mm256_max_epi32(key, _mm256_xor_si256(
-                                        b, _mm256_and_si256(_mm256_srai_epi32(b, 31), absm)));
+        bad = _mm256_or_si256(bad, _mm256_castps_si256(_mm256_sub_ps(v[r], v[r])));
     }
     if (!_mm256_testz_si256(bad, bad))
         return 0;
-    key = hmax8_epi32(key);
-    __m256 m = _mm256_castsi256_ps(
-        _mm256_xor_si256(key, _mm256_and_si256(_mm256_srai_epi32(key, 31), absm)));
+    /* lane maxima: la over the even registers, lb over the odd ones */
+    __m256 la = v[0], lb = v[0];
+    if (NB > 1)
+        lb = v[1];
+    for (int r = 2; r < NB; r++) {
+        if (r & 1)
+            lb = _mm256_max_ps(lb, v[r]);
+        else
+            la = _mm256_max_ps(la, v[r]);
+    }
+    __m256 lm = _mm256_max_ps(la, lb);
+    /* the row maximum (a zero maximum may come out as -0 where row_max
+     * gives +0: z - m and so exp(z - m) are the same either way)        */
+    __m256 m = _mm256_max_ps(lm, _mm256_permute2f128_ps(lm, lm, 1));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(1, 0, 3, 2)));
+    m = _mm256_max_ps(m, _mm256_shuffle_ps(m, m, _MM_SHUFFLE(2, 3, 0, 1)));
 
     /* selection bound: t = the k-th largest of the lane maxima (8 lanes,
      * or 16 over even and odd registers for k > 4: fewer candidates),
@@ -354,9 +381,6 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
     const __m256i kk = _mm256_set1_epi32((int)k);
     __m256 t;
     if (k <= 4 || NB < 2) {
-        __m256 lm = v[0];
-        for (int r = 1; r < NB; r++)
-            lm = _mm256_max_ps(lm, v[r]);
         __m256i above = _mm256_setzero_si256();
         for (int s = 1; s < 8; s++) {   /* lane indices mod 8 by the instruction */
             __m256 rot = _mm256_permutevar8x32_ps(lm, _mm256_add_epi32(iota, _mm256_set1_epi32(s)));
@@ -365,13 +389,6 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         t = hmin8_ps(_mm256_blendv_ps(_mm256_set1_ps(INFINITY), lm,
                                       _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, above))));
     } else {
-        __m256 la = v[0], lb = v[1];
-        for (int r = 2; r < NB; r++) {
-            if (r & 1)
-                lb = _mm256_max_ps(lb, v[r]);
-            else
-                la = _mm256_max_ps(la, v[r]);
-        }
         __m256i aa = _mm256_setzero_si256(), ab = _mm256_setzero_si256();
         for (int s = 0; s < 8; s++) {
             __m256i idx = _mm256_add_epi32(iota, _mm256_set1_epi32(s));
@@ -401,7 +418,6 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
      * vectors (a load spanning recent narrower stores stalls)            */
     float cv[32];
     int32_t ci[32];
-    const int nv = (nc + 7) / 8;
     for (int r = 0; r < 4; r++)
         _mm256_storeu_ps(cv + 8 * r, _mm256_set1_ps(-INFINITY));
     for (int i = 0; cand; cand &= cand - 1, i++) {
@@ -409,8 +425,21 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         cv[i] = z[j];
         ci[i] = j;
     }
-    /* exp, the lane sum, the scores and the column sums */
+    /* exp, the lane sum, the scores and the column sums (lane sum: the
+     * 8-lane halves added in order, as lanesum)                         */
     __m256 lane = _mm256_setzero_ps();
+#if defined(__AVX512F__)
+    __m512 w[4];
+    const __m512 mz = _mm512_broadcastss_ps(_mm256_castps256_ps128(m));
+    if (!(NB & 1))
+        for (int q = 0; q < NB / 2; q++) {
+            w[q] = exp16_nonpos_f32(_mm512_sub_ps(_mm512_loadu_ps(z + 16 * q), mz));
+            _mm512_storeu_ps(e + 16 * q, w[q]);
+            lane = _mm256_add_ps(lane, _mm512_castps512_ps256(w[q]));
+            lane = _mm256_add_ps(lane, _mm512_extractf32x8_ps(w[q], 1));
+        }
+    else
+#endif
     for (int r = 0; r < NB; r++) {
         v[r] = exp8_nonpos_f32(_mm256_sub_ps(v[r], m));   /* the logits are in cv now */
         _mm256_storeu_ps(e + 8 * r, v[r]);
@@ -422,6 +451,22 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
     for (int l = 1; l < 8; l++)
         sum += ls[l];
     const __m256 inv = _mm256_set1_ps(1.0f / sum);
+#if defined(__AVX512F__)
+    if (!(NB & 1)) {
+        const __m512 inv16 = _mm512_set1_ps(1.0f / sum);
+        for (int q = 0; q < NB / 2; q++) {
+            __m512 p = _mm512_mul_ps(w[q], inv16);
+            _mm512_storeu_ps(sr + 16 * q, p);
+            if (acc) {
+                double *a = acc + 16 * q;
+                _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a),
+                                                  _mm512_cvtps_pd(_mm512_castps512_ps256(p))));
+                _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8),
+                                                      _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1))));
+            }
+        }
+    } else
+#endif
     for (int r = 0; r < NB; r++) {
         __m256 p = _mm256_mul_ps(v[r], inv);
         _mm256_storeu_ps(sr + 8 * r, p);
@@ -434,34 +479,57 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         }
     }
 
-    /* each candidate's rank */
-    /* four named registers (an array of them would be copied by memcpy) */
-    const __m256 c0 = _mm256_loadu_ps(cv), c1 = _mm256_loadu_ps(cv + 8),
-                 c2 = _mm256_loadu_ps(cv + 16), c3 = _mm256_loadu_ps(cv + 24);
-#define LB_RANK_BITS(c, r)                                                            \
-    gt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_GT_OQ)) << (8 * r);   \
-    eq |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_EQ_OQ)) << (8 * r)
-    __m256i outv = _mm256_setzero_si256();
-    for (int i = 0; i < nc; i++) {
-        __m256 b = _mm256_set1_ps(cv[i]);
-        uint32_t gt = 0, eq = 0;
-        LB_RANK_BITS(c0, 0);
-        if (nv > 1) {
-            LB_RANK_BITS(c1, 1);
-            if (nv > 2) {
-                LB_RANK_BITS(c2, 2);
-                LB_RANK_BITS(c3, 3);
+    /* each candidate's rank, and ex[rank] = its index for rank < k (the
+     * others go to a dump slot): all pairs compared at once (lane i
+     * against lane i + s mod 8 of itself and of the other register) for
+     * up to 16 candidates, one candidate at a time beyond               */
+    const __m256 c0 = _mm256_loadu_ps(cv), c1 = _mm256_loadu_ps(cv + 8);
+    int32_t rk[32], dump;
+    if (nc <= 16) {
+        /* padding lanes (-Inf) never rank above a candidate, and ranks
+         * among themselves above every candidate                        */
+        __m256i r0 = _mm256_setzero_si256(), r1 = _mm256_setzero_si256();
+        if (nc > 8) {   /* the other register at s = 0; ties: c0 is lower */
+            r0 = _mm256_sub_epi32(r0, _mm256_castps_si256(_mm256_cmp_ps(c1, c0, _CMP_GT_OQ)));
+            r1 = _mm256_sub_epi32(r1, _mm256_castps_si256(_mm256_cmp_ps(c0, c1, _CMP_GE_OQ)));
+        }
+        for (int sh = 1; sh < 8; sh++) {
+            const __m256i idx = _mm256_add_epi32(iota, _mm256_set1_epi32(sh));
+            /* lanes whose partner i + sh mod 8 has the lower index */
+            const __m256 lower = _mm256_castsi256_ps(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(7 - sh)));
+            __m256 p0 = _mm256_permutevar8x32_ps(c0, idx);
+            r0 = _mm256_sub_epi32(r0, _mm256_castps_si256(_mm256_or_ps(
+                     _mm256_cmp_ps(p0, c0, _CMP_GT_OQ),
+                     _mm256_and_ps(_mm256_cmp_ps(p0, c0, _CMP_EQ_OQ), lower))));
+            if (nc > 8) {
+                __m256 p1 = _mm256_permutevar8x32_ps(c1, idx);
+                r1 = _mm256_sub_epi32(r1, _mm256_castps_si256(_mm256_or_ps(
+                         _mm256_cmp_ps(p1, c1, _CMP_GT_OQ),
+                         _mm256_and_ps(_mm256_cmp_ps(p1, c1, _CMP_EQ_OQ), lower))));
+                r0 = _mm256_sub_epi32(r0, _mm256_castps_si256(_mm256_cmp_ps(p1, c0, _CMP_GT_OQ)));
+                r1 = _mm256_sub_epi32(r1, _mm256_castps_si256(_mm256_cmp_ps(p0, c1, _CMP_GE_OQ)));
             }
         }
-        uint64_t rank = (uint64_t)__builtin_popcount(gt) +
-                        (uint64_t)__builtin_popcount(eq & ((1u << i) - 1u));
-        /* into lane `rank` of the result (ranks >= 8 match no lane) */
-        outv = _mm256_blendv_epi8(outv, _mm256_set1_epi32(ci[i]),
-                                  _mm256_cmpeq_epi32(iota, _mm256_set1_epi32((int)rank)));
-    }
+        _mm256_storeu_si256((__m256i *)rk, r0);
+        _mm256_storeu_si256((__m256i *)(rk + 8), r1);
+    } else {
+        const __m256 c2 = _mm256_loadu_ps(cv + 16), c3 = _mm256_loadu_ps(cv + 24);
+        for (int i = 0; i < nc; i++) {
+            const __m256 b = _mm256_set1_ps(cv[i]);
+            uint32_t gt = 0, eq = 0;
+#define LB_RANK_BITS(c, r)                                                               \
+            gt |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_GT_OQ)) << (8 * r); \
+            eq |= (uint32_t)_mm256_movemask_ps(_mm256_cmp_ps(c, b, _CMP_EQ_OQ)) << (8 * r)
+            LB_RANK_BITS(c0, 0);
+            LB_RANK_BITS(c1, 1);
+            LB_RANK_BITS(c2, 2);
+            LB_RANK_BITS(c3, 3);
 #undef LB_RANK_BITS
-    /* a masked store (a loop of k copies would become a memcpy call) */
-    _mm256_maskstore_epi32(ex, _mm256_cmpgt_epi32(_mm256_set1_epi32((int)k), iota), outv);
+            rk[i] = __builtin_popcount(gt) + __builtin_popcount(eq & ((1u << i) - 1u));
+        }
+    }
+    for (int i = 0; i < nc; i++)
+        *((uint64_t)rk[i] < k ? ex + rk[i] : &dump) = ci[i];
     _mm_store_ss(maxv, _mm256_castps256_ps128(m));
     return 1;
 }
