@@ -269,7 +269,8 @@ static inline double exp_f64(double x)
 #if defined(__AVX2__)
 /* The fused softmax routing row of float32 logits with 8 <= E <= 64,
  * E % 8 == 0, on 256-bit vectors (the AVX2 and AVX-512 builds both use
- * it): one pass over the row held in NB = E / 8 registers gives the
+ * it; AVX-512 takes the exponentials, scores and column sums 16 lanes at
+ * a time): one pass over the row held in NB = E / 8 registers gives the
  * maximum, exp(z - max), their sum, the scores and the top-k candidates.
  * Every value is the one of the generic row code (moe_rows.h): the same
  * IEEE operations in the same order (exp_f32, the lane sum, e * (1 / sum),
@@ -335,9 +336,10 @@ static inline __m256 hmin8_ps(__m256 x)
 
 /* One row (see above): scores to sr, exp(z - max) to e, the scores
  * widened and added onto acc (E doubles; NULL: none), the top k <= 8
- * experts to ex, the maximum to *maxv.  Returns 0 (nothing written) when
- * the row holds a non-finite value or more than 32 logits tie at or above
- * the selection bound; the caller then takes the generic path.
+ * experts to ex, the maximum to *maxv (-0 where row_max gives +0).
+ * Returns 0 (nothing written) when the row holds a non-finite value or
+ * more than 32 logits are at or above the selection bound (many ties);
+ * the caller then takes the generic path.
  * Selection: the k-th largest of 8 (or 16) lane maxima bounds the row's k-th
  * largest from below (they are distinct elements), so only the few
  * logits at or above it compete; each one's rank (greater values, plus
@@ -384,7 +386,8 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         __m256i above = _mm256_setzero_si256();
         for (int s = 1; s < 8; s++) {   /* lane indices mod 8 by the instruction */
             __m256 rot = _mm256_permutevar8x32_ps(lm, _mm256_add_epi32(iota, _mm256_set1_epi32(s)));
-            above = _mm256_sub_epi32(above, _mm256_castps_si256(_mm256_cmp_ps(rot, lm, _CMP_GT_OQ)));
+            above = _mm256_sub_epi32(above,
+                                     _mm256_castps_si256(_mm256_cmp_ps(rot, lm, _CMP_GT_OQ)));
         }
         t = hmin8_ps(_mm256_blendv_ps(_mm256_set1_ps(INFINITY), lm,
                                       _mm256_castsi256_ps(_mm256_cmpgt_epi32(kk, above))));
@@ -461,8 +464,8 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
                 double *a = acc + 16 * q;
                 _mm512_storeu_pd(a, _mm512_add_pd(_mm512_loadu_pd(a),
                                                   _mm512_cvtps_pd(_mm512_castps512_ps256(p))));
-                _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8),
-                                                      _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1))));
+                __m512d hi = _mm512_cvtps_pd(_mm512_extractf32x8_ps(p, 1));
+                _mm512_storeu_pd(a + 8, _mm512_add_pd(_mm512_loadu_pd(a + 8), hi));
             }
         }
     } else
@@ -496,7 +499,8 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         for (int sh = 1; sh < 8; sh++) {
             const __m256i idx = _mm256_add_epi32(iota, _mm256_set1_epi32(sh));
             /* lanes whose partner i + sh mod 8 has the lower index */
-            const __m256 lower = _mm256_castsi256_ps(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(7 - sh)));
+            const __m256 lower =
+                _mm256_castsi256_ps(_mm256_cmpgt_epi32(iota, _mm256_set1_epi32(7 - sh)));
             __m256 p0 = _mm256_permutevar8x32_ps(c0, idx);
             r0 = _mm256_sub_epi32(r0, _mm256_castps_si256(_mm256_or_ps(
                      _mm256_cmp_ps(p0, c0, _CMP_GT_OQ),

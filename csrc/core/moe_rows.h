@@ -242,69 +242,54 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         int32_t *ex = experts + t * k;
         LB_T *w = weights + t * k;
         LB_T m;
-#if defined(__AVX2__)
-        /* the fused row (float32 only; column sums added per row) */
-        if (fused && softmax_topk_row_f32((const float *)zr, E, k, (float *)sr,
-                                          (float *)ws->q, acc, ex, (float *)&m)) {
-            const LB_T *e = (const LB_T *)ws->q;
-            if (o->renormalize) {   /* as below: the row maximum is selected */
-                LB_T sum = 0;
-                for (uint64_t s = 0; s < k; s++) {
-                    w[s] = e[ex[s]];
-                    sum += w[s];
-                }
-                for (uint64_t s = 0; s < k; s++)
-                    w[s] = w[s] / sum;
-            } else {
-                for (uint64_t s = 0; s < k; s++)
-                    w[s] = sr[ex[s]];
-            }
-            for (uint64_t s = 0; s < k; s++)
-                counts[ex[s]]++;
-            continue;
-        }
-#endif
-        uint64_t bad = LB_F(row_max)(zr, E, &m);
-        if (bad < E)
-            return t * E + bad;
         LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
-        if (o->score == LB_SCORE_SOFTMAX) {
-            /* p = e * (1 / sum): one division per row, not per element */
-            LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
-            for (uint64_t j = 0; j < E; j++)
-                sr[j] = e[j] * inv;   /* q = p: column sums after the rows */
-        } else {
-            LB_F(sigmoid_row)(zr, E, sr);
-        }
-
-        /* choice scores (score + bias) feed the group scores and, with a
-         * bias, the selection; without one the logits are the keys.       */
-        const uint8_t *allowed = NULL;
-        if (o->bias || grouped)
-            for (uint64_t j = 0; j < E; j++)
-                ws->choice[j] = (double)sr[j] + (o->bias ? o->bias[j] : 0.0);
-        if (grouped) {
-            uint64_t per = k / o->group_k;
-            for (uint64_t g = 0; g < o->groups; g++) {
-                LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
-                double sum = 0.0;
-                for (uint64_t r = 0; r < per; r++)
-                    sum += ws->best[r];
-                ws->gscore[g] = sum;
+        int done = 0;   /* scores, experts and column sums by the fused row */
+#if defined(__AVX2__)
+        done = fused && softmax_topk_row_f32((const float *)zr, E, k, (float *)sr,
+                                             (float *)e, acc, ex, (float *)&m);
+#endif
+        if (!done) {
+            uint64_t bad = LB_F(row_max)(zr, E, &m);
+            if (bad < E)
+                return t * E + bad;
+            if (o->score == LB_SCORE_SOFTMAX) {
+                /* p = e * (1 / sum): one division per row, not per element */
+                LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
+                for (uint64_t j = 0; j < E; j++)
+                    sr[j] = e[j] * inv;   /* q = p: column sums after the rows */
+            } else {
+                LB_F(sigmoid_row)(zr, E, sr);
             }
-            LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
-            memset(ws->allowed, 0, (size_t)E);
-            for (uint64_t r = 0; r < o->group_k; r++)
-                memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
-            allowed = ws->allowed;
+
+            /* choice scores (score + bias) feed the group scores and, with a
+             * bias, the selection; without one the logits are the keys.       */
+            const uint8_t *allowed = NULL;
+            if (o->bias || grouped)
+                for (uint64_t j = 0; j < E; j++)
+                    ws->choice[j] = (double)sr[j] + (o->bias ? o->bias[j] : 0.0);
+            if (grouped) {
+                uint64_t per = k / o->group_k;
+                for (uint64_t g = 0; g < o->groups; g++) {
+                    LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
+                    double sum = 0.0;
+                    for (uint64_t r = 0; r < per; r++)
+                        sum += ws->best[r];
+                    ws->gscore[g] = sum;
+                }
+                LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
+                memset(ws->allowed, 0, (size_t)E);
+                for (uint64_t r = 0; r < o->group_k; r++)
+                    memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
+                allowed = ws->allowed;
+            }
+            if (o->bias)
+                LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
+            else if (!preselected)
+                LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
+            if (!preselected)
+                for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
+                    ex[s] = ws->idx[s];
         }
-        if (o->bias)
-            LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
-        else if (!preselected)
-            LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
-        if (!preselected)
-            for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
-                ex[s] = ws->idx[s];
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
             /* softmax over the selected logits: exp(z - their max), which
@@ -332,7 +317,7 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         for (uint64_t s = 0; s < k; s++)
             counts[ex[s]]++;
-        if (acc && (o->score == LB_SCORE_SIGMOID || fused)) {
+        if (acc && !done && (o->score == LB_SCORE_SIGMOID || fused)) {
             LB_F(aux_row)(sr, E, o->score, ws->q);
             for (uint64_t j = 0; j < E; j++)
                 acc[j] += ws->q[j];
