@@ -345,11 +345,20 @@ static inline __m256 hmin8_ps(__m256 x)
  * logits at or above it compete; each one's rank (greater values, plus
  * equal ones at lower indices) is counted with vector compares, and the k
  * of rank < k land in place without branches.                            */
+/* The state of one row between the three steps below. */
+typedef struct {
+    __m256 v[8], m;    /* the logits (then their exponentials), the maximum */
+    int nc;            /* candidates: their logits and indices in index order */
+    float cv[32];
+    int32_t ci[32];
+} lb_route_row8;
+
+/* Step 1: loads the row, checks it is finite, finds the maximum and the
+ * candidates; 0 when the row must take the generic path.                 */
 static inline __attribute__((always_inline)) int
-softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
-                      double *acc, int32_t *ex, float *maxv)
+route_row8_select(const float *z, int NB, uint64_t k, lb_route_row8 *st)
 {
-    __m256 v[8];
+    __m256 *v = st->v;
     v[0] = _mm256_loadu_ps(z);   /* x - x: +0 unless x is not finite */
     __m256i bad = _mm256_castps_si256(_mm256_sub_ps(v[0], v[0]));
     for (int r = 1; r < NB; r++) {
@@ -419,8 +428,8 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
     /* the candidates in index order, written before the exponentials so
      * that the stores have left the store buffer when they are loaded as
      * vectors (a load spanning recent narrower stores stalls)            */
-    float cv[32];
-    int32_t ci[32];
+    float *cv = st->cv;
+    int32_t *ci = st->ci;
     for (int r = 0; r < 4; r++)
         _mm256_storeu_ps(cv + 8 * r, _mm256_set1_ps(-INFINITY));
     for (int i = 0; cand; cand &= cand - 1, i++) {
@@ -428,6 +437,18 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
         cv[i] = z[j];
         ci[i] = j;
     }
+    st->m = m;
+    st->nc = nc;
+    return 1;
+}
+
+/* Step 2: exponentials, their lane sum, the scores and the column sums. */
+static inline __attribute__((always_inline)) void
+route_row8_softmax(const float *z, int NB, lb_route_row8 *st, float *sr, float *e,
+                   double *acc)
+{
+    __m256 *v = st->v;
+    const __m256 m = st->m;
     /* exp, the lane sum, the scores and the column sums (lane sum: the
      * 8-lane halves added in order, as lanesum)                         */
     __m256 lane = _mm256_setzero_ps();
@@ -481,7 +502,16 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
                                                   _mm256_cvtps_pd(_mm256_extractf128_ps(p, 1))));
         }
     }
+}
 
+/* Step 3: the candidates' ranks; the k first to ex. */
+static inline __attribute__((always_inline)) void
+route_row8_rank(const lb_route_row8 *st, uint64_t k, int32_t *ex)
+{
+    const __m256i iota = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const float *cv = st->cv;
+    const int32_t *ci = st->ci;
+    const int nc = st->nc;
     /* each candidate's rank, and ex[rank] = its index for rank < k (the
      * others go to a dump slot): all pairs compared at once (lane i
      * against lane i + s mod 8 of itself and of the other register) for
@@ -534,7 +564,39 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
     }
     for (int i = 0; i < nc; i++)
         *((uint64_t)rk[i] < k ? ex + rk[i] : &dump) = ci[i];
-    _mm_store_ss(maxv, _mm256_castps256_ps128(m));
+}
+
+static inline __attribute__((always_inline)) int
+softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
+                      double *acc, int32_t *ex, float *maxv)
+{
+    lb_route_row8 st;
+    if (!route_row8_select(z, NB, k, &st))
+        return 0;
+    route_row8_softmax(z, NB, &st, sr, e, acc);
+    route_row8_rank(&st, k, ex);
+    _mm_store_ss(maxv, _mm256_castps256_ps128(st.m));
+    return 1;
+}
+
+/* Two consecutive rows (z, z + E; outputs likewise, e and e + E) with
+ * their steps interleaved, so that one row's long dependency chains
+ * (maximum, exponentials, sum, division) overlap the other's; column sums
+ * still in row order.  0 (nothing written) when either row is declined. */
+static inline __attribute__((always_inline)) int
+softmax_topk_rows2_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
+                       double *acc, int32_t *ex, float *maxv)
+{
+    const uint64_t E = (uint64_t)NB * 8;
+    lb_route_row8 a, b;
+    if (!route_row8_select(z, NB, k, &a) || !route_row8_select(z + E, NB, k, &b))
+        return 0;
+    route_row8_softmax(z, NB, &a, sr, e, acc);
+    route_row8_softmax(z + E, NB, &b, sr + E, e + E, acc);
+    route_row8_rank(&a, k, ex);
+    route_row8_rank(&b, k, ex + k);
+    _mm_store_ss(maxv, _mm256_castps256_ps128(a.m));
+    _mm_store_ss(maxv + 1, _mm256_castps256_ps128(b.m));
     return 1;
 }
 
@@ -547,6 +609,19 @@ static inline int softmax_topk_row_f32(const float *z, uint64_t E, uint64_t k, f
     case 4: return softmax_topk_row8_f32(z, 4, k, sr, e, acc, ex, maxv);
     case 2: return softmax_topk_row8_f32(z, 2, k, sr, e, acc, ex, maxv);
     default: return softmax_topk_row8_f32(z, (int)(E / 8), k, sr, e, acc, ex, maxv);
+    }
+}
+
+/* The same for softmax_topk_rows2_f32. */
+static inline int softmax_topk_rows2_dispatch_f32(const float *z, uint64_t E, uint64_t k,
+                                                  float *sr, float *e, double *acc,
+                                                  int32_t *ex, float *maxv)
+{
+    switch (E / 8) {
+    case 8: return softmax_topk_rows2_f32(z, 8, k, sr, e, acc, ex, maxv);
+    case 4: return softmax_topk_rows2_f32(z, 4, k, sr, e, acc, ex, maxv);
+    case 2: return softmax_topk_rows2_f32(z, 2, k, sr, e, acc, ex, maxv);
+    default: return softmax_topk_rows2_f32(z, (int)(E / 8), k, sr, e, acc, ex, maxv);
     }
 }
 #endif
