@@ -579,24 +579,29 @@ softmax_topk_row8_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
     return 1;
 }
 
-/* Two consecutive rows (z, z + E; outputs likewise, e and e + E) with
- * their steps interleaved, so that one row's long dependency chains
- * (maximum, exponentials, sum, division) overlap the other's; column sums
- * still in row order.  0 (nothing written) when either row is declined. */
+/* LB_ROUTE_ROWS consecutive rows (z, z + E, ...; outputs likewise, e too)
+ * with their steps interleaved, so that one row's long dependency chains
+ * (maximum, exponentials, sum, division) overlap the others'; column sums
+ * still in row order.  0 (nothing written) when any row is declined.    */
+#define LB_ROUTE_ROWS 2   /* 4 measured no faster; their e must fit ws->q (E doubles) */
+#if LB_ROUTE_ROWS > 2
+#error "the fused route group's exponentials must fit route_ws.q (E doubles)"
+#endif
 static inline __attribute__((always_inline)) int
-softmax_topk_rows2_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
-                       double *acc, int32_t *ex, float *maxv)
+softmax_topk_rows_f32(const float *z, int NB, uint64_t k, float *sr, float *e,
+                      double *acc, int32_t *ex, float *maxv)
 {
     const uint64_t E = (uint64_t)NB * 8;
-    lb_route_row8 a, b;
-    if (!route_row8_select(z, NB, k, &a) || !route_row8_select(z + E, NB, k, &b))
-        return 0;
-    route_row8_softmax(z, NB, &a, sr, e, acc);
-    route_row8_softmax(z + E, NB, &b, sr + E, e + E, acc);
-    route_row8_rank(&a, k, ex);
-    route_row8_rank(&b, k, ex + k);
-    _mm_store_ss(maxv, _mm256_castps256_ps128(a.m));
-    _mm_store_ss(maxv + 1, _mm256_castps256_ps128(b.m));
+    lb_route_row8 st[LB_ROUTE_ROWS];
+    for (int n = 0; n < LB_ROUTE_ROWS; n++)
+        if (!route_row8_select(z + n * E, NB, k, &st[n]))
+            return 0;
+    for (int n = 0; n < LB_ROUTE_ROWS; n++)
+        route_row8_softmax(z + n * E, NB, &st[n], sr + n * E, e + n * E, acc);
+    for (int n = 0; n < LB_ROUTE_ROWS; n++) {
+        route_row8_rank(&st[n], k, ex + n * k);
+        _mm_store_ss(maxv + n, _mm256_castps256_ps128(st[n].m));
+    }
     return 1;
 }
 
@@ -612,16 +617,16 @@ static inline int softmax_topk_row_f32(const float *z, uint64_t E, uint64_t k, f
     }
 }
 
-/* The same for softmax_topk_rows2_f32. */
-static inline int softmax_topk_rows2_dispatch_f32(const float *z, uint64_t E, uint64_t k,
+/* The same for softmax_topk_rows_f32. */
+static inline int softmax_topk_rows_dispatch_f32(const float *z, uint64_t E, uint64_t k,
                                                   float *sr, float *e, double *acc,
                                                   int32_t *ex, float *maxv)
 {
     switch (E / 8) {
-    case 8: return softmax_topk_rows2_f32(z, 8, k, sr, e, acc, ex, maxv);
-    case 4: return softmax_topk_rows2_f32(z, 4, k, sr, e, acc, ex, maxv);
-    case 2: return softmax_topk_rows2_f32(z, 2, k, sr, e, acc, ex, maxv);
-    default: return softmax_topk_rows2_f32(z, (int)(E / 8), k, sr, e, acc, ex, maxv);
+    case 8: return softmax_topk_rows_f32(z, 8, k, sr, e, acc, ex, maxv);
+    case 4: return softmax_topk_rows_f32(z, 4, k, sr, e, acc, ex, maxv);
+    case 2: return softmax_topk_rows_f32(z, 2, k, sr, e, acc, ex, maxv);
+    default: return softmax_topk_rows_f32(z, (int)(E / 8), k, sr, e, acc, ex, maxv);
     }
 }
 #endif

@@ -212,9 +212,8 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
     int preselected = 0;   /* experts chosen up front from the logits */
     int fused = 0;         /* rows go through softmax_topk_row_f32 first */
 #if defined(__AVX2__)
-    int pending = 0;       /* the second row of a fused pair is done */
-    LB_T m2 = 0;           /* and its maximum */
-    float mm[2];
+    int pending = 0;       /* rows of a fused group still to finish */
+    float mm[LB_ROUTE_ROWS];   /* the group's maxima */
     fused = sizeof(LB_T) == 4 && o->score == LB_SCORE_SOFTMAX && !o->bias && !grouped &&
             k <= 8 && E % 8 == 0 && E >= 8 && E <= 64;
 #endif
@@ -248,19 +247,19 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
         int done = 0;   /* scores, experts and column sums by the fused row */
 #if defined(__AVX2__)
-        /* rows in pairs (the second one's e at ws->q + E floats, its
-         * maximum in m2), a declined pair row by row                      */
+        /* rows LB_ROUTE_ROWS at a time (row n's e at ws->q + n E floats,
+         * its maximum in mm[n]); a declined group row by row              */
         if (fused && pending) {
-            e += E;
-            m = m2;
+            e += (LB_ROUTE_ROWS - pending) * E;
+            m = mm[LB_ROUTE_ROWS - pending];
             done = 1;
-            pending = 0;
-        } else if (fused && t + 1 < r1 &&
-                   softmax_topk_rows2_dispatch_f32((const float *)zr, E, k, (float *)sr,
-                                                   (float *)e, acc, ex, mm)) {
+            pending--;
+        } else if (fused && t + LB_ROUTE_ROWS <= r1 &&
+                   softmax_topk_rows_dispatch_f32((const float *)zr, E, k, (float *)sr,
+                                                  (float *)e, acc, ex, mm)) {
             m = mm[0];
-            m2 = mm[1];
-            done = pending = 1;
+            done = 1;
+            pending = LB_ROUTE_ROWS - 1;
         } else if (fused) {
             done = softmax_topk_row_f32((const float *)zr, E, k, (float *)sr, (float *)e,
                                         acc, ex, mm);
