@@ -347,7 +347,7 @@ static inline __m256 hmin8_ps(__m256 x)
  * of rank < k land in place without branches.                            */
 /* The state of one row between the three steps below. */
 typedef struct {
-    __m256 v[8], m;    /* the logits (then their exponentials), the maximum */
+    __m256 v[8], m;    /* the logits (256-bit step 2: then their exps), the max */
     int nc;            /* candidates: their logits and indices in index order */
     float cv[32];
     int32_t ci[32];
@@ -638,7 +638,8 @@ static inline int softmax_topk_rows_dispatch_f32(const float *z, uint64_t E, uin
 /* Per-thread scratch of the routing kernel. */
 typedef struct {
     double *choice;   /* E: score + bias                      */
-    double *q;        /* E: load-balancing distribution       */
+    double *q;        /* E: load-balancing distribution; the exps of
+                       * a float row, or of a fused group of 2        */
     double *best;     /* max(k, groups) selected keys (or logits) */
     double *gscore;   /* groups                               */
     int32_t *idx;     /* max(k, groups) selected indices      */
