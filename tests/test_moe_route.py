@@ -293,3 +293,27 @@ def test_small_k_selection_paths_agree_with_twin(isa, E, k):
     np.testing.assert_array_equal(r.experts, experts)
     np.testing.assert_array_equal(r.weights, weights)
     np.testing.assert_array_equal(r.counts(), counts)
+
+
+@pytest.mark.parametrize("E", [8, 24, 40, 64])
+def test_fused_softmax_rows_agree_with_twin(isa, E):
+    # float32 softmax with E % 8 == 0 <= 64 and k <= 8 takes a one-pass row
+    # on AVX2 / AVX-512 (8 or 16 lane maxima bound the candidates; up to 16
+    # ranked all-pairs, up to 32 one by one, more by the generic row):
+    # ties, maxima of +0 and -0, exponentials that underflow and every
+    # output must equal the twin's bytes
+    rng = np.random.default_rng(E)
+    z = rng.standard_normal((600, E)).astype(np.float32)
+    z[1::6] = rng.choice(np.array([-1.0, -0.0, 0.0, 0.5, 2.0], np.float32), (100, E))
+    z[2::6] = rng.choice(np.array([-3.0, -0.0, 0.0], np.float32), (100, E))
+    z[3::6] *= 60                        # exp(z - max) below exp(-87): flushed to 0
+    z[4::6] = rng.choice(np.array([1.0, 1.5], np.float32), (100, E))   # many candidates
+    z[5::6, ::3] = 7.0                   # ties at the maximum
+    for k in sorted({1, 2, 3, 5, 8} & set(range(1, E + 1))):
+        for renorm in ((False, True) if k > 1 else (False,)):
+            r = moe.route(z, k, renormalize=renorm, threads=2)
+            want = ref.moe_route(z, k, renormalize=renorm)
+            for name, got, exp in zip(("experts", "weights", "scores", "counts", "sums"),
+                                      (r.experts, r.weights, r.scores, r._counts, r._sums),
+                                      want):
+                assert_same(got, exp.astype(got.dtype) if name == "experts" else exp, name)

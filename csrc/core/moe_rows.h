@@ -210,8 +210,15 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
     const int grouped = o->groups > 1;
     const uint64_t gs = grouped ? E / o->groups : E;
     int preselected = 0;   /* experts chosen up front from the logits */
+    int fused = 0;         /* rows go through softmax_topk_row_f32 first */
+#if defined(__AVX2__)
+    int pending = 0;       /* rows of a fused group still to finish */
+    float mm[LB_ROUTE_ROWS];   /* the group's maxima */
+    fused = sizeof(LB_T) == 4 && o->score == LB_SCORE_SOFTMAX && !o->bias && !grouped &&
+            k <= 8 && E % 8 == 0 && E >= 8 && E <= 64;
+#endif
 #if defined(__AVX512F__)
-    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
+    if (!fused && sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 16 && E <= 64) {
         uint64_t t = r0;
         if (k <= 8)   /* sixteen rows per pass, one per lane */
             for (; t + 16 <= r1; t += 16)
@@ -224,7 +231,7 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
 #elif defined(__AVX2__)
     /* rows [r0, vert) are selected eight at a time, the rest one by one */
     uint64_t vert = r0;
-    if (sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 8 && E >= 16 && E <= 256)
+    if (!fused && sizeof(LB_T) == 4 && !o->bias && !grouped && k <= 8 && E >= 16 && E <= 256)
         for (; vert + 8 <= r1; vert += 8)
             topk_vertical8_f32((const float *)z + vert * E, E, k, experts + vert * k);
 #endif
@@ -237,47 +244,70 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         int32_t *ex = experts + t * k;
         LB_T *w = weights + t * k;
         LB_T m;
-        uint64_t bad = LB_F(row_max)(zr, E, &m);
-        if (bad < E)
-            return t * E + bad;
         LB_T *e = (LB_T *)ws->q;   /* exp(z - m), kept for the weights */
-        if (o->score == LB_SCORE_SOFTMAX) {
-            /* p = e * (1 / sum): one division per row, not per element */
-            LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
-            for (uint64_t j = 0; j < E; j++)
-                sr[j] = e[j] * inv;   /* q = p: column sums after the rows */
-        } else {
-            LB_F(sigmoid_row)(zr, E, sr);
+        int done = 0;   /* scores, experts and column sums by the fused row */
+#if defined(__AVX2__)
+        /* rows LB_ROUTE_ROWS at a time (row n's e at ws->q + n E floats,
+         * its maximum in mm[n]); a declined group row by row              */
+        if (fused && pending) {
+            e += (LB_ROUTE_ROWS - pending) * E;
+            m = mm[LB_ROUTE_ROWS - pending];
+            done = 1;
+            pending--;
+        } else if (fused && t + LB_ROUTE_ROWS <= r1 &&
+                   softmax_topk_rows_dispatch_f32((const float *)zr, E, k, (float *)sr,
+                                                  (float *)e, acc, ex, mm)) {
+            m = mm[0];
+            done = 1;
+            pending = LB_ROUTE_ROWS - 1;
+        } else if (fused) {
+            done = softmax_topk_row_f32((const float *)zr, E, k, (float *)sr, (float *)e,
+                                        acc, ex, mm);
+            m = mm[0];
         }
-
-        /* choice scores (score + bias) feed the group scores and, with a
-         * bias, the selection; without one the logits are the keys.       */
-        const uint8_t *allowed = NULL;
-        if (o->bias || grouped)
-            for (uint64_t j = 0; j < E; j++)
-                ws->choice[j] = (double)sr[j] + (o->bias ? o->bias[j] : 0.0);
-        if (grouped) {
-            uint64_t per = k / o->group_k;
-            for (uint64_t g = 0; g < o->groups; g++) {
-                LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
-                double sum = 0.0;
-                for (uint64_t r = 0; r < per; r++)
-                    sum += ws->best[r];
-                ws->gscore[g] = sum;
+#endif
+        if (!done) {
+            uint64_t bad = LB_F(row_max)(zr, E, &m);
+            if (bad < E)
+                return t * E + bad;
+            if (o->score == LB_SCORE_SOFTMAX) {
+                /* p = e * (1 / sum): one division per row, not per element */
+                LB_T inv = (LB_T)1 / LB_F(exp_shifted)(zr, E, m, e);
+                for (uint64_t j = 0; j < E; j++)
+                    sr[j] = e[j] * inv;   /* q = p: column sums after the rows */
+            } else {
+                LB_F(sigmoid_row)(zr, E, sr);
             }
-            LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
-            memset(ws->allowed, 0, (size_t)E);
-            for (uint64_t r = 0; r < o->group_k; r++)
-                memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
-            allowed = ws->allowed;
+
+            /* choice scores (score + bias) feed the group scores and, with a
+             * bias, the selection; without one the logits are the keys.       */
+            const uint8_t *allowed = NULL;
+            if (o->bias || grouped)
+                for (uint64_t j = 0; j < E; j++)
+                    ws->choice[j] = (double)sr[j] + (o->bias ? o->bias[j] : 0.0);
+            if (grouped) {
+                uint64_t per = k / o->group_k;
+                for (uint64_t g = 0; g < o->groups; g++) {
+                    LB_D(top_values)(ws->choice + g * gs, gs, per, NULL, ws->best, ws->idx);
+                    double sum = 0.0;
+                    for (uint64_t r = 0; r < per; r++)
+                        sum += ws->best[r];
+                    ws->gscore[g] = sum;
+                }
+                LB_D(top_values)(ws->gscore, o->groups, o->group_k, NULL, ws->best, ws->idx);
+                memset(ws->allowed, 0, (size_t)E);
+                for (uint64_t r = 0; r < o->group_k; r++)
+                    memset(ws->allowed + (uint64_t)ws->idx[r] * gs, 1, (size_t)gs);
+                allowed = ws->allowed;
+            }
+            if (o->bias)
+                LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
+            else if (!preselected)
+                LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
+            if (!preselected)
+                for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
+                    ex[s] = ws->idx[s];
         }
-        if (o->bias)
-            LB_D(top_values)(ws->choice, E, k, allowed, ws->best, ws->idx);
-        else if (!preselected)
-            LB_F(top_values)(zr, E, k, allowed, (LB_T *)ws->best, ws->idx);
-        if (!preselected)
-            for (uint64_t s = 0; s < k; s++)   /* k is small: no libc call */
-                ex[s] = ws->idx[s];
 
         if (o->score == LB_SCORE_SOFTMAX && o->renormalize) {
             /* softmax over the selected logits: exp(z - their max), which
@@ -305,13 +335,13 @@ static uint64_t LB_F(route_rows)(const void *zv, uint64_t r0, uint64_t r1,
         }
         for (uint64_t s = 0; s < k; s++)
             counts[ex[s]]++;
-        if (acc && o->score == LB_SCORE_SIGMOID) {
+        if (acc && !done && (o->score == LB_SCORE_SIGMOID || fused)) {
             LB_F(aux_row)(sr, E, o->score, ws->q);
             for (uint64_t j = 0; j < E; j++)
                 acc[j] += ws->q[j];
         }
     }
-    if (acc && o->score == LB_SCORE_SOFTMAX)
+    if (acc && o->score == LB_SCORE_SOFTMAX && !fused)
         LB_F(column_sums)(scores + r0 * E, r1 - r0, E, acc);
     return UINT64_MAX;
 }
