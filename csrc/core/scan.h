@@ -18,6 +18,45 @@
 #define LB_KEY64_MASK 0x7FFFFFFFFFFFFFFFull
 #define LB_KEY64_INF 0x7FF0000000000000ull
 
+/* LB_DEFINE_SELECT_SMALL(T, NAME): static T NAME(T *a, T m, T r, T *q), the
+ * r-th largest (1 <= r <= m) of the keys a[0..m) (a and q, m entries each,
+ * are overwritten): quickselect around a median of three whose partition
+ * writes every key to both ends of the other buffer and advances one end,
+ * so no branch depends on the data; no histogram to clear either, which is
+ * the radix select's cost on a few hundred keys.                          */
+#define LB_DEFINE_SELECT_SMALL(T, NAME)                                        \
+    static inline T NAME(T *a, T m, T r, T *q)                                 \
+    {                                                                          \
+        T *p = a;                                                              \
+        while (m > 1) {                                                        \
+            T x = p[0], y = p[m / 2], z = p[m - 1];                            \
+            T mn = x < y ? x : y, mx = x < y ? y : x;                          \
+            T piv = mx < z ? mx : z;                                           \
+            piv = mn > piv ? mn : piv;                                         \
+            T ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */      \
+            for (T j = 0; j < m; j++) {                                        \
+                T v = p[j];                                                    \
+                q[ng] = v;                                                     \
+                ng += v > piv;                                                 \
+                q[m - 1 - nl] = v;                                             \
+                nl += v < piv;                                                 \
+            }                                                                  \
+            T *t = p;                                                          \
+            if (r <= ng) {                                                     \
+                p = q;                                                         \
+                m = ng;                                                        \
+            } else if (r <= m - nl) {                                          \
+                return piv;                                                    \
+            } else {                                                           \
+                r -= m - nl;                                                   \
+                p = q + (m - nl);                                              \
+                m = nl;                                                        \
+            }                                                                  \
+            q = t;                                                             \
+        }                                                                      \
+        return p[0];                                                           \
+    }
+
 typedef struct {
     /* Scans bits[begin, end); for every element whose key is >= lo, in index
      * order, stores (index, raw bits widened to 64) while fewer than `cap`

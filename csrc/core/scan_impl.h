@@ -194,40 +194,8 @@ static uint32_t LB_SFX(chunk_collect32_)(const uint32_t *bits, uint32_t m,
 }
 #endif
 
-/* The branch-free quickselect of select32 for a few keys: a median of
- * three pivot; the partition writes every key to both ends of the other
- * buffer and advances one end, so no branch depends on the data.        */
-static inline uint32_t LB_SFX(select32_tail_)(uint32_t *p, uint32_t m,
-                                              uint32_t r, uint32_t *q)
-{
-    while (m > 1) {
-        uint32_t x = p[0], y = p[m / 2], z = p[m - 1];
-        uint32_t mn = x < y ? x : y, mx = x < y ? y : x;
-        uint32_t piv = mx < z ? mx : z;
-        piv = mn > piv ? mn : piv;
-        uint32_t ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */
-        for (uint32_t j = 0; j < m; j++) {
-            uint32_t v = p[j];
-            q[ng] = v;
-            ng += v > piv;
-            q[m - 1 - nl] = v;
-            nl += v < piv;
-        }
-        uint32_t *t = p;
-        if (r <= ng) {
-            p = q;
-            m = ng;
-        } else if (r <= m - nl) {
-            return piv;
-        } else {
-            r -= m - nl;
-            p = q + (m - nl);
-            m = nl;
-        }
-        q = t;
-    }
-    return p[0];
-}
+/* The branch-free quickselect of select32 for a few keys. */
+LB_DEFINE_SELECT_SMALL(uint32_t, LB_SFX(select32_tail_))
 
 #ifndef LB_SCAN_OWN_CHUNK
 static uint32_t LB_SFX(select32_)(uint32_t *a, uint32_t m, uint32_t r,

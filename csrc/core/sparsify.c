@@ -789,42 +789,9 @@ uint64_t topk_small(const keyinfo *ki, const void *x, uint64_t base,
 #undef POS
 }
 
-/* The r-th largest (1 <= r <= m) of a[0..m) (a and tmp, m entries each,
- * are overwritten): quickselect around a median of three whose partition
- * writes every key to both ends of the other buffer and advances one end,
- * so it has no data-dependent branch; no histogram to clear either, which
- * is kth_largest's cost on a few hundred keys.                            */
-static uint64_t select_small(uint64_t *a, uint64_t m, uint64_t r, uint64_t *tmp)
-{
-    uint64_t *p = a, *q = tmp;
-    while (m > 1) {
-        uint64_t x = p[0], y = p[m / 2], z = p[m - 1];
-        uint64_t mn = x < y ? x : y, mx = x < y ? y : x;
-        uint64_t piv = mx < z ? mx : z;
-        piv = mn > piv ? mn : piv;
-        uint64_t ng = 0, nl = 0;   /* q[0, ng) > piv, q[m - nl, m) < piv */
-        for (uint64_t j = 0; j < m; j++) {
-            uint64_t v = p[j];
-            q[ng] = v;
-            ng += v > piv;
-            q[m - 1 - nl] = v;
-            nl += v < piv;
-        }
-        uint64_t *t = p;
-        if (r <= ng) {
-            p = q;
-            m = ng;
-        } else if (r <= m - nl) {
-            return piv;
-        } else {
-            r -= m - nl;
-            p = q + (m - nl);
-            m = nl;
-        }
-        q = t;
-    }
-    return p[0];
-}
+/* The r-th largest (1 <= r <= m) of a[0..m) (a and its scratch, m entries
+ * each, are overwritten), by the branch-free quickselect of scan.h.      */
+LB_DEFINE_SELECT_SMALL(uint64_t, select_small)
 
 /* Samples per chunk of the fast chunk path, and the chunks using it (a
  * larger chunk keeps topk_small alone and its smaller buffers).          */
