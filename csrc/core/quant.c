@@ -345,7 +345,8 @@ struct encode_job {
     lb_dtype dt;
     uint64_t n, B;
     int bits;
-    int random;
+    int random;           /* 1: the 32-bit stream (word i % 4 of block i / 4);
+                             2: the 16-bit stream LB_SR16 of quant.h        */
     lb_philox_key key;
     segment_fn segment;
     const void *params;   /* per-block parameters of the scheme */
@@ -388,7 +389,9 @@ static void encode_elements(const encode_job *J, int nthreads)
             uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
             for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
                 uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
-                if (J->random)
+                if (J->random == 2)   /* t % LB_SR16 == 0 */
+                    fns->philox16(&J->key, t / LB_SR16, (m + LB_SR16 - 1) / LB_SR16, rnd);
+                else if (J->random)
                     fns->philox(&J->key, t / 4, (m + 3) / 4, rnd);
                 uint64_t i = t;
                 if (J->smq_tiles) {
@@ -704,6 +707,68 @@ static lb_status absmax_blocks(const void *x, uint64_t n, lb_dtype dt,
     return LB_OK;
 }
 
+/* lb_quantize for float32 input, bits >= 2 and blocks that tile LB_QTILE,
+ * in one pass: each tile's block maxima, scales (into `scales`), random
+ * words (the 16-bit stream), codes and packed bytes while the tile is in
+ * cache.  *bad_nf = the first block with a non-finite maximum, *bad_reach
+ * = the first whose capped scale misses its maximum (check_reach), each
+ * UINT64_MAX when none.                                                    */
+static void quantize_fused32(const float *x, uint64_t n, uint64_t B, int bits, int Q,
+                             const lb_scale_cap *cap, int stochastic, lb_philox_key key,
+                             int nthreads, uint8_t *codes, float *scales,
+                             uint64_t *bad_nf, uint64_t *bad_reach)
+{
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK), nf = UINT64_MAX, reach = UINT64_MAX;
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t cbuf[LB_QTILE];
+        uint32_t rnd[LB_QTILE];
+        float mx[LB_QTILE];
+        LB_OMP(omp for schedule(static) reduction(min:nf, reach))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t end = (c + 1) * LB_CHUNK < n ? (c + 1) * LB_CHUNK : n;
+            for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
+                /* tiles start at whole blocks: B divides LB_QTILE */
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                uint64_t nb = m / B, rest = m - nb * B, b0 = t / B;
+                fns->blockmax32((const uint32_t *)x + t, nb, B, mx);
+                if (rest) {
+                    uint32_t k = fns->maxkey32((const uint32_t *)x + t + nb * B, rest);
+                    memcpy(mx + nb, &k, 4);
+                }
+                uint64_t nbt = nb + (rest != 0);
+                float *sc = scales + b0;
+                fns->scalefit32(mx, nbt, Q, cap->smax, sc);
+                for (uint64_t b = 0; b < nbt; b++) {
+                    if (sc[b] < cap->smax)   /* the usual case: nothing to check */
+                        continue;
+                    double v = mx[b];
+                    if (!isfinite(v))
+                        nf = b0 + b < nf ? b0 + b : nf;
+                    else if (v / Q > (double)cap->smax && v > cap->reach)
+                        reach = b0 + b < reach ? b0 + b : reach;
+                }
+                if (stochastic)   /* t % LB_SR16 == 0 */
+                    fns->philox16(&key, t / LB_SR16, (m + LB_SR16 - 1) / LB_SR16, rnd);
+                const uint32_t *r = stochastic ? rnd : NULL;
+                fns->smqblocks32(x + t, nb, B, sc, INFINITY, Q, r, cbuf);
+                if (rest) {
+                    if (sc[nb] == 0.0f)
+                        memset(cbuf + nb * B, Q, (size_t)rest);
+                    else
+                        fns->smq32(x + t + nb * B, rest, sc[nb], INFINITY, Q,
+                                   r ? r + nb * B : NULL, cbuf + nb * B);
+                }
+                fns->pack(cbuf, m, bits, codes + t / 8 * (uint64_t)bits);
+            }
+        }
+    }
+    *bad_nf = nf;
+    *bad_reach = reach;
+}
+
 lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
                       int bits, uint64_t block, int stochastic, uint64_t seed,
                       uint64_t step, int check_finite, int nthreads,
@@ -714,12 +779,26 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
         step >= LB_MAX_STEP)
         return LB_EINVAL;
     blocks L = blocks_of(n, block);
+    int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
+    lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
+    if (n && dt == LB_F32 && bits >= 2 && L.B <= LB_QTILE && LB_QTILE % L.B == 0) {
+        uint64_t nf, reach;
+        quantize_fused32((const float *)x, n, L.B, bits, Q, &cap, stochastic,
+                         lb_philox_make(seed, step, LB_DOMAIN_STOCHASTIC_ROUND), nthreads,
+                         codes, scales, &nf, &reach);
+        if (check_finite && nf != UINT64_MAX)
+            return nonfinite_or_range(x, dt, n, nf, err);
+        if (check_finite && reach != UINT64_MAX) {
+            if (err)
+                err->index = reach;
+            return LB_ERANGE;
+        }
+        return LB_OK;
+    }
     double *maxv = NULL;
     lb_status st = absmax_blocks(x, n, dt, &L, check_finite, nthreads, &maxv, err);
     if (st != LB_OK)
         return st;
-    int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
-    lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
     int team = lb_team(nthreads, L.n / LB_CHUNK);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t b = 0; b < L.nblocks; b++)
@@ -736,7 +815,7 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
         scales[0] = 0.0f;
     free(maxv);
     return encode_smq(x, n, dt, L.B, bits, scales, L.nblocks, 1.0, INFINITY, Q,
-                      bits == 1, stochastic, seed, step,
+                      bits == 1, stochastic ? 2 : 0, seed, step,
                       LB_DOMAIN_STOCHASTIC_ROUND, nthreads, codes);
 }
 

@@ -18,6 +18,8 @@ static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out);
 static void signbits64_avx2(const double *x, uint64_t m, uint8_t *out);
 static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
                         uint32_t *out);
+static void philox16_avx2(const lb_philox_key *key, uint64_t first, uint64_t ng,
+                          uint32_t *out);
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
 static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
@@ -133,11 +135,62 @@ static inline void mulhilo_avx2(__m256i a, __m256i m, __m256i *hi, __m256i *lo)
     *lo = _mm256_blend_epi32(even, _mm256_slli_epi64(odd, 32), 0xAA);
 }
 
-static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
-                        uint32_t *out)
+/* Ten Philox4x32 rounds on nq batches of 8 counters (c[4 q + l] holds
+ * word l of batch q); several batches interleave their latency chains.   */
+static inline __attribute__((always_inline)) void
+philox_rounds_avx2(__m256i *c, int nq, const lb_philox_key *key)
 {
     const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u);
     const __m256i M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+    uint32_t k0 = key->k0, k1 = key->k1;
+    for (int r = 0; r < 10; r++) {
+        __m256i K0 = _mm256_set1_epi32((int)k0), K1 = _mm256_set1_epi32((int)k1);
+        for (int q = 0; q < nq; q++) {
+            __m256i *v = c + 4 * q, hi0, lo0, hi1, lo1;
+            mulhilo_avx2(v[0], M0, &hi0, &lo0);
+            mulhilo_avx2(v[2], M1, &hi1, &lo1);
+            v[0] = _mm256_xor_si256(_mm256_xor_si256(hi1, v[1]), K0);
+            v[1] = lo1;
+            v[2] = _mm256_xor_si256(_mm256_xor_si256(hi0, v[3]), K1);
+            v[3] = lo0;
+        }
+        k0 += 0x9E3779B9u;
+        k1 += 0xBB67AE85u;
+    }
+}
+
+/* philox16 of quant.h: two interleaved 8-lane batches per group, blocks
+ * 16 g .. + 7 and 16 g + 8 .. + 15 (no carry into the high word: 16 g is
+ * a multiple of 16).                                                       */
+static void philox16_avx2(const lb_philox_key *key, uint64_t first, uint64_t ng,
+                          uint32_t *out)
+{
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i himask = _mm256_set1_epi32((int)0xFFFF0000u);
+    for (uint64_t g = 0; g < ng; g++) {
+        uint64_t base = 16 * (first + g);
+        uint32_t *o = out + LB_SR16 * g;
+        __m256i c[8];
+        for (int q = 0; q < 2; q++) {
+            c[4 * q] = _mm256_add_epi32(_mm256_set1_epi32((int)(uint32_t)(base + 8 * q)), lane);
+            c[4 * q + 1] = _mm256_set1_epi32((int)(uint32_t)(base >> 32));
+            c[4 * q + 2] = _mm256_set1_epi32((int)key->s0);
+            c[4 * q + 3] = _mm256_set1_epi32((int)key->s1);
+        }
+        philox_rounds_avx2(c, 2, key);
+        for (int q = 0; q < 2; q++)
+            for (int l = 0; l < 4; l++) {
+                __m256i w = c[4 * q + l];
+                _mm256_storeu_si256((__m256i *)(o + 16 * l + 8 * q), _mm256_slli_epi32(w, 16));
+                _mm256_storeu_si256((__m256i *)(o + 64 + 16 * l + 8 * q),
+                                    _mm256_and_si256(w, himask));
+            }
+    }
+}
+
+static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
+                        uint32_t *out)
+{
     const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
     uint64_t b = 0;
     for (; b + 8 <= nb; b += 8) {
@@ -148,20 +201,12 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
             _mm256_xor_si256(_mm256_set1_epi32((int)(uint32_t)base), _mm256_set1_epi32(INT32_MIN)),
             _mm256_xor_si256(c0, _mm256_set1_epi32(INT32_MIN)));
         __m256i c1 = _mm256_sub_epi32(_mm256_set1_epi32((int)(uint32_t)(base >> 32)), wrapped);
-        __m256i c2 = _mm256_set1_epi32((int)key->s0);
-        __m256i c3 = _mm256_set1_epi32((int)key->s1);
-        uint32_t k0 = key->k0, k1 = key->k1;
-        for (int r = 0; r < 10; r++) {
-            __m256i hi0, lo0, hi1, lo1;
-            mulhilo_avx2(c0, M0, &hi0, &lo0);
-            mulhilo_avx2(c2, M1, &hi1, &lo1);
-            c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)k0));
-            c1 = lo1;
-            c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)k1));
-            c3 = lo0;
-            k0 += 0x9E3779B9u;
-            k1 += 0xBB67AE85u;
-        }
+        __m256i c[4] = {c0, c1, _mm256_set1_epi32((int)key->s0),
+                        _mm256_set1_epi32((int)key->s1)};
+        philox_rounds_avx2(c, 1, key);
+        c0 = c[0];
+        c1 = c[1];
+        __m256i c2 = c[2], c3 = c[3];
         /* transpose: block j's four words become out[4j .. 4j + 3] */
         __m256i t0 = _mm256_unpacklo_epi32(c0, c1), t1 = _mm256_unpackhi_epi32(c0, c1);
         __m256i t2 = _mm256_unpacklo_epi32(c2, c3), t3 = _mm256_unpackhi_epi32(c2, c3);

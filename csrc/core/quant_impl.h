@@ -199,6 +199,20 @@ static void LB_Q(philox_tail_)(const lb_philox_key *key, uint64_t first,
 }
 
 #ifndef LB_QUANT_OWN_PHILOX
+/* philox16 of quant.h, one block at a time. */
+static void LB_Q(philox16_)(const lb_philox_key *key, uint64_t first, uint64_t ng,
+                            uint32_t *out)
+{
+    for (uint64_t g = 0; g < ng; g++)
+        for (int j = 0; j < 16; j++) {
+            lb_u32x4 r = lb_philox_block(key, 16 * (first + g) + (uint64_t)j);
+            for (int l = 0; l < 4; l++) {
+                out[LB_SR16 * g + 16 * l + j] = r.v[l] << 16;
+                out[LB_SR16 * g + 64 + 16 * l + j] = r.v[l] & 0xFFFF0000u;
+            }
+        }
+}
+
 static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
                           uint64_t nb, uint32_t *out)
 {
@@ -207,6 +221,25 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
 #endif
 
 /* ---- quantization ------------------------------------------------------------ */
+
+/* scalefit32 of quant.h, in a loop without branches: the float32 rounding
+ * of d is bumped by one ulp where it fell below d (f32_up; d <= FLT_MAX, so
+ * no overflow but FLT_MAX -> Inf, as nextafterf), then capped.           */
+static void LB_Q(scalefit32_)(const float *restrict mx, uint64_t nb, int Q, float smax,
+                              float *restrict out)
+{
+    const double q = (double)Q;
+    for (uint64_t b = 0; b < nb; b++) {
+        double d = (double)mx[b] / q;
+        float f = (float)d;
+        uint32_t fb;
+        memcpy(&fb, &f, 4);
+        fb += (uint32_t)((double)f < d);
+        memcpy(&f, &fb, 4);
+        f = f <= smax ? f : smax;
+        out[b] = d <= 1.7976931348623157e308 ? f : (float)d;
+    }
+}
 
 #define LB_U24 16777216.0
 
@@ -468,5 +501,6 @@ const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(efsign64_), LB_Q(philox_), LB_Q(smq32_),
     LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
-    LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_),
+    LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_), LB_Q(philox16_),
+    LB_Q(scalefit32_),
 };
