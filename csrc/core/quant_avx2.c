@@ -11,6 +11,7 @@
 #define LB_QUANT_OWN_PHILOX
 #define LB_QUANT_OWN_F16
 #define LB_QUANT_OWN_SMQ32
+#define LB_QUANT_OWN_SMQBLOCKS32
 #define LB_QUANT_OWN_BLOCKMAX32
 #include "quant.h"
 
@@ -25,6 +26,8 @@ static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
                        const uint32_t *rnd, uint8_t *codes);
 static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float *out);
+static void smqblocks32_avx2(const float *x, uint64_t nb, uint64_t B, const float *units,
+                             float clip, int L, const uint32_t *rnd, uint8_t *codes);
 #include "quant_impl.h"
 
 /* blockmax32 of quant.h: blocks of a multiple of 8 elements in vectors
@@ -51,39 +54,74 @@ static void blockmax32_avx2(const uint32_t *bits, uint64_t nb, uint64_t B, float
     }
 }
 
-/* smq32 of quant.h in 8 lanes: every step is the template's operation in
- * the same order (min/max/compares chosen so NaN picks the same operand),
- * so the codes equal the scalar loop's; GCC does not vectorise the
- * stochastic branch of the template for AVX2 and leaves a mispredicting
- * scalar loop.                                                              */
+/* 8 codes of smq32 (quant.h) for xv, rnd NULL or its 8 words, in the low
+ * 8 bytes: every step is the template's operation in the same order
+ * (min/max/compares chosen so NaN picks the same operand), so the codes
+ * equal the scalar loop's; GCC does not vectorise the stochastic branch of
+ * the template for AVX2 and leaves a mispredicting scalar loop.           */
+static inline __attribute__((always_inline)) __m128i
+smq8_avx2(__m256 xv, __m256 vunit, __m256 vclip, __m256 fL, __m256i vL, const uint32_t *rnd)
+{
+    const __m256 one = _mm256_set1_ps(1.0f), u24 = _mm256_set1_ps((float)LB_U24);
+    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
+    __m256 t = _mm256_div_ps(_mm256_min_ps(_mm256_and_ps(xv, absmask), vclip), vunit);
+    __m256 l = _mm256_round_ps(t, _MM_FROUND_CUR_DIRECTION);
+    if (rnd) {
+        l = _mm256_blendv_ps(l, _mm256_sub_ps(l, one), _mm256_cmp_ps(l, t, _CMP_GT_OQ));
+        __m256 u = _mm256_cvtepi32_ps(
+            _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)rnd), 8));
+        __m256 up = _mm256_cmp_ps(u, _mm256_mul_ps(_mm256_sub_ps(t, l), u24), _CMP_LT_OQ);
+        l = _mm256_add_ps(l, _mm256_and_ps(up, one));
+    }
+    __m256i q = _mm256_cvttps_epi32(_mm256_min_ps(l, fL));
+    __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
+    __m256i c = _mm256_and_si256(
+        _mm256_blendv_epi8(_mm256_add_epi32(vL, q), _mm256_sub_epi32(vL, q), neg),
+        _mm256_set1_epi32(0xFF));
+    __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+    return _mm_packus_epi16(c16, c16);
+}
+
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
                        const uint32_t *rnd, uint8_t *codes)
 {
     const __m256 vunit = _mm256_set1_ps(unit), vclip = _mm256_set1_ps(clip);
-    const __m256 fL = _mm256_set1_ps((float)L), one = _mm256_set1_ps(1.0f);
-    const __m256 u24 = _mm256_set1_ps((float)LB_U24), zero = _mm256_setzero_ps();
-    const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    const __m256i vL = _mm256_set1_epi32(L), low8 = _mm256_set1_epi32(0xFF);
+    const __m256 fL = _mm256_set1_ps((float)L);
+    const __m256i vL = _mm256_set1_epi32(L);
     uint64_t j = 0;
-    for (; j + 8 <= m; j += 8) {
-        __m256 xv = _mm256_loadu_ps(x + j);
-        __m256 t = _mm256_div_ps(_mm256_min_ps(_mm256_and_ps(xv, absmask), vclip), vunit);
-        __m256 l = _mm256_round_ps(t, _MM_FROUND_CUR_DIRECTION);
-        if (rnd) {
-            l = _mm256_blendv_ps(l, _mm256_sub_ps(l, one), _mm256_cmp_ps(l, t, _CMP_GT_OQ));
-            __m256 u = _mm256_cvtepi32_ps(
-                _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)(rnd + j)), 8));
-            __m256 up = _mm256_cmp_ps(u, _mm256_mul_ps(_mm256_sub_ps(t, l), u24), _CMP_LT_OQ);
-            l = _mm256_add_ps(l, _mm256_and_ps(up, one));
-        }
-        __m256i q = _mm256_cvttps_epi32(_mm256_min_ps(l, fL));
-        __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, zero, _CMP_LT_OQ));
-        __m256i c = _mm256_and_si256(
-            _mm256_blendv_epi8(_mm256_add_epi32(vL, q), _mm256_sub_epi32(vL, q), neg), low8);
-        __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(c16, c16));
-    }
+    for (; j + 8 <= m; j += 8)
+        _mm_storel_epi64((__m128i *)(codes + j),
+                         smq8_avx2(_mm256_loadu_ps(x + j), vunit, vclip, fL, vL,
+                                   rnd ? rnd + j : NULL));
     smq32_tail_avx2(x + j, m - j, unit, clip, L, rnd ? rnd + j : NULL, codes + j);
+}
+
+/* smqblocks32 of quant.h: blocks of a multiple of 16 elements in one loop
+ * (no call per block), others through smq32.                              */
+static void smqblocks32_avx2(const float *x, uint64_t nb, uint64_t B, const float *units,
+                             float clip, int L, const uint32_t *rnd, uint8_t *codes)
+{
+    const __m256 vclip = _mm256_set1_ps(clip), fL = _mm256_set1_ps((float)L);
+    const __m256i vL = _mm256_set1_epi32(L);
+    for (uint64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * B;
+        const uint32_t *rb = rnd ? rnd + b * B : NULL;
+        uint8_t *cb = codes + b * B;
+        if (units[b] == 0.0f) {
+            memset(cb, L, (size_t)B);
+        } else if (B % 16) {
+            smq32_avx2(xb, B, units[b], clip, L, rb, cb);
+        } else {
+            const __m256 vunit = _mm256_set1_ps(units[b]);
+            for (uint64_t j = 0; j < B; j += 16) {
+                __m128i lo = smq8_avx2(_mm256_loadu_ps(xb + j), vunit, vclip, fL, vL,
+                                       rb ? rb + j : NULL);
+                __m128i hi = smq8_avx2(_mm256_loadu_ps(xb + j + 8), vunit, vclip, fL, vL,
+                                       rb ? rb + j + 8 : NULL);
+                _mm_storeu_si128((__m128i *)(cb + j), _mm_unpacklo_epi64(lo, hi));
+            }
+        }
+    }
 }
 
 static void signbits32_avx2(const float *x, uint64_t m, uint8_t *out)

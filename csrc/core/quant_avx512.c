@@ -11,6 +11,7 @@
 #define LB_QUANT_OWN_PHILOX
 #define LB_QUANT_OWN_F16
 #define LB_QUANT_OWN_SMQ32
+#define LB_QUANT_OWN_SMQBLOCKS32
 #include "quant.h"
 
 static void signbits32_avx512(const float *x, uint64_t m, uint8_t *out);
@@ -21,6 +22,8 @@ static void philox16_avx512(const lb_philox_key *key, uint64_t first, uint64_t n
                             uint32_t *out);
 static void smq32_avx512(const float *x, uint64_t m, float unit, float clip, int L,
                          const uint32_t *rnd, uint8_t *codes);
+static void smqblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const float *units,
+                               float clip, int L, const uint32_t *rnd, uint8_t *codes);
 static void f32_to_f16_avx512(const float *x, uint64_t m, uint16_t *out);
 static void f16_to_f32_avx512(const uint16_t *x, uint64_t m, float *out);
 #include "quant_impl.h"
@@ -167,34 +170,71 @@ static void philox16_avx512(const lb_philox_key *key, uint64_t first, uint64_t n
         philox16_groups_avx512(key, first + g, 1, out + LB_SR16 * g);
 }
 
-/* smq32 of quant.h in 16 lanes: the template's operations in its order
- * (min/compares chosen so NaN picks the same operand as the scalar loop),
- * so the codes equal it.                                                   */
+/* 16 codes of smq32 (quant.h) for xv, rnd NULL or its 16 words: the
+ * template's operations in its order (min/compares chosen so NaN picks the
+ * same operand as the scalar loop), so the codes equal it.                */
+static inline __attribute__((always_inline)) __m128i
+smq16_avx512(__m512 xv, __m512 vunit, __m512 vclip, __m512 fL, __m512i vL,
+             const uint32_t *rnd)
+{
+    const __m512 one = _mm512_set1_ps(1.0f), u24 = _mm512_set1_ps((float)LB_U24);
+    __m512 t = _mm512_div_ps(_mm512_min_ps(_mm512_abs_ps(xv), vclip), vunit);
+    __m512 l = _mm512_roundscale_ps(t, _MM_FROUND_CUR_DIRECTION);
+    if (rnd) {
+        l = _mm512_mask_sub_ps(l, _mm512_cmp_ps_mask(l, t, _CMP_GT_OQ), l, one);
+        __m512 u = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(rnd), 8));
+        __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_mul_ps(_mm512_sub_ps(t, l), u24),
+                                          _CMP_LT_OQ);
+        l = _mm512_mask_add_ps(l, up, l, one);
+    }
+    __m512i q = _mm512_cvttps_epi32(_mm512_min_ps(l, fL));
+    __mmask16 neg = _mm512_cmp_ps_mask(xv, _mm512_setzero_ps(), _CMP_LT_OQ);
+    return _mm512_cvtepi32_epi8(_mm512_mask_sub_epi32(_mm512_add_epi32(vL, q), neg, vL, q));
+}
+
 static void smq32_avx512(const float *x, uint64_t m, float unit, float clip, int L,
                          const uint32_t *rnd, uint8_t *codes)
 {
     const __m512 vunit = _mm512_set1_ps(unit), vclip = _mm512_set1_ps(clip);
-    const __m512 fL = _mm512_set1_ps((float)L), one = _mm512_set1_ps(1.0f);
-    const __m512 u24 = _mm512_set1_ps((float)LB_U24), zero = _mm512_setzero_ps();
+    const __m512 fL = _mm512_set1_ps((float)L);
     const __m512i vL = _mm512_set1_epi32(L);
     uint64_t j = 0;
-    for (; j + 16 <= m; j += 16) {
-        __m512 xv = _mm512_loadu_ps(x + j);
-        __m512 t = _mm512_div_ps(_mm512_min_ps(_mm512_abs_ps(xv), vclip), vunit);
-        __m512 l = _mm512_roundscale_ps(t, _MM_FROUND_CUR_DIRECTION);
-        if (rnd) {
-            l = _mm512_mask_sub_ps(l, _mm512_cmp_ps_mask(l, t, _CMP_GT_OQ), l, one);
-            __m512 u = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(rnd + j), 8));
-            __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_mul_ps(_mm512_sub_ps(t, l), u24),
-                                              _CMP_LT_OQ);
-            l = _mm512_mask_add_ps(l, up, l, one);
-        }
-        __m512i q = _mm512_cvttps_epi32(_mm512_min_ps(l, fL));
-        __mmask16 neg = _mm512_cmp_ps_mask(xv, zero, _CMP_LT_OQ);
-        __m512i c = _mm512_mask_sub_epi32(_mm512_add_epi32(vL, q), neg, vL, q);
-        _mm_storeu_si128((__m128i *)(codes + j), _mm512_cvtepi32_epi8(c));
-    }
+    for (; j + 16 <= m; j += 16)
+        _mm_storeu_si128((__m128i *)(codes + j),
+                         smq16_avx512(_mm512_loadu_ps(x + j), vunit, vclip, fL, vL,
+                                      rnd ? rnd + j : NULL));
     smq32_tail_avx512(x + j, m - j, unit, clip, L, rnd ? rnd + j : NULL, codes + j);
+}
+
+/* smqblocks32 of quant.h: blocks of a multiple of 16 elements in one loop
+ * (no call per block), others through smq32.                              */
+static void smqblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const float *units,
+                               float clip, int L, const uint32_t *rnd, uint8_t *codes)
+{
+    const __m512 vclip = _mm512_set1_ps(clip), fL = _mm512_set1_ps((float)L);
+    const __m512i vL = _mm512_set1_epi32(L);
+    for (uint64_t b = 0; b < nb; b++) {
+        const float *xb = x + b * B;
+        const uint32_t *rb = rnd ? rnd + b * B : NULL;
+        uint8_t *cb = codes + b * B;
+        if (units[b] == 0.0f) {
+            memset(cb, L, (size_t)B);
+        } else if (B % 16) {
+            smq32_avx512(xb, B, units[b], clip, L, rb, cb);
+        } else {
+            const __m512 vunit = _mm512_set1_ps(units[b]);
+            if (rb)
+                for (uint64_t j = 0; j < B; j += 16)
+                    _mm_storeu_si128((__m128i *)(cb + j),
+                                     smq16_avx512(_mm512_loadu_ps(xb + j), vunit, vclip, fL,
+                                                  vL, rb + j));
+            else
+                for (uint64_t j = 0; j < B; j += 16)
+                    _mm_storeu_si128((__m128i *)(cb + j),
+                                     smq16_avx512(_mm512_loadu_ps(xb + j), vunit, vclip, fL,
+                                                  vL, NULL));
+        }
+    }
 }
 
 static void f32_to_f16_avx512(const float *x, uint64_t m, uint16_t *out)

@@ -281,6 +281,7 @@ LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
 #endif
 LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
 
+#ifndef LB_QUANT_OWN_SMQBLOCKS32
 static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const float *units,
                                float clip, int L, const uint32_t *rnd, uint8_t *codes)
 {
@@ -292,6 +293,7 @@ static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const fl
                          codes + b * B);
     }
 }
+#endif
 
 #define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
     static void NAME(const T *x, uint64_t m, T unit, const uint32_t *rnd,      \
