@@ -159,6 +159,19 @@ static int is_out_dt(int out)
     return out == LB_F32 || out == LB_F64 || out == LB_F16 || out == LB_BF16;
 }
 
+/* Asks for x[from, from + m) (4-byte elements, clipped to n) to be brought
+ * into cache: the element passes prefetch the next tile while they work on
+ * this one, so that memory streams while they compute.                    */
+static inline void prefetch_f32(const void *x, uint64_t from, uint64_t m, uint64_t n)
+{
+    if (from >= n)
+        return;
+    m = n - from < m ? n - from : m;
+    const char *p = (const char *)x + 4 * from;
+    for (uint64_t off = 0; off < 4 * m; off += 64)
+        __builtin_prefetch(p + off, 0, 3);
+}
+
 /* ------------------------------------------------------------------------ */
 /* Blocks and per-block statistics                                           */
 /* ------------------------------------------------------------------------ */
@@ -753,7 +766,15 @@ static void quantize_fused32(const float *x, uint64_t n, uint64_t B, int bits, i
                 if (stochastic)   /* t % LB_SR16 == 0 */
                     fns->philox16(&key, t / LB_SR16, (m + LB_SR16 - 1) / LB_SR16, rnd);
                 const uint32_t *r = stochastic ? rnd : NULL;
-                fns->smqblocks32(x + t, nb, B, sc, INFINITY, Q, r, cbuf);
+                /* codes in steps of about 256 elements, each prefetching as
+                 * much of the next tile                                     */
+                uint64_t per = B < 256 ? 256 / B : 1;
+                for (uint64_t b = 0; b < nb; b += per) {
+                    uint64_t k = nb - b < per ? nb - b : per;
+                    prefetch_f32(x, t + LB_QTILE + b * B, k * B, n);
+                    fns->smqblocks32(x + t + b * B, k, B, sc + b, INFINITY, Q,
+                                     r ? r + b * B : NULL, cbuf + b * B);
+                }
                 if (rest) {
                     if (sc[nb] == 0.0f)
                         memset(cbuf + nb * B, Q, (size_t)rest);
@@ -1037,17 +1058,28 @@ static uint64_t minifloat_fused(const encode_job *J, int man_bits, int kmax,
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
         uint8_t codes[LB_QTILE];
+        float mx[LB_QTILE];
         LB_OMP(omp for schedule(static) reduction(min:bad))
         for (uint64_t c = 0; c < nchunks; c++) {
             uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
             for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
-                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE, whole = 0;
+                if (J->dt == LB_F32) {   /* the tile's whole blocks in one call */
+                    whole = m / J->B;
+                    fns->blockmax32((const uint32_t *)J->x + t, whole, J->B, mx);
+                }
                 for (uint64_t i = t; i < t + m; i += J->B) {
                     uint64_t b = i / J->B, len = t + m - i < J->B ? t + m - i : J->B;
-                    uint64_t key = maxkey_stat(fns, J->x, J->dt, i, len);
-                    lb_stat st;
-                    st.key = key;
-                    double maxv = stat_max(st);
+                    if (J->dt == LB_F32)
+                        prefetch_f32(J->x, i + LB_QTILE, len, J->n);
+                    double maxv;
+                    if ((i - t) / J->B < whole) {
+                        maxv = mx[(i - t) / J->B];
+                    } else {
+                        lb_stat st;
+                        st.key = maxkey_stat(fns, J->x, J->dt, i, len);
+                        maxv = stat_max(st);
+                    }
                     if (!(maxv < limit) && b < bad)   /* non-finite or out of reach */
                         bad = b;
                     exps[b] = minifloat_exp(maxv, man_bits, kmax);

@@ -12,6 +12,7 @@
 #define LB_QUANT_OWN_F16
 #define LB_QUANT_OWN_SMQ32
 #define LB_QUANT_OWN_SMQBLOCKS32
+#define LB_QUANT_OWN_MINIFLOAT32
 #define LB_QUANT_OWN_BLOCKMAX32
 #include "quant.h"
 
@@ -22,6 +23,8 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
 static void philox16_avx2(const lb_philox_key *key, uint64_t first, uint64_t ng,
                           uint32_t *out);
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
+static void minifloat32_avx2(const float *x, uint64_t m, float inv, int E, int M,
+                             uint8_t *codes);
 static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
                        const uint32_t *rnd, uint8_t *codes);
@@ -257,6 +260,47 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
         _mm256_storeu_si256(o + 3, _mm256_permute2x128_si256(u2, u3, 0x31));
     }
     philox_tail_avx2(key, first + b, nb - b, out + 4 * b);
+}
+
+/* minifloat32 of quant.h in 8 lanes: the template's steps on the bit
+ * patterns, with signed compares (every pattern compared has its sign bit
+ * clear, or is compared as a signed value on purpose), so the codes equal
+ * the scalar loop's.                                                        */
+static void minifloat32_avx2(const float *x, uint64_t m, float inv, int E, int M,
+                             uint8_t *codes)
+{
+    const int pmin = 2 - (1 << E), cmax = (1 << (E + M)) - 1;
+    const float maxval = 2.0f - 1.0f / (float)(1 << M);
+    int32_t maxb;
+    memcpy(&maxb, &maxval, 4);
+    const __m256 vinv = _mm256_set1_ps(inv), two23 = _mm256_set1_ps(8388608.0f);
+    const __m256i vmaxb = _mm256_set1_epi32(maxb), vpmin = _mm256_set1_epi32(pmin);
+    const __m256i v127 = _mm256_set1_epi32(127), v127M = _mm256_set1_epi32(127 + M);
+    const __m256i vmagic = _mm256_set1_epi32((127 + 23) << 23), vcmax = _mm256_set1_epi32(cmax);
+    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF), vS = _mm256_set1_epi32(1 << (E + M));
+    const __m256i negfinite = _mm256_set1_epi32(-8388607);   /* vb < this: x < 0, not NaN */
+    const __m256i zero = _mm256_setzero_si256();
+    const __m128i vM = _mm_cvtsi32_si128(M);
+    uint64_t j = 0;
+    for (; j + 8 <= m; j += 8) {
+        __m256i vb = _mm256_loadu_si256((const __m256i *)(x + j));
+        __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vb, absmask)), vinv);
+        __m256i yb = _mm256_castps_si256(y);
+        __m256i ok = _mm256_cmpgt_epi32(vmaxb, yb);
+        yb = _mm256_and_si256(yb, ok);
+        __m256i p = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(yb, 23), v127), vpmin);
+        __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(v127M, p), 23));
+        __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(yb), sc), two23);
+        __m256i mag = _mm256_add_epi32(_mm256_sll_epi32(_mm256_sub_epi32(p, vpmin), vM),
+                                       _mm256_sub_epi32(_mm256_castps_si256(t), vmagic));
+        mag = _mm256_or_si256(_mm256_min_epi32(mag, vcmax), _mm256_andnot_si256(ok, vcmax));
+        __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, zero),
+                                          _mm256_cmpgt_epi32(negfinite, vb));
+        __m256i c = _mm256_or_si256(mag, _mm256_and_si256(neg, vS));
+        __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
+        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(c16, c16));
+    }
+    minifloat32_tail_avx2(x + j, m - j, inv, E, M, codes + j);
 }
 
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out)

@@ -359,7 +359,12 @@ LB_DEFINE_TWOLEVEL(double, LB_Q(twolevel64_))
         }                                                                      \
     }
 
+#ifdef LB_QUANT_OWN_MINIFLOAT32
+/* the scalar loop, for the tails of the intrinsics version */
+LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_tail_))
+#else
 LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_))
+#endif
 LB_DEFINE_MINIFLOAT(double, uint64_t, 52, 1023, LB_Q(minifloat64_))
 
 /* ---- bit streams of uint8 codes ------------------------------------------------ */
