@@ -161,16 +161,19 @@ static int is_out_dt(int out)
 
 /* Asks for x[from, from + m) (4-byte elements, clipped to n) to be brought
  * into cache: the element passes prefetch the next tile while they work on
- * this one, so that memory streams while they compute.                    */
-static inline void prefetch_f32(const void *x, uint64_t from, uint64_t m, uint64_t n)
-{
-    if (from >= n)
-        return;
-    m = n - from < m ? n - from : m;
-    const char *p = (const char *)x + 4 * from;
-    for (uint64_t off = 0; off < 4 * m; off += 64)
-        __builtin_prefetch(p + off, 0, 3);
-}
+ * this one, so that memory streams while they compute.  A macro: GCC drops
+ * calls of a function made only of prefetches from OpenMP bodies.        */
+#define LB_PREFETCH_F32(x, from, m, n)                                          \
+    do {                                                                        \
+        uint64_t pf_from_ = (from), pf_m_ = (m), pf_n_ = (n);                   \
+        if (pf_from_ < pf_n_) {                                                 \
+            if (pf_n_ - pf_from_ < pf_m_)                                       \
+                pf_m_ = pf_n_ - pf_from_;                                       \
+            const char *pf_p_ = (const char *)(x) + 4 * pf_from_;               \
+            for (uint64_t pf_o_ = 0; pf_o_ < 4 * pf_m_; pf_o_ += 64)            \
+                __builtin_prefetch(pf_p_ + pf_o_, 0, 3);                        \
+        }                                                                       \
+    } while (0)
 
 /* ------------------------------------------------------------------------ */
 /* Blocks and per-block statistics                                           */
@@ -771,7 +774,7 @@ static void quantize_fused32(const float *x, uint64_t n, uint64_t B, int bits, i
                 uint64_t per = B < 256 ? 256 / B : 1;
                 for (uint64_t b = 0; b < nb; b += per) {
                     uint64_t k = nb - b < per ? nb - b : per;
-                    prefetch_f32(x, t + LB_QTILE + b * B, k * B, n);
+                    LB_PREFETCH_F32(x, t + LB_QTILE + b * B, k * B, n);
                     fns->smqblocks32(x + t + b * B, k, B, sc + b, INFINITY, Q,
                                      r ? r + b * B : NULL, cbuf + b * B);
                 }
@@ -1063,23 +1066,41 @@ static uint64_t minifloat_fused(const encode_job *J, int man_bits, int kmax,
         for (uint64_t c = 0; c < nchunks; c++) {
             uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
             for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
-                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE, whole = 0;
-                if (J->dt == LB_F32) {   /* the tile's whole blocks in one call */
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE, whole = 0, i = t;
+                if (J->dt == LB_F32) {
+                    /* the tile's whole blocks: maxima in one call, exponents,
+                     * then codes in steps of about 256 elements, each
+                     * prefetching as much of the next tile                  */
                     whole = m / J->B;
                     fns->blockmax32((const uint32_t *)J->x + t, whole, J->B, mx);
-                }
-                for (uint64_t i = t; i < t + m; i += J->B) {
-                    uint64_t b = i / J->B, len = t + m - i < J->B ? t + m - i : J->B;
-                    if (J->dt == LB_F32)
-                        prefetch_f32(J->x, i + LB_QTILE, len, J->n);
-                    double maxv;
-                    if ((i - t) / J->B < whole) {
-                        maxv = mx[(i - t) / J->B];
-                    } else {
-                        lb_stat st;
-                        st.key = maxkey_stat(fns, J->x, J->dt, i, len);
-                        maxv = stat_max(st);
+                    uint64_t b0 = t / J->B;
+                    int k127 = 0;
+                    for (uint64_t b = 0; b < whole; b++) {
+                        if (!(mx[b] < limit) && b0 + b < bad)   /* non-finite or out of reach */
+                            bad = b0 + b;
+                        exps[b0 + b] = minifloat_exp(mx[b], man_bits, kmax);
+                        k127 |= exps[b0 + b] == 127;
                     }
+                    if (!k127) {   /* every 2^-k a normal float */
+                        uint64_t per = J->B < 256 ? 256 / J->B : 1;
+                        for (uint64_t b = 0; b < whole; b += per) {
+                            uint64_t k = whole - b < per ? whole - b : per;
+                            LB_PREFETCH_F32(J->x, t + LB_QTILE + b * J->B, k * J->B, J->n);
+                            fns->minifloatblocks32((const float *)J->x + t + b * J->B, k, J->B,
+                                                   exps + b0 + b, J->i0, J->i1,
+                                                   codes + b * J->B);
+                        }
+                    } else {
+                        for (uint64_t b = 0; b < whole; b++)
+                            J->segment(J, b0 + b, t + b * J->B, J->B, NULL, codes + b * J->B);
+                    }
+                    i = t + whole * J->B;
+                }
+                for (; i < t + m; i += J->B) {   /* float64, or the short last block */
+                    uint64_t b = i / J->B, len = t + m - i < J->B ? t + m - i : J->B;
+                    lb_stat st;
+                    st.key = maxkey_stat(fns, J->x, J->dt, i, len);
+                    double maxv = stat_max(st);
                     if (!(maxv < limit) && b < bad)   /* non-finite or out of reach */
                         bad = b;
                     exps[b] = minifloat_exp(maxv, man_bits, kmax);

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "rng.h"
 
@@ -98,7 +99,20 @@ typedef struct {
      * or NaN; the float64 quotient rounded up to float32, then lowered to
      * smax; a non-finite quotient as it is).                               */
     void (*scalefit32)(const float *mx, uint64_t nb, int Q, float smax, float *out);
+    /* minifloat32 over nb whole blocks of B elements, block b with
+     * inv = 2^-k[b] (every k[b] in [-126, 126]: inv a normal float).      */
+    void (*minifloatblocks32)(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                              int E, int M, uint8_t *codes);
 } lb_quant_fns;
+
+/* 2^e as a float for e in [-126, 127]. */
+static inline float lb_f32_pow2(int e)
+{
+    uint32_t b = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
 
 /* The 16-bit stream of stochastic blockwise rounding: element
  * 128 g + 64 h + 16 l + j takes bits [16 h, 16 h + 16) of word l of

@@ -13,6 +13,7 @@
 #define LB_QUANT_OWN_SMQ32
 #define LB_QUANT_OWN_SMQBLOCKS32
 #define LB_QUANT_OWN_MINIFLOAT32
+#define LB_QUANT_OWN_MINIFLOATBLOCKS32
 #define LB_QUANT_OWN_BLOCKMAX32
 #include "quant.h"
 
@@ -25,6 +26,8 @@ static void philox16_avx2(const lb_philox_key *key, uint64_t first, uint64_t ng,
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out);
 static void minifloat32_avx2(const float *x, uint64_t m, float inv, int E, int M,
                              uint8_t *codes);
+static void minifloatblocks32_avx2(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                     int E, int M, uint8_t *codes);
 static void f16_to_f32_avx2(const uint16_t *x, uint64_t m, float *out);
 static void smq32_avx2(const float *x, uint64_t m, float unit, float clip, int L,
                        const uint32_t *rnd, uint8_t *codes);
@@ -262,45 +265,93 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
     philox_tail_avx2(key, first + b, nb - b, out + 4 * b);
 }
 
-/* minifloat32 of quant.h in 8 lanes: the template's steps on the bit
- * patterns, with signed compares (every pattern compared has its sign bit
- * clear, or is compared as a signed value on purpose), so the codes equal
- * the scalar loop's.                                                        */
-static void minifloat32_avx2(const float *x, uint64_t m, float inv, int E, int M,
-                             uint8_t *codes)
+/* The constants of minifloat32 (quant.h) for E, M in 8 lanes. */
+typedef struct {
+    __m256 two23;
+    __m256i maxb, pmin, v127, v127M, magic, cmax, absmask, S, negfinite;
+    __m128i M;
+} mf_consts_avx2;
+
+static inline mf_consts_avx2 mf_consts_make_avx2(int E, int M)
 {
-    const int pmin = 2 - (1 << E), cmax = (1 << (E + M)) - 1;
     const float maxval = 2.0f - 1.0f / (float)(1 << M);
     int32_t maxb;
     memcpy(&maxb, &maxval, 4);
-    const __m256 vinv = _mm256_set1_ps(inv), two23 = _mm256_set1_ps(8388608.0f);
-    const __m256i vmaxb = _mm256_set1_epi32(maxb), vpmin = _mm256_set1_epi32(pmin);
-    const __m256i v127 = _mm256_set1_epi32(127), v127M = _mm256_set1_epi32(127 + M);
-    const __m256i vmagic = _mm256_set1_epi32((127 + 23) << 23), vcmax = _mm256_set1_epi32(cmax);
-    const __m256i absmask = _mm256_set1_epi32(0x7FFFFFFF), vS = _mm256_set1_epi32(1 << (E + M));
-    const __m256i negfinite = _mm256_set1_epi32(-8388607);   /* vb < this: x < 0, not NaN */
-    const __m256i zero = _mm256_setzero_si256();
-    const __m128i vM = _mm_cvtsi32_si128(M);
+    mf_consts_avx2 c;
+    c.two23 = _mm256_set1_ps(8388608.0f);
+    c.maxb = _mm256_set1_epi32(maxb);
+    c.pmin = _mm256_set1_epi32(2 - (1 << E));
+    c.v127 = _mm256_set1_epi32(127);
+    c.v127M = _mm256_set1_epi32(127 + M);
+    c.magic = _mm256_set1_epi32((127 + 23) << 23);
+    c.cmax = _mm256_set1_epi32((1 << (E + M)) - 1);
+    c.absmask = _mm256_set1_epi32(0x7FFFFFFF);
+    c.S = _mm256_set1_epi32(1 << (E + M));
+    c.negfinite = _mm256_set1_epi32(-8388607);   /* bits < this: x < 0, not NaN */
+    c.M = _mm_cvtsi32_si128(M);
+    return c;
+}
+
+/* 8 codes of minifloat32 (quant.h) as 32-bit lanes: the template's steps on
+ * the bit patterns, with signed compares (every pattern compared has its
+ * sign bit clear, or is compared as a signed value on purpose), so the
+ * codes equal the scalar loop's.                                           */
+static inline __attribute__((always_inline)) __m256i
+mf8_avx2(const float *x, __m256 vinv, const mf_consts_avx2 *c)
+{
+    __m256i vb = _mm256_loadu_si256((const __m256i *)x);
+    __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vb, c->absmask)), vinv);
+    __m256i yb = _mm256_castps_si256(y);
+    __m256i ok = _mm256_cmpgt_epi32(c->maxb, yb);
+    yb = _mm256_and_si256(yb, ok);
+    __m256i p = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(yb, 23), c->v127), c->pmin);
+    __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(c->v127M, p), 23));
+    __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(yb), sc), c->two23);
+    __m256i mag = _mm256_add_epi32(_mm256_sll_epi32(_mm256_sub_epi32(p, c->pmin), c->M),
+                                   _mm256_sub_epi32(_mm256_castps_si256(t), c->magic));
+    mag = _mm256_or_si256(_mm256_min_epi32(mag, c->cmax), _mm256_andnot_si256(ok, c->cmax));
+    __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()),
+                                      _mm256_cmpgt_epi32(c->negfinite, vb));
+    return _mm256_or_si256(mag, _mm256_and_si256(neg, c->S));
+}
+
+/* 16 codes (each below 256) of two 8-lane vectors as bytes. */
+static inline __m128i bytes16_avx2(__m256i a, __m256i b)
+{
+    __m256i w = _mm256_packus_epi32(a, b);   /* a0-3 b0-3 | a4-7 b4-7 */
+    __m128i v = _mm_packus_epi16(_mm256_castsi256_si128(w), _mm256_extracti128_si256(w, 1));
+    return _mm_shuffle_epi32(v, _MM_SHUFFLE(3, 1, 2, 0));   /* a0-3 a4-7 b0-3 b4-7 */
+}
+
+static void minifloat32_avx2(const float *x, uint64_t m, float inv, int E, int M,
+                             uint8_t *codes)
+{
+    const mf_consts_avx2 c = mf_consts_make_avx2(E, M);
+    const __m256 vinv = _mm256_set1_ps(inv);
     uint64_t j = 0;
-    for (; j + 8 <= m; j += 8) {
-        __m256i vb = _mm256_loadu_si256((const __m256i *)(x + j));
-        __m256 y = _mm256_mul_ps(_mm256_castsi256_ps(_mm256_and_si256(vb, absmask)), vinv);
-        __m256i yb = _mm256_castps_si256(y);
-        __m256i ok = _mm256_cmpgt_epi32(vmaxb, yb);
-        yb = _mm256_and_si256(yb, ok);
-        __m256i p = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(yb, 23), v127), vpmin);
-        __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(v127M, p), 23));
-        __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(yb), sc), two23);
-        __m256i mag = _mm256_add_epi32(_mm256_sll_epi32(_mm256_sub_epi32(p, vpmin), vM),
-                                       _mm256_sub_epi32(_mm256_castps_si256(t), vmagic));
-        mag = _mm256_or_si256(_mm256_min_epi32(mag, vcmax), _mm256_andnot_si256(ok, vcmax));
-        __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, zero),
-                                          _mm256_cmpgt_epi32(negfinite, vb));
-        __m256i c = _mm256_or_si256(mag, _mm256_and_si256(neg, vS));
-        __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
-        _mm_storel_epi64((__m128i *)(codes + j), _mm_packus_epi16(c16, c16));
-    }
+    for (; j + 16 <= m; j += 16)
+        _mm_storeu_si128((__m128i *)(codes + j),
+                         bytes16_avx2(mf8_avx2(x + j, vinv, &c), mf8_avx2(x + j + 8, vinv, &c)));
     minifloat32_tail_avx2(x + j, m - j, inv, E, M, codes + j);
+}
+
+/* minifloatblocks32 of quant.h: blocks of a multiple of 16 elements in one
+ * loop, the constants set once.                                            */
+static void minifloatblocks32_avx2(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                   int E, int M, uint8_t *codes)
+{
+    const mf_consts_avx2 c = mf_consts_make_avx2(E, M);
+    for (uint64_t b = 0; b < nb; b++) {
+        float inv = lb_f32_pow2(-k[b]);
+        if (B % 16) {
+            minifloat32_avx2(x + b * B, B, inv, E, M, codes + b * B);
+            continue;
+        }
+        const __m256 vinv = _mm256_set1_ps(inv);
+        for (uint64_t j = b * B; j < (b + 1) * B; j += 16)
+            _mm_storeu_si128((__m128i *)(codes + j), bytes16_avx2(mf8_avx2(x + j, vinv, &c),
+                                                                  mf8_avx2(x + j + 8, vinv, &c)));
+    }
 }
 
 static void f32_to_f16_avx2(const float *x, uint64_t m, uint16_t *out)

@@ -13,6 +13,7 @@
 #define LB_QUANT_OWN_SMQ32
 #define LB_QUANT_OWN_SMQBLOCKS32
 #define LB_QUANT_OWN_MINIFLOAT32
+#define LB_QUANT_OWN_MINIFLOATBLOCKS32
 #include "quant.h"
 
 static void signbits32_avx512(const float *x, uint64_t m, uint8_t *out);
@@ -28,6 +29,8 @@ static void smqblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const fl
 static void f32_to_f16_avx512(const float *x, uint64_t m, uint16_t *out);
 static void minifloat32_avx512(const float *x, uint64_t m, float inv, int E, int M,
                                uint8_t *codes);
+static void minifloatblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                     int E, int M, uint8_t *codes);
 static void f16_to_f32_avx512(const uint16_t *x, uint64_t m, float *out);
 #include "quant_impl.h"
 
@@ -240,42 +243,82 @@ static void smqblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const fl
     }
 }
 
-/* minifloat32 of quant.h in 16 lanes: the template's steps on the bit
- * patterns, with signed compares (every pattern compared has its sign bit
- * clear, or is compared as a signed value on purpose), so the codes equal
- * the scalar loop's.                                                        */
-static void minifloat32_avx512(const float *x, uint64_t m, float inv, int E, int M,
-                               uint8_t *codes)
+/* The constants of minifloat32 (quant.h) for E, M in 16 lanes. */
+typedef struct {
+    __m512 two23;
+    __m512i maxb, pmin, v127, v127M, magic, cmax, absmask, S, negfinite;
+    __m128i M;
+} mf_consts_avx512;
+
+static inline mf_consts_avx512 mf_consts_make_avx512(int E, int M)
 {
-    const int pmin = 2 - (1 << E), cmax = (1 << (E + M)) - 1;
     const float maxval = 2.0f - 1.0f / (float)(1 << M);
     int32_t maxb;
     memcpy(&maxb, &maxval, 4);
-    const __m512 vinv = _mm512_set1_ps(inv), two23 = _mm512_set1_ps(8388608.0f);
-    const __m512i vmaxb = _mm512_set1_epi32(maxb), vpmin = _mm512_set1_epi32(pmin);
-    const __m512i v127 = _mm512_set1_epi32(127), v127M = _mm512_set1_epi32(127 + M);
-    const __m512i vmagic = _mm512_set1_epi32((127 + 23) << 23), vcmax = _mm512_set1_epi32(cmax);
-    const __m512i absmask = _mm512_set1_epi32(0x7FFFFFFF), vS = _mm512_set1_epi32(1 << (E + M));
-    const __m512i negfinite = _mm512_set1_epi32(-8388607);   /* vb < this: x < 0, not NaN */
-    const __m128i vM = _mm_cvtsi32_si128(M);
+    mf_consts_avx512 c;
+    c.two23 = _mm512_set1_ps(8388608.0f);
+    c.maxb = _mm512_set1_epi32(maxb);
+    c.pmin = _mm512_set1_epi32(2 - (1 << E));
+    c.v127 = _mm512_set1_epi32(127);
+    c.v127M = _mm512_set1_epi32(127 + M);
+    c.magic = _mm512_set1_epi32((127 + 23) << 23);
+    c.cmax = _mm512_set1_epi32((1 << (E + M)) - 1);
+    c.absmask = _mm512_set1_epi32(0x7FFFFFFF);
+    c.S = _mm512_set1_epi32(1 << (E + M));
+    c.negfinite = _mm512_set1_epi32(-8388607);   /* bits < this: x < 0, not NaN */
+    c.M = _mm_cvtsi32_si128(M);
+    return c;
+}
+
+/* 16 codes of minifloat32 (quant.h): the template's steps on the bit
+ * patterns, with signed compares (every pattern compared has its sign bit
+ * clear, or is compared as a signed value on purpose), so the codes equal
+ * the scalar loop's.                                                        */
+static inline __attribute__((always_inline)) __m128i
+mf16_avx512(const float *x, __m512 vinv, const mf_consts_avx512 *c)
+{
+    __m512i vb = _mm512_loadu_si512(x);
+    __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(vb, c->absmask)), vinv);
+    __m512i yb = _mm512_castps_si512(y);
+    __mmask16 ok = _mm512_cmplt_epi32_mask(yb, c->maxb);
+    yb = _mm512_maskz_mov_epi32(ok, yb);
+    __m512i p = _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(yb, 23), c->v127), c->pmin);
+    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(c->v127M, p), 23));
+    __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(yb), sc), c->two23);
+    __m512i mag = _mm512_add_epi32(_mm512_sll_epi32(_mm512_sub_epi32(p, c->pmin), c->M),
+                                   _mm512_sub_epi32(_mm512_castps_si512(t), c->magic));
+    mag = _mm512_mask_mov_epi32(_mm512_min_epi32(mag, c->cmax), (__mmask16)~ok, c->cmax);
+    __mmask16 neg = _mm512_test_epi32_mask(mag, mag) & _mm512_cmplt_epi32_mask(vb, c->negfinite);
+    return _mm512_cvtepi32_epi8(_mm512_mask_or_epi32(mag, neg, mag, c->S));
+}
+
+static void minifloat32_avx512(const float *x, uint64_t m, float inv, int E, int M,
+                               uint8_t *codes)
+{
+    const mf_consts_avx512 c = mf_consts_make_avx512(E, M);
+    const __m512 vinv = _mm512_set1_ps(inv);
     uint64_t j = 0;
-    for (; j + 16 <= m; j += 16) {
-        __m512i vb = _mm512_loadu_si512(x + j);
-        __m512 y = _mm512_mul_ps(_mm512_castsi512_ps(_mm512_and_si512(vb, absmask)), vinv);
-        __m512i yb = _mm512_castps_si512(y);
-        __mmask16 ok = _mm512_cmplt_epi32_mask(yb, vmaxb);
-        yb = _mm512_maskz_mov_epi32(ok, yb);
-        __m512i p = _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(yb, 23), v127), vpmin);
-        __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(v127M, p), 23));
-        __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(yb), sc), two23);
-        __m512i mag = _mm512_add_epi32(_mm512_sll_epi32(_mm512_sub_epi32(p, vpmin), vM),
-                                       _mm512_sub_epi32(_mm512_castps_si512(t), vmagic));
-        mag = _mm512_mask_mov_epi32(_mm512_min_epi32(mag, vcmax), (__mmask16)~ok, vcmax);
-        __mmask16 neg = _mm512_test_epi32_mask(mag, mag) & _mm512_cmplt_epi32_mask(vb, negfinite);
-        _mm_storeu_si128((__m128i *)(codes + j),
-                         _mm512_cvtepi32_epi8(_mm512_mask_or_epi32(mag, neg, mag, vS)));
-    }
+    for (; j + 16 <= m; j += 16)
+        _mm_storeu_si128((__m128i *)(codes + j), mf16_avx512(x + j, vinv, &c));
     minifloat32_tail_avx512(x + j, m - j, inv, E, M, codes + j);
+}
+
+/* minifloatblocks32 of quant.h: blocks of a multiple of 16 elements in one
+ * loop, the constants set once.                                            */
+static void minifloatblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                     int E, int M, uint8_t *codes)
+{
+    const mf_consts_avx512 c = mf_consts_make_avx512(E, M);
+    for (uint64_t b = 0; b < nb; b++) {
+        float inv = lb_f32_pow2(-k[b]);
+        if (B % 16) {
+            minifloat32_avx512(x + b * B, B, inv, E, M, codes + b * B);
+            continue;
+        }
+        const __m512 vinv = _mm512_set1_ps(inv);
+        for (uint64_t j = b * B; j < (b + 1) * B; j += 16)
+            _mm_storeu_si128((__m128i *)(codes + j), mf16_avx512(x + j, vinv, &c));
+    }
 }
 
 static void f32_to_f16_avx512(const float *x, uint64_t m, uint16_t *out)

@@ -367,6 +367,15 @@ LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_))
 #endif
 LB_DEFINE_MINIFLOAT(double, uint64_t, 52, 1023, LB_Q(minifloat64_))
 
+#ifndef LB_QUANT_OWN_MINIFLOATBLOCKS32
+static void LB_Q(minifloatblocks32_)(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                     int E, int M, uint8_t *codes)
+{
+    for (uint64_t b = 0; b < nb; b++)
+        LB_Q(minifloat32_)(x + b * B, B, lb_f32_pow2(-k[b]), E, M, codes + b * B);
+}
+#endif
+
 /* ---- bit streams of uint8 codes ------------------------------------------------ */
 
 /* Up to 8 codes of up to 8 bits into ceil(cnt * bits / 8) bytes. */
@@ -509,5 +518,5 @@ const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
     LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_), LB_Q(philox16_),
-    LB_Q(scalefit32_),
+    LB_Q(scalefit32_), LB_Q(minifloatblocks32_),
 };
