@@ -268,7 +268,7 @@ static void philox_avx2(const lb_philox_key *key, uint64_t first, uint64_t nb,
 /* The constants of minifloat32 (quant.h) for E, M in 8 lanes. */
 typedef struct {
     __m256 two23;
-    __m256i maxb, pmin, v127, v127M, magic, cmax, absmask, S, negfinite;
+    __m256i maxb, pminb, c254M, K, cmax, absmask, S, negfinite;
     __m128i M;
 } mf_consts_avx2;
 
@@ -280,10 +280,12 @@ static inline mf_consts_avx2 mf_consts_make_avx2(int E, int M)
     mf_consts_avx2 c;
     c.two23 = _mm256_set1_ps(8388608.0f);
     c.maxb = _mm256_set1_epi32(maxb);
-    c.pmin = _mm256_set1_epi32(2 - (1 << E));
-    c.v127 = _mm256_set1_epi32(127);
-    c.v127M = _mm256_set1_epi32(127 + M);
-    c.magic = _mm256_set1_epi32((127 + 23) << 23);
+    /* q = max(biased exponent of y, pmin + 127) = p + 127; the scale's
+     * exponent 127 + M - p = 254 + M - q; the magnitude
+     * ((p - pmin) << M) + (bits(t) - bits(2^23)) = (q << M) + bits(t) - K  */
+    c.pminb = _mm256_set1_epi32(2 - (1 << E) + 127);
+    c.c254M = _mm256_set1_epi32(254 + M);
+    c.K = _mm256_set1_epi32(((127 + 23) << 23) + ((2 - (1 << E) + 127) << M));
     c.cmax = _mm256_set1_epi32((1 << (E + M)) - 1);
     c.absmask = _mm256_set1_epi32(0x7FFFFFFF);
     c.S = _mm256_set1_epi32(1 << (E + M));
@@ -304,11 +306,11 @@ mf8_avx2(const float *x, __m256 vinv, const mf_consts_avx2 *c)
     __m256i yb = _mm256_castps_si256(y);
     __m256i ok = _mm256_cmpgt_epi32(c->maxb, yb);
     yb = _mm256_and_si256(yb, ok);
-    __m256i p = _mm256_max_epi32(_mm256_sub_epi32(_mm256_srli_epi32(yb, 23), c->v127), c->pmin);
-    __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(c->v127M, p), 23));
+    __m256i q = _mm256_max_epi32(_mm256_srli_epi32(yb, 23), c->pminb);
+    __m256 sc = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_sub_epi32(c->c254M, q), 23));
     __m256 t = _mm256_add_ps(_mm256_mul_ps(_mm256_castsi256_ps(yb), sc), c->two23);
-    __m256i mag = _mm256_add_epi32(_mm256_sll_epi32(_mm256_sub_epi32(p, c->pmin), c->M),
-                                   _mm256_sub_epi32(_mm256_castps_si256(t), c->magic));
+    __m256i mag = _mm256_sub_epi32(_mm256_add_epi32(_mm256_sll_epi32(q, c->M), _mm256_castps_si256(t)),
+                                   c->K);
     mag = _mm256_or_si256(_mm256_min_epi32(mag, c->cmax), _mm256_andnot_si256(ok, c->cmax));
     __m256i neg = _mm256_andnot_si256(_mm256_cmpeq_epi32(mag, _mm256_setzero_si256()),
                                       _mm256_cmpgt_epi32(c->negfinite, vb));

@@ -246,7 +246,7 @@ static void smqblocks32_avx512(const float *x, uint64_t nb, uint64_t B, const fl
 /* The constants of minifloat32 (quant.h) for E, M in 16 lanes. */
 typedef struct {
     __m512 two23;
-    __m512i maxb, pmin, v127, v127M, magic, cmax, absmask, S, negfinite;
+    __m512i maxb, pminb, c254M, K, cmax, absmask, S, negfinite;
     __m128i M;
 } mf_consts_avx512;
 
@@ -258,10 +258,12 @@ static inline mf_consts_avx512 mf_consts_make_avx512(int E, int M)
     mf_consts_avx512 c;
     c.two23 = _mm512_set1_ps(8388608.0f);
     c.maxb = _mm512_set1_epi32(maxb);
-    c.pmin = _mm512_set1_epi32(2 - (1 << E));
-    c.v127 = _mm512_set1_epi32(127);
-    c.v127M = _mm512_set1_epi32(127 + M);
-    c.magic = _mm512_set1_epi32((127 + 23) << 23);
+    /* q = max(biased exponent of y, pmin + 127) = p + 127; the scale's
+     * exponent 127 + M - p = 254 + M - q; the magnitude
+     * ((p - pmin) << M) + (bits(t) - bits(2^23)) = (q << M) + bits(t) - K  */
+    c.pminb = _mm512_set1_epi32(2 - (1 << E) + 127);
+    c.c254M = _mm512_set1_epi32(254 + M);
+    c.K = _mm512_set1_epi32(((127 + 23) << 23) + ((2 - (1 << E) + 127) << M));
     c.cmax = _mm512_set1_epi32((1 << (E + M)) - 1);
     c.absmask = _mm512_set1_epi32(0x7FFFFFFF);
     c.S = _mm512_set1_epi32(1 << (E + M));
@@ -282,11 +284,11 @@ mf16_avx512(const float *x, __m512 vinv, const mf_consts_avx512 *c)
     __m512i yb = _mm512_castps_si512(y);
     __mmask16 ok = _mm512_cmplt_epi32_mask(yb, c->maxb);
     yb = _mm512_maskz_mov_epi32(ok, yb);
-    __m512i p = _mm512_max_epi32(_mm512_sub_epi32(_mm512_srli_epi32(yb, 23), c->v127), c->pmin);
-    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(c->v127M, p), 23));
+    __m512i q = _mm512_max_epi32(_mm512_srli_epi32(yb, 23), c->pminb);
+    __m512 sc = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_sub_epi32(c->c254M, q), 23));
     __m512 t = _mm512_add_ps(_mm512_mul_ps(_mm512_castsi512_ps(yb), sc), c->two23);
-    __m512i mag = _mm512_add_epi32(_mm512_sll_epi32(_mm512_sub_epi32(p, c->pmin), c->M),
-                                   _mm512_sub_epi32(_mm512_castps_si512(t), c->magic));
+    __m512i mag = _mm512_sub_epi32(_mm512_add_epi32(_mm512_sll_epi32(q, c->M), _mm512_castps_si512(t)),
+                                   c->K);
     mag = _mm512_mask_mov_epi32(_mm512_min_epi32(mag, c->cmax), (__mmask16)~ok, c->cmax);
     __mmask16 neg = _mm512_test_epi32_mask(mag, mag) & _mm512_cmplt_epi32_mask(vb, c->negfinite);
     return _mm512_cvtepi32_epi8(_mm512_mask_or_epi32(mag, neg, mag, c->S));

@@ -243,9 +243,22 @@ static void LB_Q(scalefit32_)(const float *restrict mx, uint64_t nb, int Q, floa
 
 #define LB_U24 16777216.0
 
+/* rint(v) for v >= 0 or NaN without a library call (baseline x86-64 has no
+ * rounding instruction): below 2^MANT, adding and subtracting 2^MANT rounds
+ * to an integer, to nearest even, exactly; above it v is an integer.      */
+static inline float lb_rint_nonneg_f(float v)
+{
+    return v < 8388608.0f ? (v + 8388608.0f) - 8388608.0f : v;
+}
+
+static inline double lb_rint_nonneg_d(double v)
+{
+    return v < 4503599627370496.0 ? (v + 4503599627370496.0) - 4503599627370496.0 : v;
+}
+
 #define LB_DEFINE_SMQ(T, ABS, RINT, NAME)                                    \
-    static void NAME(const T *x, uint64_t m, T unit, T clip, int L,            \
-                     const uint32_t *rnd, uint8_t *codes)                      \
+    static void NAME(const T *restrict x, uint64_t m, T unit, T clip, int L,   \
+                     const uint32_t *restrict rnd, uint8_t *restrict codes)    \
     {                                                                          \
         const T fL = (T)L;                                                     \
         if (!rnd) {                                                            \
@@ -254,8 +267,8 @@ static void LB_Q(scalefit32_)(const float *restrict mx, uint64_t nb, int Q, floa
                 a = a < clip ? a : clip;                                       \
                 T l = RINT(a / unit);                                          \
                 l = l <= fL ? l : fL;                                          \
-                int q = (int)l;                                                \
-                codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                \
+                int q = (int)l, s_ = -(int)(x[j] < 0); /* no branch */         \
+                codes[j] = (uint8_t)(L + ((q ^ s_) - s_));                     \
             }                                                                  \
             return;                                                            \
         }                                                                      \
@@ -268,18 +281,18 @@ static void LB_Q(scalefit32_)(const float *restrict mx, uint64_t nb, int Q, floa
             T u = (T)(int32_t)(rnd[j] >> 8);                                   \
             T l = f + (u < (t - f) * (T)LB_U24 ? (T)1 : (T)0);                 \
             l = l <= fL ? l : fL;                                              \
-            int q = (int)l;                                                    \
-            codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                    \
+            int q = (int)l, s_ = -(int)(x[j] < 0);                             \
+            codes[j] = (uint8_t)(L + ((q ^ s_) - s_));                         \
         }                                                                      \
     }
 
 #ifdef LB_QUANT_OWN_SMQ32
 /* the scalar loop, for the tails of the intrinsics version */
-LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_tail_))
+LB_DEFINE_SMQ(float, fabsf, lb_rint_nonneg_f, LB_Q(smq32_tail_))
 #else
-LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
+LB_DEFINE_SMQ(float, fabsf, lb_rint_nonneg_f, LB_Q(smq32_))
 #endif
-LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
+LB_DEFINE_SMQ(double, fabs, lb_rint_nonneg_d, LB_Q(smq64_))
 
 #ifndef LB_QUANT_OWN_SMQBLOCKS32
 static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const float *units,
