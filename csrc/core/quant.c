@@ -7,10 +7,13 @@
  * magnitude, or sums in the fixed 16-lane order of quant.h, split into
  * LB_CHUNK pieces counted from the block start and added in piece order),
  * then an element pass over LB_CHUNK chunks in tiles of LB_QTILE elements:
- * random words for the tile (Philox, element i -> word i % 4 of block i/4),
- * codes for each block segment of the tile, then the tile packed into the
- * output stream (tiles start at multiples of 8 elements, so at whole bytes).
- * Nothing depends on the thread count.
+ * random words for the tile (Philox, element i -> word i % 4 of block i/4,
+ * or the 16-bit stream LB_SR16 of quant.h for stochastic blockwise
+ * rounding), codes for each block segment of the tile, then the tile packed
+ * into the output stream (tiles start at multiples of 8 elements, so at
+ * whole bytes).  Float32 blockwise quantization and minifloats whose blocks
+ * divide LB_QTILE fuse both phases per tile (quantize_fused32,
+ * minifloat_fused).  Nothing depends on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
