@@ -70,10 +70,11 @@ smq8_avx2(__m256 xv, __m256 vunit, __m256 vclip, __m256 fL, __m256i vL, const ui
 {
     const __m256 one = _mm256_set1_ps(1.0f), u24 = _mm256_set1_ps((float)LB_U24);
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
-    __m256 t = _mm256_div_ps(_mm256_min_ps(_mm256_and_ps(xv, absmask), vclip), vunit);
-    __m256 l = _mm256_round_ps(t, _MM_FROUND_CUR_DIRECTION);
-    if (rnd) {
-        l = _mm256_blendv_ps(l, _mm256_sub_ps(l, one), _mm256_cmp_ps(l, t, _CMP_GT_OQ));
+    __m256 t = _mm256_div_ps(_mm256_min_ps(_mm256_and_ps(xv, absmask), vclip), vunit), l;
+    if (!rnd) {
+        l = _mm256_round_ps(t, _MM_FROUND_CUR_DIRECTION);
+    } else {   /* floor(t): the template's rint(t) - (rint(t) > t), NaN kept */
+        l = _mm256_round_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         __m256 u = _mm256_cvtepi32_ps(
             _mm256_srli_epi32(_mm256_loadu_si256((const __m256i *)rnd), 8));
         __m256 up = _mm256_cmp_ps(u, _mm256_mul_ps(_mm256_sub_ps(t, l), u24), _CMP_LT_OQ);
@@ -81,9 +82,8 @@ smq8_avx2(__m256 xv, __m256 vunit, __m256 vclip, __m256 fL, __m256i vL, const ui
     }
     __m256i q = _mm256_cvttps_epi32(_mm256_min_ps(l, fL));
     __m256i neg = _mm256_castps_si256(_mm256_cmp_ps(xv, _mm256_setzero_ps(), _CMP_LT_OQ));
-    __m256i c = _mm256_and_si256(
-        _mm256_blendv_epi8(_mm256_add_epi32(vL, q), _mm256_sub_epi32(vL, q), neg),
-        _mm256_set1_epi32(0xFF));
+    /* q is in [0, L] (t >= 0; NaN -> L), so the codes need no mask */
+    __m256i c = _mm256_blendv_epi8(_mm256_add_epi32(vL, q), _mm256_sub_epi32(vL, q), neg);
     __m128i c16 = _mm_packus_epi32(_mm256_castsi256_si128(c), _mm256_extracti128_si256(c, 1));
     return _mm_packus_epi16(c16, c16);
 }

@@ -184,10 +184,11 @@ smq16_avx512(__m512 xv, __m512 vunit, __m512 vclip, __m512 fL, __m512i vL,
              const uint32_t *rnd)
 {
     const __m512 one = _mm512_set1_ps(1.0f), u24 = _mm512_set1_ps((float)LB_U24);
-    __m512 t = _mm512_div_ps(_mm512_min_ps(_mm512_abs_ps(xv), vclip), vunit);
-    __m512 l = _mm512_roundscale_ps(t, _MM_FROUND_CUR_DIRECTION);
-    if (rnd) {
-        l = _mm512_mask_sub_ps(l, _mm512_cmp_ps_mask(l, t, _CMP_GT_OQ), l, one);
+    __m512 t = _mm512_div_ps(_mm512_min_ps(_mm512_abs_ps(xv), vclip), vunit), l;
+    if (!rnd) {
+        l = _mm512_roundscale_ps(t, _MM_FROUND_CUR_DIRECTION);
+    } else {   /* floor(t): the template's rint(t) - (rint(t) > t), NaN kept */
+        l = _mm512_roundscale_ps(t, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
         __m512 u = _mm512_cvtepi32_ps(_mm512_srli_epi32(_mm512_loadu_si512(rnd), 8));
         __mmask16 up = _mm512_cmp_ps_mask(u, _mm512_mul_ps(_mm512_sub_ps(t, l), u24),
                                           _CMP_LT_OQ);
