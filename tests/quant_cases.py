@@ -29,6 +29,9 @@ CASES = {
     "q1": (lambda x, **k: lowband.quantize(x, 1, block=64, **k), lambda x: ref.quantize(x, 1, 64)),
     "q4_sr": (lambda x, **k: lowband.quantize(x, 4, rounding="stochastic", seed=5, step=2, **k),
               lambda x: ref.quantize(x, 4, 64, True, 5, 2)),
+    "q4_sr_b8": (lambda x, **k: lowband.quantize(x, 4, block=8, rounding="stochastic", seed=7,
+                                                 step=1, **k),
+                 lambda x: ref.quantize(x, 4, 8, True, 7, 1)),
     "q1_sr": (lambda x, **k: lowband.quantize(x, 1, block=7, rounding="stochastic", seed=5, **k),
               lambda x: ref.quantize(x, 1, 7, True, 5, 0)),
     "q8_sr_big": (lambda x, **k: lowband.quantize(x, 8, block=100000, rounding="stochastic",
@@ -47,12 +50,14 @@ CASES = {
              lambda x: ref.minifloat(x, 3, 0, 128)),
     "e2m1_b32": (lambda x, **k: lowband.minifloat(x, 2, 1, block=32, **k),
                  lambda x: ref.minifloat(x, 2, 1, 32)),
+    "e3m0_b8": (lambda x, **k: lowband.minifloat(x, 3, 0, block=8, **k),
+                lambda x: ref.minifloat(x, 3, 0, 8)),
     "e4m3_tensor": (lambda x, **k: lowband.minifloat(x, 4, 3, block=None, **k),
                     lambda x: ref.minifloat(x, 4, 3, 0)),
     "lut2bit": (lambda x, **k: lowband.lut2bit(x, **k), ref.lut2bit),
 }
 
-UNBIASED = ("q4_sr", "q1_sr", "qsgd", "qsgd_b128", "terngrad_noclip", "natural")
+UNBIASED = ("q4_sr", "q4_sr_b8", "q1_sr", "qsgd", "qsgd_b128", "terngrad_noclip", "natural")
 
 
 def payload_arrays(p):

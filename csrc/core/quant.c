@@ -7,10 +7,13 @@
  * magnitude, or sums in the fixed 16-lane order of quant.h, split into
  * LB_CHUNK pieces counted from the block start and added in piece order),
  * then an element pass over LB_CHUNK chunks in tiles of LB_QTILE elements:
- * random words for the tile (Philox, element i -> word i % 4 of block i/4),
- * codes for each block segment of the tile, then the tile packed into the
- * output stream (tiles start at multiples of 8 elements, so at whole bytes).
- * Nothing depends on the thread count.
+ * random words for the tile (Philox, element i -> word i % 4 of block i/4,
+ * or the 16-bit stream LB_SR16 of quant.h for stochastic blockwise
+ * rounding), codes for each block segment of the tile, then the tile packed
+ * into the output stream (tiles start at multiples of 8 elements, so at
+ * whole bytes).  Float32 blockwise quantization and minifloats whose blocks
+ * divide LB_QTILE fuse both phases per tile (quantize_fused32,
+ * minifloat_fused).  Nothing depends on the thread count.
  */
 #include <math.h>
 #include <stdlib.h>
@@ -158,6 +161,22 @@ static int is_out_dt(int out)
 {
     return out == LB_F32 || out == LB_F64 || out == LB_F16 || out == LB_BF16;
 }
+
+/* Asks for x[from, from + m) (4-byte elements, clipped to n) to be brought
+ * into cache: the element passes prefetch the next tile while they work on
+ * this one, so that memory streams while they compute.  A macro: GCC drops
+ * calls of a function made only of prefetches from OpenMP bodies.        */
+#define LB_PREFETCH_F32(x, from, m, n)                                          \
+    do {                                                                        \
+        uint64_t pf_from_ = (from), pf_m_ = (m), pf_n_ = (n);                   \
+        if (pf_from_ < pf_n_) {                                                 \
+            if (pf_n_ - pf_from_ < pf_m_)                                       \
+                pf_m_ = pf_n_ - pf_from_;                                       \
+            const char *pf_p_ = (const char *)(x) + 4 * pf_from_;               \
+            for (uint64_t pf_o_ = 0; pf_o_ < 4 * pf_m_; pf_o_ += 64)            \
+                __builtin_prefetch(pf_p_ + pf_o_, 0, 3);                        \
+        }                                                                       \
+    } while (0)
 
 /* ------------------------------------------------------------------------ */
 /* Blocks and per-block statistics                                           */
@@ -345,7 +364,8 @@ struct encode_job {
     lb_dtype dt;
     uint64_t n, B;
     int bits;
-    int random;
+    int random;           /* 1: the 32-bit stream (word i % 4 of block i / 4);
+                             2: the 16-bit stream LB_SR16 of quant.h        */
     lb_philox_key key;
     segment_fn segment;
     const void *params;   /* per-block parameters of the scheme */
@@ -388,7 +408,9 @@ static void encode_elements(const encode_job *J, int nthreads)
             uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
             for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
                 uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
-                if (J->random)
+                if (J->random == 2)   /* t % LB_SR16 == 0 */
+                    fns->philox16(&J->key, t / LB_SR16, (m + LB_SR16 - 1) / LB_SR16, rnd);
+                else if (J->random)
                     fns->philox(&J->key, t / 4, (m + 3) / 4, rnd);
                 uint64_t i = t;
                 if (J->smq_tiles) {
@@ -704,6 +726,76 @@ static lb_status absmax_blocks(const void *x, uint64_t n, lb_dtype dt,
     return LB_OK;
 }
 
+/* lb_quantize for float32 input, bits >= 2 and blocks that tile LB_QTILE,
+ * in one pass: each tile's block maxima, scales (into `scales`), random
+ * words (the 16-bit stream), codes and packed bytes while the tile is in
+ * cache.  *bad_nf = the first block with a non-finite maximum, *bad_reach
+ * = the first whose capped scale misses its maximum (check_reach), each
+ * UINT64_MAX when none.                                                    */
+static void quantize_fused32(const float *x, uint64_t n, uint64_t B, int bits, int Q,
+                             const lb_scale_cap *cap, int stochastic, lb_philox_key key,
+                             int nthreads, uint8_t *codes, float *scales,
+                             uint64_t *bad_nf, uint64_t *bad_reach)
+{
+    const lb_quant_fns *fns = lb_quant();
+    uint64_t nchunks = lb_num_chunks(n, LB_CHUNK), nf = UINT64_MAX, reach = UINT64_MAX;
+    int team = lb_team(nthreads, nchunks);
+    LB_OMP(omp parallel num_threads(team) if(team > 1))
+    {
+        uint8_t cbuf[LB_QTILE];
+        uint32_t rnd[LB_QTILE];
+        float mx[LB_QTILE];
+        LB_OMP(omp for schedule(static) reduction(min:nf, reach))
+        for (uint64_t c = 0; c < nchunks; c++) {
+            uint64_t end = (c + 1) * LB_CHUNK < n ? (c + 1) * LB_CHUNK : n;
+            for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
+                /* tiles start at whole blocks: B divides LB_QTILE */
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
+                uint64_t nb = m / B, rest = m - nb * B, b0 = t / B;
+                fns->blockmax32((const uint32_t *)x + t, nb, B, mx);
+                if (rest) {
+                    uint32_t k = fns->maxkey32((const uint32_t *)x + t + nb * B, rest);
+                    memcpy(mx + nb, &k, 4);
+                }
+                uint64_t nbt = nb + (rest != 0);
+                float *sc = scales + b0;
+                fns->scalefit32(mx, nbt, Q, cap->smax, sc);
+                for (uint64_t b = 0; b < nbt; b++) {
+                    if (sc[b] < cap->smax)   /* the usual case: nothing to check */
+                        continue;
+                    double v = mx[b];
+                    if (!isfinite(v))
+                        nf = b0 + b < nf ? b0 + b : nf;
+                    else if (v / Q > (double)cap->smax && v > cap->reach)
+                        reach = b0 + b < reach ? b0 + b : reach;
+                }
+                if (stochastic)   /* t % LB_SR16 == 0 */
+                    fns->philox16(&key, t / LB_SR16, (m + LB_SR16 - 1) / LB_SR16, rnd);
+                const uint32_t *r = stochastic ? rnd : NULL;
+                /* codes in steps of about 256 elements, each prefetching as
+                 * much of the next tile                                     */
+                uint64_t per = B < 256 ? 256 / B : 1;
+                for (uint64_t b = 0; b < nb; b += per) {
+                    uint64_t k = nb - b < per ? nb - b : per;
+                    LB_PREFETCH_F32(x, t + LB_QTILE + b * B, k * B, n);
+                    fns->smqblocks32(x + t + b * B, k, B, sc + b, INFINITY, Q,
+                                     r ? r + b * B : NULL, cbuf + b * B);
+                }
+                if (rest) {
+                    if (sc[nb] == 0.0f)
+                        memset(cbuf + nb * B, Q, (size_t)rest);
+                    else
+                        fns->smq32(x + t + nb * B, rest, sc[nb], INFINITY, Q,
+                                   r ? r + nb * B : NULL, cbuf + nb * B);
+                }
+                fns->pack(cbuf, m, bits, codes + t / 8 * (uint64_t)bits);
+            }
+        }
+    }
+    *bad_nf = nf;
+    *bad_reach = reach;
+}
+
 lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
                       int bits, uint64_t block, int stochastic, uint64_t seed,
                       uint64_t step, int check_finite, int nthreads,
@@ -714,12 +806,26 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
         step >= LB_MAX_STEP)
         return LB_EINVAL;
     blocks L = blocks_of(n, block);
+    int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
+    lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
+    if (n && dt == LB_F32 && bits >= 2 && L.B <= LB_QTILE && LB_QTILE % L.B == 0) {
+        uint64_t nf, reach;
+        quantize_fused32((const float *)x, n, L.B, bits, Q, &cap, stochastic,
+                         lb_philox_make(seed, step, LB_DOMAIN_STOCHASTIC_ROUND), nthreads,
+                         codes, scales, &nf, &reach);
+        if (check_finite && nf != UINT64_MAX)
+            return nonfinite_or_range(x, dt, n, nf, err);
+        if (check_finite && reach != UINT64_MAX) {
+            if (err)
+                err->index = reach;
+            return LB_ERANGE;
+        }
+        return LB_OK;
+    }
     double *maxv = NULL;
     lb_status st = absmax_blocks(x, n, dt, &L, check_finite, nthreads, &maxv, err);
     if (st != LB_OK)
         return st;
-    int Q = bits == 1 ? 1 : (1 << (bits - 1)) - 1;
-    lb_scale_cap cap = lb_scale_cap_of(Q, 1, out_dt);
     int team = lb_team(nthreads, L.n / LB_CHUNK);
     LB_OMP(omp parallel for num_threads(team) schedule(static) if(team > 1))
     for (uint64_t b = 0; b < L.nblocks; b++)
@@ -736,7 +842,7 @@ lb_status lb_quantize(const void *x, uint64_t n, lb_dtype dt, lb_dtype out_dt,
         scales[0] = 0.0f;
     free(maxv);
     return encode_smq(x, n, dt, L.B, bits, scales, L.nblocks, 1.0, INFINITY, Q,
-                      bits == 1, stochastic, seed, step,
+                      bits == 1, stochastic ? 2 : 0, seed, step,
                       LB_DOMAIN_STOCHASTIC_ROUND, nthreads, codes);
 }
 
@@ -958,16 +1064,45 @@ static uint64_t minifloat_fused(const encode_job *J, int man_bits, int kmax,
     LB_OMP(omp parallel num_threads(team) if(team > 1))
     {
         uint8_t codes[LB_QTILE];
+        float mx[LB_QTILE];
         LB_OMP(omp for schedule(static) reduction(min:bad))
         for (uint64_t c = 0; c < nchunks; c++) {
             uint64_t end = (c + 1) * LB_CHUNK < J->n ? (c + 1) * LB_CHUNK : J->n;
             for (uint64_t t = c * LB_CHUNK; t < end; t += LB_QTILE) {
-                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE;
-                for (uint64_t i = t; i < t + m; i += J->B) {
+                uint64_t m = end - t < LB_QTILE ? end - t : LB_QTILE, whole = 0, i = t;
+                if (J->dt == LB_F32) {
+                    /* the tile's whole blocks: maxima in one call, exponents,
+                     * then codes in steps of about 256 elements, each
+                     * prefetching as much of the next tile                  */
+                    whole = m / J->B;
+                    fns->blockmax32((const uint32_t *)J->x + t, whole, J->B, mx);
+                    uint64_t b0 = t / J->B;
+                    int k127 = 0;
+                    for (uint64_t b = 0; b < whole; b++) {
+                        if (!(mx[b] < limit) && b0 + b < bad)   /* non-finite or out of reach */
+                            bad = b0 + b;
+                        exps[b0 + b] = minifloat_exp(mx[b], man_bits, kmax);
+                        k127 |= exps[b0 + b] == 127;
+                    }
+                    if (!k127) {   /* every 2^-k a normal float */
+                        uint64_t per = J->B < 256 ? 256 / J->B : 1;
+                        for (uint64_t b = 0; b < whole; b += per) {
+                            uint64_t k = whole - b < per ? whole - b : per;
+                            LB_PREFETCH_F32(J->x, t + LB_QTILE + b * J->B, k * J->B, J->n);
+                            fns->minifloatblocks32((const float *)J->x + t + b * J->B, k, J->B,
+                                                   exps + b0 + b, J->i0, J->i1,
+                                                   codes + b * J->B);
+                        }
+                    } else {
+                        for (uint64_t b = 0; b < whole; b++)
+                            J->segment(J, b0 + b, t + b * J->B, J->B, NULL, codes + b * J->B);
+                    }
+                    i = t + whole * J->B;
+                }
+                for (; i < t + m; i += J->B) {   /* float64, or the short last block */
                     uint64_t b = i / J->B, len = t + m - i < J->B ? t + m - i : J->B;
-                    uint64_t key = maxkey_stat(fns, J->x, J->dt, i, len);
                     lb_stat st;
-                    st.key = key;
+                    st.key = maxkey_stat(fns, J->x, J->dt, i, len);
                     double maxv = stat_max(st);
                     if (!(maxv < limit) && b < bad)   /* non-finite or out of reach */
                         bad = b;

@@ -10,6 +10,7 @@
 
 #include <stddef.h>
 #include <stdint.h>
+#include <string.h>
 
 #include "rng.h"
 
@@ -88,7 +89,37 @@ typedef struct {
                         uint8_t *codes);
     void (*minifloat64)(const double *x, uint64_t m, double inv, int E, int M,
                         uint8_t *codes);
+    /* 16-bit random draws of the groups first .. first + ng - 1 of 128
+     * elements (LB_SR16 below), each as a word u16 << 16 (so the "top 24
+     * bits" that smq32/64 and twolevel32/64 compare are u16 * 2^8), into
+     * out[0 .. 128 ng).                                                    */
+    void (*philox16)(const lb_philox_key *key, uint64_t first, uint64_t ng,
+                     uint32_t *out);
+    /* out[b] = lb_scale_fit((double)mx[b] / Q, smax) for b < nb (mx[b] >= 0
+     * or NaN; the float64 quotient rounded up to float32, then lowered to
+     * smax; a non-finite quotient as it is).                               */
+    void (*scalefit32)(const float *mx, uint64_t nb, int Q, float smax, float *out);
+    /* minifloat32 over nb whole blocks of B elements, block b with
+     * inv = 2^-k[b] (every k[b] in [-126, 126]: inv a normal float).      */
+    void (*minifloatblocks32)(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                              int E, int M, uint8_t *codes);
 } lb_quant_fns;
+
+/* 2^e as a float for e in [-126, 127]. */
+static inline float lb_f32_pow2(int e)
+{
+    uint32_t b = (uint32_t)(e + 127) << 23;
+    float f;
+    memcpy(&f, &b, 4);
+    return f;
+}
+
+/* The 16-bit stream of stochastic blockwise rounding: element
+ * 128 g + 64 h + 16 l + j takes bits [16 h, 16 h + 16) of word l of
+ * Philox counter block 16 g + j (h < 2, l < 4, j < 16), so one 16-lane
+ * Philox batch (or two of 8 lanes) gives 128 consecutive elements with
+ * no transpose.                                                           */
+#define LB_SR16 128
 
 /* The table for the active instruction set (lb_active_isa()). */
 const lb_quant_fns *lb_quant(void);

@@ -199,6 +199,20 @@ static void LB_Q(philox_tail_)(const lb_philox_key *key, uint64_t first,
 }
 
 #ifndef LB_QUANT_OWN_PHILOX
+/* philox16 of quant.h, one block at a time. */
+static void LB_Q(philox16_)(const lb_philox_key *key, uint64_t first, uint64_t ng,
+                            uint32_t *out)
+{
+    for (uint64_t g = 0; g < ng; g++)
+        for (int j = 0; j < 16; j++) {
+            lb_u32x4 r = lb_philox_block(key, 16 * (first + g) + (uint64_t)j);
+            for (int l = 0; l < 4; l++) {
+                out[LB_SR16 * g + 16 * l + j] = r.v[l] << 16;
+                out[LB_SR16 * g + 64 + 16 * l + j] = r.v[l] & 0xFFFF0000u;
+            }
+        }
+}
+
 static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
                           uint64_t nb, uint32_t *out)
 {
@@ -208,11 +222,43 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
 
 /* ---- quantization ------------------------------------------------------------ */
 
+/* scalefit32 of quant.h, in a loop without branches: the float32 rounding
+ * of d is bumped by one ulp where it fell below d (f32_up; d <= FLT_MAX, so
+ * no overflow but FLT_MAX -> Inf, as nextafterf), then capped.           */
+static void LB_Q(scalefit32_)(const float *restrict mx, uint64_t nb, int Q, float smax,
+                              float *restrict out)
+{
+    const double q = (double)Q;
+    for (uint64_t b = 0; b < nb; b++) {
+        double d = (double)mx[b] / q;
+        float f = (float)d;
+        uint32_t fb;
+        memcpy(&fb, &f, 4);
+        fb += (uint32_t)((double)f < d);
+        memcpy(&f, &fb, 4);
+        f = f <= smax ? f : smax;
+        out[b] = d <= 1.7976931348623157e308 ? f : (float)d;
+    }
+}
+
 #define LB_U24 16777216.0
 
+/* rint(v) for v >= 0 or NaN without a library call (baseline x86-64 has no
+ * rounding instruction): below 2^MANT, adding and subtracting 2^MANT rounds
+ * to an integer, to nearest even, exactly; above it v is an integer.      */
+static inline float lb_rint_nonneg_f(float v)
+{
+    return v < 8388608.0f ? (v + 8388608.0f) - 8388608.0f : v;
+}
+
+static inline double lb_rint_nonneg_d(double v)
+{
+    return v < 4503599627370496.0 ? (v + 4503599627370496.0) - 4503599627370496.0 : v;
+}
+
 #define LB_DEFINE_SMQ(T, ABS, RINT, NAME)                                    \
-    static void NAME(const T *x, uint64_t m, T unit, T clip, int L,            \
-                     const uint32_t *rnd, uint8_t *codes)                      \
+    static void NAME(const T *restrict x, uint64_t m, T unit, T clip, int L,   \
+                     const uint32_t *restrict rnd, uint8_t *restrict codes)    \
     {                                                                          \
         const T fL = (T)L;                                                     \
         if (!rnd) {                                                            \
@@ -221,8 +267,8 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
                 a = a < clip ? a : clip;                                       \
                 T l = RINT(a / unit);                                          \
                 l = l <= fL ? l : fL;                                          \
-                int q = (int)l;                                                \
-                codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                \
+                int q = (int)l, s_ = -(int)(x[j] < 0); /* no branch */         \
+                codes[j] = (uint8_t)(L + ((q ^ s_) - s_));                     \
             }                                                                  \
             return;                                                            \
         }                                                                      \
@@ -235,19 +281,20 @@ static void LB_Q(philox_)(const lb_philox_key *key, uint64_t first,
             T u = (T)(int32_t)(rnd[j] >> 8);                                   \
             T l = f + (u < (t - f) * (T)LB_U24 ? (T)1 : (T)0);                 \
             l = l <= fL ? l : fL;                                              \
-            int q = (int)l;                                                    \
-            codes[j] = (uint8_t)(x[j] < 0 ? L - q : L + q);                    \
+            int q = (int)l, s_ = -(int)(x[j] < 0);                             \
+            codes[j] = (uint8_t)(L + ((q ^ s_) - s_));                         \
         }                                                                      \
     }
 
 #ifdef LB_QUANT_OWN_SMQ32
 /* the scalar loop, for the tails of the intrinsics version */
-LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_tail_))
+LB_DEFINE_SMQ(float, fabsf, lb_rint_nonneg_f, LB_Q(smq32_tail_))
 #else
-LB_DEFINE_SMQ(float, fabsf, rintf, LB_Q(smq32_))
+LB_DEFINE_SMQ(float, fabsf, lb_rint_nonneg_f, LB_Q(smq32_))
 #endif
-LB_DEFINE_SMQ(double, fabs, rint, LB_Q(smq64_))
+LB_DEFINE_SMQ(double, fabs, lb_rint_nonneg_d, LB_Q(smq64_))
 
+#ifndef LB_QUANT_OWN_SMQBLOCKS32
 static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const float *units,
                                float clip, int L, const uint32_t *rnd, uint8_t *codes)
 {
@@ -259,6 +306,7 @@ static void LB_Q(smqblocks32_)(const float *x, uint64_t nb, uint64_t B, const fl
                          codes + b * B);
     }
 }
+#endif
 
 #define LB_DEFINE_TWOLEVEL(T, NAME)                                            \
     static void NAME(const T *x, uint64_t m, T unit, const uint32_t *rnd,      \
@@ -324,8 +372,22 @@ LB_DEFINE_TWOLEVEL(double, LB_Q(twolevel64_))
         }                                                                      \
     }
 
+#ifdef LB_QUANT_OWN_MINIFLOAT32
+/* the scalar loop, for the tails of the intrinsics version */
+LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_tail_))
+#else
 LB_DEFINE_MINIFLOAT(float, uint32_t, 23, 127, LB_Q(minifloat32_))
+#endif
 LB_DEFINE_MINIFLOAT(double, uint64_t, 52, 1023, LB_Q(minifloat64_))
+
+#ifndef LB_QUANT_OWN_MINIFLOATBLOCKS32
+static void LB_Q(minifloatblocks32_)(const float *x, uint64_t nb, uint64_t B, const int8_t *k,
+                                     int E, int M, uint8_t *codes)
+{
+    for (uint64_t b = 0; b < nb; b++)
+        LB_Q(minifloat32_)(x + b * B, B, lb_f32_pow2(-k[b]), E, M, codes + b * B);
+}
+#endif
 
 /* ---- bit streams of uint8 codes ------------------------------------------------ */
 
@@ -468,5 +530,6 @@ const lb_quant_fns LB_Q(lb_quant_) = {
     LB_Q(efsign64_), LB_Q(philox_), LB_Q(smq32_),
     LB_Q(smq64_), LB_Q(smqblocks32_), LB_Q(twolevel32_), LB_Q(twolevel64_), LB_Q(pack_),
     LB_Q(unpack_), LB_Q(lookup32_), LB_Q(lookup64_), LB_Q(f32_to_f16_),
-    LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_),
+    LB_Q(f16_to_f32_), LB_Q(minifloat32_), LB_Q(minifloat64_), LB_Q(philox16_),
+    LB_Q(scalefit32_), LB_Q(minifloatblocks32_),
 };

@@ -380,6 +380,17 @@ def uniforms24(seed, step, domain, n):
     return philox_words(seed, step, domain, 0, n) >> np.uint32(8)
 
 
+def uniforms16(seed, step, domain, n):
+    """The 16-bit uniform of each element in stochastic blockwise rounding
+    (quant.h's LB_SR16): element 128 g + 64 h + 16 l + j takes bits
+    [16 h, 16 h + 16) of word l of counter block 16 g + j."""
+    groups = -(-n // 128)
+    lanes = philox_blocks(seed, step, domain, np.arange(16 * groups, dtype=np.uint64))
+    w = np.stack([np.asarray(v, dtype=np.uint32).reshape(groups, 16) for v in lanes], axis=1)
+    halves = np.stack([w & np.uint32(0xFFFF), w >> np.uint32(16)], axis=1)   # (g, h, l, j)
+    return halves.reshape(-1)[:n]
+
+
 def _per_element(values, block, n):
     b = block or max(n, 1)
     return np.repeat(np.asarray(values), b)[:n]
@@ -442,7 +453,9 @@ def quantize(x, bits, block, stochastic=False, seed=0, step=0, out=None):
     if x.size == 0:
         return np.zeros(0, np.uint8), scales
     unit = _per_element(scales, block, x.size).astype(x.dtype)
-    u24 = uniforms24(seed, step, DOMAIN_STOCHASTIC_ROUND, x.size) if stochastic else None
+    # the 16-bit draw u as the 24-bit uniform u * 2^8: u * 2^8 < p * 2^24
+    # exactly when u < p * 2^16
+    u24 = uniforms16(seed, step, DOMAIN_STOCHASTIC_ROUND, x.size) << np.uint32(8) if stochastic else None
     if bits == 1:
         if u24 is None:
             codes = (x >= 0).astype(np.uint8)

@@ -422,6 +422,11 @@ class MinifloatScheme(_Table):
         val = np.where(e > 0, np.ldexp((1 << M) + m, e - bias - M), np.ldexp(m, 1 - bias - M))
         return np.concatenate([val, -val])
 
+    def range_args(self, q):
+        # the largest code decodes to (2 - 2^-M) * 2^k: one max over the
+        # int8 exponents instead of a float64 multiplier per block
+        return (2.0 - 2.0 ** -q.params["man_bits"]) * 2.0 ** _small_max(q.arrays["exponents"]), None
+
     def check(self, q):
         E, M = q.params["exp_bits"], q.params["man_bits"]
         k = q.arrays["exponents"]

@@ -130,8 +130,8 @@ def quantize(x, bits, *, block=64, rounding="nearest", seed=None, step=0, check_
     [-Q, Q] is stored as the code q + Q (the all-ones code is unused).  With
     bits=1 the levels are -absmax and +absmax.  ``rounding``: "nearest"
     (ties to even) or "stochastic" (up with probability equal to the
-    fraction, from 24 random bits per element keyed by (seed, step, index):
-    unbiased; needs ``seed``).
+    fraction, from 16 random bits per element keyed by (seed, step, index):
+    unbiased to within 2^-16 of a level; needs ``seed``).
     """
     if type(bits) is not int:
         bits = check_int(bits, "bits")

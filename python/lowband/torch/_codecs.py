@@ -125,6 +125,16 @@ def _uniforms24(seed, step, domain, n, device):
     return torch.from_numpy(words.astype(np.int32)).to(device)
 
 
+def _uniforms16(seed, step, domain, n, device):
+    """Stochastic blockwise rounding's 16-bit draw of each element, as the
+    24-bit uniform u * 2^8 (the C core's stream: element 128 g + 64 h +
+    16 l + j takes bits [16 h, 16 h + 16) of word l of Philox block 16 g + j)."""
+    groups = -(-n // 128)
+    w = _core.philox(seed, step, domain, 0, 64 * groups).reshape(groups, 16, 4).transpose(0, 2, 1)
+    u = np.stack([w & np.uint32(0xFFFF), w >> np.uint32(16)], axis=1).reshape(-1)[:n]
+    return torch.from_numpy((u << np.uint32(8)).astype(np.int32)).to(device)
+
+
 def _smq(x, unit, L, u24):
     """Sign-magnitude codes: L + round(|x| / unit), L - ... for x < 0, in x's
     precision (nearest even, or stochastic with the 24-bit uniforms)."""
@@ -195,7 +205,7 @@ class _Quant:
                 comp.step += 1
             if n:
                 unit = _per_element(scales, self.block, n).to(x.dtype)
-                u24 = _uniforms24(c.seed, step, _DOMAIN_STOCHASTIC_ROUND, n, x.device) if stochastic else None
+                u24 = _uniforms16(c.seed, step, _DOMAIN_STOCHASTIC_ROUND, n, x.device) if stochastic else None
                 if c.bits == 1:
                     if u24 is None:
                         codes = (x >= 0).to(torch.uint8)
