@@ -527,6 +527,25 @@ static int combine_args(PyObject *y_o, PyObject *p_o, PyArrayObject **y,
     return 0;
 }
 
+/* The arrays of combine's backward: grad_out[T,H], expert_out y[N,H] and
+ * position[T,k] (int64), grad_out in y's dtype, k >= 1.  -1 with an
+ * exception set; the arrays taken so far are in *g, *y, *p (else NULL)
+ * for the caller to release either way.                                  */
+static int combine_grad_args(PyObject *g_o, PyObject *y_o, PyObject *p_o, PyArrayObject **g,
+                             PyArrayObject **y, PyArrayObject **p)
+{
+    *g = NULL;
+    if (combine_args(y_o, p_o, y, p) < 0 || !(*g = float_array(g_o, "grad_out", 2)))
+        return -1;
+    if (lb_py_dtype_of(*g) != lb_py_dtype_of(*y) || PyArray_DIM(*g, 0) != PyArray_DIM(*p, 0) ||
+        PyArray_DIM(*g, 1) != PyArray_DIM(*y, 1) || PyArray_DIM(*p, 1) == 0) {
+        PyErr_SetString(PyExc_ValueError,
+                        "grad_out: expected shape (T, H) in the dtype of expert_out");
+        return -1;
+    }
+    return 0;
+}
+
 /* combine(y[N,H], position[T,k], weights[T,k] | None, threads, out)
  *   -> out[T,H] */
 static PyObject *py_combine(PyObject *self, PyObject *args, PyObject *kw)
@@ -597,17 +616,11 @@ static PyObject *py_combine_dot(PyObject *self, PyObject *args, PyObject *kw)
         return NULL;
     PyArrayObject *g = NULL, *y, *p;
     PyObject *out = NULL;
-    if (combine_args(y_o, p_o, &y, &p) < 0 || !(g = float_array(g_o, "grad_out", 2)))
+    if (combine_grad_args(g_o, y_o, p_o, &g, &y, &p) < 0)
         goto fail;
     uint64_t n = (uint64_t)PyArray_DIM(y, 0), H = (uint64_t)PyArray_DIM(y, 1);
     uint64_t T = (uint64_t)PyArray_DIM(p, 0), k = (uint64_t)PyArray_DIM(p, 1);
     lb_dtype dt = lb_py_dtype_of(y);
-    if (lb_py_dtype_of(g) != dt || (uint64_t)PyArray_DIM(g, 0) != T ||
-        (uint64_t)PyArray_DIM(g, 1) != H || k == 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "grad_out: expected shape (T, H) in the dtype of expert_out");
-        goto fail;
-    }
     if (lb_py_threads(threads, T * H * k, &nt) < 0 ||
         !(out = new_array(2, (npy_intp)T, (npy_intp)k, lb_py_typenum(dt))))
         goto fail;
@@ -647,17 +660,11 @@ static PyObject *py_combine_backward(PyObject *self, PyObject *args, PyObject *k
         return NULL;
     PyArrayObject *g = NULL, *y, *p, *w = NULL;
     PyObject *gy = NULL, *gw = NULL;
-    if (combine_args(y_o, p_o, &y, &p) < 0 || !(g = float_array(g_o, "grad_out", 2)))
+    if (combine_grad_args(g_o, y_o, p_o, &g, &y, &p) < 0)
         goto fail;
     uint64_t n = (uint64_t)PyArray_DIM(y, 0), H = (uint64_t)PyArray_DIM(y, 1);
     uint64_t T = (uint64_t)PyArray_DIM(p, 0), k = (uint64_t)PyArray_DIM(p, 1);
     lb_dtype dt = lb_py_dtype_of(y);
-    if (lb_py_dtype_of(g) != dt || (uint64_t)PyArray_DIM(g, 0) != T ||
-        (uint64_t)PyArray_DIM(g, 1) != H || k == 0) {
-        PyErr_SetString(PyExc_ValueError,
-                        "grad_out: expected shape (T, H) in the dtype of expert_out");
-        goto fail;
-    }
     if (!need_y && !need_w) {
         PyErr_SetString(PyExc_ValueError, "need_y, need_weights: expected at least one True");
         goto fail;
